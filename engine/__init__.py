@@ -1,0 +1,20 @@
+"""polyrec: a plugin-based multimodal recommendation engine.
+
+Public API: :class:`Engine`, the ``hookimpl`` marker for plugins, the contracts a
+plugin implements, and the error hierarchy.
+"""
+from engine.contracts import (EncodeResult, Encoder, EncoderContext, FeedbackLearner, Fuser,
+                              ItemView, Ranker, Reader, Row)
+from engine.engine import Engine
+from engine.errors import (ConfigError, DuplicateNameError, EncodingError, ModelNotTrainedError,
+                           NotFoundError, PluginError, PolyrecError, ValidationError)
+from engine.hookspecs import hookimpl
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Engine", "hookimpl", "Encoder", "EncodeResult", "EncoderContext", "Fuser", "Ranker",
+    "FeedbackLearner", "Reader", "Row", "ItemView", "PolyrecError", "ConfigError",
+    "NotFoundError", "PluginError", "DuplicateNameError", "ValidationError", "EncodingError",
+    "ModelNotTrainedError", "__version__",
+]

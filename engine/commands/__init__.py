@@ -1,0 +1,1 @@
+"""Built-in CLI commands, one module per area; each module exposes ``COMMANDS``."""

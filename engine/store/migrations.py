@@ -1,0 +1,60 @@
+"""Schema versions. A new database is created at the latest version; an older one is
+upgraded step by step, each step in its own transaction."""
+from __future__ import annotations
+
+from typing import Callable
+
+from sqlalchemy import Connection, inspect, select
+
+from engine.errors import PolyrecError
+from engine.store.models import Base, Meta
+
+#: Upgrade steps: MIGRATIONS[v] takes a database from version v to v + 1.
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
+
+SCHEMA_VERSION = 1 + len(MIGRATIONS)
+
+
+def migration(from_version: int) -> Callable[[Callable[[Connection], None]], Callable[[Connection], None]]:
+    """Decorator registering the step from ``from_version`` to ``from_version + 1``."""
+    def wrap(fn: Callable[[Connection], None]) -> Callable[[Connection], None]:
+        MIGRATIONS[from_version] = fn
+        return fn
+    return wrap
+
+
+def current_version(conn: Connection) -> int | None:
+    """The stored schema version; None for an empty database."""
+    if not inspect(conn).has_table("meta"):
+        return None
+    row = conn.execute(select(Meta.value).where(Meta.key == "schema_version")).scalar()
+    return int(row) if row is not None else None
+
+
+def _set_version(conn: Connection, version: int) -> None:
+    table = Meta.__table__
+    if conn.execute(select(Meta.key).where(Meta.key == "schema_version")).first():
+        conn.execute(table.update().where(table.c.key == "schema_version").values(value=str(version)))
+    else:
+        conn.execute(table.insert().values(key="schema_version", value=str(version)))
+
+
+def upgrade(engine) -> int:  # type: ignore[no-untyped-def]
+    """Bring the database at ``engine`` to SCHEMA_VERSION; return the version it had."""
+    latest = 1 + len(MIGRATIONS)
+    with engine.begin() as conn:
+        found = current_version(conn)
+        if found is None:
+            Base.metadata.create_all(conn)
+            _set_version(conn, latest)
+            return latest
+    if found > latest:
+        raise PolyrecError(f"the database has schema version {found}, newer than this polyrec "
+                           f"understands ({latest}); upgrade polyrec")
+    for version in range(found, latest):
+        with engine.begin() as conn:
+            MIGRATIONS[version](conn)
+            _set_version(conn, version + 1)
+    with engine.begin() as conn:  # tables added by later versions that need no data step
+        Base.metadata.create_all(conn)
+    return found

@@ -1,0 +1,1 @@
+"""The knowledge graph: networkx view over the store, builders, embeddings, paths."""
