@@ -20,6 +20,9 @@ from engine.store import DEFAULT_URL
 COMMAND_MODULES: tuple[str, ...] = (
     "engine.commands.data",
     "engine.commands.plugins",
+    "engine.commands.encode",
+    "engine.commands.evaluate",
+    "engine.commands.feedback",
 )
 
 
@@ -63,6 +66,23 @@ class PolyrecGroup(click.Group):
             click.echo(f"Error: {exc}", err=True)
             ctx.exit(1)
 
+    # Plugin commands are added on first need, not at import (no side effects at import).
+    _plugin_commands_added = False
+
+    def _ensure_plugin_commands(self) -> None:
+        if not self._plugin_commands_added:
+            self._plugin_commands_added = True
+            _add_plugin_commands(self)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._ensure_plugin_commands()
+        return super().list_commands(ctx)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands:
+            self._ensure_plugin_commands()
+        return super().get_command(ctx, cmd_name)
+
 
 @click.group(cls=PolyrecGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--db", envvar="POLYREC_DB", default=DEFAULT_URL, show_default=True,
@@ -91,13 +111,14 @@ def _add_plugin_commands(group: click.Group) -> None:
     """Plugins' commands; a plugin host without engine (no database is opened)."""
     from engine.plugins import PluginHost
     try:
-        PluginHost(entrypoints=os.environ.get("POLYREC_NO_ENTRYPOINTS") is None).add_commands(group)
+        host = PluginHost(entrypoints=os.environ.get("POLYREC_NO_ENTRYPOINTS") is None)
+        for problem in host.add_commands(group):
+            click.echo(f"Warning: {problem}", err=True)
     except PolyrecError as exc:  # a broken plugin set must not make the CLI unusable
         click.echo(f"Warning: plugin commands not loaded: {exc}", err=True)
 
 
 _add_builtin_commands(cli)
-_add_plugin_commands(cli)
 
 
 def main() -> None:

@@ -1,4 +1,11 @@
-"""Pluggy markers and hook specifications of polyrec. Nothing else lives here."""
+"""Pluggy markers and hook specifications of polyrec. Nothing else lives here.
+
+Plugins import the marker as ``from engine import hookimpl`` and never import pluggy.
+Each ``register_*`` hook receives a ``register`` callback and calls it once per class;
+the core checks the class against its contract, refuses a duplicate name (the error
+names both plugins) and records which plugin registered what (``polyrec plugins``).
+docs/plugins.md documents every hook below; a test keeps the two in step.
+"""
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -13,7 +20,11 @@ hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 
 @hookspec
 def register_encoders(register: Callable[[type], None]) -> None:
-    """Register Encoder subclasses: ``register(MyEncoder)``, once per class."""
+    """Register Encoder subclasses: ``register(MyEncoder)``, once per class.
+
+    Each class sets ``name`` (unique among encoders) and ``modality`` ("text",
+    "image", "kg", or a new one such as "numeric").
+    """
 
 
 @hookspec
@@ -33,9 +44,13 @@ def register_feedback_learners(register: Callable[[type], None]) -> None:
 
 @hookspec
 def register_readers(register: Callable[[type], None]) -> None:
-    """Register Reader subclasses: input formats for ingestion."""
+    """Register Reader subclasses: input formats for ingestion (``suffixes`` they claim)."""
 
 
 @hookspec
 def register_commands(cli: Any) -> None:
-    """Add click commands to the ``polyrec`` group: ``cli.add_command(cmd)``."""
+    """Add click commands to the ``polyrec`` group: ``cli.add_command(cmd)``.
+
+    A command that needs the engine takes ``@click.pass_obj`` and calls
+    ``state.engine()``; it raises PolyrecError subclasses for errors the user can fix.
+    """
