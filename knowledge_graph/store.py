@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Iterable, Mapping, Sequence
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
 
 from engine.catalog import _insert, item_ids
@@ -59,11 +59,16 @@ def link_items(session: Session, links: Mapping[str, str]) -> int:
 
     Unknown items are skipped (returned count excludes them); entities are created."""
     items = item_ids(session, links)
-    pairs = {item: ent for item, ent in links.items() if str(item) in items}
+    pairs = {str(item): str(ent) for item, ent in links.items() if str(item) in items}
+    if not pairs:
+        return 0
     ents = ensure_entities(session, pairs.values())
-    for item, ent in pairs.items():
-        session.execute(update(Entity).where(Entity.item_id == items[str(item)])
-                        .where(Entity.id != ents[str(ent)]).values(item_id=None))
-        session.execute(update(Entity).where(Entity.id == ents[str(ent)])
-                        .values(item_id=items[str(item)]))
+    linked = [items[item] for item in pairs]
+    for start in range(0, len(linked), 900):  # an item links to one entity: clear old links
+        session.execute(update(Entity).where(Entity.item_id.in_(linked[start:start + 900]))
+                        .values(item_id=None))
+    table = Entity.__table__
+    session.execute(table.update().where(table.c.id == bindparam("eid"))
+                    .values(item_id=bindparam("iid")),
+                    [{"eid": ents[ent], "iid": items[item]} for item, ent in pairs.items()])
     return len(pairs)
