@@ -71,8 +71,9 @@ def upsert_users(session: Session, records: Sequence[Mapping[str, Any]]) -> int:
 
 
 def ensure_users(session: Session, external_ids: Iterable[str]) -> dict[str, int]:
-    """Internal ids of the given users, creating the unknown ones with no attributes."""
-    wanted = {str(e) for e in external_ids}
+    """Internal ids of the given users, creating the unknown ones with no attributes
+    (in order of first appearance, so ids are reproducible run to run)."""
+    wanted = list(dict.fromkeys(str(e) for e in external_ids))
     if not wanted:
         return {}
     stamp = time.time()

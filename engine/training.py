@@ -5,7 +5,8 @@ give the store's internal ids back.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 
@@ -26,6 +27,11 @@ class TrainingData:
     weights: torch.Tensor
     ts: torch.Tensor
     item_features: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    #: modality key of ``item_features`` -> name of the encoder whose vectors it holds.
+    feature_encoders: dict[str, str] = field(default_factory=dict)
+    #: How this data was split from the full data ({"split": "random", "seed": 0, ...});
+    #: engine.evaluation.validation_split carves validation data with the same protocol.
+    protocol: dict[str, Any] = field(default_factory=dict)
 
     @property
     def n_users(self) -> int:
@@ -49,3 +55,49 @@ class TrainingData:
         vals = torch.ones_like(self.weights) if binary else self.weights
         m.index_put_((self.users, self.items), vals.float(), accumulate=not binary)
         return m
+
+    def subset(self, keep: torch.Tensor, **protocol: Any) -> "TrainingData":
+        """The same users, items and features with only the interactions where ``keep``
+        (bool [n_interactions]) is true; ``protocol`` entries are recorded on the copy."""
+        return replace(self, users=self.users[keep], items=self.items[keep],
+                       weights=self.weights[keep], ts=self.ts[keep],
+                       protocol={**self.protocol, **protocol})
+
+    def user_items(self) -> list[torch.Tensor]:
+        """For each user index, the item indices of that user's interactions."""
+        order = torch.argsort(self.users, stable=True)
+        counts = torch.bincount(self.users, minlength=self.n_users).tolist()
+        return list(torch.split(self.items[order], counts))
+
+    def item_counts(self) -> torch.Tensor:
+        """Interactions per item index (long [n_items]); zero marks a cold item."""
+        return torch.bincount(self.items, minlength=self.n_items)
+
+    def history(self, users: torch.Tensor, binary: bool = True) -> torch.Tensor:
+        """Dense rows [len(users), n_items] of the given users' interactions (1.0 each when
+        ``binary``, else the interaction's weight; build_training_data stores each pair
+        once). The per-user index is built once per object."""
+        indptr, items, weights = self._csr()
+        users = users.long().cpu()
+        starts, ends = indptr[users], indptr[users + 1]
+        lengths = ends - starts
+        rows = torch.repeat_interleave(torch.arange(len(users)), lengths)
+        offsets = torch.arange(int(lengths.sum())) - torch.repeat_interleave(
+            torch.cumsum(lengths, 0) - lengths, lengths)
+        flat = torch.repeat_interleave(starts, lengths) + offsets
+        out = torch.zeros(len(users), self.n_items)
+        vals = torch.ones(len(flat)) if binary else weights[flat].float()
+        out.index_put_((rows, items[flat]), vals, accumulate=False)
+        return out
+
+    def _csr(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(indptr [n_users + 1], items, weights) of the interactions grouped by user."""
+        cached = self.__dict__.get("_csr_cache")
+        if cached is None or cached[0] is not self.users:
+            order = torch.argsort(self.users, stable=True)
+            counts = torch.bincount(self.users, minlength=self.n_users)
+            indptr = torch.zeros(self.n_users + 1, dtype=torch.long)
+            indptr[1:] = torch.cumsum(counts, 0)
+            cached = (self.users, indptr, self.items[order], self.weights[order])
+            self.__dict__["_csr_cache"] = cached
+        return cached[1], cached[2], cached[3]

@@ -15,7 +15,7 @@ def ensure_entities(session: Session, external_ids: Iterable[str],
                     labels: Mapping[str, str] | None = None,
                     types: Mapping[str, str] | None = None) -> dict[str, int]:
     """Internal ids of entities, creating unknown ones (label/type set on creation)."""
-    wanted = list({str(e) for e in external_ids})
+    wanted = list(dict.fromkeys(str(e) for e in external_ids))
     labels, types = labels or {}, types or {}
     if wanted:
         stmt = _insert(session, Entity.__table__).on_conflict_do_nothing(index_elements=["external_id"])
@@ -25,18 +25,18 @@ def ensure_entities(session: Session, external_ids: Iterable[str],
     for start in range(0, len(wanted), 900):
         chunk = wanted[start:start + 900]
         found.update(session.execute(select(Entity.external_id, Entity.id)
-                                     .where(Entity.external_id.in_(chunk))).tuples().all())
+                                     .where(Entity.external_id.in_(chunk))).all())
     return found
 
 
 def ensure_relations(session: Session, names: Iterable[str]) -> dict[str, int]:
     """Internal ids of relations, creating unknown ones."""
-    wanted = list({str(n) for n in names})
+    wanted = list(dict.fromkeys(str(n) for n in names))
     if wanted:
         stmt = _insert(session, Relation.__table__).on_conflict_do_nothing(index_elements=["name"])
         session.execute(stmt, [{"name": n} for n in wanted])
     return dict(session.execute(select(Relation.name, Relation.id)
-                                .where(Relation.name.in_(wanted))).tuples().all()) if wanted else {}
+                                .where(Relation.name.in_(wanted))).all()) if wanted else {}
 
 
 def add_triples(session: Session, triples: Sequence[tuple[str, str, str]],
