@@ -89,7 +89,7 @@ def _ids(session: Session, model: Any, external_ids: Iterable[str]) -> dict[str,
     for start in range(0, len(wanted), 900):  # stay under SQLite's bound-parameter limit
         chunk = wanted[start:start + 900]
         found.update(session.execute(select(model.external_id, model.id)
-                                     .where(model.external_id.in_(chunk))).tuples().all())
+                                     .where(model.external_id.in_(chunk))).all())
     return found
 
 
@@ -128,10 +128,10 @@ def item_views(session: Session, ids: Sequence[int] | None = None) -> list[ItemV
              .order_by(Item.id))
     rows: list[Any] = []
     if ids is None:
-        rows = list(session.execute(query).tuples())
+        rows = list(session.execute(query))
     else:
         for start in range(0, len(ids), 900):
-            rows += list(session.execute(query.where(Item.id.in_(ids[start:start + 900]))).tuples())
+            rows += list(session.execute(query.where(Item.id.in_(ids[start:start + 900]))))
         rows.sort(key=lambda r: r[0].id)
     return [ItemView(id=it.id, external_id=it.external_id, title=it.title, text=it.text,
                      image=it.image, attributes=dict(it.attributes or {}), entity=ent)

@@ -82,6 +82,11 @@ class Encoder(ABC):
         it is skipped and gets no vector.
         """
 
+    def content_salt(self, ctx: EncoderContext) -> str:
+        """Input shared by every item (e.g. the graph an entity is embedded in), mixed into
+        each content hash so that a change of it re-encodes items. Cheap; optional."""
+        return ""
+
     @abstractmethod
     def encode(self, items: Sequence[ItemView], ctx: EncoderContext) -> EncodeResult:
         """Encode ``items`` (all of which have content) on ``ctx.device``."""

@@ -183,12 +183,13 @@ def _encode_one(engine: "Engine", name: str, enc: Encoder, opts: dict[str, Any],
     ctx = EncoderContext(engine=engine, device=engine.device, batch_size=batch_size,
                          progress=engine.progress)
     hashes: dict[int, str] = {}
+    salt = enc.content_salt(ctx)
     for item in items:
         content = enc.content(item)
         if content is None:
             rep.no_content += 1
         else:
-            hashes[item.id] = content_hash(content)
+            hashes[item.id] = content_hash(f"{salt}\x1e{content}" if salt else content)
     with engine.store.session() as s:
         cached = vectors.cached_keys(s, name)
         stale = [i for i in cached if i not in hashes]

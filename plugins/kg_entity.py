@@ -169,6 +169,11 @@ class KGEntityEncoder(Encoder):
     def content(self, item: ItemView) -> str | None:
         return f"entity:{item.entity}" if item.entity else None
 
+    def content_salt(self, ctx: EncoderContext) -> str:
+        """The graph's fingerprint: new triples re-encode every linked item."""
+        with ctx.engine.store.session() as s:
+            return load_tables(s).fingerprint
+
     def encode(self, items: Sequence[ItemView], ctx: EncoderContext) -> EncodeResult:
         emb, tables = self._require()
         rows, ids, failed = [], [], {}

@@ -200,3 +200,13 @@ def test_engine_encode_stores_kg_vectors_once(synth: Engine) -> None:
     assert rep.error is None and rep.encoded == N_FILMS + 1 and rep.no_content == 1
     again = synth.encode(["kg"])["kg"]
     assert again.encoded == 0 and again.cached == N_FILMS + 1
+
+
+def test_a_graph_change_alone_re_encodes_linked_items(synth: Engine) -> None:
+    synth.encode(["kg"], options={"kg": FAST})
+    with synth.store.session() as s:
+        add_triples(s, [("e0", "actor", "a.new")], source="synthetic")
+    rep = synth.encode(["kg"])["kg"]
+    assert rep.error is None and rep.loaded
+    assert rep.encoded == N_FILMS + 1  # every linked item: the embeddings were retrained
+    assert synth.encode(["kg"])["kg"].encoded == 0

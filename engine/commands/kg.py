@@ -33,7 +33,7 @@ def build_command(state: CliState, rules: tuple[str, ...], as_json: bool) -> Non
     for rel, n in sorted(report.relations.items(), key=lambda kv: -kv[1]):
         click.echo(f"  {rel:<32} {n:>9,}")
     if report.triples or report.removed:
-        click.echo("The graph changed: refresh KG vectors with `polyrec encode --encoder kg --force`.")
+        click.echo("The graph changed: `polyrec encode` re-encodes the KG vectors.")
 
 
 @kg_group.command("stats")
