@@ -1,6 +1,7 @@
 """Item vectors in the store: compact blobs (float16 by default), loaded as float32 matrices."""
 from __future__ import annotations
 
+import time
 from typing import Sequence
 
 import numpy as np
@@ -28,13 +29,16 @@ def save_vectors(session: Session, encoder: str, fingerprint: str,
         return 0
     array = vectors.detach().float().cpu().numpy().astype(DTYPES[dtype])
     dim = int(array.shape[1])
+    stamp = time.time()  # a rewrite is dated too, so readers can tell vectors changed
     payload = [{"item_id": int(item), "encoder": encoder, "fingerprint": fingerprint,
-                "content_hash": chash, "dtype": dtype, "dim": dim, "vector": array[k].tobytes()}
+                "content_hash": chash, "dtype": dtype, "dim": dim, "vector": array[k].tobytes(),
+                "created_at": stamp}
                for k, (item, chash) in enumerate(rows)]
     stmt = _insert(session, ItemVector.__table__)
     stmt = stmt.on_conflict_do_update(
         index_elements=["item_id", "encoder"],
-        set_={c: stmt.excluded[c] for c in ("fingerprint", "content_hash", "dtype", "dim", "vector")})
+        set_={c: stmt.excluded[c] for c in ("fingerprint", "content_hash", "dtype", "dim", "vector",
+                                               "created_at")})
     session.execute(stmt, payload)
     return len(payload)
 

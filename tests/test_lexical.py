@@ -1,0 +1,122 @@
+"""Lexical retrieval: FTS5 BM25 kept in sync with the items table, and the portable
+in-memory BM25 that ranks alike."""
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import delete, text
+
+from engine import Engine
+from engine.lexical import (Fts5Index, MemoryBM25Index, flatten_attributes, fts5_available,
+                            make_index, stem, terms, tokens)
+from engine.store.models import Item
+
+ITEMS = [
+    {"external_id": "a", "title": "Black jersey dress", "text": "A short dress in soft jersey.",
+     "attributes": {"colour": "Black", "type": "Dress"}},
+    {"external_id": "b", "title": "White shirt", "text": "Cotton shirt with a black collar.",
+     "attributes": {"colour": "White", "type": "Shirt"}},
+    {"external_id": "c", "title": "Summer sandals", "text": "Leather sandals.",
+     "attributes": {"colour": "Beige", "type": "Sandals", "tags": ["summer", "beach"]}},
+    {"external_id": "d", "title": "Jersey top", "text": "Striped top.",
+     "attributes": {"colour": "Blue", "type": "Top"}},
+]
+
+
+def ids(engine: Engine, hits: list[tuple[int, float]]) -> list[str]:
+    by_id = {v.id: v.external_id for v in engine.items()}
+    return [by_id[i] for i, _ in hits]
+
+
+@pytest.fixture
+def shop(engine: Engine) -> Engine:
+    engine.add_items(ITEMS)
+    return engine
+
+
+def test_tokens_and_stems():
+    assert tokens("Children's Sci-Fi: DRESSES!") == ["children", "sci", "fi", "dresses"]
+    assert [stem(w) for w in ("dresses", "trousers", "glasses", "berries", "bus", "jeans")] == \
+        ["dress", "trouser", "glass", "berry", "bus", "jean"]
+    assert terms("Black dresses") == ["black", "dress"]
+    assert flatten_attributes({"a": "Black", "n": 3, "l": ["x", "y"], "d": {"k": "z"},
+                               "none": None}) == "Black 3 x y z"
+
+
+@pytest.mark.parametrize("backend", ["fts5", "memory"])
+def test_bm25_ranks_title_matches_first(shop: Engine, backend: str):
+    with shop.store.session() as s:
+        index = make_index(s, backend)
+        hits = index.search(s, "black dress", 10)
+    assert ids(shop, hits)[0] == "a"          # both words, 'dress' twice
+    assert set(ids(shop, hits)) == {"a", "b"}  # 'black' also in b's text
+    assert all(x[1] >= y[1] for x, y in zip(hits, hits[1:]))
+
+
+@pytest.mark.parametrize("backend", ["fts5", "memory"])
+def test_attributes_and_allowed_ids(shop: Engine, backend: str):
+    with shop.store.session() as s:
+        index = make_index(s, backend)
+        assert ids(shop, index.search(s, "beach", 5)) == ["c"]  # a list attribute value
+        jersey = ids(shop, index.search(s, "jersey", 5))
+        assert set(jersey) == {"a", "d"}
+        d_only = {v.id for v in shop.items() if v.external_id == "d"}
+        assert ids(shop, index.search(s, "jersey", 5, allowed=d_only)) == ["d"]
+        assert index.search(s, "nothingmatches", 5) == []
+        assert index.search(s, "jersey", 0) == []
+
+
+def test_fts5_is_chosen_on_sqlite_and_syncs_lazily(shop: Engine):
+    with shop.store.session() as s:
+        assert fts5_available(s)
+        index = make_index(s)
+        assert isinstance(index, Fts5Index)
+        assert index.search(s, "velvet", 5) == []
+    shop.add_items([{"external_id": "e", "title": "Green velvet blazer"}])
+    with shop.store.session() as s:
+        assert ids(shop, index.search(s, "velvet", 5)) == ["e"]
+    shop.add_items([{"external_id": "e", "title": "Green linen blazer"}])  # an update
+    with shop.store.session() as s:
+        assert index.search(s, "velvet", 5) == []
+        assert ids(shop, index.search(s, "linen", 5)) == ["e"]
+        s.execute(delete(Item).where(Item.external_id == "a"))  # a deletion: rebuilt
+    with shop.store.session() as s:
+        assert ids(shop, index.search(s, "black dress", 5)) == ["b"]
+        n = s.execute(text(f"SELECT count(*) FROM {Fts5Index.TABLE}")).scalar_one()
+        assert n == 4
+
+
+def test_a_second_index_object_reuses_the_stored_sync_state(shop: Engine):
+    with shop.store.session() as s:
+        assert Fts5Index().sync(s) is True
+    with shop.store.session() as s:
+        assert Fts5Index().sync(s) is False  # nothing changed since: no rebuild
+
+
+@pytest.mark.parametrize("query", ['"dress', "dress OR", "NEAR(", "col:dress", "*", "dress AND -x"])
+def test_query_syntax_is_never_interpreted(shop: Engine, query: str):
+    with shop.store.session() as s:
+        index = make_index(s, "fts5")
+        hits = index.search(s, query, 5)
+    if "dress" in query:
+        assert ids(shop, hits)[0] == "a"
+    else:
+        assert hits == []
+
+
+def test_memory_index_rebuilds_when_items_change(shop: Engine):
+    index = MemoryBM25Index()
+    with shop.store.session() as s:
+        assert index.search(s, "velvet", 5) == []
+    shop.add_items([{"external_id": "e", "title": "Velvet blazer"}])
+    with shop.store.session() as s:
+        assert ids(shop, index.search(s, "velvet", 5)) == ["e"]
+
+
+def test_backends_agree_on_movielens(ml100k_db):
+    with Engine(ml100k_db, device="cpu", entrypoints=False, progress=False) as eng:
+        with eng.store.session() as s:
+            fts = Fts5Index().search(s, "toy story", 5)
+            mem = MemoryBM25Index().search(s, "toy story", 5)
+        by_id = {v.id: v.external_id for v in eng.items([fts[0][0], mem[0][0]])}
+    assert by_id[fts[0][0]] == by_id[mem[0][0]] == "1"  # Toy Story
+    assert len({i for i, _ in fts} & {i for i, _ in mem}) >= 3
