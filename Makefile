@@ -28,6 +28,12 @@ demo: $(STAMP)
 	$(POLYREC) ingest interactions $(DATA)/ml-100k/ml-100k.inter
 	$(POLYREC) ingest kg $(DATA)/ml-100k/ml-100k.kg --links $(DATA)/ml-100k/ml-100k.link
 	$(POLYREC) stats
+	$(POLYREC) encode --encoder bert --encoder kg
+	$(POLYREC) train
+	$(POLYREC) recommend 1 -k 5 --explain
+	$(POLYREC) recommend 42 -k 5 --explain --diversity 0.3
+	$(POLYREC) recommend 405 -k 5 --explain --filter class=Comedy
+	$(POLYREC) evaluate --models popular,itemknn,ease,hybrid
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

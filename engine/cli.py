@@ -22,7 +22,10 @@ COMMAND_MODULES: tuple[str, ...] = (
     "engine.commands.plugins",
     "engine.commands.encode",
     "engine.commands.evaluate",
+    "engine.commands.recommend",
     "engine.commands.feedback",
+    "engine.commands.serve",
+    "engine.commands.kg",
 )
 
 

@@ -78,7 +78,7 @@ def doctor(engine: "Engine", *, min_interactions: int = 5, examples: int = 5) ->
                        .where(Entity.id.is_(None)).order_by(Item.id))
         n_linked = n_items - unlinked[0]
         by_kind = dict(s.execute(select(Interaction.kind, func.count())
-                                 .group_by(Interaction.kind)).tuples().all())
+                                 .group_by(Interaction.kind)).all())
         out_of_range = ids(select(Interaction.id).where(and_(
             Interaction.kind == "rating", or_(Interaction.value.is_(None), Interaction.value < 0))))
 

@@ -35,6 +35,7 @@ class Engine:
         self.device = resolve_device(device)
         self.progress = progress
         self.plugins = PluginHost(builtins=builtins, entrypoints=entrypoints, extra=plugins)
+        self._encoders: dict = {}  # prepared encoders by configuration (engine/pipeline.py)
 
     # -- lifecycle -----------------------------------------------------------------------
     def __enter__(self) -> "Engine":
@@ -44,7 +45,9 @@ class Engine:
         self.close()
 
     def close(self) -> None:
-        """Release the database connections."""
+        """Flush the feedback learners' state, then release the database connections."""
+        from engine import events
+        events.close(self)
         self.store.close()
 
     @property
@@ -103,10 +106,109 @@ class Engine:
                              "dedup_key": catalog.interaction_key(*ident, occurrence=seen[ident])})
             return catalog.insert_interactions(s, rows)
 
+    def ingest(self, path: str | Path, kind: str, *, format: str | None = None,
+               mapping: Mapping[str, str | None] | None = None, on_error: str = "fail",
+               **options: Any) -> Any:
+        """Ingest a file of items, users, interactions, kg triples or links (see
+        engine/ingest.py; ``links=`` adds an item->entity file to a kg ingestion).
+        Returns an IngestReport."""
+        from engine.ingest import ingest
+        return ingest(self, path, kind, format=format, mapping=mapping, on_error=on_error,
+                      **options)
+
+    def doctor(self, **options: Any) -> dict[str, Any]:
+        """A data quality report (engine/doctor.py)."""
+        from engine.doctor import doctor
+        return doctor(self, **options)
+
+    # -- feedback (engine/events.py, engine/experiments.py, engine/retrain.py) ------------
+    def feedback(self, user: str, item: str, kind: str = "click", value: float | None = None,
+                 ts: float | None = None, context: Mapping[str, Any] | None = None) -> Any:
+        """Store one event durably (an unknown user is created, an unknown item is an
+        error), then hand it to the feedback learners. Returns the stored Event."""
+        from engine import events
+        return events.feedback(self, user, item, kind, value=value, ts=ts, context=context)
+
+    def feedback_many(self, events: Sequence[Mapping[str, Any]]) -> list:
+        """Store a batch of events in one transaction, then hand them to the learners."""
+        from engine import events as _events
+        return _events.feedback_many(self, events)
+
+    def user_state(self, user: str) -> torch.Tensor | None:
+        """The online learner's current vector of a user (None when it has none)."""
+        from engine import events
+        return events.user_state(self, user)
+
     def items(self, ids: Sequence[int] | None = None) -> list:
         """ItemViews of the catalogue (all, or the given internal ids)."""
         with self.store.session() as s:
             return catalog.item_views(s, ids)
+
+    # -- knowledge graph (knowledge_graph/) ------------------------------------------------
+    def graph(self) -> Any:
+        """The stored knowledge graph as a networkx MultiDiGraph (knowledge_graph/graph.py)."""
+        from knowledge_graph.graph import load_graph
+        with self.store.session() as s:
+            return load_graph(s)
+
+    # -- encoding (engine/pipeline.py) ---------------------------------------------------
+    def encode(self, encoders: str | Sequence[str] | None = None, *, force: bool = False,
+               batch_size: int | None = None, options: Mapping[str, Mapping[str, Any]] | None = None,
+               dtype: str = "float16") -> Any:
+        """Encode the catalogue into cached vectors (all registered encoders by default);
+        only new or changed items are encoded unless ``force``. Returns an EncodeReport."""
+        from engine.pipeline import encode
+        return encode(self, encoders, force=force, batch_size=batch_size, options=options,
+                      dtype=dtype)
+
+    def encoder(self, name: str) -> Any:
+        """The prepared encoder ``name``, configured as it was last used to encode."""
+        from engine.pipeline import get_encoder
+        return get_encoder(self, name)
+
+    # -- search and similar items (engine/search.py, engine/similar.py) -------------------
+    def search(self, query: str, k: int = 10, *, user: str | None = None,
+               filters: Mapping[str, Any] | None = None, **options: Any) -> Any:
+        """Hybrid search (dense + cross-modal + BM25, fused by RRF) with query
+        understanding; personalised when ``user`` is given. Returns a SearchResponse."""
+        from engine.search import search
+        return search(self, query, k, user=user, filters=filters, **options)
+
+    def similar(self, item: str, k: int = 10, *, filters: Mapping[str, Any] | None = None,
+                basis: str = "auto") -> Any:
+        """Items most similar to ``item`` by fused (else encoder) vectors. Returns a
+        SimilarResponse."""
+        from engine.similar import similar
+        return similar(self, item, k, filters=filters, basis=basis)
+
+    # -- training and recommendations (engine/recommend.py) -------------------------------
+    def train(self, ranker: str | None = None, *, options: Mapping[str, Any] | None = None,
+              epochs: int | None = None, seed: int | None = None, **kwargs: Any) -> Any:
+        """Fit a ranker (the default pipeline when None) and store it as the ``pipeline``
+        artifact. Returns a TrainReport."""
+        from engine.recommend import train
+        return train(self, ranker, options=options, epochs=epochs, seed=seed, **kwargs)
+
+    def recommend(self, user: str, k: int = 10, *, filters: Mapping[str, Any] | None = None,
+                  exclude_seen: bool = True, diversity: float = 0.0,
+                  explain: bool = False, online: bool | None = None,
+                  explore: bool | None = None) -> list:
+        """Top ``k`` Recommendations for ``user`` from the trained pipeline (loaded once and
+        cached): attribute ``filters``, MMR ``diversity`` (0..1), explanations. ``online``
+        and ``explore`` override the feedback settings online.enabled / bandit.serving."""
+        from engine.recommend import recommend
+        return recommend(self, user, k, filters=filters, exclude_seen=exclude_seen,
+                         diversity=diversity, explain=explain, online=online, explore=explore)
+
+    # -- evaluation (engine/evaluation.py) ------------------------------------------------
+    def evaluate(self, models: Any = "popular,itemknn,ease", *, split: str = "random",
+                 ks: Sequence[int] = (10, 20), seed: int = 0, options: Sequence[str] = (),
+                 **kwargs: Any) -> Any:
+        """Fit rankers on a split of the stored positives and return an EvaluationReport
+        (``.table()``, ``.as_dict()``); see engine.evaluation.run_evaluation."""
+        from engine.evaluation import run_evaluation
+        return run_evaluation(self, models, split=split, ks=ks, seed=seed, options=options,
+                              **kwargs)
 
     # -- reports -------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
@@ -114,9 +216,9 @@ class Engine:
         with self.store.session() as s:
             count = lambda model: s.execute(select(func.count()).select_from(model)).scalar_one()  # noqa: E731
             by_kind = dict(s.execute(select(Interaction.kind, func.count())
-                                     .group_by(Interaction.kind)).tuples().all())
+                                     .group_by(Interaction.kind)).all())
             vectors = dict(s.execute(select(ItemVector.encoder, func.count())
-                                     .group_by(ItemVector.encoder)).tuples().all())
+                                     .group_by(ItemVector.encoder)).all())
             linked = s.execute(select(func.count()).select_from(Entity)
                                .where(Entity.item_id.is_not(None))).scalar_one()
             return {"items": count(Item), "users": count(User), "interactions": count(Interaction),

@@ -99,6 +99,30 @@ def hm_bert_db(tmp_path_factory, hm_db) -> Path:
     return db
 
 
+@pytest.fixture(scope="session")
+def ml100k_encoded_db(tmp_path_factory, ml100k_db) -> Path:
+    """ml100k_db plus the vectors of `polyrec encode --encoder bert [--encoder kg]` (kg when
+    plugins/kg_entity.py is present, trained briefly: kg.epochs=2): a bert vector for each
+    of the 1,682 items and a kg vector for each linked item. The command's JSON report is
+    next to the file (``<db>.encode.json``). Read-only."""
+    from click.testing import CliRunner
+
+    from engine import Engine
+    from engine.cli import cli
+    db = copy_db(ml100k_db, tmp_path_factory.mktemp("ml100k_encoded"))
+    with Engine(db, device="cpu", entrypoints=False, progress=False) as eng:
+        names = [n for n in ("bert", "kg") if n in eng.registry("encoders")]
+    args = ["--db", str(db), "--device", "cpu", "--quiet", "encode", "--json"]
+    args += [a for n in names for a in ("--encoder", n)]
+    if "kg" in names:
+        args += ["--set", "kg.epochs=2"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    db.with_name(db.name + ".encode.json").write_text(result.stdout)
+    _checkpoint(db)
+    return db
+
+
 def copy_db(src: Path, dst_dir: Path) -> Path:
     """Copy a SQLite database (checkpointed, so the copy is complete) for a test to write."""
     dst = dst_dir / src.name

@@ -7,12 +7,10 @@ from typing import Callable
 from sqlalchemy import Connection, inspect, select
 
 from engine.errors import PolyrecError
-from engine.store.models import Base, Meta
+from engine.store.models import V2_TABLES, Base, Meta
 
 #: Upgrade steps: MIGRATIONS[v] takes a database from version v to v + 1.
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
-
-SCHEMA_VERSION = 1 + len(MIGRATIONS)
 
 
 def migration(from_version: int) -> Callable[[Callable[[Connection], None]], Callable[[Connection], None]]:
@@ -21,6 +19,17 @@ def migration(from_version: int) -> Callable[[Callable[[Connection], None]], Cal
         MIGRATIONS[from_version] = fn
         return fn
     return wrap
+
+
+@migration(1)
+def _v1_to_v2(conn: Connection) -> None:
+    """Version 2 adds the feedback tables: settings, user_states, learner_states,
+    experiments, experiment_assignments. Existing tables and rows are untouched."""
+    for model in V2_TABLES:
+        model.__table__.create(conn, checkfirst=True)
+
+
+SCHEMA_VERSION = 1 + len(MIGRATIONS)
 
 
 def current_version(conn: Connection) -> int | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from sqlalchemy import (JSON, Float, ForeignKey, Index, Integer, LargeBinary, String, Text,
+from sqlalchemy import (JSON, Boolean, Float, ForeignKey, Index, Integer, LargeBinary, String, Text,
                         UniqueConstraint)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -126,3 +126,70 @@ class Triple(Base):
     source: Mapped[str | None] = mapped_column(String(64))
     __table_args__ = (UniqueConstraint("head_id", "relation_id", "tail_id", name="uq_triples_hrt"),
                       Index("ix_triples_tail", "tail_id"))
+
+
+# -- schema version 2: feedback learners, experiments, settings ---------------------------
+class Setting(Base):
+    """A named JSON setting of this database (e.g. ``feedback``: kind weights, thresholds)."""
+
+    __tablename__ = "settings"
+    key: Mapped[str] = mapped_column(String(128), primary_key=True)
+    value: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    updated_at: Mapped[float] = mapped_column(Float, default=now, onupdate=now)
+
+
+class UserState(Base):
+    """A feedback learner's online state of one user: a decayed, weighted sum of item
+    vectors (``vector``, float32) and its total weight, built in the item space
+    ``space``; ``last_event_id`` is the last interaction folded in."""
+
+    __tablename__ = "user_states"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    learner: Mapped[str] = mapped_column(String(64))
+    space: Mapped[str] = mapped_column(String(255))
+    dim: Mapped[int] = mapped_column(Integer)
+    vector: Mapped[bytes] = mapped_column(LargeBinary)
+    weight: Mapped[float] = mapped_column(Float, default=0.0)
+    n_events: Mapped[int] = mapped_column(Integer, default=0)
+    last_ts: Mapped[float | None] = mapped_column(Float)
+    last_event_id: Mapped[int] = mapped_column(Integer, default=0)
+    updated_at: Mapped[float] = mapped_column(Float, default=now, onupdate=now)
+    __table_args__ = (UniqueConstraint("user_id", "learner", name="uq_user_states_user_learner"),)
+
+
+class LearnerState(Base):
+    """A feedback learner's global state (e.g. the bandit's posterior), as a blob."""
+
+    __tablename__ = "learner_states"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    meta: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    updated_at: Mapped[float] = mapped_column(Float, default=now, onupdate=now)
+
+
+class Experiment(Base):
+    """An A/B experiment: variants (name -> {"weight": share, "options": {...}})."""
+
+    __tablename__ = "experiments"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    variants: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[float] = mapped_column(Float, default=now)
+
+
+class ExperimentAssignment(Base):
+    """The variant a user was (deterministically) assigned to, recorded at first sight."""
+
+    __tablename__ = "experiment_assignments"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    experiment_id: Mapped[int] = mapped_column(ForeignKey("experiments.id", ondelete="CASCADE"))
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    variant: Mapped[str] = mapped_column(String(64))
+    assigned_at: Mapped[float] = mapped_column(Float, default=now)
+    __table_args__ = (UniqueConstraint("experiment_id", "user_id", name="uq_assignments_exp_user"),)
+
+
+#: Tables introduced by schema version 2 (created for older databases by its migration).
+V2_TABLES = (Setting, UserState, LearnerState, Experiment, ExperimentAssignment)

@@ -1,0 +1,307 @@
+"""Exploration: linear Thompson sampling over the candidate list.
+
+The bandit models the click probability of a shown item as linear in a few re-ranking
+features of (user, item, list): a bias, the model score standardized within the list,
+the rank prior 1/log2(rank + 2), log popularity, a new-item flag (fewer than
+``new_item_max_events`` events) and the cosine between the user's online state and the
+item. Its posterior is Bayesian ridge regression, ``A = prior * I + sum x x^T`` and
+``b = sum reward * x``: every impression adds its ``x`` to ``A`` (reward 0 until a click
+on that item arrives, which adds ``x`` to ``b``). ``explore`` keeps the model's top
+``k - m`` candidates and fills ``m = round(share * k)`` slots with the rest of the pool
+ranked by a posterior sample, so items whose value is uncertain (new items first) get
+shown and learned about.
+
+Off by default: evaluation never calls it, and serving uses it only when the feedback
+setting ``bandit.serving`` is true. State is stored in ``learner_states`` and caught up
+from the event log after a restart.
+"""
+from __future__ import annotations
+
+import io
+import threading
+import time
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+from sqlalchemy import func, select
+
+from engine import hookimpl
+from engine.contracts import FeedbackLearner
+from engine.store.models import Interaction, LearnerState
+
+if TYPE_CHECKING:  # pragma: no cover
+    from engine.engine import Engine
+    from engine.events import Event
+
+FEATURES = ("bias", "score", "rank", "popularity", "new_item", "affinity")
+REWARD_KINDS = frozenset({"click", "cart", "purchase"})
+LEARN_KINDS = ("impression", "skip", *sorted(REWARD_KINDS))
+
+
+class _LRU(OrderedDict):
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def put(self, key: Any, value: Any) -> None:
+        self[key] = value
+        self.move_to_end(key)
+        while len(self) > self.size:
+            self.popitem(last=False)
+
+
+class ThompsonBandit(FeedbackLearner):
+    """Linear Thompson sampling over re-ranking features; learns from impressions and clicks."""
+
+    name = "bandit"
+
+    def __init__(self, engine: "Engine | None" = None, *, share: float = 0.2,
+                 new_item_max_events: int = 5, prior: float = 1.0, noise: float = 0.5,
+                 flush_every: int = 256, seed: int | None = None, **options: Any) -> None:
+        super().__init__(**options)
+        if not 0.0 <= float(share) <= 1.0:
+            raise ValueError(f"share must be in [0, 1], not {share}")
+        self.engine = engine
+        self.share = float(share)
+        self.new_item_max_events = int(new_item_max_events)
+        self.prior, self.noise = float(prior), float(noise)
+        self.flush_every = max(1, int(flush_every))
+        self.rng = np.random.default_rng(seed)
+        d = len(FEATURES)
+        self.A = self.prior * np.eye(d)
+        self.b = np.zeros(d)
+        self.impressions = 0
+        self.rewards = 0
+        self.last_event_id = 0
+        self._popularity: dict[int, int] | None = None
+        self._max_pop = 1
+        self._shown: _LRU = _LRU(200_000)    # (user, item) -> x computed by explore
+        self._pending: _LRU = _LRU(200_000)  # (user, item) -> x of an impression not yet clicked
+        self._loaded = engine is None
+        self._dirty = 0
+        self._lock = threading.RLock()
+
+    # -- persistence ---------------------------------------------------------------------
+    def _ensure_loaded(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        from engine.events import stored_events
+        assert self.engine is not None
+        with self.engine.store.session() as s:
+            row = s.get(LearnerState, self.name)
+        if row is not None and (row.meta or {}).get("features") == list(FEATURES):
+            data = np.load(io.BytesIO(row.data))
+            self.A, self.b = data["A"], data["b"]
+            meta = row.meta or {}
+            self.impressions = int(meta.get("impressions", 0))
+            self.rewards = int(meta.get("rewards", 0))
+            self.last_event_id = int(meta.get("last_event_id", 0))
+        cursor = self.last_event_id
+        while True:  # events stored after the last checkpoint
+            events = stored_events(self.engine, after_id=cursor, kinds=LEARN_KINDS, limit=10_000)
+            if not events:
+                break
+            self._learn(events)
+            cursor = events[-1].id
+
+    def warm_up(self) -> None:
+        """Load the posterior and the popularity counts now rather than on first use."""
+        with self._lock:
+            self._ensure_loaded()
+            self.popularity()
+
+    def flush(self) -> None:
+        """Write the posterior to ``learner_states``."""
+        with self._lock:
+            if self.engine is None or not self._dirty:
+                return
+            buf = io.BytesIO()
+            np.savez(buf, A=self.A, b=self.b)
+            meta = {"features": list(FEATURES), "impressions": self.impressions,
+                    "rewards": self.rewards, "last_event_id": self.last_event_id}
+            with self.engine.store.session() as s:
+                row = s.get(LearnerState, self.name)
+                if row is None:
+                    s.add(LearnerState(name=self.name, data=buf.getvalue(), meta=meta,
+                                       updated_at=time.time()))
+                else:
+                    row.data, row.meta, row.updated_at = buf.getvalue(), meta, time.time()
+            self._dirty = 0
+
+    # -- features ------------------------------------------------------------------------
+    def popularity(self) -> dict[int, int]:
+        """Events per item id (impressions and skips excluded), counted once then kept up."""
+        if self._popularity is None:
+            self._popularity = {}
+            if self.engine is not None:
+                with self.engine.store.session() as s:
+                    self._popularity = dict(s.execute(
+                        select(Interaction.item_id, func.count())
+                        .where(Interaction.kind.notin_(["impression", "skip"]))
+                        .group_by(Interaction.item_id)).all())
+            self._max_pop = max(self._popularity.values(), default=1)
+        return self._popularity
+
+    def features(self, user_id: int | None, candidates: Sequence[int],
+                 scores: Sequence[float] | None) -> np.ndarray:
+        """The feature matrix [len(candidates), len(FEATURES)] of a candidate list."""
+        n = len(candidates)
+        x = np.zeros((n, len(FEATURES)))
+        x[:, 0] = 1.0
+        if scores is not None and n:
+            s = np.asarray(scores, dtype=np.float64)
+            finite = np.isfinite(s)
+            if finite.any():
+                mu, sd = s[finite].mean(), s[finite].std()
+                z = (s - mu) / sd if sd > 1e-12 else np.zeros(n)
+                z[~finite] = z[finite].min() if finite.any() else 0.0
+                x[:, 1] = np.clip(z, -3.0, 3.0)
+        x[:, 2] = 1.0 / np.log2(np.arange(n) + 2.0)
+        pop = self.popularity()
+        counts = np.array([pop.get(int(c), 0) for c in candidates], dtype=np.float64)
+        x[:, 3] = np.log1p(counts) / np.log1p(max(self._max_pop, 1))
+        x[:, 4] = (counts < self.new_item_max_events).astype(np.float64)
+        x[:, 5] = self._affinity(user_id, candidates)
+        return x
+
+    def _affinity(self, user_id: int | None, candidates: Sequence[int]) -> np.ndarray:
+        out = np.zeros(len(candidates))
+        if self.engine is None or user_id is None:
+            return out
+        from engine.events import hub
+        h = hub(self.engine)
+        online = h.learner("online")
+        space = h.item_space()
+        state = online.user_state(user_id) if online is not None else None
+        if state is None or space is None:
+            return out
+        u = state.numpy().astype(np.float64)
+        u /= max(np.linalg.norm(u), 1e-12)
+        for k, item in enumerate(candidates):
+            v = space.vector(int(item))
+            if v is not None and v.shape[0] == u.shape[0]:
+                v = v.numpy().astype(np.float64)
+                out[k] = float(u @ v / max(np.linalg.norm(v), 1e-12))
+        return out
+
+    def _x_for(self, event: "Event") -> np.ndarray:
+        """The features an event's item had when shown (cached, stored in the context, or
+        recomputed from the rank and score the context carries)."""
+        key = (event.user_id, event.item_id)
+        if key in self._shown:
+            return self._shown[key]
+        ctx = event.context or {}
+        if isinstance(ctx.get("x"), list) and len(ctx["x"]) == len(FEATURES):
+            return np.asarray(ctx["x"], dtype=np.float64)
+        x = self.features(None, [event.item_id], None)[0]
+        rank = ctx.get("rank")
+        x[2] = 1.0 / np.log2(float(rank) + 2.0) if isinstance(rank, (int, float)) and rank >= 0 else 0.5
+        return x
+
+    def feature_vector(self, user_id: int, item_id: int) -> list[float] | None:
+        """The features ``explore`` computed for a shown item (to store with the impression)."""
+        x = self._shown.get((user_id, item_id))
+        return None if x is None else [round(float(v), 6) for v in x]
+
+    # -- learning ------------------------------------------------------------------------
+    def _learn(self, events: Sequence["Event"]) -> None:
+        pop = self.popularity()
+        for e in events:
+            if e.id <= self.last_event_id:
+                continue
+            self.last_event_id = e.id
+            if e.kind not in LEARN_KINDS:
+                if e.weight > 0:
+                    pop[e.item_id] = pop.get(e.item_id, 0) + 1
+                    self._max_pop = max(self._max_pop, pop[e.item_id])
+                continue
+            key = (e.user_id, e.item_id)
+            if e.kind == "impression":
+                x = self._x_for(e)
+                self.A += np.outer(x, x)
+                self.impressions += 1
+                self._pending.put(key, x)
+            elif e.kind in REWARD_KINDS:
+                pop[e.item_id] = pop.get(e.item_id, 0) + 1
+                self._max_pop = max(self._max_pop, pop[e.item_id])
+                x = self._pending.pop(key, None)
+                if x is None:  # a click on something we did not see being shown
+                    x = self._x_for(e)
+                    self.A += np.outer(x, x)
+                self.b += x
+                self.rewards += 1
+            else:  # skip: an impression without reward
+                if self._pending.pop(key, None) is None:
+                    x = self._x_for(e)
+                    self.A += np.outer(x, x)
+            self._dirty += 1
+
+    def wanted_kinds(self) -> set[str]:
+        """After a bulk ingestion: impressions, skips and rewards (popularity is re-read)."""
+        with self._lock:
+            self._popularity = None
+        return set(LEARN_KINDS)
+
+    def observe(self, events: Sequence["Event"]) -> None:
+        with self._lock:
+            self._ensure_loaded()
+            self._learn(events)
+            if self._dirty >= self.flush_every:
+                self.flush()
+
+    # -- exploring -----------------------------------------------------------------------
+    def posterior(self) -> tuple[np.ndarray, np.ndarray]:
+        """(mean, covariance) of the weights."""
+        self._ensure_loaded()
+        cov = np.linalg.inv(self.A)
+        return cov @ self.b, (self.noise ** 2) * cov
+
+    def sample(self) -> np.ndarray:
+        mean, cov = self.posterior()
+        return self.rng.multivariate_normal(mean, (cov + cov.T) / 2.0, method="cholesky")
+
+    def explore(self, candidates: list[int], scores: list[float], *, user_id: int | None = None,
+                k: int | None = None) -> list[int]:
+        """Keep the top ``k - m`` candidates, give ``m = round(share * k)`` slots (spread
+        evenly over the list) to the best of the rest under a posterior sample."""
+        with self._lock:
+            self._ensure_loaded()
+            n = len(candidates)
+            k = n if k is None else min(int(k), n)
+            m = int(round(self.share * k))  # k <= n, so the pool beyond k - m holds m items
+            x = self.features(user_id, candidates, scores)
+            if user_id is not None:
+                for item, row in zip(candidates, x):
+                    self._shown.put((user_id, int(item)), row)
+            if m <= 0:
+                return list(candidates)
+            keep = list(candidates[:k - m])
+            theta = self.sample()
+            rest = np.arange(k - m, n)
+            sampled = x[rest] @ theta
+            picks = [candidates[i] for i in rest[np.argsort(-sampled, kind="stable")[:m]]]
+            slots = sorted({min(k - 1, int(round((j + 1) * k / (m + 1)))) for j in range(m)})
+            while len(slots) < m:  # collisions on tiny lists: take the last free slots
+                slots = sorted(set(slots) | {max(set(range(k)) - set(slots))})
+            out: list[int] = []
+            pick_iter, keep_iter = iter(picks), iter(keep)
+            for pos in range(k):
+                out.append(next(pick_iter) if pos in slots else next(keep_iter))
+            chosen = set(out)
+            return out + [c for c in candidates if c not in chosen]
+
+    def describe(self, user_id: int | None = None) -> dict[str, Any]:
+        """The posterior mean per feature and how much the bandit has seen."""
+        with self._lock:
+            self._ensure_loaded()
+            mean, _ = self.posterior()
+            return {"features": dict(zip(FEATURES, [round(float(v), 4) for v in mean])),
+                    "impressions": self.impressions, "rewards": self.rewards,
+                    "share": self.share, "last_event_id": self.last_event_id}
+
+
+@hookimpl
+def register_feedback_learners(register):  # type: ignore[no-untyped-def]
+    register(ThompsonBandit)

@@ -1,0 +1,338 @@
+"""The "rerank" ranker: a click-probability model sigma(theta^T f(user, item)) that
+re-scores the top candidates of a retrieval ranker.
+
+Features of a (user, candidate) pair: the retrieval score (z-scored per user) and its
+rank, the item's popularity and recency in the training data, and for every modality
+with item vectors (text, KG, image) the largest and the mean cosine similarity between
+the candidate and the user's history; the KG similarity is the knowledge-graph overlap
+of the candidate with what the user liked, measured in the KG embedding space.
+
+Training (``fit``): validation data is carved from the training data with its own
+protocol; the retrieval ranker is fitted on the rest, its top ``candidates`` for each
+validation user are labelled 1 when held out for that user, 0 otherwise, and theta is
+fitted by L2-regularised logistic regression (L-BFGS). The retrieval ranker is then
+refitted on all the data. Items outside the candidates keep the retrieval order below
+every candidate.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from engine.contracts import Ranker
+from engine.errors import ConfigError, ModelNotTrainedError
+from engine.hookspecs import hookimpl
+from engine.training import TrainingData
+
+DEFAULTS: dict[str, Any] = {
+    "base": "two_tower", "base_options": {}, "scorers": [], "candidates": 100, "l2": 1e-3,
+    "max_iter": 200, "center": True, "refit": True, "seed": 0, "factory": None,
+}
+#: Offset that puts every re-scored candidate above every other item.
+CANDIDATE_OFFSET = 1e4
+
+
+def _zscore(scores: torch.Tensor) -> torch.Tensor:
+    """Per-row z-scores over finite entries; non-finite entries stay -inf."""
+    finite = torch.isfinite(scores)
+    vals = torch.where(finite, scores, torch.zeros_like(scores))
+    n = finite.sum(1, keepdim=True).clamp(min=1)
+    mean = vals.sum(1, keepdim=True) / n
+    var = (torch.where(finite, vals - mean, torch.zeros_like(vals)) ** 2).sum(1, keepdim=True) / n
+    z = (vals - mean) / var.sqrt().clamp(min=1e-12)
+    return torch.where(finite, z, torch.full_like(z, -math.inf))
+
+
+class RerankRanker(Ranker):
+    """Logistic re-ranking of a retrieval ranker's top candidates.
+
+    Options: ``base`` (ranker name or instance, default two_tower), ``base_options``,
+    ``scorers`` (more rankers whose per-user z-scores become features, e.g. two_tower
+    over an EASE base: a learned blend),
+    ``candidates`` (how many to re-score, 100), ``l2``, ``max_iter``, ``center`` (features
+    relative to the mean of the user's candidates, so the model compares a user's
+    candidates rather than users), ``refit``, ``seed``;
+    ``factory`` (supplied by the engine) builds the base ranker by name.
+    """
+
+    name = "rerank"
+    composite: ClassVar[bool] = True
+    defaults: ClassVar[dict[str, Any]] = DEFAULTS
+
+    def __init__(self, **options: Any) -> None:
+        unknown = set(options) - set(self.defaults)
+        if unknown:
+            raise ConfigError(f"{self.name}: unknown option(s) {', '.join(sorted(unknown))} "
+                              f"(known: {', '.join(sorted(self.defaults))})")
+        super().__init__(**{**self.defaults, **options})
+        self.base = self._build(self.options["base"], self.options["base_options"])
+        specs = self.options["scorers"] or []
+        if isinstance(specs, str):
+            specs = [x for x in specs.replace("+", ",").split(",") if x.strip()]
+        self.scorers: list[Ranker] = []
+        self.scorer_specs: list[dict[str, Any]] = []
+        for spec in specs:
+            if isinstance(spec, Ranker):
+                self.scorers.append(spec)
+                self.scorer_specs.append({"name": spec.name, "options": dict(spec.options)})
+                continue
+            if isinstance(spec, str):
+                spec = {"name": spec.strip(), "options": {}}
+            self.scorers.append(self._build(spec["name"], spec.get("options")))
+            self.scorer_specs.append({"name": spec["name"],
+                                      "options": dict(spec.get("options") or {})})
+        self.handles_cold_items = any(getattr(r, "handles_cold_items", False)
+                                      for r in [self.base, *self.scorers])
+        self.theta: torch.Tensor | None = None
+        self.mean = self.std = None
+        self.feature_names: list[str] = []
+        self.info: dict[str, Any] = {}
+
+    def _build(self, spec: Any, options: Any) -> Ranker:
+        if isinstance(spec, Ranker):
+            return spec
+        factory: Callable[..., Ranker] | None = self.options["factory"]
+        if factory is None:
+            raise ConfigError("rerank needs a factory to build rankers by name; "
+                              "build it with engine.evaluation.make_ranker")
+        return factory(str(spec), dict(options or {}))
+
+    # -- features ------------------------------------------------------------------------
+    def _item_stats(self, data: TrainingData) -> dict[str, torch.Tensor]:
+        counts = data.item_counts().float()
+        last = torch.full((data.n_items,), -math.inf, dtype=torch.float64)
+        if len(data.ts):
+            last = last.scatter_reduce(0, data.items, data.ts.double(), reduce="amax")
+            now = float(data.ts.max())
+        else:
+            now = 0.0
+        age_days = torch.where(torch.isfinite(last), (now - last) / 86400.0,
+                               torch.full_like(last, math.inf))
+        # never-seen items are the "oldest": cap them at the largest finite age + 1 day
+        finite = torch.isfinite(age_days)
+        cap = float(age_days[finite].max()) + 1.0 if bool(finite.any()) else 1.0
+        age_days = torch.where(finite, age_days, torch.full_like(age_days, cap))
+        return {"log_popularity": torch.log1p(counts),
+                "log_age_days": torch.log1p(age_days.clamp(min=0)).float()}
+
+    def _features(self, users: torch.Tensor, cand: torch.Tensor, base: torch.Tensor,
+                  data: TrainingData, history: list[torch.Tensor],
+                  stats: dict[str, torch.Tensor], scorer_z: list[torch.Tensor] | None = None
+                  ) -> tuple[torch.Tensor, list[str]]:
+        """Features [b, C, F] of each user's candidates and their names; ``scorer_z``:
+        the scorers' z-scores [b, n] when already computed."""
+        z = _zscore(base)
+        cz = torch.gather(z, 1, cand)
+        # rank of each candidate in the retrieval order (items scored higher before it)
+        descending = -torch.sort(base, dim=1, descending=True).values
+        ranks = torch.searchsorted(descending.contiguous(),
+                                   (-torch.gather(base, 1, cand)).contiguous()).float()
+        cols = [cz.clamp(min=-10), 1.0 / torch.log2(ranks + 2.0),
+                stats["log_popularity"][cand], stats["log_age_days"][cand]]
+        names = ["retrieval_z", "retrieval_rank", "log_popularity", "log_age_days"]
+        if scorer_z is None:
+            scorer_z = self._scorer_z(users, data)
+        for spec, sz in zip(self.scorer_specs, scorer_z):
+            sz = torch.gather(sz, 1, cand)
+            sz = torch.where(torch.isfinite(sz), sz, torch.full_like(sz, -10.0))
+            cols.append(sz.clamp(min=-10))
+            names.append(f"{spec['name']}_z")
+        for m, (vec, present) in sorted(data.item_features.items()):
+            unit = F.normalize(vec.float(), dim=-1) * present[:, None]
+            mx = torch.zeros_like(cz)
+            mean = torch.zeros_like(cz)
+            for r, u in enumerate(users.tolist()):
+                h = history[u]
+                h = h[present[h]] if len(h) else h
+                if len(h) == 0:
+                    continue
+                sims = unit[cand[r]] @ unit[h].T  # [C, |h|]
+                mx[r] = sims.max(1).values
+                mean[r] = sims.mean(1)
+            cols += [mx, mean]
+            names += [f"{m}_similarity_max", f"{m}_similarity_mean"]
+        feats = torch.stack(cols, dim=-1)
+        if self.options["center"]:  # relative to the user's other candidates
+            feats = feats - feats.mean(dim=1, keepdim=True)
+        return feats, names
+
+    def _scorer_z(self, users: torch.Tensor, data: TrainingData) -> list[torch.Tensor]:
+        """Per-user z-scores [b, n] of every scorer (-inf where a scorer cannot score)."""
+        with torch.no_grad():
+            return [_zscore(r.score_users(users, data).detach().float().cpu()) for r in self.scorers]
+
+    def _candidates(self, users: torch.Tensor, data: TrainingData,
+                    history: list[torch.Tensor]
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(raw base scores [b, n], the same with training items at -inf, top candidate
+        indices [b, C])."""
+        with torch.no_grad():
+            raw = self.base.score_users(users, data).detach().float().cpu()
+        base = raw.clone()
+        for r, u in enumerate(users.tolist()):
+            if len(history[u]):
+                base[r, history[u]] = -math.inf
+        c = min(int(self.options["candidates"]), data.n_items)
+        return raw, base, torch.topk(base, c, dim=1).indices
+
+    # -- fitting -------------------------------------------------------------------------
+    def fit(self, data: TrainingData) -> None:
+        from engine.evaluation import validation_split
+        val = validation_split(data, seed=int(self.options["seed"]) + 7)
+        if val.n_test == 0:
+            raise ConfigError("rerank: not enough interactions to carve validation data")
+        for ranker in [self.base, *self.scorers]:
+            ranker.fit(val.train)
+        history = val.train.user_items()
+        stats = self._item_stats(val.train)
+        xs, ys = [], []
+        users = val.eval_users
+        for start in range(0, len(users), 256):
+            batch = users[start:start + 256]
+            _, base, cand, feats, extras = self._tiers(batch, val.train, history, stats)
+            finite = torch.isfinite(torch.gather(base, 1, cand))
+            labels = torch.zeros(cand.shape, dtype=torch.float32)
+            for r, u in enumerate(batch.tolist()):
+                labels[r] = torch.isin(cand[r], val.test[u]).float()
+            xs.append(feats[finite])
+            ys.append(labels[finite])
+            for r, idx, extra in extras:  # items only the scorers can score
+                xs.append(extra[0])
+                ys.append(torch.isin(idx, val.test[int(batch[r])]).float())
+        x, y = torch.cat(xs), torch.cat(ys)
+        self.mean, self.std = x.mean(0), x.std(0).clamp(min=1e-6)
+        self.theta = self._logistic((x - self.mean) / self.std, y)
+        with torch.no_grad():
+            p = torch.sigmoid(self._design((x - self.mean) / self.std) @ self.theta)
+            loss = float(F.binary_cross_entropy(p.clamp(1e-7, 1 - 1e-7), y))
+        if self.options["refit"]:
+            for ranker in [self.base, *self.scorers]:
+                ranker.fit(data)
+        self.info = {"features": self.feature_names, "examples": int(len(y)),
+                     "positives": int(y.sum()), "log_loss": round(loss, 5),
+                     "theta": {n: round(float(t), 4) for n, t in
+                               zip(["bias"] + self.feature_names, self.theta)},
+                     "base": dict(getattr(self.base, "info", {}) or {}),
+                     "scorers": {spec["name"]: dict(getattr(r, "info", {}) or {})
+                                 for spec, r in zip(self.scorer_specs, self.scorers)}}
+
+    @staticmethod
+    def _design(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([torch.ones(len(x), 1), x], dim=1)
+
+    def _logistic(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """theta (bias first) minimising mean log loss + l2/2 |w|^2 with L-BFGS."""
+        design = self._design(x).double()
+        y = y.double()
+        theta = torch.zeros(design.shape[1], dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.LBFGS([theta], max_iter=int(self.options["max_iter"]),
+                                line_search_fn="strong_wolfe")
+        l2 = float(self.options["l2"])
+
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            loss = F.binary_cross_entropy_with_logits(design @ theta, y) + \
+                0.5 * l2 * (theta[1:] ** 2).sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        return theta.detach().float()
+
+    # -- scoring -------------------------------------------------------------------------
+    def _tiers(self, users: torch.Tensor, data: TrainingData, history: list[torch.Tensor],
+               stats: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                        torch.Tensor, list[tuple[int, torch.Tensor,
+                                                                                 torch.Tensor]]]:
+        """(raw base scores, masked base scores, top candidates [b, C], their features
+        [b, C, F], and per user row the items only the scorers can score with their
+        features: [(row, item indices [E], features [1, E, F])])."""
+        raw, base, cand = self._candidates(users, data, history)
+        scorer_z = self._scorer_z(users, data)
+        feats, self.feature_names = self._features(users, cand, base, data, history, stats,
+                                                   scorer_z)
+        extras = []
+        if scorer_z:
+            only = ~torch.isfinite(base) & torch.stack([torch.isfinite(z) for z in scorer_z]).any(0)
+            for r, u in enumerate(users.tolist()):
+                if len(history[u]):
+                    only[r, history[u]] = False
+            for r in torch.nonzero(only.any(1)).flatten().tolist():
+                idx = torch.nonzero(only[r]).flatten()
+                extra, _ = self._features(users[r:r + 1], idx[None, :], base[r:r + 1], data,
+                                          history, stats, [z[r:r + 1] for z in scorer_z])
+                extras.append((r, idx, extra))
+        return raw, base, cand, feats, extras
+
+    def _logits(self, feats: torch.Tensor) -> torch.Tensor:
+        b, c, f = feats.shape
+        x = (feats.reshape(-1, f) - self.mean) / self.std
+        return (self._design(x) @ self.theta).reshape(b, c)
+
+    def score_users(self, user_index: torch.Tensor, data: TrainingData) -> torch.Tensor:
+        """Three tiers: the retrieval ranker's top candidates by click logit (above every
+        other item), then items only the scorers can score (cold items) by click logit,
+        then the rest in retrieval order."""
+        if self.theta is None:
+            raise ModelNotTrainedError("rerank is not fitted")
+        history = data.user_items()
+        raw, base, cand, feats, extras = self._tiers(user_index, data, history,
+                                                     self._item_stats(data))
+        out = _zscore(raw).clamp(min=-CANDIDATE_OFFSET / 4) - CANDIDATE_OFFSET
+        out[~torch.isfinite(raw)] = -math.inf
+        finite = torch.isfinite(torch.gather(base, 1, cand))
+        new = torch.where(finite, self._logits(feats) + CANDIDATE_OFFSET, torch.gather(out, 1, cand))
+        out = out.scatter(1, cand, new)
+        for r, idx, extra in extras:
+            out[r, idx] = self._logits(extra)[0]
+        return out
+
+    def click_probability(self, user_index: torch.Tensor, items: torch.Tensor,
+                          data: TrainingData) -> torch.Tensor:
+        """sigma(theta^T f(user, item)) for item indices [b, c] of the given users."""
+        if self.theta is None:
+            raise ModelNotTrainedError("rerank is not fitted")
+        history = data.user_items()
+        _, base, _ = self._candidates(user_index, data, history)
+        feats, _ = self._features(user_index, items, base, data, history, self._item_stats(data))
+        return torch.sigmoid(self._logits(feats))
+
+    # -- artifacts -----------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        if self.theta is None:
+            raise ModelNotTrainedError("rerank is not fitted")
+        return {"theta": self.theta, "mean": self.mean, "std": self.std,
+                "features": self.feature_names, "info": self.info, "base": self.base.state(),
+                "scorers": [{**spec, "state": r.state()}
+                            for spec, r in zip(self.scorer_specs, self.scorers)]}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.base.load_state(state["base"])
+        stored = [x["name"] for x in state.get("scorers", [])]
+        if stored != [x["name"] for x in self.scorer_specs]:
+            raise ConfigError(f"stored re-ranker has scorers {stored}, this one "
+                              f"{[x['name'] for x in self.scorer_specs]}")
+        for ranker, st in zip(self.scorers, state.get("scorers", [])):
+            ranker.load_state(st["state"])
+        self.theta, self.mean, self.std = state["theta"], state["mean"], state["std"]
+        self.feature_names = list(state["features"])
+        self.info = dict(state.get("info") or {})
+
+
+class HybridRanker(RerankRanker):
+    """The default pipeline: EASE retrieves, and the click model re-scores its top 100
+    with the two-tower score (fused text + KG + ID), content similarity to the history,
+    popularity and recency as features; items EASE cannot score (cold items) are ranked
+    by the same model from the two-tower and content features."""
+
+    name = "hybrid"
+    defaults: ClassVar[dict[str, Any]] = {**DEFAULTS, "base": "ease", "scorers": ["two_tower"]}
+
+
+@hookimpl
+def register_rankers(register: Callable[[type], None]) -> None:
+    register(RerankRanker)
+    register(HybridRanker)

@@ -1,0 +1,490 @@
+"""The "two_tower" ranker: a fused content + ID item tower and a history user tower.
+
+Item tower: a fuser (attention by default) over the item's modality vectors, plus an
+item-ID embedding for items that had interactions when the model was fitted; during
+training the ID embedding is dropped for a share of items so the content path alone
+must rank well (that is what scores cold items). User tower: the mean of the item-tower
+vectors of the user's history, through a linear layer, plus an optional user-ID
+embedding. While training, the target item is left out of its user's history.
+
+Loss: sampled softmax (default) or BPR, over in-batch and/or uniformly drawn negatives.
+Early stopping on validation data carved from the training data with the same protocol
+(engine.evaluation.validation_split); with ``refit`` the model is then trained again on
+all the data for the best number of epochs.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import math
+from typing import Any, Callable, ClassVar, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from engine.contracts import Fuser, Ranker
+from engine.device import resolve_device
+from engine.errors import ConfigError, ModelNotTrainedError
+from engine.hookspecs import hookimpl
+from engine.training import TrainingData
+
+DEFAULTS: dict[str, Any] = {
+    "dim": 64, "fuser": "attention", "heads": 4, "dropout": 0.1, "modalities": None,
+    "use_item_id": True, "use_user_id": False, "id_dropout": 0.5, "loss": "softmax",
+    "negatives": "random", "n_random": 2048, "logq": True, "temperature": 0.1, "epochs": 40,
+    "batch_size": 1024, "lr": 3e-3, "weight_decay": 0.0, "patience": 4, "metric": "ndcg@20",
+    "validation": True, "refit": True, "seed": 0, "device": "auto", "threads": 1,
+    "progress": False,
+}
+LOSSES = ("softmax", "bpr")
+NEGATIVES = ("in_batch", "random", "both")
+
+
+@contextlib.contextmanager
+def cpu_threads(device: torch.device, threads: int | None) -> Iterator[None]:
+    """Limit torch's CPU threads while the block runs (on CPU, when ``threads`` is set).
+
+    The two-tower's tensors are small: on a busy or small machine one thread is several
+    times faster than threads spinning against each other (benchmarks/train.py)."""
+    if device.type != "cpu" or not threads:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _modality_list(value: Any) -> list[str] | None:
+    if value is None or value == "all":
+        return None
+    if isinstance(value, str):
+        return [m.strip() for m in value.replace("+", ",").split(",") if m.strip()]
+    return [str(m) for m in value]
+
+
+class TwoTowerModel(nn.Module):
+    """The two towers over dense fit-time indices; ``dims`` may be empty (ID only)."""
+
+    def __init__(self, dims: dict[str, int], n_items: int, n_users: int, dim: int,
+                 fuser: type[Fuser] | None, fuser_options: dict[str, Any],
+                 use_item_id: bool, use_user_id: bool) -> None:
+        super().__init__()
+        self.modalities = list(dims)
+        self.fuser = fuser(dims, dim, **fuser_options) if dims and fuser else None
+        self.item_id = nn.Embedding(n_items, dim) if use_item_id else None
+        self.user_id = nn.Embedding(n_users, dim) if use_user_id else None
+        for emb in (self.item_id, self.user_id):
+            if emb is not None:
+                nn.init.normal_(emb.weight, std=0.05)
+        self.user_proj = nn.Linear(dim, dim)
+        # item bias (popularity): an ID part for warm items, a content part for all
+        self.id_bias = nn.Embedding(n_items, 1) if use_item_id else None
+        self.content_bias = nn.Linear(dim, 1) if self.fuser is not None else None
+        if self.id_bias is not None:
+            nn.init.zeros_(self.id_bias.weight)
+        self.dim = dim
+
+    def items(self, tokens: dict[str, torch.Tensor], present: torch.Tensor,
+              id_index: torch.Tensor, id_keep: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(item vectors [n, D] unit length, attention weights [n, M], scorable [n],
+        item bias [n]); score(u, i) = <user_u, item_i> / temperature + bias_i.
+
+        ``id_index``: fit-time index of each item (any value where ``id_keep`` is False).
+        """
+        n = id_index.shape[0]
+        vec = torch.zeros(n, self.dim, device=id_index.device)
+        weights = torch.zeros(n, len(self.modalities), device=id_index.device)
+        scorable = torch.zeros(n, dtype=torch.bool, device=id_index.device)
+        bias = torch.zeros(n, device=id_index.device)
+        if self.fuser is not None:
+            vec, weights = self.fuser(tokens, present)
+            scorable = present.any(dim=1)
+            bias = self.content_bias(vec.float()).squeeze(-1) * scorable
+        if self.item_id is not None:
+            keep = id_keep[:, None].float()
+            vec = vec + self.item_id(id_index.clamp(min=0)) * keep
+            bias = bias + (self.id_bias(id_index.clamp(min=0)) * keep).squeeze(-1)
+            scorable = scorable | id_keep
+        return F.normalize(vec.float(), dim=-1), weights, scorable, bias.float()
+
+    def users(self, history_mean: torch.Tensor, user_index: torch.Tensor,
+              user_keep: torch.Tensor) -> torch.Tensor:
+        """User vectors [b, D] (unit length) from the mean of their history's item vectors."""
+        vec = self.user_proj(history_mean)
+        if self.user_id is not None:
+            vec = vec + self.user_id(user_index.clamp(min=0)) * user_keep[:, None].float()
+        return F.normalize(vec.float(), dim=-1)
+
+
+class TwoTowerRanker(Ranker):
+    """Trained two-tower recommender; scores cold items from their content vectors.
+
+    Options (defaults in ``DEFAULTS``): dim, fuser ('attention' or 'mean', or a Fuser
+    class), heads, dropout, modalities (subset of the data's feature keys, e.g.
+    'text,kg'; empty list or 'none' for ID only), use_item_id, use_user_id, id_dropout,
+    loss ('softmax' | 'bpr'), negatives ('in_batch' | 'random' | 'both'), n_random,
+    logq (log-q correction of sampled softmax), temperature, epochs, batch_size, lr,
+    weight_decay, patience, metric, validation, refit, seed, device, threads (torch CPU
+    threads while fitting; 0 leaves torch's setting), progress; ``fusers`` (a registry
+    with ``get(name)``) resolves plugin fusers by name.
+    """
+
+    name = "two_tower"
+    handles_cold_items = True
+    #: Every option with its default (the engine fills device, fusers and progress).
+    defaults: ClassVar[dict[str, Any]] = DEFAULTS
+
+    def __init__(self, **options: Any) -> None:
+        fusers = options.pop("fusers", None)
+        unknown = set(options) - set(DEFAULTS)
+        if unknown:
+            raise ConfigError(f"two_tower: unknown option(s) {', '.join(sorted(unknown))} "
+                              f"(known: {', '.join(sorted(DEFAULTS))})")
+        super().__init__(**{**DEFAULTS, **options})
+        o = self.options
+        if o["loss"] not in LOSSES:
+            raise ConfigError(f"two_tower: loss must be one of {LOSSES}, not '{o['loss']}'")
+        if o["negatives"] not in NEGATIVES:
+            raise ConfigError(f"two_tower: negatives must be one of {NEGATIVES}, "
+                              f"not '{o['negatives']}'")
+        mods = o["modalities"]
+        o["modalities"] = [] if mods in ("none", "", []) else _modality_list(mods)
+        self._fusers = fusers
+        self.device = resolve_device(o["device"])
+        self.model: TwoTowerModel | None = None
+        self.item_ids: list[int] = []
+        self.user_ids: list[int] = []
+        self.dims: dict[str, int] = {}
+        self.warm = torch.zeros(0, dtype=torch.bool)
+        self.info: dict[str, Any] = {}
+        self._cache: dict[str, Any] = {}
+
+    # -- setup ---------------------------------------------------------------------------
+    def _fuser_class(self) -> type[Fuser]:
+        spec = self.options["fuser"]
+        if isinstance(spec, type):
+            return spec
+        if self._fusers is not None:
+            return self._fusers.get(spec)
+        from plugins.fuse_attention import FUSERS
+        if spec not in FUSERS:
+            raise ConfigError(f"two_tower: unknown fuser '{spec}' (known: {', '.join(FUSERS)})")
+        return FUSERS[spec]
+
+    def _choose_dims(self, data: TrainingData) -> dict[str, int]:
+        wanted = self.options["modalities"]
+        available = {m: int(v.shape[1]) for m, (v, p) in data.item_features.items() if bool(p.any())}
+        if wanted is None:
+            return available
+        missing = [m for m in wanted if m not in available]
+        if missing:
+            raise ConfigError(f"two_tower: no item features for modality {', '.join(missing)} "
+                              f"(available: {', '.join(available) or 'none'}; run `polyrec encode`)")
+        return {m: available[m] for m in wanted}
+
+    def _build(self, data: TrainingData) -> None:
+        o = self.options
+        self.dims = self._choose_dims(data)
+        if not self.dims and not o["use_item_id"]:
+            raise ConfigError("two_tower: no modalities and no item-ID embedding: nothing to learn")
+        fuser_options = {"dropout": o["dropout"]}
+        if o["fuser"] == "attention" or getattr(o["fuser"], "name", None) == "attention":
+            fuser_options["heads"] = o["heads"]
+        self.item_ids, self.user_ids = list(data.item_ids), list(data.user_ids)
+        self.model = TwoTowerModel(self.dims, data.n_items, data.n_users, int(o["dim"]),
+                                   self._fuser_class() if self.dims else None, fuser_options,
+                                   bool(o["use_item_id"]), bool(o["use_user_id"])).to(self.device)
+        self._fuser_options = fuser_options
+
+    # -- data views ----------------------------------------------------------------------
+    def _tokens(self, data: TrainingData) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        tokens, present = {}, []
+        for m, d in self.dims.items():
+            if m in data.item_features:
+                vec, pres = data.item_features[m]
+                if vec.shape[1] != d:
+                    raise ConfigError(f"two_tower: modality '{m}' has width {vec.shape[1]}, "
+                                      f"the model was trained on {d}; train again")
+            else:
+                vec, pres = torch.zeros(data.n_items, d), torch.zeros(data.n_items, dtype=torch.bool)
+            tokens[m] = vec.to(self.device, torch.float32)
+            present.append(pres.to(self.device))
+        pres = torch.stack(present, 1) if present else torch.zeros(data.n_items, 0, dtype=torch.bool,
+                                                                    device=self.device)
+        return tokens, pres
+
+    def _map(self, ids: list[int], fitted: list[int]) -> torch.Tensor:
+        index = {v: k for k, v in enumerate(fitted)}
+        return torch.tensor([index.get(i, -1) for i in ids], dtype=torch.long, device=self.device)
+
+    def _pairs(self, data: TrainingData) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unique positive (user, item) pairs of ``data``, sorted by user (on the device)."""
+        keep = data.weights > 0
+        key = torch.unique(data.users[keep] * data.n_items + data.items[keep])
+        return (key // data.n_items).to(self.device), (key % data.n_items).to(self.device)
+
+    @staticmethod
+    def _history_sums(users: torch.Tensor, pair_u: torch.Tensor, pair_i: torch.Tensor,
+                      indptr: torch.Tensor, vecs: torch.Tensor) -> torch.Tensor:
+        """Sum of the item vectors of each user's history, for the given users [b, D]."""
+        starts, ends = indptr[users], indptr[users + 1]
+        lengths = ends - starts
+        rows = torch.repeat_interleave(torch.arange(len(users), device=users.device), lengths)
+        offsets = torch.arange(int(lengths.sum()), device=users.device) - \
+            torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
+        cols = pair_i[starts[rows] + offsets]
+        out = torch.zeros(len(users), vecs.shape[1], device=vecs.device, dtype=vecs.dtype)
+        return out.index_add(0, rows, vecs[cols])
+
+    def _indptr(self, pair_u: torch.Tensor, n_users: int) -> torch.Tensor:
+        counts = torch.bincount(pair_u, minlength=n_users)
+        return torch.cat([torch.zeros(1, dtype=torch.long, device=self.device),
+                          torch.cumsum(counts, 0)])
+
+    def _prepared(self, data: TrainingData) -> dict[str, Any]:
+        """Item vectors, attention weights and user history means for ``data`` (cached)."""
+        if self.model is None:
+            raise ModelNotTrainedError("two_tower is not fitted; call fit() or train first")
+        key = (id(data), data.n_items, data.n_users, len(data.users))
+        if self._cache.get("key") == key:
+            return self._cache
+        self.model.eval()
+        tokens, present = self._tokens(data)
+        id_index = self._map(data.item_ids, self.item_ids)
+        id_keep = (id_index >= 0) & self.warm.to(self.device)[id_index.clamp(min=0)]
+        with torch.no_grad():
+            vecs, weights, scorable, bias = self.model.items(tokens, present, id_index, id_keep)
+            pair_u, pair_i = self._pairs(data)
+            indptr = self._indptr(pair_u, data.n_users)
+            counts = (indptr[1:] - indptr[:-1])
+            all_users = torch.arange(data.n_users, device=self.device)
+            hist = self._history_sums(all_users, pair_u, pair_i, indptr, vecs) \
+                / counts.clamp(min=1)[:, None]
+        has_history = counts > 0
+        self._cache = {"key": key, "vectors": vecs, "weights": weights, "scorable": scorable,
+                       "bias": bias,
+                       "history": hist, "has_history": has_history.to(self.device),
+                       "user_index": self._map(data.user_ids, self.user_ids)}
+        return self._cache
+
+    # -- public scoring ------------------------------------------------------------------
+    def score_users(self, user_index: torch.Tensor, data: TrainingData) -> torch.Tensor:
+        prep = self._prepared(data)
+        users = user_index.to(self.device)
+        fit_users = prep["user_index"][users]
+        with torch.no_grad():
+            uvec = self.model.users(prep["history"][users], fit_users, fit_users >= 0)
+            scores = uvec @ prep["vectors"].T / float(self.options["temperature"]) + prep["bias"]
+        known = prep["has_history"][users]
+        if self.model.user_id is not None:
+            known = known | (fit_users >= 0)
+        scores[~known] = 0.0  # nothing known of the user: no preference among items
+        scores[:, ~prep["scorable"]] = -math.inf
+        return scores.float().cpu()
+
+    def user_vectors(self, user_index: torch.Tensor, data: TrainingData) -> torch.Tensor:
+        """User-tower vectors [b, D] over ``data``'s history (CPU)."""
+        prep = self._prepared(data)
+        users = user_index.to(self.device)
+        fit_users = prep["user_index"][users]
+        with torch.no_grad():
+            return self.model.users(prep["history"][users], fit_users, fit_users >= 0).cpu()
+
+    def item_vectors(self, data: TrainingData) -> torch.Tensor:
+        """Item-tower vectors [n_items, D] (unit length, zero where unscorable; CPU)."""
+        prep = self._prepared(data)
+        return (prep["vectors"] * prep["scorable"][:, None]).cpu()
+
+    def attention(self, data: TrainingData) -> tuple[list[str], torch.Tensor]:
+        """(modality names, fuser weights [n_items, M]) for explanations (CPU)."""
+        prep = self._prepared(data)
+        return list(self.dims), prep["weights"].cpu()
+
+    # -- training ------------------------------------------------------------------------
+    def fit(self, data: TrainingData) -> None:
+        o = self.options
+        if len(data.users) == 0:
+            raise ConfigError("two_tower: no interactions to train on")
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), cpu_threads(self.device, o["threads"]):
+            torch.manual_seed(int(o["seed"]))
+            best_epochs, history = int(o["epochs"]), []
+            if o["validation"]:
+                from engine.evaluation import validation_split
+                val = validation_split(data, seed=int(o["seed"]) + 1)
+                if val.n_test:
+                    self._build(val.train)
+                    best_epochs, history = self._train(val.train, val)
+                    if not o["refit"]:
+                        self._finish(val.train, best_epochs, history)
+                        return
+            torch.manual_seed(int(o["seed"]))
+            self._build(data)
+            self._train(data, None, epochs=best_epochs)
+            self._finish(data, best_epochs, history)
+
+    def _finish(self, data: TrainingData, epochs: int, history: list[float]) -> None:
+        self.info = {"epochs": epochs, "device": str(self.device), "modalities": list(self.dims),
+                     "validation": [round(h, 5) for h in history],
+                     "throughput": self._throughput}
+        self._cache = {}
+
+    def _train(self, data: TrainingData, val: Any, epochs: int | None = None
+               ) -> tuple[int, list[float]]:
+        """Train ``self.model`` on ``data``; with ``val`` stop early on its metric and
+        restore the best epoch. Returns (best epoch count, validation history)."""
+        import time
+
+        from engine.evaluation import evaluate_ranker
+        o = self.options
+        model = self.model
+        assert model is not None
+        n_items = data.n_items
+        self.warm = data.item_counts() > 0
+        pair_u, pair_i = self._pairs(data)
+        key = pair_u * n_items + pair_i  # sorted: the user's positives, for masking
+        indptr = self._indptr(pair_u, data.n_users)
+        counts = (indptr[1:] - indptr[:-1]).float()
+        tokens, present = self._tokens(data)
+        all_items = torch.arange(n_items, device=self.device)
+        warm = self.warm.to(self.device)
+        item_counts = torch.bincount(pair_i, minlength=n_items).float()
+        self._item_share = (item_counts / item_counts.sum()).clamp(min=1e-12)
+        if model.id_bias is not None:  # start from popularity: log(1 + positives)
+            with torch.no_grad():
+                model.id_bias.weight.copy_(torch.log1p(item_counts)[:, None])
+        opt = torch.optim.AdamW(model.parameters(), lr=float(o["lr"]),
+                                weight_decay=float(o["weight_decay"]))
+        epochs = int(epochs or o["epochs"])
+        gen = torch.Generator(device="cpu").manual_seed(int(o["seed"]))
+        best, best_epoch, best_state, patience, history = -math.inf, 0, None, 0, []
+        bs, temp = int(o["batch_size"]), float(o["temperature"])
+        seen, train_seconds = 0, 0.0
+        bar = tqdm(range(epochs), desc="two_tower", disable=not o["progress"], leave=False)
+        for epoch in bar:
+            model.train()
+            started = time.perf_counter()
+            order = torch.randperm(len(pair_u), generator=gen).to(self.device)
+            for start in range(0, len(order), bs):
+                idx = order[start:start + bs]
+                u, i = pair_u[idx], pair_i[idx]
+                keep_id = warm & (torch.rand(n_items, generator=gen).to(self.device)
+                                  >= float(o["id_dropout"]))
+                vecs, _, _, bias = model.items(tokens, present, all_items, keep_id)
+                sums = self._history_sums(u, pair_u, pair_i, indptr, vecs)
+                n_hist = (counts[u] - 1).clamp(min=1)[:, None]
+                hmean = (sums - vecs[i]) / n_hist  # the target left out of the history
+                uvec = model.users(hmean, u, torch.ones_like(u, dtype=torch.bool))
+                loss = self._loss(uvec, vecs, bias, u, i, key, n_items, temp, gen)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                seen += len(idx)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            train_seconds += time.perf_counter() - started  # steps only, not validation
+            self._cache = {}
+            if val is not None:
+                score = evaluate_ranker(self, val, ks=(int(o["metric"].split("@")[1]),))[o["metric"]]
+                history.append(score)
+                bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{score:.4f}")
+                if score > best:
+                    best, best_epoch, patience = score, epoch + 1, 0
+                    best_state = copy.deepcopy(model.state_dict())
+                else:
+                    patience += 1
+                    if patience >= int(o["patience"]):
+                        break
+        self._throughput = seen / max(train_seconds, 1e-9)
+        if best_state is not None:
+            model.load_state_dict(best_state)
+            return best_epoch, history
+        return epochs, history
+
+    def _loss(self, uvec: torch.Tensor, vecs: torch.Tensor, bias: torch.Tensor,
+              u: torch.Tensor, i: torch.Tensor, key: torch.Tensor, n_items: int, temp: float,
+              gen: torch.Generator) -> torch.Tensor:
+        """Sampled softmax or BPR over in-batch and/or random negatives; a negative that is
+        one of the user's positives is masked out. With ``logq`` the softmax logits are
+        corrected by the log of each candidate's expected number of draws (in-batch
+        candidates are drawn by popularity, random ones uniformly)."""
+        o = self.options
+        cands, log_q = [], []
+        if o["negatives"] in ("in_batch", "both"):
+            cands.append(i)
+            log_q.append(torch.log(self._item_share[i] * len(i)))
+        if o["negatives"] in ("random", "both"):
+            n_random = int(o["n_random"])
+            cands.append(torch.randint(0, n_items, (n_random,), generator=gen).to(self.device))
+            log_q.append(torch.full((n_random,), math.log(n_random / n_items), device=self.device))
+        cand = torch.cat(cands)
+        pos_logit = (uvec * vecs[i]).sum(-1) / temp + bias[i]
+        logits = uvec @ vecs[cand].T / temp + bias[cand]
+        # mask every candidate that is a positive of the row's user (the target included)
+        hit = self._is_positive(u, cand, key, n_items)
+        if o["loss"] == "softmax" and o["logq"]:
+            logits = logits - torch.cat(log_q)[None, :]
+        logits = logits.masked_fill(hit, -math.inf)
+        if o["loss"] == "softmax":
+            full = torch.cat([pos_logit[:, None], logits], dim=1)
+            return (torch.logsumexp(full, dim=1) - pos_logit).mean()
+        valid = ~hit
+        diff = F.logsigmoid(pos_logit[:, None] - logits.masked_fill(hit, 0.0)) * valid
+        return -(diff.sum(1) / valid.sum(1).clamp(min=1)).mean()
+
+    def _is_positive(self, u: torch.Tensor, cand: torch.Tensor, key: torch.Tensor,
+                     n_items: int) -> torch.Tensor:
+        """bool [b, c]: is cand[c] a positive of user u[b]? (dense lookup when it fits)"""
+        dense = self._cache.get("positives")
+        if dense is None and (int(u.max()) + 1) * n_items <= 50_000_000:
+            n_users = int(key.max()) // n_items + 1
+            dense = torch.zeros(n_users * n_items, dtype=torch.bool, device=self.device)
+            dense[key] = True
+            dense = dense.view(n_users, n_items)
+            self._cache["positives"] = dense
+        if dense is not None and int(u.max()) < dense.shape[0]:
+            return dense[u][:, cand]
+        query = u[:, None] * n_items + cand[None, :]
+        found = torch.searchsorted(key, query).clamp(max=len(key) - 1)
+        return key[found] == query
+
+    # -- artifacts -----------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        if self.model is None:
+            raise ModelNotTrainedError("two_tower is not fitted; nothing to save")
+        buf = io.BytesIO()
+        torch.save({k: v.detach().cpu() for k, v in self.model.state_dict().items()}, buf)
+        fuser = self.options["fuser"]
+        opts = {k: v for k, v in self.options.items() if k != "fuser"}
+        return {"options": {**opts, "fuser": getattr(fuser, "name", fuser)},
+                "dims": self.dims, "item_ids": self.item_ids, "user_ids": self.user_ids,
+                "warm": self.warm.tolist(), "fuser_options": self._fuser_options,
+                "model": buf.getvalue(), "info": self.info}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        o = self.options
+        o.update({k: v for k, v in state["options"].items() if k not in ("device", "progress")})
+        self.dims = dict(state["dims"])
+        self.item_ids, self.user_ids = list(state["item_ids"]), list(state["user_ids"])
+        self.warm = torch.tensor(state["warm"], dtype=torch.bool)
+        self._fuser_options = dict(state["fuser_options"])
+        self.model = TwoTowerModel(self.dims, len(self.item_ids), len(self.user_ids), int(o["dim"]),
+                                   self._fuser_class() if self.dims else None, self._fuser_options,
+                                   bool(o["use_item_id"]), bool(o["use_user_id"])).to(self.device)
+        weights = torch.load(io.BytesIO(state["model"]), map_location=self.device, weights_only=True)
+        self.model.load_state_dict(weights)
+        self.model.eval()
+        self.info = dict(state.get("info") or {})
+        self._cache = {}
+
+
+@hookimpl
+def register_rankers(register: Callable[[type], None]) -> None:
+    register(TwoTowerRanker)

@@ -1,0 +1,176 @@
+"""Engine.train / Engine.recommend on MovieLens-100k with BERT and KG vectors: the default
+pipeline (two_tower + EASE ensemble), artifacts, filters, exclude-seen, MMR, explanations."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine import Engine
+from engine.errors import ConfigError, ModelNotTrainedError, NotFoundError
+
+USER = "1"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _open(path) -> Engine:
+    return Engine(path, device="cpu", entrypoints=False, progress=False)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, ml100k_encoded_db):
+    """A copy of the encoded ml-100k store with the default pipeline trained (the
+    two_tower + EASE ensemble, weights chosen on validation) and its TrainReport. To stay
+    fast the two-tower trains 2 epochs without its own early stopping and EASE gets a
+    fixed l2 instead of its validation grid."""
+    from conftest import _checkpoint, copy_db
+    torch.set_num_threads(1)
+    db = copy_db(ml100k_encoded_db, tmp_path_factory.mktemp("recommend"))
+    options = {"base_options": {"l2": 500.0},
+               "scorers": [{"name": "two_tower", "options": {"dim": 32, "validation": False}}]}
+    with _open(db) as eng:
+        report = eng.train(epochs=2, seed=0, options=options)
+    _checkpoint(db)
+    return db, report
+
+
+@pytest.fixture(scope="module")
+def eng(trained):
+    with _open(trained[0]) as e:
+        yield e
+
+
+def _seen(eng: Engine, user: str) -> set[str]:
+    from sqlalchemy import select
+
+    from engine.store.models import Interaction, Item, User
+    with eng.store.session() as s:
+        rows = s.execute(select(Item.external_id).join(Interaction, Interaction.item_id == Item.id)
+                         .join(User, User.id == Interaction.user_id)
+                         .where(User.external_id == user)).scalars().all()
+    return set(rows)
+
+
+def test_default_pipeline_is_the_hybrid_click_model(trained):
+    _, report = trained
+    assert report.ranker == "hybrid"
+    assert [s["name"] for s in report.options["scorers"]] == ["two_tower"]
+    assert report.options["scorers"][0]["options"]["epochs"] == 2
+    theta = report.info["theta"]
+    assert {"retrieval_z", "two_tower_z", "text_similarity_max", "kg_similarity_max",
+            "log_popularity", "log_age_days"} <= set(theta)
+    assert report.info["examples"] > 10_000
+    assert set(report.modalities) == {"text", "kg"}
+    assert report.version >= 1 and report.interactions > 50_000
+
+
+def test_recommend_returns_k_unseen_items_in_score_order(eng):
+    recs = eng.recommend(USER, k=10)
+    assert len(recs) == 10 and len({r.item for r in recs}) == 10
+    assert not {r.item for r in recs} & _seen(eng, USER)  # low ratings count as seen too
+    scores = [r.score for r in recs]
+    assert scores == sorted(scores, reverse=True)
+    assert all(r.title for r in recs) and all(r.explanation == {} for r in recs)
+
+
+def test_reopened_engine_gives_the_same_list(trained, eng):
+    first = [(r.item, round(r.score, 4)) for r in eng.recommend("42", k=10)]
+    with _open(trained[0]) as again:
+        assert [(r.item, round(r.score, 4)) for r in again.recommend("42", k=10)] == first
+
+
+def test_pipeline_is_loaded_once_and_cached(eng):
+    eng.recommend(USER, k=3)
+    cached = eng._recommender
+    eng.recommend("2", k=3)
+    assert eng._recommender is cached
+
+
+def test_include_seen_lets_history_back(eng):
+    seen = _seen(eng, USER)
+    recs = eng.recommend(USER, k=50, exclude_seen=False)
+    assert {r.item for r in recs} & seen
+
+
+def test_attribute_filter_keeps_only_matching_items(eng):
+    recs = eng.recommend(USER, k=10, filters={"class": "Horror"})
+    assert len(recs) == 10
+    views = {v.external_id: v for v in eng.items()}
+    assert all("Horror" in views[r.item].attributes["class"] for r in recs)
+    assert eng.recommend(USER, k=5, filters={"class": "NoSuchGenre"}) == []
+
+
+def test_mmr_diversity_lowers_similarity_and_keeps_the_best_first(eng):
+    from engine.recommend import recommender
+    plain = eng.recommend(USER, k=10)
+    diverse = eng.recommend(USER, k=10, diversity=0.7)
+    assert diverse[0].item == plain[0].item
+    assert [r.item for r in diverse] != [r.item for r in plain]
+    rec = recommender(eng)
+    vectors = rec.vectors()
+    index = {rec.external[i]: k for k, i in enumerate(rec.data.item_ids)}
+
+    def mean_similarity(items):
+        v = vectors[[index[r.item] for r in items]]
+        sims = v @ v.T
+        return float((sims.sum() - sims.diagonal().sum()) / (len(items) * (len(items) - 1)))
+
+    assert mean_similarity(diverse) < mean_similarity(plain)
+
+
+def test_explanations_name_modalities_history_and_a_kg_path(eng):
+    recs = eng.recommend(USER, k=10, explain=True)
+    history = {eng_item for eng_item in _liked(eng, USER)}
+    for r in recs:
+        e = r.explanation
+        weights = e["modalities"]
+        assert set(weights) <= {"text", "kg"} and "text" in weights
+        assert abs(sum(weights.values()) - 1) < 1e-3
+        assert e["because"] and all(b["item"] in history for b in e["because"])
+        assert e["because"][0]["similarity"] >= e["because"][-1]["similarity"]
+        assert {"ease", "two_tower", "click_probability"} <= set(e["scores"]) and e["text"]
+        assert 0 < e["scores"]["click_probability"] < 1
+    paths = [r.explanation["kg_path"] for r in recs if "kg_path" in r.explanation]
+    assert paths, "no recommendation had a knowledge-graph path to a liked film"
+    assert all(p["with"] in history and "you liked" in p["sentence"] for p in paths)
+
+
+def _liked(eng: Engine, user: str) -> set[str]:
+    from sqlalchemy import select
+
+    from engine.store.models import Interaction, Item, User
+    with eng.store.session() as s:
+        rows = s.execute(select(Item.external_id).join(Interaction, Interaction.item_id == Item.id)
+                         .join(User, User.id == Interaction.user_id)
+                         .where(User.external_id == user, Interaction.value >= 4)).scalars().all()
+    return set(rows)
+
+
+def test_a_user_without_history_gets_popular_items(trained, tmp_path):
+    from conftest import copy_db
+    with _open(copy_db(trained[0], tmp_path)) as e:
+        e.add_users([{"external_id": "nobody"}])
+        recs = e.recommend("nobody", k=5, explain=True)
+        assert len(recs) == 5
+        assert recs[0].explanation["text"].startswith("popular with other users")
+        assert "because" not in recs[0].explanation
+        e.add_interactions([{"user": "nobody", "item": recs[0].item, "kind": "click"}])
+        after = e.recommend("nobody", k=5)
+        assert recs[0].item not in {r.item for r in after}  # the click made it seen
+
+
+def test_errors_are_clear(eng, engine):
+    with pytest.raises(NotFoundError, match="no-such-user"):
+        eng.recommend("no-such-user")
+    with pytest.raises(ConfigError):
+        eng.recommend(USER, k=0)
+    with pytest.raises(ConfigError):
+        eng.recommend(USER, diversity=1.5)
+    with pytest.raises(ModelNotTrainedError, match="polyrec train"):
+        engine.recommend("anyone")

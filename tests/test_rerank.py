@@ -1,0 +1,108 @@
+"""The click-probability re-ranker over a retrieval ranker's top candidates."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.artifacts import from_bytes, to_bytes
+from engine.errors import ConfigError
+from engine.evaluation import evaluate_ranker, make_ranker, make_split
+from plugins.rank_classic import EASERanker
+from plugins.rank_rerank import CANDIDATE_OFFSET, RerankRanker
+from test_two_tower import build_ml_data
+
+C = 50
+
+
+@pytest.fixture(scope="module")
+def split(ml100k_dir):
+    return make_split(build_ml_data(ml100k_dir), "random", seed=0)
+
+
+@pytest.fixture(scope="module")
+def fitted(split):
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    ranker = RerankRanker(base=EASERanker(l2=200.0), candidates=C)
+    ranker.fit(split.train)
+    torch.set_num_threads(before)
+    return ranker
+
+
+def test_fit_learns_a_weight_per_feature(fitted):
+    info = fitted.info
+    names = info["features"]
+    assert names[:4] == ["retrieval_z", "retrieval_rank", "log_popularity", "log_age_days"]
+    assert {"genre_similarity_max", "kg_similarity_mean"} <= set(names)
+    assert set(info["theta"]) == {"bias", *names}
+    assert info["examples"] > 10_000 and 0 < info["positives"] < info["examples"]
+    # a higher retrieval score must mean a likelier click
+    assert info["theta"]["retrieval_z"] + info["theta"]["retrieval_rank"] > 0
+    assert info["log_loss"] < 0.69  # better than a coin
+
+
+def test_candidates_are_rescored_by_click_probability(split, fitted):
+    data = split.train
+    users = torch.arange(6)
+    scores = fitted.score_users(users, data)
+    assert scores.shape == (6, data.n_items)
+    base = fitted.base.score_users(users, data)
+    history = data.user_items()
+    for r, u in enumerate(users.tolist()):
+        base[r, history[u]] = -float("inf")
+        cand = torch.topk(base[r], C).indices
+        above = scores[r] > CANDIDATE_OFFSET / 2
+        assert set(torch.nonzero(above).flatten().tolist()) == set(cand.tolist())
+        probs = fitted.click_probability(users[r:r + 1], cand[None, :], data)[0]
+        assert ((probs > 0) & (probs < 1)).all()
+        # the candidate's score is its click logit (above the offset)
+        assert torch.allclose(torch.sigmoid(scores[r, cand] - CANDIDATE_OFFSET), probs, atol=2e-3)
+
+
+def test_rerank_keeps_retrieval_quality(split, fitted):
+    base = EASERanker(l2=200.0)
+    base.fit(split.train)
+    ours = evaluate_ranker(fitted, split, ks=(20,))
+    ref = evaluate_ranker(base, split, ks=(20,))
+    assert ours["recall@20"] >= 0.95 * ref["recall@20"], (ours, ref)
+    assert ours["ndcg@20"] >= 0.95 * ref["ndcg@20"], (ours, ref)
+
+
+def test_state_round_trip(split, fitted):
+    other = RerankRanker(base=EASERanker(l2=200.0), candidates=C)
+    other.load_state(from_bytes(to_bytes(fitted.state())))
+    users = torch.arange(4)
+    assert torch.allclose(other.score_users(users, split.train),
+                          fitted.score_users(users, split.train))
+
+
+def test_built_from_the_registry_by_name(engine):
+    ranker = make_ranker(engine.registry("rankers"), "rerank",
+                         {"base": "ease", "base_options": {"l2": 100.0}, "candidates": 20})
+    assert ranker.base.name == "ease" and ranker.options["candidates"] == 20
+    with pytest.raises(ConfigError, match="unknown option"):
+        RerankRanker(base=EASERanker(), depth=3)
+    with pytest.raises(ConfigError, match="factory"):
+        RerankRanker(base="ease")
+
+
+def test_scorers_become_features_and_items_only_they_score_come_second(split):
+    """A scorer that scores items the base cannot (here: random scores everything, the
+    base knows no item without training interactions) ranks those items in tier two."""
+    from plugins.rank_classic import PopularRanker, RandomRanker
+    ranker = RerankRanker(base=PopularRanker(), scorers=[RandomRanker(seed=1)], candidates=20)
+    ranker.fit(split.train)
+    assert "random_z" in ranker.info["features"] and "random" in ranker.info["scorers"]
+    assert ranker.handles_cold_items
+    data = split.train
+    scores = ranker.score_users(torch.arange(3), data)
+    cold = data.item_counts() == 0
+    assert cold.any() and torch.isfinite(scores[:, cold]).all()
+    top = scores > CANDIDATE_OFFSET / 2
+    assert (top.sum(1) == 20).all()
+    assert (scores[:, cold].max() < scores[top].min())  # below the candidates
+    warm_rest = ~cold & ~top[0]
+    assert scores[0, cold].min() > scores[0, warm_rest].max()  # above the other warm items
+    other = RerankRanker(base=PopularRanker(), scorers=[RandomRanker(seed=1)], candidates=20)
+    other.load_state(from_bytes(to_bytes(ranker.state())))
+    assert torch.allclose(other.score_users(torch.arange(3), data), scores)
