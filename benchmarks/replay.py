@@ -229,6 +229,9 @@ def main() -> None:
                         help="Keep the trained database here and reuse it on the next run.")
     parser.add_argument("--train-option", action="append", default=[], metavar="KEY=VALUE",
                         help="Passed to Engine.train (JSON values), e.g. ranker=ease.")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads while replaying (one request at a time: 1 is "
+                             "fastest on small machines; training uses the default).")
     parser.add_argument("--holdout-from", type=int, default=3000,
                         help="Also report the hit rate from this event on (the events before "
                              "it were used to choose the online.blend default).")
@@ -260,6 +263,8 @@ def main() -> None:
           f"{time.strftime('%Y-%m-%d', time.gmtime(stream[0].ts))}; replay: {len(stream):,} events "
           f"({len({e.user for e in stream} - known)} users new)")
 
+    import torch
+    torch.set_num_threads(max(1, args.threads))
     throughput = ingest_throughput(base, stream[:args.throughput_events])
     run_db = workdir / "replay-run.db"
     for stale in (run_db, run_db.with_name(run_db.name + "-wal"), run_db.with_name(run_db.name + "-shm")):
@@ -285,7 +290,7 @@ def main() -> None:
           f"{throughput['batch_size']}")
     out = {"benchmark": "replay", "dataset": "ml-100k", "train_share": args.train_share,
            "train_events": len(train), "replay": res, "ingestion": throughput, "prepare": info,
-           "train_options": train_options, "machine": platform.platform(),
+           "train_options": train_options, "threads": args.threads, "machine": platform.platform(),
            "python": platform.python_version()}
     path = ROOT / "benchmarks" / "results" / ("replay.json" if tag == "default" else f"replay-{tag}.json")
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -312,10 +312,11 @@ class Recommender:
 
     def _seen(self, user_id: int) -> torch.Tensor:
         """Item indices the user has any stored interaction with (ratings below the
-        positive threshold included)."""
+        positive threshold included; an impression alone does not count as seen)."""
         index = self.data.item_index()
         with self.engine.store.session() as s:
             items = s.execute(select(Interaction.item_id).where(Interaction.user_id == user_id)
+                              .where(Interaction.kind != "impression")
                               .distinct()).scalars().all()
         return torch.tensor([index[i] for i in items if i in index], dtype=torch.long)
 
