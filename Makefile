@@ -40,6 +40,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/encode.py
+	$(BIN)/python benchmarks/train.py $(if $(wildcard $(DEMO_DB)),--db $(DEMO_DB))
 
 clean:
 	rm -rf $(VENV) $(DEMO_DB) $(DEMO_DB)-wal $(DEMO_DB)-shm .pytest_cache

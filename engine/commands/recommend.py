@@ -56,9 +56,16 @@ def train_command(state: CliState, ranker: str | None, epochs: int | None, seed:
     if as_json:
         echo_json(report.as_dict())
         return
+    used = report.info.get("modalities")
     click.echo(f"Trained {report.ranker} on {report.interactions:,} positives of "
                f"{report.users:,} users over {report.items:,} items "
-               f"(modalities: {', '.join(report.modalities) or 'none'}) in {report.seconds:.1f}s")
+               f"(item features: {', '.join(report.modalities) or 'none'}"
+               + (f"; the model uses: {', '.join(used) or 'IDs only'}" if used is not None else "")
+               + f") in {report.seconds:.1f}s")
+    theta = report.info.get("theta")
+    if theta:
+        click.echo("click model learned on validation: "
+                   + ", ".join(f"{k}={v:+.3f}" for k, v in theta.items()))
     weights = report.info.get("weights")
     if weights:
         click.echo("weights chosen on validation: "
