@@ -31,10 +31,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from engine.contracts import EncoderContext, ItemView  # noqa: E402
-from engine.device import autocast, resolve_device  # noqa: E402
-from plugins.image_clip import ClipEncoder  # noqa: E402
-from plugins.text_bert import BertEncoder, default_model_path  # noqa: E402
+from polyrec.contracts import EncoderContext, ItemView  # noqa: E402
+from polyrec.device import autocast, resolve_device  # noqa: E402
+from polyrec.plugins.image_clip import ClipEncoder  # noqa: E402
+from polyrec.plugins.text_bert import BertEncoder, default_model_path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"model_cfg": {"embed_dim": 32,
@@ -118,7 +118,7 @@ def bench_bert(args: argparse.Namespace, device: torch.device) -> list[dict[str,
 
 # -- images ------------------------------------------------------------------------------
 def bench_clip(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
-    from plugins.image_clip import load_image
+    from polyrec.plugins.image_clip import load_image
     images = sorted((args.data / "hm-sample" / "images").glob("*.jpg")) * args.image_repeat
     with tempfile.TemporaryDirectory() as tmp:
         model, pretrained = args.clip_model, args.clip_pretrained

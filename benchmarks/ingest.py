@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from engine import Engine
+from polyrec import Engine
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = [("items", "ml-100k.item", {}), ("users", "ml-100k.user", {}),

@@ -27,10 +27,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine import Engine
-from engine.contracts import EncoderContext
-from knowledge_graph.graph import graph_fingerprint, load_tables, to_networkx
-from knowledge_graph.paths import explain
+from polyrec import Engine
+from polyrec.contracts import EncoderContext
+from polyrec.knowledge_graph.graph import graph_fingerprint, load_tables, to_networkx
+from polyrec.knowledge_graph.paths import explain
 
 ROOT = Path(__file__).resolve().parents[1]
 ML100K = ROOT.parent / "shared" / "datasets" / "ml-100k"

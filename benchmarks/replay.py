@@ -99,7 +99,7 @@ def replay(engine: Any, stream: Sequence[Event], *, k: int = 10,
 
     - ``frozen``: the trained pipeline as loaded (``Recommender.scores``: histories and
       popularity as of training; users it never saw get popularity);
-    - ``online``: the same scores through ``engine.events.online_scores``, the hook
+    - ``online``: the same scores through ``polyrec.feedback.events.online_scores``, the hook
       ``Engine.recommend`` uses to blend in the online learner's state.
 
     Items the user already interacted with (in training or earlier in the stream) are
@@ -110,9 +110,9 @@ def replay(engine: Any, stream: Sequence[Event], *, k: int = 10,
     import torch
     from tqdm.auto import tqdm
 
-    from engine import events
-    from engine.recommend import recommender
-    from engine.store.models import User
+    from polyrec.feedback import events
+    from polyrec.retrieve.recommend import recommender
+    from polyrec.store.models import User
     rec = recommender(engine)
     hub = events.hub(engine)
     data = rec.data
@@ -161,8 +161,8 @@ def replay(engine: Any, stream: Sequence[Event], *, k: int = 10,
 def ingest_throughput(db: Path, stream: Sequence[Event], *, batch: int = 500) -> dict[str, Any]:
     """Events per second into a copy of ``db``: one Engine.feedback per event, and
     Engine.feedback_many batches (learners on in both)."""
-    from engine import Engine
-    from engine.events import hub as feedback_hub
+    from polyrec import Engine
+    from polyrec.feedback.events import hub as feedback_hub
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for mode in ("single", "batched"):
@@ -199,7 +199,7 @@ def _checkpoint(db: Path) -> None:
 
 def prepare(db: Path, data: Path, train: Sequence[Event], train_options: dict[str, Any]) -> dict[str, Any]:
     """Catalogue + knowledge graph + the training events, encoded and trained."""
-    from engine import Engine
+    from polyrec import Engine
     info: dict[str, Any] = {}
     with Engine(db, device="auto", entrypoints=False, progress=True) as eng:
         eng.ingest(data / "ml-100k.item", "items")
@@ -236,7 +236,7 @@ def main() -> None:
                         help="Also report the hit rate from this event on (the events before "
                              "it were used to choose the online.blend default).")
     args = parser.parse_args()
-    from engine import Engine
+    from polyrec import Engine
     data = args.data / "ml-100k"
     events = read_interactions(data / "ml-100k.inter")
     train, stream = split_by_time(events, args.train_share)

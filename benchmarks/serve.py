@@ -121,8 +121,8 @@ def bench_engine(eng: Any, name: str, queries: list[str], users: list[str] | Non
                  clients: Sequence[int], recommend_inprocess: Callable[[Any, Any], None] | None = None,
                  recommend_payloads: Sequence[Any] | None = None) -> list[dict[str, Any]]:
     """search (and recommend) in-process and over HTTP at each client count."""
-    from engine.search import searcher
-    from engine.server import create_app, recommend_or_popular, start_background
+    from polyrec.retrieve.search import searcher
+    from polyrec.serve.app import create_app, recommend_or_popular, start_background
     srch = searcher(eng)
     srch.check_interval = 1.0  # as the server does: store signatures checked once a second
     rows: list[dict[str, Any]] = []
@@ -172,7 +172,7 @@ def checkpoint(db: Path) -> None:
 def prepare_ml100k(db: Path, data: Path, device: str, epochs: int | None) -> dict[str, Any]:
     """ml-100k ingested, BERT-encoded and trained (the default pipeline; ``epochs`` caps
     the epochs of its rankers that take them)."""
-    from engine import Engine
+    from polyrec import Engine
     info: dict[str, Any] = {}
     with Engine(db, device=device, entrypoints=False, progress=True) as eng:
         m = data / "ml-100k"
@@ -202,7 +202,7 @@ def ml100k_workload(eng: Any, n: int, seed: int = 0) -> tuple[list[str], list[st
     queries = list(dict.fromkeys(queries))
     from sqlalchemy import select
 
-    from engine.store.models import User
+    from polyrec.store.models import User
     with eng.store.session() as s:
         users = [u for (u,) in s.execute(select(User.external_id))]
     return queries, [rng.choice(users) for _ in range(n)]
@@ -212,9 +212,9 @@ def ml100k_workload(eng: Any, n: int, seed: int = 0) -> tuple[list[str], list[st
 def prepare_synthetic(db: Path, n_items: int, device: str, seed: int = 0) -> dict[str, Any]:
     """n_items with random titles/attributes and random unit BERT-space vectors (float16),
     stored with the real BERT encoder's fingerprint, so search runs its full path."""
-    from engine import Engine
-    from engine.pipeline import content_hash
-    from engine.store.models import Item, ItemVector
+    from polyrec import Engine
+    from polyrec.encode.pipeline import content_hash
+    from polyrec.store.models import Item, ItemVector
     rng = np.random.default_rng(seed)
     info: dict[str, Any] = {}
     start = time.perf_counter()
@@ -344,9 +344,9 @@ def main() -> None:
 
     import tempfile
 
-    from engine import Engine
-    from engine.device import resolve_device
-    from engine.search import searcher
+    from polyrec import Engine
+    from polyrec.device import resolve_device
+    from polyrec.retrieve.search import searcher
     tmp = None
     if args.workdir is None:
         tmp = tempfile.TemporaryDirectory(prefix="polyrec-serve-")

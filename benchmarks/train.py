@@ -34,10 +34,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from engine import Engine  # noqa: E402
-from engine.dataset import build_training_data  # noqa: E402
-from engine.device import resolve_device  # noqa: E402
-from plugins.rank_two_tower import TwoTowerRanker  # noqa: E402
+from polyrec import Engine  # noqa: E402
+from polyrec.rank.dataset import build_training_data  # noqa: E402
+from polyrec.device import resolve_device  # noqa: E402
+from polyrec.plugins.rank_two_tower import TwoTowerRanker  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("POLYREC_DATASETS", ROOT.parent / "shared" / "datasets")) / "ml-100k"

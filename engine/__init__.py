@@ -3,12 +3,12 @@
 Public API: :class:`Engine`, the ``hookimpl`` marker for plugins, the contracts a
 plugin implements, and the error hierarchy.
 """
-from engine.contracts import (EncodeResult, Encoder, EncoderContext, FeedbackLearner, Fuser,
+from polyrec.contracts import (EncodeResult, Encoder, EncoderContext, FeedbackLearner, Fuser,
                               ItemView, Ranker, Reader, Row)
-from engine.engine import Engine
-from engine.errors import (ConfigError, DuplicateNameError, EncodingError, ModelNotTrainedError,
+from polyrec.engine import Engine
+from polyrec.errors import (ConfigError, DuplicateNameError, EncodingError, ModelNotTrainedError,
                            NotFoundError, PluginError, PolyrecError, ValidationError)
-from engine.hookspecs import hookimpl
+from polyrec.hookspecs import hookimpl
 
 __version__ = "0.1.0"
 

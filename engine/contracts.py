@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:  # pragma: no cover
-    from engine.engine import Engine
+    from polyrec.engine import Engine
 
 
 @dataclass(frozen=True)
@@ -132,7 +132,7 @@ class Ranker(ABC):
 
     @abstractmethod
     def fit(self, data: Any) -> None:
-        """Learn from a training dataset (see engine.training.TrainingData)."""
+        """Learn from a training dataset (see polyrec.training_data.TrainingData)."""
 
     @abstractmethod
     def score_users(self, user_index: torch.Tensor, data: Any) -> torch.Tensor:

@@ -6,7 +6,7 @@ from typing import ContextManager
 
 import torch
 
-from engine.errors import ConfigError
+from polyrec.errors import ConfigError
 
 
 def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:

@@ -1,7 +1,7 @@
 """The Engine: one store, one plugin host and one device, shared by the API and the CLI.
 
 Methods here stay thin: each delegates to the module that does the work, so a reader
-finds ingestion in engine/ingest.py, encoding in engine/pipeline.py, and so on.
+finds ingestion in engine/ingest/files.py, encoding in engine/encode/pipeline.py, and so on.
 """
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from sqlalchemy import func, select
 
-from engine import catalog
-from engine.device import resolve_device
-from engine.errors import ValidationError
-from engine.plugins import DEFAULT_PLUGINS, PluginHost, Registry
-from engine.store import Store
-from engine.store.models import (Artifact, Entity, Interaction, Item, ItemVector, Relation,
+from polyrec.store import catalog
+from polyrec.device import resolve_device
+from polyrec.errors import ValidationError
+from polyrec.plugin_host import DEFAULT_PLUGINS, PluginHost, Registry
+from polyrec.store import Store
+from polyrec.store.models import (Artifact, Entity, Interaction, Item, ItemVector, Relation,
                                  Triple, User)
 
 
@@ -35,7 +35,7 @@ class Engine:
         self.device = resolve_device(device)
         self.progress = progress
         self.plugins = PluginHost(builtins=builtins, entrypoints=entrypoints, extra=plugins)
-        self._encoders: dict = {}  # prepared encoders by configuration (engine/pipeline.py)
+        self._encoders: dict = {}  # prepared encoders by configuration (engine/encode/pipeline.py)
 
     # -- lifecycle -----------------------------------------------------------------------
     def __enter__(self) -> "Engine":
@@ -46,7 +46,7 @@ class Engine:
 
     def close(self) -> None:
         """Flush the feedback learners' state, then release the database connections."""
-        from engine import events
+        from polyrec.feedback import events
         events.close(self)
         self.store.close()
 
@@ -56,7 +56,7 @@ class Engine:
 
     @property
     def store_schema_version(self) -> int:
-        from engine.store import SCHEMA_VERSION
+        from polyrec.store import SCHEMA_VERSION
         return SCHEMA_VERSION
 
     # -- plugins -------------------------------------------------------------------------
@@ -110,33 +110,33 @@ class Engine:
                mapping: Mapping[str, str | None] | None = None, on_error: str = "fail",
                **options: Any) -> Any:
         """Ingest a file of items, users, interactions, kg triples or links (see
-        engine/ingest.py; ``links=`` adds an item->entity file to a kg ingestion).
+        engine/ingest/files.py; ``links=`` adds an item->entity file to a kg ingestion).
         Returns an IngestReport."""
-        from engine.ingest import ingest
+        from polyrec.ingest.files import ingest
         return ingest(self, path, kind, format=format, mapping=mapping, on_error=on_error,
                       **options)
 
     def doctor(self, **options: Any) -> dict[str, Any]:
-        """A data quality report (engine/doctor.py)."""
-        from engine.doctor import doctor
+        """A data quality report (engine/ingest/doctor.py)."""
+        from polyrec.ingest.doctor import doctor
         return doctor(self, **options)
 
-    # -- feedback (engine/events.py, engine/experiments.py, engine/retrain.py) ------------
+    # -- feedback (engine/feedback/events.py, engine/feedback/experiments.py, engine/feedback/retrain.py) ------------
     def feedback(self, user: str, item: str, kind: str = "click", value: float | None = None,
                  ts: float | None = None, context: Mapping[str, Any] | None = None) -> Any:
         """Store one event durably (an unknown user is created, an unknown item is an
         error), then hand it to the feedback learners. Returns the stored Event."""
-        from engine import events
+        from polyrec.feedback import events
         return events.feedback(self, user, item, kind, value=value, ts=ts, context=context)
 
     def feedback_many(self, events: Sequence[Mapping[str, Any]]) -> list:
         """Store a batch of events in one transaction, then hand them to the learners."""
-        from engine import events as _events
+        from polyrec.feedback import events as _events
         return _events.feedback_many(self, events)
 
     def user_state(self, user: str) -> torch.Tensor | None:
         """The online learner's current vector of a user (None when it has none)."""
-        from engine import events
+        from polyrec.feedback import events
         return events.user_state(self, user)
 
     def items(self, ids: Sequence[int] | None = None) -> list:
@@ -147,46 +147,46 @@ class Engine:
     # -- knowledge graph (knowledge_graph/) ------------------------------------------------
     def graph(self) -> Any:
         """The stored knowledge graph as a networkx MultiDiGraph (knowledge_graph/graph.py)."""
-        from knowledge_graph.graph import load_graph
+        from polyrec.knowledge_graph.graph import load_graph
         with self.store.session() as s:
             return load_graph(s)
 
-    # -- encoding (engine/pipeline.py) ---------------------------------------------------
+    # -- encoding (engine/encode/pipeline.py) ---------------------------------------------------
     def encode(self, encoders: str | Sequence[str] | None = None, *, force: bool = False,
                batch_size: int | None = None, options: Mapping[str, Mapping[str, Any]] | None = None,
                dtype: str = "float16") -> Any:
         """Encode the catalogue into cached vectors (all registered encoders by default);
         only new or changed items are encoded unless ``force``. Returns an EncodeReport."""
-        from engine.pipeline import encode
+        from polyrec.encode.pipeline import encode
         return encode(self, encoders, force=force, batch_size=batch_size, options=options,
                       dtype=dtype)
 
     def encoder(self, name: str) -> Any:
         """The prepared encoder ``name``, configured as it was last used to encode."""
-        from engine.pipeline import get_encoder
+        from polyrec.encode.pipeline import get_encoder
         return get_encoder(self, name)
 
-    # -- search and similar items (engine/search.py, engine/similar.py) -------------------
+    # -- search and similar items (engine/retrieve/search.py, engine/retrieve/similar.py) -------------------
     def search(self, query: str, k: int = 10, *, user: str | None = None,
                filters: Mapping[str, Any] | None = None, **options: Any) -> Any:
         """Hybrid search (dense + cross-modal + BM25, fused by RRF) with query
         understanding; personalised when ``user`` is given. Returns a SearchResponse."""
-        from engine.search import search
+        from polyrec.retrieve.search import search
         return search(self, query, k, user=user, filters=filters, **options)
 
     def similar(self, item: str, k: int = 10, *, filters: Mapping[str, Any] | None = None,
                 basis: str = "auto") -> Any:
         """Items most similar to ``item`` by fused (else encoder) vectors. Returns a
         SimilarResponse."""
-        from engine.similar import similar
+        from polyrec.retrieve.similar import similar
         return similar(self, item, k, filters=filters, basis=basis)
 
-    # -- training and recommendations (engine/recommend.py) -------------------------------
+    # -- training and recommendations (engine/retrieve/recommend.py) -------------------------------
     def train(self, ranker: str | None = None, *, options: Mapping[str, Any] | None = None,
               epochs: int | None = None, seed: int | None = None, **kwargs: Any) -> Any:
         """Fit a ranker (the default pipeline when None) and store it as the ``pipeline``
         artifact. Returns a TrainReport."""
-        from engine.recommend import train
+        from polyrec.retrieve.recommend import train
         return train(self, ranker, options=options, epochs=epochs, seed=seed, **kwargs)
 
     def recommend(self, user: str, k: int = 10, *, filters: Mapping[str, Any] | None = None,
@@ -196,17 +196,17 @@ class Engine:
         """Top ``k`` Recommendations for ``user`` from the trained pipeline (loaded once and
         cached): attribute ``filters``, MMR ``diversity`` (0..1), explanations. ``online``
         and ``explore`` override the feedback settings online.enabled / bandit.serving."""
-        from engine.recommend import recommend
+        from polyrec.retrieve.recommend import recommend
         return recommend(self, user, k, filters=filters, exclude_seen=exclude_seen,
                          diversity=diversity, explain=explain, online=online, explore=explore)
 
-    # -- evaluation (engine/evaluation.py) ------------------------------------------------
+    # -- evaluation (engine/rank/evaluation.py) ------------------------------------------------
     def evaluate(self, models: Any = "popular,itemknn,ease", *, split: str = "random",
                  ks: Sequence[int] = (10, 20), seed: int = 0, options: Sequence[str] = (),
                  **kwargs: Any) -> Any:
         """Fit rankers on a split of the stored positives and return an EvaluationReport
-        (``.table()``, ``.as_dict()``); see engine.evaluation.run_evaluation."""
-        from engine.evaluation import run_evaluation
+        (``.table()``, ``.as_dict()``); see polyrec.rank.evaluation.run_evaluation."""
+        from polyrec.rank.evaluation import run_evaluation
         return run_evaluation(self, models, split=split, ks=ks, seed=seed, options=options,
                               **kwargs)
 

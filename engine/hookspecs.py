@@ -1,6 +1,6 @@
 """Pluggy markers and hook specifications of polyrec. Nothing else lives here.
 
-Plugins import the marker as ``from engine import hookimpl`` and never import pluggy.
+Plugins import the marker as ``from polyrec import hookimpl`` and never import pluggy.
 Each ``register_*`` hook receives a ``register`` callback and calls it once per class;
 the core checks the class against its contract, refuses a duplicate name (the error
 names both plugins) and records which plugin registered what (``polyrec plugins``).

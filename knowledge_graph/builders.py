@@ -17,10 +17,10 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 from sqlalchemy import delete, exists, select
 from sqlalchemy.orm import Session
 
-from engine.catalog import item_views
-from engine.errors import ConfigError
-from engine.store.models import Entity, Relation, Triple
-from knowledge_graph.store import add_triples, ensure_entities, link_items
+from polyrec.store.catalog import item_views
+from polyrec.errors import ConfigError
+from polyrec.store.models import Entity, Relation, Triple
+from polyrec.knowledge_graph.store import add_triples, ensure_entities, link_items
 
 #: The ``source`` of triples made from attributes.
 SOURCE = "attributes"

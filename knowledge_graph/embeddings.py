@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from engine.errors import ConfigError
-from knowledge_graph.graph import GraphTables
+from polyrec.errors import ConfigError
+from polyrec.knowledge_graph.graph import GraphTables
 
 METHODS = ("transe", "rotate")
 LOSSES = ("margin", "adversarial")

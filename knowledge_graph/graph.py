@@ -19,7 +19,7 @@ import numpy as np
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from engine.store.models import Entity, Item, Relation, Triple
+from polyrec.store.models import Entity, Item, Relation, Triple
 
 
 @dataclass

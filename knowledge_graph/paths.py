@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator
 
 import networkx as nx
 
-from engine.errors import NotFoundError
+from polyrec.errors import NotFoundError
 
 #: Nodes with more edges than this are hubs (genres, languages, countries in ml-100k).
 HUB_DEGREE = 100

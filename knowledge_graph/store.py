@@ -7,8 +7,8 @@ from typing import Iterable, Mapping, Sequence
 from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
 
-from engine.catalog import _insert, item_ids
-from engine.store.models import Entity, Relation, Triple
+from polyrec.store.catalog import _insert, item_ids
+from polyrec.store.models import Entity, Relation, Triple
 
 
 def ensure_entities(session: Session, external_ids: Iterable[str],

@@ -26,13 +26,13 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 from sqlalchemy import func, select
 
-from engine import hookimpl
-from engine.contracts import FeedbackLearner
-from engine.store.models import Interaction, LearnerState
+from polyrec import hookimpl
+from polyrec.contracts import FeedbackLearner
+from polyrec.store.models import Interaction, LearnerState
 
 if TYPE_CHECKING:  # pragma: no cover
-    from engine.engine import Engine
-    from engine.events import Event
+    from polyrec.engine import Engine
+    from polyrec.feedback.events import Event
 
 FEATURES = ("bias", "score", "rank", "popularity", "new_item", "affinity")
 REWARD_KINDS = frozenset({"click", "cart", "purchase"})
@@ -87,7 +87,7 @@ class ThompsonBandit(FeedbackLearner):
         if self._loaded:
             return
         self._loaded = True
-        from engine.events import stored_events
+        from polyrec.feedback.events import stored_events
         assert self.engine is not None
         with self.engine.store.session() as s:
             row = s.get(LearnerState, self.name)
@@ -170,7 +170,7 @@ class ThompsonBandit(FeedbackLearner):
         out = np.zeros(len(candidates))
         if self.engine is None or user_id is None:
             return out
-        from engine.events import hub
+        from polyrec.feedback.events import hub
         h = hub(self.engine)
         online = h.learner("online")
         space = h.item_space()

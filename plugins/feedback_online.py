@@ -9,7 +9,7 @@ less than zero and pushes away), ``d`` the per-event decay (times an optional ha
 by event time). A brand-new user has a state after their first event (cold start). The
 item vectors are the trained model's fused item vectors (else the stored vectors of one
 encoder), so ``Engine.recommend`` can score with the state directly or blend it into the
-model's user vector (:func:`engine.events.user_vector`).
+model's user vector (:func:`polyrec.feedback.events.user_vector`).
 
 Durability: states are written to ``user_states`` every ``flush_every`` updates and on
 ``Engine.close``; what a crash loses is rebuilt from the event log, which is always
@@ -28,13 +28,13 @@ import numpy as np
 import torch
 from sqlalchemy import select
 
-from engine import hookimpl
-from engine.contracts import FeedbackLearner
-from engine.store.models import UserState
+from polyrec import hookimpl
+from polyrec.contracts import FeedbackLearner
+from polyrec.store.models import UserState
 
 if TYPE_CHECKING:  # pragma: no cover
-    from engine.engine import Engine
-    from engine.events import Event, ItemSpace
+    from polyrec.engine import Engine
+    from polyrec.feedback.events import Event, ItemSpace
 
 
 @dataclass
@@ -73,7 +73,7 @@ class OnlineUserLearner(FeedbackLearner):
 
     # -- the item space ------------------------------------------------------------------
     def _current_space(self) -> "ItemSpace | None":
-        from engine.events import hub
+        from polyrec.feedback.events import hub
         if self.engine is None:
             return None
         space = hub(self.engine).item_space()
@@ -94,7 +94,7 @@ class OnlineUserLearner(FeedbackLearner):
         i = self._space.index.get(item_id)
         if i is None and item_id not in self._missing:  # added after the space was built?
             self._missing.add(item_id)
-            from engine.events import hub
+            from polyrec.feedback.events import hub
             space = hub(self.engine).item_space(refresh=True)  # type: ignore[arg-type]
             if space is not None and space.name == self._space_name and item_id in space.index:
                 self._space = space
@@ -110,7 +110,7 @@ class OnlineUserLearner(FeedbackLearner):
     def _load_many(self, user_ids: Sequence[int], space: "ItemSpace") -> dict[int, _State]:
         """Stored states of these users (900 at most) in this space, each caught up with
         the user's events after it: two queries however many users."""
-        from engine.events import stored_events
+        from polyrec.feedback.events import stored_events
         assert self.engine is not None
         with self.engine.store.session() as s:
             rows = s.execute(select(UserState).where(UserState.user_id.in_(list(user_ids)))
@@ -187,7 +187,7 @@ class OnlineUserLearner(FeedbackLearner):
     def wanted_kinds(self) -> set[str] | None:
         """Kinds worth handing over after a bulk ingestion: none while there are no item
         vectors (states are built from the log once there are), else every weighted kind."""
-        from engine.events import hub
+        from polyrec.feedback.events import hub
         if self.engine is None or self._current_space() is None:
             return set()
         return {k for k, w in hub(self.engine).config["kind_weights"].items() if w}
@@ -224,7 +224,7 @@ class OnlineUserLearner(FeedbackLearner):
 
     def flush(self) -> int:
         """Write every changed state to ``user_states``; returns how many."""
-        from engine.catalog import _insert
+        from polyrec.store.catalog import _insert
         with self._lock:
             if self.engine is None or self._space_name is None:
                 return 0

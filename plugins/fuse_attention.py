@@ -12,9 +12,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from engine.contracts import Fuser
-from engine.device import autocast
-from engine.hookspecs import hookimpl
+from polyrec.contracts import Fuser
+from polyrec.device import autocast
+from polyrec.hookspecs import hookimpl
 
 
 class _Projector(nn.Module):

@@ -32,10 +32,10 @@ from urllib.parse import urlparse
 
 import torch
 
-from engine.contracts import EncodeResult, Encoder, EncoderContext, ItemView
-from engine.device import autocast
-from engine.errors import ConfigError, EncodingError
-from engine.hookspecs import hookimpl
+from polyrec.contracts import EncodeResult, Encoder, EncoderContext, ItemView
+from polyrec.device import autocast
+from polyrec.errors import ConfigError, EncodingError
+from polyrec.hookspecs import hookimpl
 
 log = logging.getLogger(__name__)
 

@@ -27,12 +27,12 @@ import numpy as np
 import torch
 from sqlalchemy.orm import Session
 
-from engine.artifacts import list_artifacts, load_artifact, prune_artifacts, save_artifact
-from engine.contracts import EncodeResult, Encoder, EncoderContext, ItemView
-from engine.errors import ConfigError, EncodingError
-from engine.hookspecs import hookimpl
-from knowledge_graph.embeddings import KGEConfig, KGEmbeddings, train_embeddings
-from knowledge_graph.graph import GraphTables, load_tables
+from polyrec.store.artifacts import list_artifacts, load_artifact, prune_artifacts, save_artifact
+from polyrec.contracts import EncodeResult, Encoder, EncoderContext, ItemView
+from polyrec.errors import ConfigError, EncodingError
+from polyrec.hookspecs import hookimpl
+from polyrec.knowledge_graph.embeddings import KGEConfig, KGEmbeddings, train_embeddings
+from polyrec.knowledge_graph.graph import GraphTables, load_tables
 
 ARTIFACT_NAME = "kg_embeddings"
 ARTIFACT_KIND = "kg_embeddings"

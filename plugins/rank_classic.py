@@ -3,7 +3,7 @@
 They learn from interaction IDs alone, so an item without training interactions (a cold
 item) cannot be scored: it gets ``-inf`` and never ranks above a scored item. Any option
 given as a list is a grid, tuned on a validation split carved from the training data
-(engine.evaluation.tune_on_validation; under the cold-item protocol the per-user random
+(polyrec.rank.evaluation.tune_on_validation; under the cold-item protocol the per-user random
 one, since cold validation items say nothing about an ID-only model); the chosen values
 are recorded in ``info``.
 """
@@ -14,9 +14,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from engine import Ranker, hookimpl
-from engine.errors import ConfigError, ModelNotTrainedError
-from engine.training import TrainingData
+from polyrec import Ranker, hookimpl
+from polyrec.errors import ConfigError, ModelNotTrainedError
+from polyrec.training_data import TrainingData
 
 #: EASE's default regularisation grid, tuned on validation.
 EASE_L2_GRID = [10.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0]
@@ -46,7 +46,7 @@ class _IdRanker(Ranker):
         grid = {k: v for k, v in self.params.items() if k in self.tunable and isinstance(v, (list, tuple))}
         chosen = dict(self.params)
         if grid:
-            from engine.evaluation import tune_on_validation
+            from polyrec.rank.evaluation import tune_on_validation
             best, tried = tune_on_validation(lambda p: type(self)(**{**self.params, **p}), grid,
                                              data, metric=self.metric, warm_only=True)
             chosen.update(best)

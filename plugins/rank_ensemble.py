@@ -2,7 +2,7 @@
 
 Members are given by name and options (``members=["ease", {"name": "itemknn", "options":
 {"neighbors": 100}}]``) and built from the engine's ranker registry through the
-``factory`` that engine.evaluation.make_ranker supplies. Weights are chosen on a
+``factory`` that polyrec.rank.evaluation.make_ranker supplies. Weights are chosen on a
 validation split carved from the training data (a grid over per-member weights), then
 the members are refitted on all of the training data. An item a member cannot score
 (``-inf``) gets no contribution from that member, so cold items are scored by the members
@@ -16,9 +16,9 @@ from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 
-from engine import Ranker, hookimpl
-from engine.errors import ConfigError, ModelNotTrainedError
-from engine.training import TrainingData
+from polyrec import Ranker, hookimpl
+from polyrec.errors import ConfigError, ModelNotTrainedError
+from polyrec.training_data import TrainingData
 
 #: Per-member weights tried on validation (all-zero and scaled duplicates are skipped).
 WEIGHT_GRID = [0.0, 0.25, 0.5, 1.0, 2.0, 4.0]
@@ -124,7 +124,7 @@ class EnsembleRanker(Ranker):
                 m.fit(data)
             self.info = {"weights": dict(zip(self._labels(), self.weights))}
             return
-        from engine.evaluation import validation_split
+        from polyrec.rank.evaluation import validation_split
         val = validation_split(data)
         for m in self.members:
             m.fit(val.train)
@@ -144,7 +144,7 @@ class EnsembleRanker(Ranker):
 
     def _validate(self, val: Any, candidates: list[tuple[float, ...]]) -> list[float]:
         """Mean validation ``metric`` of every weight vector, scoring members once per batch."""
-        from engine.evaluation import mask_scores, user_metrics
+        from polyrec.rank.evaluation import mask_scores, user_metrics
         _, _, k = self.metric.partition("@")
         ks = [int(k)] if k else [20]
         users = val.eval_users

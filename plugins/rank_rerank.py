@@ -22,10 +22,10 @@ from typing import Any, Callable, ClassVar
 import torch
 import torch.nn.functional as F
 
-from engine.contracts import Ranker
-from engine.errors import ConfigError, ModelNotTrainedError
-from engine.hookspecs import hookimpl
-from engine.training import TrainingData
+from polyrec.contracts import Ranker
+from polyrec.errors import ConfigError, ModelNotTrainedError
+from polyrec.hookspecs import hookimpl
+from polyrec.training_data import TrainingData
 
 DEFAULTS: dict[str, Any] = {
     "base": "two_tower", "base_options": {}, "scorers": [], "candidates": 100, "l2": 1e-3,
@@ -180,7 +180,7 @@ class RerankRanker(Ranker):
 
     # -- fitting -------------------------------------------------------------------------
     def fit(self, data: TrainingData) -> None:
-        from engine.evaluation import validation_split
+        from polyrec.rank.evaluation import validation_split
         val = validation_split(data, seed=int(self.options["seed"]) + 7)
         if val.n_test == 0:
             raise ConfigError("rerank: not enough interactions to carve validation data")

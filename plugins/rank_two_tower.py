@@ -9,7 +9,7 @@ embedding. While training, the target item is left out of its user's history.
 
 Loss: sampled softmax (default) or BPR, over in-batch and/or uniformly drawn negatives.
 Early stopping on validation data carved from the training data with the same protocol
-(engine.evaluation.validation_split); with ``refit`` the model is then trained again on
+(polyrec.rank.evaluation.validation_split); with ``refit`` the model is then trained again on
 all the data for the best number of epochs.
 """
 from __future__ import annotations
@@ -25,11 +25,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from engine.contracts import Fuser, Ranker
-from engine.device import resolve_device
-from engine.errors import ConfigError, ModelNotTrainedError
-from engine.hookspecs import hookimpl
-from engine.training import TrainingData
+from polyrec.contracts import Fuser, Ranker
+from polyrec.device import resolve_device
+from polyrec.errors import ConfigError, ModelNotTrainedError
+from polyrec.hookspecs import hookimpl
+from polyrec.training_data import TrainingData
 
 DEFAULTS: dict[str, Any] = {
     "dim": 64, "fuser": "attention", "heads": 4, "dropout": 0.1, "modalities": None,
@@ -173,7 +173,7 @@ class TwoTowerRanker(Ranker):
             return spec
         if self._fusers is not None:
             return self._fusers.get(spec)
-        from plugins.fuse_attention import FUSERS
+        from polyrec.plugins.fuse_attention import FUSERS
         if spec not in FUSERS:
             raise ConfigError(f"two_tower: unknown fuser '{spec}' (known: {', '.join(FUSERS)})")
         return FUSERS[spec]
@@ -317,7 +317,7 @@ class TwoTowerRanker(Ranker):
             torch.manual_seed(int(o["seed"]))
             best_epochs, history = int(o["epochs"]), []
             if o["validation"]:
-                from engine.evaluation import validation_split
+                from polyrec.rank.evaluation import validation_split
                 val = validation_split(data, seed=int(o["seed"]) + 1)
                 if val.n_test:
                     self._build(val.train)
@@ -342,7 +342,7 @@ class TwoTowerRanker(Ranker):
         restore the best epoch. Returns (best epoch count, validation history)."""
         import time
 
-        from engine.evaluation import evaluate_ranker
+        from polyrec.rank.evaluation import evaluate_ranker
         o = self.options
         model = self.model
         assert model is not None

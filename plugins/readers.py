@@ -12,9 +12,9 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from engine import hookimpl
-from engine.contracts import Reader, Row
-from engine.errors import ValidationError
+from polyrec import hookimpl
+from polyrec.contracts import Reader, Row
+from polyrec.errors import ValidationError
 
 _EXTRA = "\x00extra"  # csv.DictReader restkey for values beyond the header
 

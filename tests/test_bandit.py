@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine import Engine
-from engine.events import explore, hub, set_config
-from plugins.feedback_bandit import FEATURES, ThompsonBandit
+from polyrec import Engine
+from polyrec.feedback.events import explore, hub, set_config
+from polyrec.plugins.feedback_bandit import FEATURES, ThompsonBandit
 
 
 def _open(path):

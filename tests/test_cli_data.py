@@ -9,8 +9,8 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import copy_db
-from engine.cli import cli
-from engine.errors import ValidationError
+from polyrec.cli.main import cli
+from polyrec.errors import ValidationError
 
 
 def run(db: Path, *args: str):  # type: ignore[no-untyped-def]

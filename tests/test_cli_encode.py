@@ -6,12 +6,12 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from engine import Engine
-from engine.cli import cli
-from engine.commands.encode import parse_settings
-from engine.errors import ConfigError
-from engine.store import Store
-from engine.vectors import load_vectors
+from polyrec import Engine
+from polyrec.cli.main import cli
+from polyrec.cli.encode import parse_settings
+from polyrec.errors import ConfigError
+from polyrec.store import Store
+from polyrec.store.vectors import load_vectors
 
 from conftest import copy_db
 

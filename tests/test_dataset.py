@@ -4,11 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine import Encoder, EncodeResult, Engine, hookimpl
-from engine.catalog import user_ids
-from engine.dataset import build_training_data
-from engine.errors import ConfigError, NotFoundError
-from engine.vectors import save_vectors
+from polyrec import Encoder, EncodeResult, Engine, hookimpl
+from polyrec.store.catalog import user_ids
+from polyrec.rank.dataset import build_training_data
+from polyrec.errors import ConfigError, NotFoundError
+from polyrec.store.vectors import save_vectors
 
 
 class ToyKG(Encoder):

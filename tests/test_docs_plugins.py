@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import Encoder, FeedbackLearner, Fuser, Ranker, Reader
+from polyrec import Encoder, FeedbackLearner, Fuser, Ranker, Reader
 
 ROOT = Path(__file__).resolve().parents[1]
 GUIDE = ROOT / "docs" / "plugins.md"
@@ -89,7 +89,7 @@ def my_plugin(guide, tmp_path_factory):
 
 
 def test_guide_example_plugin_registers(my_plugin, tmp_path):
-    from engine import Engine
+    from polyrec import Engine
     with Engine(tmp_path / "g.db", builtins=(), entrypoints=False, progress=False,
                 plugins=[my_plugin]) as eng:
         record = eng.plugins.records["my_plugin"]
@@ -111,7 +111,7 @@ def test_guide_example_tests_pass(guide, my_plugin, tmp_path):
 
 def test_guide_example_encoder_separates_titles(my_plugin, tmp_path):
     import torch
-    from engine import EncoderContext, Engine
+    from polyrec import EncoderContext, Engine
     with Engine(tmp_path / "s.db", builtins=(), entrypoints=False, progress=False,
                 plugins=[my_plugin]) as eng:
         eng.add_items([{"external_id": "a", "title": "Black dress"},

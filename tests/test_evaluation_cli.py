@@ -5,8 +5,8 @@ import json
 
 from click.testing import CliRunner
 
-from engine import Engine
-from engine.cli import cli
+from polyrec import Engine
+from polyrec.cli.main import cli
 
 
 def _run(db, *args):

@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
-from engine.errors import ConfigError
-from engine.evaluation import evaluate_ranker, make_ranker, random_split
-from engine.training import TrainingData
-from plugins.rank_ensemble import EnsembleRanker, combine, standardise, weight_grid
+from polyrec.errors import ConfigError
+from polyrec.rank.evaluation import evaluate_ranker, make_ranker, random_split
+from polyrec.training_data import TrainingData
+from polyrec.plugins.rank_ensemble import EnsembleRanker, combine, standardise, weight_grid
 
 
 def _data(n_users: int = 30, n_items: int = 25, seed: int = 0) -> TrainingData:

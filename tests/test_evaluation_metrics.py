@@ -6,12 +6,12 @@ import math
 import pytest
 import torch
 
-from engine.contracts import Ranker
-from engine.errors import ConfigError
-from engine.evaluation import (Split, cold_item_split, evaluate_ranker, make_split, mask_scores,
+from polyrec.contracts import Ranker
+from polyrec.errors import ConfigError
+from polyrec.rank.evaluation import (Split, cold_item_split, evaluate_ranker, make_split, mask_scores,
                                parse_models, random_split, time_split, user_metrics,
                                validation_split)
-from engine.training import TrainingData
+from polyrec.training_data import TrainingData
 
 INF = math.inf
 
@@ -190,7 +190,7 @@ def test_parse_models_labels_and_options():
 
 
 def test_top_k_and_mrr_agree_with_a_full_stable_sort():
-    from engine.evaluation import top_k
+    from polyrec.rank.evaluation import top_k
     gen = torch.Generator().manual_seed(0)
     for _ in range(100):
         n = int(torch.randint(1, 50, (1,), generator=gen))

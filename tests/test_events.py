@@ -8,10 +8,10 @@ import sqlite3
 import pytest
 from click.testing import CliRunner
 
-from engine import Engine, FeedbackLearner, hookimpl
-from engine.cli import cli
-from engine.errors import ConfigError, NotFoundError, ValidationError
-from engine.events import event_weight, hub, load_config, set_config
+from polyrec import Engine, FeedbackLearner, hookimpl
+from polyrec.cli.main import cli
+from polyrec.errors import ConfigError, NotFoundError, ValidationError
+from polyrec.feedback.events import event_weight, hub, load_config, set_config
 
 
 def _items(eng: Engine, n: int = 5) -> None:
@@ -133,7 +133,7 @@ def test_handoff_gives_bulk_ingested_events_to_the_learners(tmp_path):
     with Engine(tmp_path / "h.db", device="cpu", entrypoints=False, progress=False,
                 plugins=[_WitnessPlugin()]) as eng:
         _items(eng)
-        from engine.events import handoff, last_event_id
+        from polyrec.feedback.events import handoff, last_event_id
         cursor = last_event_id(eng)
         eng.add_interactions([{"user": "x", "item": f"i{n}", "kind": "view", "ts": n}
                               for n in range(5)])

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from sqlalchemy import create_engine, inspect, text
 
-from engine import Engine
-from engine.store.migrations import SCHEMA_VERSION
-from engine.store.models import V2_TABLES, Base
+from polyrec import Engine
+from polyrec.store.migrations import SCHEMA_VERSION
+from polyrec.store.models import V2_TABLES, Base
 
 V2_NAMES = {m.__tablename__ for m in V2_TABLES}
 
@@ -44,8 +44,8 @@ def test_version_1_database_is_upgraded_without_data_loss(tmp_path):
         assert eng.items()[0].attributes == {"genre": "crime"}
         # the new tables work: an event, a setting, an experiment
         eng.feedback("u1", "m2", "purchase")
-        from engine.events import set_config
-        from engine.experiments import create
+        from polyrec.feedback.events import set_config
+        from polyrec.feedback.experiments import create
         set_config(eng, {"online.decay": 0.5})
         create(eng, "ab", {"a": 1, "b": 1})
         assert eng.stats()["interactions"] == 3

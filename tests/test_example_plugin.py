@@ -14,7 +14,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from engine import ConfigError, Engine, EncoderContext, ItemView, NotFoundError
+from polyrec import ConfigError, Engine, EncoderContext, ItemView, NotFoundError
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "polyrec-example-plugin"
@@ -38,7 +38,7 @@ def example():
 def ml_engine(example, ml100k_dir, tmp_path_factory):
     """An Engine with the ml-100k catalogue (1,682 items) and the example plugin."""
     db = tmp_path_factory.mktemp("example") / "ml.db"
-    with Engine(db, device="cpu", builtins=("plugins.readers",), entrypoints=False,
+    with Engine(db, device="cpu", builtins=("polyrec.plugins.readers",), entrypoints=False,
                 plugins=[example], progress=False) as eng:
         eng.ingest(ml100k_dir / "ml-100k.item", "items")
         yield eng
@@ -131,7 +131,7 @@ def test_numeric_encoder_needs_a_numeric_attribute(ml_engine, example):
 
 
 def test_attr_stats_command_in_process(ml_engine, example):
-    from engine.cli import CliState
+    from polyrec.cli import CliState
     state = CliState(ml_engine.url, "cpu", False, True)
     state._engine = ml_engine  # reuse the open engine; CliState.close is not called
     runner = CliRunner()
@@ -222,4 +222,4 @@ def test_load_plugins_empty_hides_installed_plugin(installed_plugin, shop_db):
     assert proc.returncode == 0, proc.stderr
     records = json.loads(proc.stdout)
     assert not [r for r in records if r["source"] == "entrypoint"]
-    assert any(r["name"] == "plugins.readers" for r in records)  # built-ins still load
+    assert any(r["name"] == "polyrec.plugins.readers" for r in records)  # built-ins still load

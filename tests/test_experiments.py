@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 from click.testing import CliRunner
 
-from engine import Engine
-from engine.cli import cli
-from engine.errors import ConfigError, NotFoundError
-from engine.experiments import (assign, bucket, choose, create, list_experiments, report, stop,
+from polyrec import Engine
+from polyrec.cli.main import cli
+from polyrec.errors import ConfigError, NotFoundError
+from polyrec.feedback.experiments import (assign, bucket, choose, create, list_experiments, report, stop,
                                 two_proportion_p, wilson)
 
 

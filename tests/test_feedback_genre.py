@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine import Engine
-from engine.events import hub
+from polyrec import Engine
+from polyrec.feedback.events import hub
 
 GENRE = "Horror"
 CLICKED = 3
@@ -84,7 +84,7 @@ def test_three_clicks_shift_a_new_user_to_the_genre(trained_db, tmp_path):
 
 def test_retrain_folds_the_state_back_in(trained_db, tmp_path):
     from conftest import copy_db
-    from engine.retrain import retrain, staleness
+    from polyrec.feedback.retrain import retrain, staleness
     db = copy_db(trained_db, tmp_path)
     with _open(db) as eng:
         genre = _genre(eng)
@@ -99,7 +99,7 @@ def test_retrain_folds_the_state_back_in(trained_db, tmp_path):
         assert up_to_date["retrained"] is False and "up to date" in up_to_date["summary"]
         from click.testing import CliRunner
 
-        from engine.cli import cli
+        from polyrec.cli.main import cli
         out = CliRunner().invoke(cli, ["--db", str(db), "retrain", "--if-stale",
                                        "--min-new-events", "4"])
         assert out.exit_code == 0 and out.output.startswith("up to date: 3 new events (< 4)"), out.output
@@ -157,7 +157,7 @@ def test_small_replay_counts_hits_with_and_without_the_online_learner(trained_db
 def test_exploration_in_serving_is_off_unless_configured(trained_db, tmp_path):
     from conftest import copy_db
 
-    from engine.events import set_config
+    from polyrec.feedback.events import set_config
     db = copy_db(trained_db, tmp_path)
     with _open(db) as eng:
         plain = [r.item for r in eng.recommend("1", k=10)]
@@ -169,7 +169,7 @@ def test_exploration_in_serving_is_off_unless_configured(trained_db, tmp_path):
         kept = [i for i in explored if i in plain[:7]]
         assert kept == plain[:7]  # the model's top 7 keep their order
         set_config(eng, {"bandit.serving": True})
-        from engine.store.models import Interaction, Item
+        from polyrec.store.models import Interaction, Item
         from sqlalchemy import func, select
         with eng.store.session() as s:
             counts = dict(s.execute(select(Item.external_id, func.count(Interaction.id))
@@ -186,7 +186,7 @@ def test_exploration_in_serving_is_off_unless_configured(trained_db, tmp_path):
 def test_serving_an_experiment_records_impressions_per_variant(trained_db, tmp_path):
     from conftest import copy_db
 
-    from engine.experiments import choose, create, report, serve
+    from polyrec.feedback.experiments import choose, create, report, serve
     db = copy_db(trained_db, tmp_path)
     with _open(db) as eng:
         create(eng, "online", {"on": 1, "off": {"weight": 1, "options": {"online": False}}})
@@ -202,6 +202,6 @@ def test_serving_an_experiment_records_impressions_per_variant(trained_db, tmp_p
             n = sum(v == name for v in variants.values())
             assert rows[name]["impressions"] == 5 * n and rows[name]["clicks"] == n
             assert rows[name]["ctr"] == (0.2 if n else 0.0)
-        from engine.events import stored_events
+        from polyrec.feedback.events import stored_events
         shown = [e for e in stored_events(eng) if e.kind == "impression"]
         assert sorted({e.context["rank"] for e in shown}) == [0, 1, 2, 3, 4]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from engine import Engine
-from engine.events import hub, set_config
-from engine.vectors import save_vectors
+from polyrec import Engine
+from polyrec.feedback.events import hub, set_config
+from polyrec.store.vectors import save_vectors
 
 GENRES = ("action", "comedy", "drama")
 
@@ -96,7 +96,7 @@ def test_state_survives_a_restart(tmp_path):
             eng.feedback("alice", f"comedy{i}", "click")
         before = eng.user_state("alice").clone()
     with _open(db) as eng:
-        from engine.store.models import UserState
+        from polyrec.store.models import UserState
         with eng.store.session() as s:
             assert s.query(UserState).count() == 1  # flushed on close
         assert torch.allclose(eng.user_state("alice"), before, atol=1e-6)
@@ -113,7 +113,7 @@ def test_lost_state_is_rebuilt_from_the_event_log(tmp_path):
     expected = eng.user_state("bob").clone()
     eng.store.close()  # no Engine.close: the in-memory state is never flushed
     with _open(db) as again:
-        from engine.store.models import UserState
+        from polyrec.store.models import UserState
         with again.store.session() as s:
             assert s.query(UserState).count() == 0
         assert torch.allclose(again.user_state("bob"), expected, atol=1e-6)
@@ -137,7 +137,7 @@ def test_online_scores_blend_into_the_model_scores(engine):
     by the user's event weight; unscorable items stay unscorable."""
     from types import SimpleNamespace
 
-    from engine.events import online_scores
+    from polyrec.feedback.events import online_scores
     _toy_catalogue(engine)
     set_config(engine, {"online.space": "toy"})
     ids = [v.id for v in engine.items()]

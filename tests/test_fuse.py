@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from plugins.fuse_attention import AttentionFuser, MeanFuser
+from polyrec.plugins.fuse_attention import AttentionFuser, MeanFuser
 
 DIMS = {"text": 12, "image": 8, "kg": 6}
 
@@ -132,7 +132,7 @@ def test_heads_must_divide_width():
 def test_fusers_are_registered(engine):
     names = engine.registry("fusers").names()
     assert "attention" in names and "mean" in names
-    assert engine.registry("fusers").owner("attention") == "plugins.fuse_attention"
+    assert engine.registry("fusers").owner("attention") == "polyrec.plugins.fuse_attention"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -8,8 +8,8 @@ from pathlib import Path
 import httpx
 from conftest import copy_db
 
-from engine import Engine
-from engine.server import start_background
+from polyrec import Engine
+from polyrec.serve.app import start_background
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "python-api.md"
 

@@ -9,12 +9,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from engine import Engine
-from engine.cli import cli
-from engine.contracts import EncoderContext, ItemView
-from engine.errors import EncodingError
-from engine.vectors import load_vectors
-from plugins.image_clip import ClipEncoder, NoPretrainedWeightsWarning
+from polyrec import Engine
+from polyrec.cli.main import cli
+from polyrec.contracts import EncoderContext, ItemView
+from polyrec.errors import EncodingError
+from polyrec.store.vectors import load_vectors
+from polyrec.plugins.image_clip import ClipEncoder, NoPretrainedWeightsWarning
 
 from conftest import copy_db
 

@@ -9,10 +9,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from engine import Engine, ValidationError
-from engine.errors import ConfigError, NotFoundError
-from engine.ingest import pick_reader, resolve_mapping, to_timestamp
-from plugins.readers import CsvReader, JsonLinesReader, ParquetReader, RecBoleReader
+from polyrec import Engine, ValidationError
+from polyrec.errors import ConfigError, NotFoundError
+from polyrec.ingest.files import pick_reader, resolve_mapping, to_timestamp
+from polyrec.plugins.readers import CsvReader, JsonLinesReader, ParquetReader, RecBoleReader
 
 
 def write(path: Path, text: str) -> Path:
@@ -250,7 +250,7 @@ def test_users_and_file_errors(engine, tmp_path):
     f = write(tmp_path / "u.user", "user_id:token\tage:token\tgender:token\n1\t24\tM\n")
     engine.ingest(f, "users")
     with engine.store.session() as s:
-        from engine.store.models import User
+        from polyrec.store.models import User
         assert s.query(User).one().attributes == {"age": "24", "gender": "M"}
     with pytest.raises(NotFoundError):
         engine.ingest(tmp_path / "missing.csv", "users")

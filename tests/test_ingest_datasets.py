@@ -6,7 +6,7 @@ import os
 import sqlite3
 from pathlib import Path
 
-from engine import Engine
+from polyrec import Engine
 
 
 def _open(db: Path) -> Engine:

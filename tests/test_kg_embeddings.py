@@ -5,14 +5,14 @@ import pytest
 import torch
 from sqlalchemy import func, select
 
-from engine import Engine
-from engine.contracts import EncoderContext, ItemView
-from engine.errors import ConfigError, EncodingError
-from engine.store.models import Artifact
-from knowledge_graph.embeddings import (KGEConfig, KGEmbeddings, head_corruption_probability,
+from polyrec import Engine
+from polyrec.contracts import EncoderContext, ItemView
+from polyrec.errors import ConfigError, EncodingError
+from polyrec.store.models import Artifact
+from polyrec.knowledge_graph.embeddings import (KGEConfig, KGEmbeddings, head_corruption_probability,
                                         train_embeddings)
-from knowledge_graph.graph import load_tables
-from knowledge_graph.store import add_triples, link_items
+from polyrec.knowledge_graph.graph import load_tables
+from polyrec.knowledge_graph.store import add_triples, link_items
 
 N_FILMS, PER_DIRECTOR = 40, 5
 FAST = {"dim": 16, "epochs": 30, "batch_size": 64, "negatives": 16, "chunk": 8, "threads": 1}
@@ -85,7 +85,7 @@ def test_training_is_seeded_and_serialisable(synth: Engine) -> None:
 
 
 def test_bernoulli_sampling_corrupts_the_many_side() -> None:
-    from knowledge_graph.graph import GraphTables
+    from polyrec.knowledge_graph.graph import GraphTables
     import numpy as np
     # relation 0: one head, four tails (one-to-many) -> corrupt heads mostly
     tables = GraphTables(entities=list("abcde"), relations=["r"], heads=np.zeros(4, dtype=np.int64),

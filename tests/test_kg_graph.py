@@ -7,13 +7,13 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from engine import Engine
-from engine.cli import cli
-from engine.errors import ConfigError, NotFoundError
-from knowledge_graph.builders import DEFAULT_RULES, AttributeRule, build_from_attributes, parse_rule
-from knowledge_graph.graph import describe, load_tables, to_networkx
-from knowledge_graph.paths import explain, item_entity, neighbours
-from knowledge_graph.store import add_triples, link_items
+from polyrec import Engine
+from polyrec.cli.main import cli
+from polyrec.errors import ConfigError, NotFoundError
+from polyrec.knowledge_graph.builders import DEFAULT_RULES, AttributeRule, build_from_attributes, parse_rule
+from polyrec.knowledge_graph.graph import describe, load_tables, to_networkx
+from polyrec.knowledge_graph.paths import explain, item_entity, neighbours
+from polyrec.knowledge_graph.store import add_triples, link_items
 
 FILMS = {"f1": "Alien", "f2": "Blade Runner", "f3": "Gladiator", "f4": "Heat", "f5": "Solo Film"}
 TRIPLES = [

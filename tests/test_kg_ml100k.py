@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from engine import Engine
-from engine.vectors import load_vectors
-from knowledge_graph.paths import explain, neighbours
+from polyrec import Engine
+from polyrec.store.vectors import load_vectors
+from polyrec.knowledge_graph.paths import explain, neighbours
 from conftest import copy_db
 
 # Short but real training: a few seconds on one CPU thread.

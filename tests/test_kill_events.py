@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from engine import Engine
-from engine.store.models import Interaction
+from polyrec import Engine
+from polyrec.store.models import Interaction
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,7 +26,7 @@ def test_sigkill_mid_stream_loses_no_acknowledged_event(tmp_path):
         eng.add_items([{"external_id": f"i{i}", "title": f"item {i}"} for i in range(50)])
     env = {**os.environ, "POLYREC_NO_ENTRYPOINTS": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-c", "from engine.cli import main; main()", "--db", str(db),
+        [sys.executable, "-c", "from polyrec.cli.main import main; main()", "--db", str(db),
          "feedback", "stream", "--batch", "200"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=ROOT, env=env)
     sent = [0]

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import delete, text
 
-from engine import Engine
-from engine.lexical import (Fts5Index, MemoryBM25Index, flatten_attributes, fts5_available,
+from polyrec import Engine
+from polyrec.retrieve.lexical import (Fts5Index, MemoryBM25Index, flatten_attributes, fts5_available,
                             make_index, stem, terms, tokens)
-from engine.store.models import Item
+from polyrec.store.models import Item
 
 ITEMS = [
     {"external_id": "a", "title": "Black jersey dress", "text": "A short dress in soft jersey.",

@@ -5,10 +5,10 @@ import pytest
 import torch
 from sqlalchemy import select
 
-from engine import Engine, EncoderContext
-from engine.errors import ConfigError, NotFoundError
-from engine.store.models import ItemVector
-from engine.vectors import cached_keys, load_vectors
+from polyrec import Engine, EncoderContext
+from polyrec.errors import ConfigError, NotFoundError
+from polyrec.store.models import ItemVector
+from polyrec.store.vectors import cached_keys, load_vectors
 
 N = 30
 

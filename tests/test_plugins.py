@@ -15,9 +15,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from engine import (DuplicateNameError, EncodeResult, Encoder, EncoderContext, Engine, ItemView,
-                    NotFoundError, PluginError, Ranker, hookimpl)
-from engine.plugins import ENV_LOAD_PLUGINS, PluginHost, hook_names
+from polyrec import DuplicateNameError, EncodeResult, Encoder, EncoderContext, Engine, ItemView, NotFoundError, PluginError, Ranker, hookimpl
+from polyrec.plugin_host import ENV_LOAD_PLUGINS, PluginHost, hook_names
 
 # -- small components and plugins ---------------------------------------------------------
 
@@ -111,14 +110,14 @@ def test_two_engines_with_different_plugin_sets(tmp_path):
 
 
 def test_builtin_module_registered_through_pm(tmp_path):
-    with Engine(tmp_path / "r.db", builtins=("plugins.readers", "plugins.not_shipped_yet"),
+    with Engine(tmp_path / "r.db", builtins=("polyrec.plugins.readers", "polyrec.plugins.not_shipped_yet"),
                 entrypoints=False, progress=False) as eng:
-        record = eng.plugins.records["plugins.readers"]
+        record = eng.plugins.records["polyrec.plugins.readers"]
         assert record.source == "builtin" and record.error is None
-        assert eng.plugins.pm.get_plugin("plugins.readers") is sys.modules["plugins.readers"]
+        assert eng.plugins.pm.get_plugin("polyrec.plugins.readers") is sys.modules["polyrec.plugins.readers"]
         assert "register_readers" in record.hooks
         assert set(record.registered["readers"]) >= {"csv", "jsonl", "parquet", "recbole"}
-        assert "plugins.not_shipped_yet" not in eng.plugins.records  # missing: skipped
+        assert "polyrec.plugins.not_shipped_yet" not in eng.plugins.records  # missing: skipped
 
 
 def test_builtin_that_fails_to_import_is_reported(tmp_path, monkeypatch):
@@ -229,7 +228,7 @@ def test_hook_names_are_the_specs():
 GOOD = '''
 import click
 import torch
-from engine import hookimpl, Encoder, EncodeResult
+from polyrec import hookimpl, Encoder, EncodeResult
 __version__ = "ignored, the distribution's version wins"
 
 class GoodEncoder(Encoder):
@@ -255,13 +254,13 @@ def register_commands(cli):
 '''
 BAD = "raise ImportError('badplug needs libfoo, which is not installed')\n"
 TYPO = '''
-from engine import hookimpl
+from polyrec import hookimpl
 @hookimpl
 def register_ranker(register):
     pass
 '''
 CLASH = '''
-from engine import hookimpl
+from polyrec import hookimpl
 import goodplug_pt
 @hookimpl
 def register_encoders(register):
@@ -333,10 +332,10 @@ def test_entry_points_loaded_and_failures_reported(installed, tmp_path):
 def test_load_plugins_env_limits_entry_points(installed, monkeypatch, value, expected):
     monkeypatch.setenv(ENV_LOAD_PLUGINS, value)
     sys.modules.pop("badplug_pt", None)
-    h = PluginHost(builtins=("plugins.readers",))
+    h = PluginHost(builtins=("polyrec.plugins.readers",))
     assert set(ours(h)) == expected
     assert "badplug_pt" not in sys.modules  # a plugin left out is not even imported
-    assert "plugins.readers" in h.records  # built-ins load whatever the variable says
+    assert "polyrec.plugins.readers" in h.records  # built-ins load whatever the variable says
 
 
 def test_load_plugins_env_names_an_unknown_plugin(installed, monkeypatch):
@@ -357,7 +356,7 @@ def test_entry_point_clashing_with_extra_plugin_is_left_out(installed, monkeypat
 
 def test_cli_plugins_json(installed, tmp_path):
     runner = CliRunner()
-    from engine.cli import cli
+    from polyrec.cli.main import cli
     db = str(tmp_path / "cli.db")
     result = runner.invoke(cli, ["--db", db, "plugins", "--json"],
                            env={ENV_LOAD_PLUGINS: "goodplug,badplug"})
@@ -366,7 +365,7 @@ def test_cli_plugins_json(installed, tmp_path):
     assert records["goodplug"]["registered"]["encoders"] == ["good_enc"]
     assert records["badplug"]["loaded"] is False and "libfoo" in records["badplug"]["error"]
     assert "typoplug" not in records
-    assert records["plugins.readers"]["source"] == "builtin"
+    assert records["polyrec.plugins.readers"]["source"] == "builtin"
     text = runner.invoke(cli, ["--db", db, "plugins"], env={ENV_LOAD_PLUGINS: "goodplug,badplug"})
     assert text.exit_code == 0
     assert "goodplug 1.2.3 (entrypoint, good-plug-dist)" in text.output
@@ -375,7 +374,7 @@ def test_cli_plugins_json(installed, tmp_path):
 
 
 def test_cli_runs_entry_point_command(installed, monkeypatch):
-    from engine.cli import PolyrecGroup, _add_plugin_commands
+    from polyrec.cli.main import PolyrecGroup, _add_plugin_commands
     monkeypatch.setenv(ENV_LOAD_PLUGINS, "goodplug")
     group = PolyrecGroup("polyrec")
     _add_plugin_commands(group)

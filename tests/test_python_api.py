@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from engine import Engine
+from polyrec import Engine
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "python-api.md"
 

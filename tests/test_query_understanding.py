@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine import Engine
-from engine.query_understanding import (IntentClassifier, Vocabulary, intent_slot, slot_of)
-from knowledge_graph.store import add_triples, link_items
+from polyrec import Engine
+from polyrec.retrieve.query_understanding import (IntentClassifier, Vocabulary, intent_slot, slot_of)
+from polyrec.knowledge_graph.store import add_triples, link_items
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +98,7 @@ def test_graph_entities_become_facets(engine: Engine):
                         ("e:m3", "film.film.directed_by", "p:nolan")])
         from sqlalchemy import update
 
-        from engine.store.models import Entity
+        from polyrec.store.models import Entity
         s.execute(update(Entity).where(Entity.external_id == "p:kubrick")
                   .values(label="Stanley Kubrick", type="person"))
         s.execute(update(Entity).where(Entity.external_id == "p:nolan").values(label="Christopher Nolan"))
@@ -138,7 +138,7 @@ def test_intent_slot_prefers_type_then_genre(hm_vocab, ml100k_db):
 
 
 def test_attribute_graph_built_by_the_kg_builders_is_understood(engine: Engine):
-    from knowledge_graph.builders import build_from_attributes
+    from polyrec.knowledge_graph.builders import build_from_attributes
     engine.add_items([
         {"external_id": "1", "title": "A", "attributes": {"class": ["Comedy", "Drama"], "release_year": "1995"}},
         {"external_id": "2", "title": "B", "attributes": {"class": ["Comedy"], "release_year": "1988"}},

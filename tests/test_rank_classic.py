@@ -6,12 +6,12 @@ import math
 import pytest
 import torch
 
-from engine import Engine
-from engine.dataset import build_training_data
-from engine.errors import ModelNotTrainedError
-from engine.evaluation import evaluate_ranker, make_split, validation_split
-from engine.training import TrainingData
-from plugins.rank_classic import EASERanker, ItemKNNRanker, PopularRanker, RandomRanker
+from polyrec import Engine
+from polyrec.rank.dataset import build_training_data
+from polyrec.errors import ModelNotTrainedError
+from polyrec.rank.evaluation import evaluate_ranker, make_split, validation_split
+from polyrec.training_data import TrainingData
+from polyrec.plugins.rank_classic import EASERanker, ItemKNNRanker, PopularRanker, RandomRanker
 
 
 def _tiny() -> TrainingData:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine import Engine
-from engine.errors import ConfigError, ModelNotTrainedError, NotFoundError
+from polyrec import Engine
+from polyrec.errors import ConfigError, ModelNotTrainedError, NotFoundError
 
 USER = "1"
 
@@ -49,7 +49,7 @@ def eng(trained):
 def _seen(eng: Engine, user: str) -> set[str]:
     from sqlalchemy import select
 
-    from engine.store.models import Interaction, Item, User
+    from polyrec.store.models import Interaction, Item, User
     with eng.store.session() as s:
         rows = s.execute(select(Item.external_id).join(Interaction, Interaction.item_id == Item.id)
                          .join(User, User.id == Interaction.user_id)
@@ -107,7 +107,7 @@ def test_attribute_filter_keeps_only_matching_items(eng):
 
 
 def test_mmr_diversity_lowers_similarity_and_keeps_the_best_first(eng):
-    from engine.recommend import recommender
+    from polyrec.retrieve.recommend import recommender
     plain = eng.recommend(USER, k=10)
     diverse = eng.recommend(USER, k=10, diversity=0.7)
     assert diverse[0].item == plain[0].item
@@ -144,7 +144,7 @@ def test_explanations_name_modalities_history_and_a_kg_path(eng):
 def _liked(eng: Engine, user: str) -> set[str]:
     from sqlalchemy import select
 
-    from engine.store.models import Interaction, Item, User
+    from polyrec.store.models import Interaction, Item, User
     with eng.store.session() as s:
         rows = s.execute(select(Item.external_id).join(Interaction, Interaction.item_id == Item.id)
                          .join(User, User.id == Interaction.user_id)

@@ -1,12 +1,12 @@
-"""engine/artifacts.py: versioned blobs in the store, torch payloads through bytes."""
+"""engine/store/artifacts.py: versioned blobs in the store, torch payloads through bytes."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from engine.artifacts import (from_bytes, list_artifacts, load_artifact, prune_artifacts,
+from polyrec.store.artifacts import (from_bytes, list_artifacts, load_artifact, prune_artifacts,
                               save_artifact, to_bytes)
-from engine.errors import NotFoundError
+from polyrec.errors import NotFoundError
 
 
 def test_versions_count_up_and_latest_wins(engine):
@@ -41,7 +41,7 @@ def test_prune_keeps_the_newest(engine):
 
 
 def test_torch_payload_round_trip_survives_reopening(tmp_path):
-    from engine import Engine
+    from polyrec import Engine
     state = {"weights": torch.randn(3, 4), "ids": [1, 2, 3], "blob": b"\x00\x01",
              "options": {"dim": 4, "name": "x", "none": None}}
     with Engine(tmp_path / "a.db", device="cpu", entrypoints=False, progress=False) as eng:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from engine.cli import cli
+from polyrec.cli.main import cli
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def test_recommend_json_filter_and_diversity(db, trained):
     assert result.exit_code == 0, result.output
     recs = json.loads(result.stdout)
     assert len(recs) == 5
-    from engine import Engine
+    from polyrec import Engine
     with Engine(db, device="cpu", entrypoints=False, progress=False) as eng:
         views = {v.external_id: v for v in eng.items()}
     assert all("Comedy" in views[r["item"]].attributes["class"] for r in recs)
@@ -72,7 +72,7 @@ def test_recommend_json_filter_and_diversity(db, trained):
 def test_either_of_two_filter_values(db, trained):
     recs = json.loads(_run(db, "recommend", "2", "-k", "8", "--filter", "class=Horror",
                            "--filter", "class=Western", "--json").stdout)
-    from engine import Engine
+    from polyrec import Engine
     with Engine(db, device="cpu", entrypoints=False, progress=False) as eng:
         views = {v.external_id: v for v in eng.items()}
     assert all({"Horror", "Western"} & set(views[r["item"]].attributes["class"]) for r in recs)

@@ -4,11 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.artifacts import from_bytes, to_bytes
-from engine.errors import ConfigError
-from engine.evaluation import evaluate_ranker, make_ranker, make_split
-from plugins.rank_classic import EASERanker
-from plugins.rank_rerank import CANDIDATE_OFFSET, RerankRanker
+from polyrec.store.artifacts import from_bytes, to_bytes
+from polyrec.errors import ConfigError
+from polyrec.rank.evaluation import evaluate_ranker, make_ranker, make_split
+from polyrec.plugins.rank_classic import EASERanker
+from polyrec.plugins.rank_rerank import CANDIDATE_OFFSET, RerankRanker
 from test_two_tower import build_ml_data
 
 C = 50
@@ -89,7 +89,7 @@ def test_built_from_the_registry_by_name(engine):
 def test_scorers_become_features_and_items_only_they_score_come_second(split):
     """A scorer that scores items the base cannot (here: random scores everything, the
     base knows no item without training interactions) ranks those items in tier two."""
-    from plugins.rank_classic import PopularRanker, RandomRanker
+    from polyrec.plugins.rank_classic import PopularRanker, RandomRanker
     ranker = RerankRanker(base=PopularRanker(), scorers=[RandomRanker(seed=1)], candidates=20)
     ranker.fit(split.train)
     assert "random_z" in ranker.info["features"] and "random" in ranker.info["scorers"]

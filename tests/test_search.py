@@ -8,9 +8,9 @@ import warnings
 import pytest
 from click.testing import CliRunner
 
-from engine import ConfigError, Engine, ValidationError
-from engine.cli import cli
-from engine.search import SearchOptions, rrf, searcher
+from polyrec import ConfigError, Engine, ValidationError
+from polyrec.cli.main import cli
+from polyrec.retrieve.search import SearchOptions, rrf, searcher
 from conftest import copy_db
 
 
@@ -131,7 +131,7 @@ def test_intent_is_classified_from_catalogue_labels(hm):
 def test_personalised_search_by_history(hm):
     from sqlalchemy import func, select
 
-    from engine.store.models import Interaction, User
+    from polyrec.store.models import Interaction, User
     with hm.store.session() as s:
         user = s.execute(select(User.external_id).join(Interaction, Interaction.user_id == User.id)
                          .group_by(User.id).order_by(func.count().desc())).first()[0]

@@ -6,8 +6,8 @@ import threading
 
 from conftest import copy_db
 
-from engine import Engine
-from engine.search import searcher
+from polyrec import Engine
+from polyrec.retrieve.search import searcher
 
 QUERIES = ["black dress", "warm winter jacket", "zebra scarf", "baby bodysuit"]
 NEW = [{"external_id": f"zebra-{n}", "title": f"Zebra print scarf {n}",

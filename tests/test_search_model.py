@@ -10,10 +10,10 @@ import torch
 from conftest import copy_db
 from sqlalchemy import func, select
 
-from engine import Engine
-from engine.search import trained_pipeline
-from engine.server import create_app, start_background
-from engine.store.models import Interaction, User
+from polyrec import Engine
+from polyrec.retrieve.search import trained_pipeline
+from polyrec.serve.app import create_app, start_background
+from polyrec.store.models import Interaction, User
 
 DRESS = "731960001"
 

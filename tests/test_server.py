@@ -15,9 +15,9 @@ import pytest
 from click.testing import CliRunner
 from conftest import copy_db
 
-from engine import Engine
-from engine.cli import cli
-from engine.server import create_app, start_background
+from polyrec import Engine
+from polyrec.cli.main import cli
+from polyrec.serve.app import create_app, start_background
 
 TOKEN = "test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

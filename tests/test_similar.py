@@ -7,8 +7,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from engine import ConfigError, Engine, NotFoundError, ValidationError
-from engine.cli import cli
+from polyrec import ConfigError, Engine, NotFoundError, ValidationError
+from polyrec.cli.main import cli
 
 DRESS = "731960001"  # Flora maxi dress, black
 
@@ -32,7 +32,7 @@ def test_neighbours_by_encoder_vectors(hm):
 
 
 def test_scores_are_cosines_of_the_stored_vectors(hm):
-    from engine.vectors import load_vectors
+    from polyrec.store.vectors import load_vectors
     with hm.store.session() as s:
         ids, vecs = load_vectors(s, "bert")
         ext = {v.id: v.external_id for v in hm.items()}

@@ -6,11 +6,11 @@ import json
 import pytest
 import torch
 
-from engine.contracts import EncoderContext, ItemView
-from engine.errors import ConfigError, EncodingError
-from engine.store import Store
-from engine.vectors import load_vectors
-from plugins.text_bert import BertEncoder, auto_text, default_model_path, render_template
+from polyrec.contracts import EncoderContext, ItemView
+from polyrec.errors import ConfigError, EncodingError
+from polyrec.store import Store
+from polyrec.store.vectors import load_vectors
+from polyrec.plugins.text_bert import BertEncoder, auto_text, default_model_path, render_template
 
 CPU = EncoderContext(engine=None, device=torch.device("cpu"), progress=False)  # type: ignore[arg-type]
 
@@ -89,7 +89,7 @@ def test_stored_vectors_equal_sentence_transformers(ml100k_encoded_db, bert, sen
     with store.session() as s:
         ids, stored = load_vectors(s, "bert")
     store.close()
-    from engine import Engine
+    from polyrec import Engine
     with Engine(ml100k_encoded_db, device="cpu", entrypoints=False, progress=False) as eng:
         views = {v.id: v for v in eng.items(ids[::8])}
     sample = [k for k, i in enumerate(ids) if i in views]

@@ -9,12 +9,12 @@ import math
 import pytest
 import torch
 
-from engine.artifacts import from_bytes, to_bytes
-from engine.errors import ConfigError, ModelNotTrainedError
-from engine.evaluation import evaluate_ranker, make_split
-from engine.training import TrainingData
-from plugins.rank_classic import PopularRanker
-from plugins.rank_two_tower import TwoTowerRanker
+from polyrec.store.artifacts import from_bytes, to_bytes
+from polyrec.errors import ConfigError, ModelNotTrainedError
+from polyrec.rank.evaluation import evaluate_ranker, make_split
+from polyrec.training_data import TrainingData
+from polyrec.plugins.rank_classic import PopularRanker
+from polyrec.plugins.rank_two_tower import TwoTowerRanker
 
 FAST = {"device": "cpu", "dim": 32, "batch_size": 512, "lr": 1e-3, "n_random": 512,
         "negatives": "random", "validation": False}

@@ -11,8 +11,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
-from engine.store import models
-from engine.store.migrations import SCHEMA_VERSION, upgrade
+from polyrec.store import models
+from polyrec.store.migrations import SCHEMA_VERSION, upgrade
 
 DEFAULT_URL = "sqlite:///polyrec.db"
 

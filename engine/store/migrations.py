@@ -6,8 +6,8 @@ from typing import Callable
 
 from sqlalchemy import Connection, inspect, select
 
-from engine.errors import PolyrecError
-from engine.store.models import V2_TABLES, Base, Meta
+from polyrec.errors import PolyrecError
+from polyrec.store.models import V2_TABLES, Base, Meta
 
 #: Upgrade steps: MIGRATIONS[v] takes a database from version v to v + 1.
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {}

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from engine import hookimpl
+from polyrec import hookimpl
 
 from polyrec_example_plugin.commands import attr_stats_command
 from polyrec_example_plugin.numeric import NumericEncoder

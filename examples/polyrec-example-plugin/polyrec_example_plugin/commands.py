@@ -6,7 +6,7 @@ from typing import Any, Sequence
 
 import click
 
-from engine import ItemView, NotFoundError
+from polyrec import ItemView, NotFoundError
 
 from polyrec_example_plugin.numeric import summarize, to_number
 

@@ -25,7 +25,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
-from engine import ConfigError, EncodeResult, Encoder, EncoderContext, EncodingError, ItemView
+from polyrec import ConfigError, EncodeResult, Encoder, EncoderContext, EncodingError, ItemView
 
 FEATURES = ("fourier", "rbf")
 #: Share of an attribute's present values that must be numbers for auto-detection.

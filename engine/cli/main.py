@@ -1,0 +1,129 @@
+"""The ``polyrec`` admin CLI: a click group, its shared options, and error handling.
+
+Commands live in engine/cli/ (one module per area, each exposing ``COMMANDS``);
+plugins add theirs through the ``register_commands`` hook.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+from typing import Any
+
+import click
+
+from polyrec.errors import PolyrecError
+from polyrec.store import DEFAULT_URL
+
+#: Modules under engine/cli (the package polyrec.cli) whose COMMANDS join the group, in help order.
+COMMAND_MODULES: tuple[str, ...] = (
+    "polyrec.cli.data",
+    "polyrec.cli.plugins",
+    "polyrec.cli.encode",
+    "polyrec.cli.evaluate",
+    "polyrec.cli.recommend",
+    "polyrec.cli.feedback",
+    "polyrec.cli.serve",
+    "polyrec.cli.kg",
+)
+
+
+class CliState:
+    """What the group's options decided; commands open the Engine through it, lazily."""
+
+    def __init__(self, db: str, device: str, debug: bool, quiet: bool) -> None:
+        self.db, self.device, self.debug, self.quiet = db, device, debug, quiet
+        self._engine: Any = None
+
+    @property
+    def progress(self) -> bool:
+        return not self.quiet and sys.stderr.isatty()
+
+    def engine(self) -> Any:
+        if self._engine is None:
+            from polyrec.engine import Engine
+            self._engine = Engine(self.db, device=self.device, progress=self.progress)
+        return self._engine
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.close()
+
+
+def echo_json(data: Any) -> None:
+    """Print data as indented JSON (the ``--json`` output of every command)."""
+    click.echo(json.dumps(data, indent=2, sort_keys=False, default=str))
+
+
+class PolyrecGroup(click.Group):
+    """Turns PolyrecError into one line on stderr and exit status 1 (traceback with --debug)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except PolyrecError as exc:
+            state = ctx.obj if isinstance(ctx.obj, CliState) else None
+            if (state and state.debug) or "--debug" in sys.argv:
+                raise
+            click.echo(f"Error: {exc}", err=True)
+            ctx.exit(1)
+
+    # Plugin commands are added on first need, not at import (no side effects at import).
+    _plugin_commands_added = False
+
+    def _ensure_plugin_commands(self) -> None:
+        if not self._plugin_commands_added:
+            self._plugin_commands_added = True
+            _add_plugin_commands(self)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._ensure_plugin_commands()
+        return super().list_commands(ctx)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands:
+            self._ensure_plugin_commands()
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=PolyrecGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--db", envvar="POLYREC_DB", default=DEFAULT_URL, show_default=True,
+              help="SQLAlchemy URL or SQLite file path of the store (env POLYREC_DB).")
+@click.option("--device", default="auto", show_default=True,
+              help="Where models run: auto (CUDA when present), cpu, cuda, cuda:N.")
+@click.option("--debug", is_flag=True, help="Show the full traceback on errors.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@click.version_option(package_name="polyrec", prog_name="polyrec")
+@click.pass_context
+def cli(ctx: click.Context, db: str, device: str, debug: bool, quiet: bool) -> None:
+    """polyrec: a plugin-based multimodal recommendation engine."""
+    state = CliState(db, device, debug, quiet)
+    ctx.obj = state
+    ctx.call_on_close(state.close)
+
+
+def _add_builtin_commands(group: click.Group) -> None:
+    for modname in COMMAND_MODULES:
+        module = importlib.import_module(modname)
+        for command in module.COMMANDS:
+            group.add_command(command)
+
+
+def _add_plugin_commands(group: click.Group) -> None:
+    """Plugins' commands; a plugin host without engine (no database is opened)."""
+    from polyrec.plugin_host import PluginHost
+    try:
+        host = PluginHost(entrypoints=os.environ.get("POLYREC_NO_ENTRYPOINTS") is None)
+        for problem in host.add_commands(group):
+            click.echo(f"Warning: {problem}", err=True)
+    except PolyrecError as exc:  # a broken plugin set must not make the CLI unusable
+        click.echo(f"Warning: plugin commands not loaded: {exc}", err=True)
+
+
+_add_builtin_commands(cli)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="polyrec")

@@ -1,0 +1,106 @@
+"""``polyrec train`` and ``polyrec recommend``: fit the pipeline, then ask it for items."""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+
+from polyrec.cli.main import CliState, echo_json
+from polyrec.errors import ConfigError
+
+
+def _parse_pairs(pairs: tuple[str, ...], what: str) -> dict[str, Any]:
+    """KEY=VALUE strings -> dict (VALUE parsed as JSON when it can be)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, eq, raw = pair.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"{what} '{pair}' must look like KEY=VALUE")
+        try:
+            value: Any = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        out[key.strip()] = value
+    return out
+
+
+def _parse_filters(pairs: tuple[str, ...]) -> dict[str, Any]:
+    """attr=value filters; the same attribute twice means either value."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"filter '{pair}' must look like ATTRIBUTE=VALUE")
+        out.setdefault(key.strip(), []).append(value.strip())
+    return {k: v[0] if len(v) == 1 else v for k, v in out.items()}
+
+
+@click.command("train")
+@click.option("--ranker", default=None,
+              help="Ranker to fit (default: hybrid, EASE re-ranked by a click model over the "
+                   "two-tower score and content features).")
+@click.option("--epochs", type=int, default=None, help="Maximum epochs of neural rankers.")
+@click.option("--seed", type=int, default=None, help="Seed of neural rankers and validation.")
+@click.option("--set", "settings", multiple=True, metavar="OPTION=VALUE",
+              help="A ranker option (VALUE parsed as JSON when it can be); repeatable.")
+@click.option("--min-rating", default=4.0, show_default=True, type=float,
+              help="Ratings at least this count as positives.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_obj
+def train_command(state: CliState, ranker: str | None, epochs: int | None, seed: int | None,
+                  settings: tuple[str, ...], min_rating: float, as_json: bool) -> None:
+    """Fit the recommendation pipeline on the stored positives and save it as an artifact."""
+    report = state.engine().train(ranker, options=_parse_pairs(settings, "--set"), epochs=epochs,
+                                  seed=seed, min_rating=min_rating)
+    if as_json:
+        echo_json(report.as_dict())
+        return
+    used = report.info.get("modalities")
+    click.echo(f"Trained {report.ranker} on {report.interactions:,} positives of "
+               f"{report.users:,} users over {report.items:,} items "
+               f"(item features: {', '.join(report.modalities) or 'none'}"
+               + (f"; the model uses: {', '.join(used) or 'IDs only'}" if used is not None else "")
+               + f") in {report.seconds:.1f}s")
+    theta = report.info.get("theta")
+    if theta:
+        click.echo("click model learned on validation: "
+                   + ", ".join(f"{k}={v:+.3f}" for k, v in theta.items()))
+    weights = report.info.get("weights")
+    if weights:
+        click.echo("weights chosen on validation: "
+                   + ", ".join(f"{k}={v:g}" for k, v in weights.items()))
+    click.echo(f"Saved as artifact 'pipeline' version {report.version}")
+
+
+@click.command("recommend")
+@click.argument("user")
+@click.option("-k", "k", default=10, show_default=True, type=int, help="How many items.")
+@click.option("--explain", is_flag=True, help="Say why each item is recommended.")
+@click.option("--filter", "filters", multiple=True, metavar="ATTRIBUTE=VALUE",
+              help="Only items whose attribute matches; repeatable.")
+@click.option("--diversity", default=0.0, show_default=True, type=click.FloatRange(0, 1),
+              help="MMR trade-off: 0 = pure relevance, 1 = pure novelty.")
+@click.option("--include-seen", is_flag=True, help="Allow items the user already interacted with.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_obj
+def recommend_command(state: CliState, user: str, k: int, explain: bool, filters: tuple[str, ...],
+                      diversity: float, include_seen: bool, as_json: bool) -> None:
+    """Top-k items for USER (external id) from the trained pipeline."""
+    recs = state.engine().recommend(user, k, filters=_parse_filters(filters) or None,
+                                    exclude_seen=not include_seen, diversity=diversity,
+                                    explain=explain)
+    if as_json:
+        echo_json([r.as_dict() for r in recs])
+        return
+    if not recs:
+        click.echo(f"No items to recommend to {user} (filters too narrow?)")
+        return
+    for rank, rec in enumerate(recs, start=1):
+        title = f"  {rec.title}" if rec.title else ""
+        click.echo(f"{rank:>3}. {rec.item:<12}{title}  ({rec.score:.3f})")
+        if explain and rec.explanation:
+            click.echo(f"     why: {rec.explanation.get('text', '')}")
+
+
+COMMANDS = [train_command, recommend_command]

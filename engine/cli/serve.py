@@ -1,0 +1,118 @@
+"""``polyrec search``, ``polyrec similar`` and ``polyrec serve``."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import click
+
+from polyrec.cli.main import CliState, echo_json
+from polyrec.errors import ConfigError
+
+#: Attributes shown next to each result in the text output, when items have them.
+SHOWN = ("product_type_name", "colour_group_name", "class", "release_year", "department_name")
+
+
+def parse_filters(values: Sequence[str]) -> dict[str, Any] | None:
+    """``field=value`` options -> {field: value}; a field given twice -> a list (OR)."""
+    out: dict[str, Any] = {}
+    for raw in values:
+        key, sep, value = raw.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise ConfigError(f"--filter must look like field=value, not '{raw}'")
+        key, value = key.strip(), value.strip()
+        if key in out:
+            out[key] = (out[key] if isinstance(out[key], list) else [out[key]]) + [value]
+        else:
+            out[key] = value
+    return out or None
+
+
+def _describe(attributes: dict[str, Any]) -> str:
+    parts = []
+    for name in SHOWN:
+        value = attributes.get(name)
+        if value not in (None, "", []):
+            parts.append(", ".join(map(str, value)) if isinstance(value, list) else str(value))
+    return " | ".join(parts)
+
+
+@click.command("search")
+@click.argument("query")
+@click.option("-k", "--k", "k", default=10, show_default=True, type=int, help="How many results.")
+@click.option("--user", default=None, help="Personalise for this user (external id).")
+@click.option("--filter", "filters", multiple=True, metavar="FIELD=VALUE",
+              help="Only items whose attribute (or slot: colour, type, genre...) has this value; repeatable.")
+@click.option("--understanding", type=click.Choice(["boost", "filter", "off"]), default="boost",
+              show_default=True, help="How recognised colours, types, genres... shape the results.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_obj
+def search_command(state: CliState, query: str, k: int, user: str | None,
+                   filters: tuple[str, ...], understanding: str, as_json: bool) -> None:
+    """Search the catalogue: dense + image + BM25 retrieval fused by RRF."""
+    response = state.engine().search(query, k, user=user, filters=parse_filters(filters),
+                                     understanding=understanding)
+    if as_json:
+        echo_json(response.as_dict())
+        return
+    understood = response.understood
+    click.echo("understood: " + ("; ".join(f"{s}: {v if isinstance(v, str) else ', '.join(v)}"
+                                             for s, v in understood.items()) or "-"))
+    intent = response.understanding.intent
+    if intent:
+        click.echo(f"intent: {intent['slot']}: {intent['value']} ({intent['confidence']:.2f})")
+    click.echo(f"rankings: {', '.join(response.rankings) or '-'}"
+               + (f"; personalised by {response.personalised}" if response.personalised else ""))
+    for note in response.notes:
+        click.echo(f"note: {note}")
+    for n, hit in enumerate(response.results, start=1):
+        extra = _describe(hit.attributes)
+        click.echo(f"{n:>3}. {hit.item:<14} {hit.score:8.4f}  {hit.title or ''}"
+                   + (f"  [{extra}]" if extra else ""))
+
+
+@click.command("similar")
+@click.argument("item")
+@click.option("-k", "--k", "k", default=10, show_default=True, type=int, help="How many results.")
+@click.option("--filter", "filters", multiple=True, metavar="FIELD=VALUE",
+              help="Only items whose attribute (or slot) has this value; repeatable.")
+@click.option("--basis", default="auto", show_default=True,
+              help="auto (trained model, else encoders), model, encoders, or an encoder name.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_obj
+def similar_command(state: CliState, item: str, k: int, filters: tuple[str, ...], basis: str,
+                    as_json: bool) -> None:
+    """Items most similar to ITEM (external id)."""
+    response = state.engine().similar(item, k, filters=parse_filters(filters), basis=basis)
+    if as_json:
+        echo_json(response.as_dict())
+        return
+    click.echo(f"similar to {response.item} by {response.basis} ({', '.join(response.spaces)})")
+    for note in response.notes:
+        click.echo(f"note: {note}")
+    for n, hit in enumerate(response.results, start=1):
+        extra = _describe(hit.attributes)
+        click.echo(f"{n:>3}. {hit.item:<14} {hit.score:8.4f}  {hit.title or ''}"
+                   + (f"  [{extra}]" if extra else ""))
+
+
+@click.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Interface to listen on (loopback by default).")
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--token", envvar="POLYREC_TOKEN", default=None,
+              help="Bearer token required by write endpoints (env POLYREC_TOKEN).")
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["critical", "error", "warning", "info", "debug"]))
+@click.pass_obj
+def serve_command(state: CliState, host: str, port: int, token: str | None, log_level: str) -> None:
+    """Serve recommend, search, similar, feedback and upserts over HTTP (FastAPI + uvicorn)."""
+    try:
+        from polyrec.serve.app import serve
+    except ImportError as exc:  # pragma: no cover - the [serve] extra is missing
+        raise ConfigError(f"serving needs fastapi and uvicorn: pip install 'polyrec[serve]' ({exc})")
+    click.echo(f"polyrec serving {state.engine().url} on http://{host}:{port} "
+               f"(OpenAPI: /docs; writes {'need a bearer token' if token else 'are open'})", err=True)
+    serve(state.engine(), host, port, token=token, log_level=log_level)
+
+
+COMMANDS = [search_command, similar_command, serve_command]

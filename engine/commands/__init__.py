@@ -1,1 +1,0 @@
-"""Built-in CLI commands, one module per area; each module exposes ``COMMANDS``."""

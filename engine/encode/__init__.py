@@ -1,0 +1,1 @@
+"""Stage 3: the cached encoding pipeline (item -> per-modality vectors)."""

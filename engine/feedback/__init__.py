@@ -1,0 +1,1 @@
+"""Stage 5: events, the feedback learners' hub, experiments and retraining."""

@@ -1,0 +1,765 @@
+"""Events: store feedback durably, then hand it to the feedback learners.
+
+``Engine.feedback`` (one event), ``Engine.feedback_many`` (a batch) and
+``polyrec ingest interactions`` (through :func:`handoff`) all end here. The order is
+fixed: the events are committed to the store first, and only then do the registered
+:class:`~engine.contracts.FeedbackLearner` plugins observe them, so a crash can lose a
+learner's in-memory update but never an acknowledged event (learners rebuild what they
+lost from the stored log).
+
+Settings live in the ``settings`` table under the key ``feedback`` (see
+:data:`DEFAULT_CONFIG`; ``polyrec feedback config``) and are merged over the defaults.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence
+
+import torch
+from sqlalchemy import Connection, Text, bindparam, func, select, type_coerce
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from polyrec.store import catalog
+from polyrec.store.catalog import DEFAULT_KIND_WEIGHTS
+from polyrec.errors import ConfigError, NotFoundError, ValidationError
+from polyrec.store.models import Interaction, Item, ItemVector, Setting, User
+from polyrec.store.vectors import load_vectors
+
+if TYPE_CHECKING:  # pragma: no cover
+    from polyrec.contracts import FeedbackLearner
+    from polyrec.engine import Engine
+
+log = logging.getLogger("polyrec.feedback")
+
+SETTINGS_KEY = "feedback"
+
+#: Every feedback setting with its default. ``polyrec feedback config --set a.b=VALUE``.
+DEFAULT_CONFIG: dict[str, Any] = {
+    # weight of each event kind for the online learner; a new key adds a kind
+    "kind_weights": dict(DEFAULT_KIND_WEIGHTS),
+    # a rating weighs kind_weights.rating * (value - center) / scale
+    "rating": {"center": 0.0, "scale": 5.0},
+    "online": {
+        "enabled": True,
+        "decay": 0.9,             # each later event of the user multiplies older ones by this
+        "half_life_days": None,   # optional extra decay by event time
+        "blend": 6.0,             # online share = w / (w + blend), w = decayed event weight
+        "space": "auto",          # item vectors: auto (trained model, else encoder), model, or an encoder name
+        "flush_every": 256,       # write dirty user states after this many updates
+        "cache_size": 100000,     # user states kept in memory
+    },
+    "bandit": {
+        "serving": False,         # explore in Engine.recommend (never in evaluation)
+        "share": 0.2,             # share of the k slots spent on exploration
+        "pool": 3,                # candidates considered = pool * k (plus new items)
+        "new_items": 20,          # newest little-seen items added to the candidate pool
+        "new_item_max_events": 5,  # an item with fewer events counts as new
+        "prior": 1.0,             # ridge prior of the linear model
+        "noise": 0.5,             # posterior scale of Thompson sampling
+        "flush_every": 256,
+    },
+    "retrain": {"min_new_events": 1000, "min_new_items": 20},
+}
+
+
+# -- settings ------------------------------------------------------------------------------
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _stored_overrides(session: Session) -> dict[str, Any]:
+    row = session.get(Setting, SETTINGS_KEY)
+    return dict(row.value or {}) if row is not None else {}
+
+
+def load_config(engine: "Engine") -> dict[str, Any]:
+    """The feedback settings of this database: stored overrides merged over the defaults."""
+    with engine.store.session() as s:
+        return _merge(DEFAULT_CONFIG, _stored_overrides(s))
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+
+
+def set_config(engine: "Engine", assignments: Mapping[str, Any]) -> dict[str, Any]:
+    """Store settings given as dotted paths (``{"online.decay": 0.8}``); strings are read
+    as JSON. Unknown paths are refused, except new event kinds under ``kind_weights``.
+    Returns the merged settings."""
+    with engine.store.session() as s:
+        overrides = _stored_overrides(s)
+        for path, raw in assignments.items():
+            value = _parse_value(raw) if isinstance(raw, str) else raw
+            keys = path.split(".")
+            default: Any = DEFAULT_CONFIG
+            for depth, key in enumerate(keys):
+                if not isinstance(default, dict) or (key not in default and not (
+                        depth == 1 and keys[0] == "kind_weights")):
+                    raise ConfigError(f"unknown feedback setting '{path}'")
+                default = default.get(key) if isinstance(default, dict) else None
+            if isinstance(default, dict):
+                raise ConfigError(f"'{path}' is a group of settings; set one of its keys")
+            if isinstance(default, bool) and not isinstance(value, bool):
+                raise ConfigError(f"'{path}' must be true or false, not {raw!r}")
+            if isinstance(default, (int, float)) and not isinstance(default, bool) and (
+                    isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ConfigError(f"'{path}' must be a number, not {raw!r}")
+            node = overrides
+            for key in keys[:-1]:
+                node = node.setdefault(key, {})
+            node[keys[-1]] = value
+        merged = _merge(DEFAULT_CONFIG, overrides)
+        for name, cls in engine.registry("feedback_learners").items():  # their own checks
+            if isinstance(merged.get(name), Mapping):
+                try:
+                    cls(engine=None, **merged[name])
+                except (TypeError, ValueError) as exc:
+                    raise ConfigError(f"feedback setting for '{name}': {exc}") from None
+        row = s.get(Setting, SETTINGS_KEY)
+        if row is None:
+            s.add(Setting(key=SETTINGS_KEY, value=overrides))
+        else:
+            row.value = overrides
+    if "_feedback_hub" in engine.__dict__:
+        engine.__dict__["_feedback_hub"].reconfigure(merged)
+    return merged
+
+
+def event_weight(kind: str, value: float | None, config: Mapping[str, Any]) -> float:
+    """How much one event counts for the online learner (negative pushes away)."""
+    base = float(config["kind_weights"].get(kind, 0.0))
+    if kind == "rating":
+        if value is None:
+            return 0.0
+        rating = config["rating"]
+        return base * (float(value) - float(rating["center"])) / float(rating["scale"] or 1.0)
+    return base
+
+
+# -- events --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Event:
+    """One stored event as the learners see it (internal and external ids)."""
+
+    id: int
+    user_id: int
+    item_id: int
+    user: str
+    item: str
+    kind: str
+    value: float | None
+    ts: float
+    context: dict[str, Any] | None
+    weight: float
+    new: bool = True  # False when an ``event_id`` in the context was already stored
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "user": self.user, "item": self.item, "kind": self.kind,
+                "value": self.value, "ts": self.ts, "context": self.context,
+                "weight": self.weight, "new": self.new}
+
+
+@dataclass
+class ItemSpace:
+    """Item vectors the online learners work in: ``vectors[index[item_id]]``.
+
+    ``name`` identifies the space (a trained model version or an encoder); states built
+    in another space are rebuilt. ``cutoff`` is the last interaction id a trained model
+    already learned from (0 for encoder spaces): online states start after it.
+    """
+
+    name: str
+    item_ids: list[int]
+    vectors: torch.Tensor
+    cutoff: int = 0
+    index: dict[int, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.index:
+            self.index = {item: i for i, item in enumerate(self.item_ids)}
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1]) if self.vectors.ndim == 2 else 0
+
+    def vector(self, item_id: int) -> torch.Tensor | None:
+        i = self.index.get(item_id)
+        return None if i is None else self.vectors[i]
+
+
+def _model_space(engine: "Engine") -> ItemSpace | None:
+    """The trained pipeline's fused item vectors, when a pipeline is trained."""
+    try:
+        from polyrec.retrieve import recommend
+    except ImportError:
+        return None
+    from polyrec.errors import ModelNotTrainedError
+    try:
+        rec = recommend.recommender(engine)
+    except ModelNotTrainedError:
+        return None
+    return model_space(engine, rec)
+
+
+def model_space(engine: "Engine", rec: Any) -> ItemSpace | None:
+    """The item space of a loaded Recommender: its item vectors (the two-tower item tower)
+    over its item index, named by pipeline version; the cutoff is the last event the
+    pipeline was trained on (polyrec.feedback.retrain.model_marker)."""
+    from polyrec.feedback import retrain
+    vectors = rec.vectors()
+    if vectors is None:
+        return None
+    name = getattr(recommend_module(), "PIPELINE_ARTIFACT", "pipeline")
+    marker = retrain.model_marker(engine, {"name": name, "version": int(rec.version),
+                                           "meta": dict(rec.meta or {}), "created_at": None})
+    return ItemSpace(name=f"{name}:v{rec.version}", item_ids=list(rec.data.item_ids),
+                     vectors=vectors.detach().float().cpu(), cutoff=int(marker["max_event_id"]))
+
+
+def recommend_module() -> Any:
+    from polyrec.retrieve import recommend
+    return recommend
+
+
+def _encoder_space(engine: "Engine", encoder: str | None) -> ItemSpace | None:
+    """Stored vectors of one encoder (the one with most items when None), L2-normalized."""
+    with engine.store.session() as s:
+        if encoder is None:
+            counts = s.execute(select(ItemVector.encoder, func.count())
+                               .group_by(ItemVector.encoder)
+                               .order_by(func.count().desc(), ItemVector.encoder)).first()
+            if counts is None:
+                return None
+            encoder = counts[0]
+        ids, vectors = load_vectors(s, encoder)
+    if not ids:
+        return None
+    digest = hashlib.sha1(vectors.numpy().tobytes())
+    digest.update(repr(ids).encode())
+    vectors = torch.nn.functional.normalize(vectors, dim=1)
+    return ItemSpace(name=f"encoder:{encoder}:{digest.hexdigest()[:16]}", item_ids=ids,
+                     vectors=vectors, cutoff=0)
+
+
+def resolve_space(engine: "Engine", spec: str = "auto") -> ItemSpace | None:
+    """The item space named by ``spec``: 'auto' (trained model, else the encoder with
+    most vectors), 'model', or an encoder name. None when nothing is there yet."""
+    if spec in ("auto", "model"):
+        space = _model_space(engine)
+        if space is not None or spec == "model":
+            return space
+        return _encoder_space(engine, None)
+    return _encoder_space(engine, spec)
+
+
+def dialect_insert(dialect: str, table: Any) -> Any:
+    """An INSERT supporting ON CONFLICT for SQLite and PostgreSQL."""
+    if dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    elif dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:  # pragma: no cover - other databases need their own upsert
+        raise NotImplementedError(f"upserts are not implemented for the '{dialect}' dialect")
+    return insert(table)
+
+
+def _number(raw: Any, row: int, name: str) -> float | None:
+    """A finite float (None stays None), or a ValidationError naming the field."""
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        raise ValidationError(f"not a number: {raw!r}", file="feedback", row=row,
+                              field=name) from None
+    if not math.isfinite(value):
+        raise ValidationError(f"not a finite number: {raw!r}", file="feedback", row=row,
+                              field=name)
+    return value
+
+
+def _chunks(seq: Sequence[Any], n: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(seq), n):
+        yield seq[start:start + n]
+
+
+class FeedbackHub:
+    """One per Engine: settings, id caches, the instantiated learners, the item space."""
+
+    def __init__(self, engine: "Engine") -> None:
+        self.engine = engine
+        self.config = load_config(engine)
+        self._learners: dict[str, "FeedbackLearner"] | None = None
+        self._users: dict[str, int] = {}
+        self._items: dict[str, int] = {}
+        self._space: ItemSpace | None = None
+        self._space_checked = 0.0
+        self._insert: Any = None
+        self._lookup: dict[Any, Any] | None = None
+        self._new_user: Any = None
+        self.experiment_cache: Any = None  # polyrec.feedback.experiments keeps its cache here
+        self.errors: list[str] = []
+
+    # -- learners ------------------------------------------------------------------------
+    @property
+    def learners(self) -> dict[str, "FeedbackLearner"]:
+        """Every registered feedback learner, instantiated once with its settings."""
+        if self._learners is None:
+            self._learners = {}
+            for name, cls in self.engine.registry("feedback_learners").items():
+                options = self.config.get(name, {})
+                options = dict(options) if isinstance(options, Mapping) else {}
+                try:
+                    self._learners[name] = cls(engine=self.engine, **options)
+                except Exception as exc:  # noqa: BLE001 - e.g. a bad setting: left out, reported
+                    self._failed(name, "start for", exc)
+        return self._learners
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        """Take new settings: learners are flushed and made again with their new options
+        (they reload their state from the store and the log)."""
+        self.flush()
+        self.config = config
+        self._learners = None
+        self.reset_space()
+
+    def learner(self, name: str) -> "FeedbackLearner | None":
+        return self.learners.get(name)
+
+    def item_space(self, refresh: bool = False) -> ItemSpace | None:
+        """The current item space (cached; re-resolved on ``refresh`` or when absent)."""
+        spec = str(self.config["online"].get("space", "auto"))
+        now = time.monotonic()
+        if refresh or self._space is None and now - self._space_checked > 1.0:
+            self._space_checked = now
+            self._space = resolve_space(self.engine, spec)
+        return self._space
+
+    def warm_up(self) -> None:
+        """Load what the first event or request would: the item space (the trained
+        pipeline) and every learner's state (a learner's optional ``warm_up()``)."""
+        self.item_space()
+        for learner in self.learners.values():
+            fn = getattr(learner, "warm_up", None)
+            if callable(fn):
+                fn()
+
+    def reset_space(self) -> None:
+        """Forget the cached item space (after training or encoding new items)."""
+        self._space, self._space_checked = None, 0.0
+
+    # -- writing -------------------------------------------------------------------------
+    def _check(self, n: int, e: Mapping[str, Any]) -> tuple[str, str, str, float | None, float, Any]:
+        kinds = self.config["kind_weights"]
+        user = str(e.get("user") if e.get("user") is not None else "").strip()
+        item = str(e.get("item") if e.get("item") is not None else "").strip()
+        kind = str(e.get("kind") or "click")
+        if not user:
+            raise ValidationError("missing user id", file="feedback", row=n, field="user")
+        if not item:
+            raise ValidationError("missing item id", file="feedback", row=n, field="item")
+        if kind not in kinds:
+            raise ValidationError(f"unknown event kind '{kind}' (known: {', '.join(kinds)})",
+                                  file="feedback", row=n, field="kind")
+        value = _number(e.get("value"), n, "value")
+        ts = _number(e.get("ts"), n, "ts")
+        ts = time.time() if ts is None else ts
+        if kind == "rating" and value is None:
+            raise ValidationError("a rating needs a value", file="feedback", row=n, field="value")
+        context = e.get("context")
+        if context is not None:
+            if not isinstance(context, Mapping):
+                raise ValidationError("context must be a mapping", file="feedback", row=n,
+                                      field="context")
+            context = dict(context)
+            try:
+                json.dumps(context)
+            except (TypeError, ValueError) as exc:
+                raise ValidationError(f"context is not JSON: {exc}", file="feedback", row=n,
+                                      field="context") from None
+        return user, item, kind, value, ts, context
+
+    def _resolve(self, conn: Connection, users: set[str], items: set[str]) -> None:
+        """Fill the id caches for these users and items in ``conn``'s transaction: unknown
+        users are created, an unknown item is a NotFoundError. Statements with expanding
+        IN parameters, so they compile once."""
+        if self._lookup is None:
+            self._lookup = {
+                model: select(model.external_id, model.id)
+                .where(model.external_id.in_(bindparam("ids", expanding=True)))
+                for model in (Item, User)}
+            self._new_user = dialect_insert(conn.dialect.name, User.__table__) \
+                .on_conflict_do_nothing(index_elements=["external_id"])
+        missing = sorted(i for i in items if i not in self._items)
+        for chunk in _chunks(missing, 900):
+            self._items.update(conn.execute(self._lookup[Item], {"ids": list(chunk)}).all())
+        unknown = [i for i in missing if i not in self._items]
+        if unknown:
+            shown = ", ".join(repr(u) for u in unknown[:5])
+            raise NotFoundError(f"unknown item {shown}: events must name items of the "
+                                "catalogue (add them first with add_items or "
+                                "`polyrec ingest items`); nothing was stored")
+        new_users = sorted(u for u in users if u not in self._users)
+        if new_users:
+            stamp = time.time()
+            conn.execute(self._new_user, [{"external_id": u, "attributes": {}, "created_at": stamp,
+                                           "updated_at": stamp} for u in new_users])
+            for chunk in _chunks(new_users, 900):
+                self._users.update(conn.execute(self._lookup[User], {"ids": list(chunk)}).all())
+
+    def item_id(self, external: str) -> int:
+        """Internal id of a catalogue item (cached); NotFoundError when unknown."""
+        found = self._items.get(str(external))
+        if found is None:
+            with self.engine.store.session() as s:
+                found = self._items[str(external)] = catalog.get_item_id(s, str(external))
+        return found
+
+    def record(self, events: Sequence[Mapping[str, Any]]) -> list[Event]:
+        """Validate and store ``events`` in one transaction, then let the learners
+        observe the new ones. Returns one Event per input, in order."""
+        if not events:
+            return []
+        checked = [self._check(n, e) for n, e in enumerate(events, start=1)]
+        for attempt in (0, 1):
+            try:
+                stored = self._write(checked)
+                break
+            except IntegrityError:
+                if attempt:
+                    raise
+                self._users.clear()  # a cached id was deleted meanwhile: look up again
+                self._items.clear()
+        self.observe([e for e in stored if e.new])
+        return stored
+
+    def _write(self, checked: list[tuple[str, str, str, float | None, float, Any]]) -> list[Event]:
+        from polyrec.feedback import experiments
+        keys = []
+        for user, item, kind, value, ts, context in checked:
+            ext = (context or {}).get("event_id")
+            keys.append(catalog.interaction_key("event", str(ext), "", 0.0, None) if ext is not None
+                        else uuid.uuid4().hex)
+        users, items = {c[0] for c in checked}, {c[1] for c in checked}
+        # A Core connection, not an ORM session: the single-event path is latency-bound.
+        with self.engine.store.engine.begin() as conn:
+            if not (users <= self._users.keys() and items <= self._items.keys()):
+                self._resolve(conn, users, items)
+            variants = experiments.tag_users(self.engine, conn,
+                                             {self._users[c[0]]: c[0] for c in checked})
+            rows = []
+            for (user, item, kind, value, ts, context), key in zip(checked, keys):
+                uid = self._users[user]
+                if variants.get(uid):
+                    context = dict(context or {})
+                    context.setdefault("experiments", dict(variants[uid]))
+                rows.append({"user_id": uid, "item_id": self._items[item], "kind": kind,
+                             "value": value, "ts": ts, "context": context, "dedup_key": key})
+            if self._insert is None:
+                self._insert = (dialect_insert(conn.dialect.name, Interaction.__table__)
+                                .on_conflict_do_nothing(index_elements=["dedup_key"])
+                                .returning(Interaction.id, Interaction.dedup_key))
+            new_ids = dict((k, i) for i, k in conn.execute(self._insert, rows))
+            old = [r["dedup_key"] for r in rows if r["dedup_key"] not in new_ids]
+            old_ids = {}
+            for chunk in _chunks(old, 900):
+                old_ids.update((k, i) for k, i in conn.execute(
+                    select(Interaction.dedup_key, Interaction.id)
+                    .where(Interaction.dedup_key.in_(list(chunk)))))
+        out = []
+        for (user, item, kind, value, ts, _), row in zip(checked, rows):
+            key = row["dedup_key"]
+            new = key in new_ids
+            out.append(Event(id=new_ids[key] if new else old_ids.get(key, 0), user_id=row["user_id"],
+                             item_id=row["item_id"], user=user, item=item, kind=kind, value=value,
+                             ts=ts, context=row["context"],
+                             weight=event_weight(kind, value, self.config), new=new))
+        return out
+
+    # -- learners observe ----------------------------------------------------------------
+    def observe(self, events: Sequence[Event]) -> None:
+        """Hand stored events to every learner; a failing learner is logged, not fatal
+        (the events are stored and the learner catches up from the log)."""
+        if not events:
+            return
+        for name, learner in self.learners.items():
+            try:
+                learner.observe(events)
+            except Exception as exc:  # noqa: BLE001 - the events are already durable
+                self._failed(name, "observe", exc)
+
+    def _failed(self, name: str, what: str, exc: Exception) -> None:
+        message = f"feedback learner '{name}' failed to {what} events: {type(exc).__name__}: {exc}"
+        log.warning(message, exc_info=exc)
+        self.errors.append(message)
+        del self.errors[:-100]  # keep the latest
+
+    def handoff(self, after_id: int, batch: int = 5000) -> int:
+        """Hand every stored event with id > ``after_id`` to the learners (used after
+        bulk ingestion), reading only the kinds they want (a learner's optional
+        ``wanted_kinds()``: None for all). Returns how many were handed over."""
+        wanted: set[str] | None = set()
+        for name, learner in self.learners.items():
+            fn = getattr(learner, "wanted_kinds", None)
+            try:
+                kinds = fn() if callable(fn) else None
+            except Exception as exc:  # noqa: BLE001 - the events are stored; it catches up later
+                self._failed(name, "prepare for", exc)
+                continue
+            if kinds is None:
+                wanted = None
+                break
+            wanted |= set(kinds)
+        if wanted is not None and not wanted:
+            return 0
+        total, cursor = 0, int(after_id)
+        while True:
+            events = stored_events(self.engine, after_id=cursor, limit=batch, config=self.config,
+                                   kinds=None if wanted is None else sorted(wanted))
+            if not events:
+                return total
+            self.observe(events)
+            total += len(events)
+            cursor = events[-1].id
+
+    def flush(self) -> None:
+        """Persist the learners' state (each learner that has ``flush``)."""
+        for learner in (self._learners or {}).values():
+            flush = getattr(learner, "flush", None)
+            if callable(flush):
+                flush()
+
+    def close(self) -> None:
+        self.flush()
+
+
+def hub(engine: "Engine") -> FeedbackHub:
+    """The engine's FeedbackHub, created on first use and kept on the engine."""
+    found = engine.__dict__.get("_feedback_hub")
+    if found is None:
+        found = engine.__dict__["_feedback_hub"] = FeedbackHub(engine)
+    return found
+
+
+# -- reading the log -----------------------------------------------------------------------
+def last_event_id(engine: "Engine") -> int:
+    """The highest stored interaction id (0 for an empty store)."""
+    with engine.store.session() as s:
+        return int(s.execute(select(func.max(Interaction.id))).scalar() or 0)
+
+
+def stored_events(engine: "Engine", *, after_id: int = 0, user_id: int | None = None,
+                  kinds: Iterable[str] | None = None, limit: int | None = None,
+                  config: Mapping[str, Any] | None = None,
+                  user_ids: Sequence[int] | None = None) -> list[Event]:
+    """Stored events with id > ``after_id`` in id order (optionally of one user, of some
+    users (``user_ids``, at most 900) or of some kinds)."""
+    config = config or hub(engine).config
+    raw_context = type_coerce(Interaction.__table__.c.context, Text)  # parsed only when set
+    query = (select(Interaction.id, Interaction.user_id, Interaction.item_id, User.external_id,
+                    Item.external_id, Interaction.kind, Interaction.value, Interaction.ts,
+                    raw_context)
+             .join(User, User.id == Interaction.user_id).join(Item, Item.id == Interaction.item_id)
+             .where(Interaction.id > after_id).order_by(Interaction.id))
+    if user_id is not None:
+        query = query.where(Interaction.user_id == user_id)
+    if user_ids is not None:
+        query = query.where(Interaction.user_id.in_(list(user_ids)))
+    if kinds is not None:
+        query = query.where(Interaction.kind.in_(list(kinds)))
+    if limit is not None:
+        query = query.limit(limit)
+    with engine.store.engine.connect() as conn:  # Core rows: this reads whole logs
+        rows = conn.execute(query).all()
+    weights: dict[tuple[str, float | None], float] = {}
+    out = []
+    for r in rows:
+        key = (r[5], r[6])
+        weight = weights.get(key)
+        if weight is None:
+            weight = weights[key] = event_weight(r[5], r[6], config)
+        context = json.loads(r[8]) if r[8] is not None and r[8] != "null" else None
+        out.append(Event(id=r[0], user_id=r[1], item_id=r[2], user=r[3], item=r[4], kind=r[5],
+                         value=r[6], ts=r[7], context=context, weight=weight))
+    return out
+
+
+# -- API used by Engine (thin delegations) -------------------------------------------------
+def feedback(engine: "Engine", user: str, item: str, kind: str = "click",
+             value: float | None = None, ts: float | None = None,
+             context: Mapping[str, Any] | None = None) -> Event:
+    """Store one event durably, then hand it to the feedback learners."""
+    return hub(engine).record([{"user": user, "item": item, "kind": kind, "value": value,
+                                "ts": ts, "context": context}])[0]
+
+
+def feedback_many(engine: "Engine", events: Sequence[Mapping[str, Any]]) -> list[Event]:
+    """Store a batch of events (dicts with user, item, kind, value, ts, context) in one
+    transaction, then hand the new ones to the learners."""
+    return hub(engine).record(events)
+
+
+def handoff(engine: "Engine", after_id: int) -> int:
+    """Hand events stored by bulk ingestion (ids > ``after_id``) to the learners."""
+    return hub(engine).handoff(after_id)
+
+
+def user_state(engine: "Engine", user: str) -> torch.Tensor | None:
+    """The online learner's vector of the user with external id ``user`` (or None)."""
+    learner = hub(engine).learner("online")
+    if learner is None:
+        return None
+    with engine.store.session() as s:
+        uid = catalog.user_ids(s, [str(user)]).get(str(user))
+    return None if uid is None else learner.user_state(uid)
+
+
+def describe(engine: "Engine", user: str) -> dict[str, Any]:
+    """What the feedback learners hold for ``user`` (online state, bandit posterior)."""
+    with engine.store.session() as s:
+        uid = catalog.get_user_id(s, str(user))
+    h = hub(engine)
+    out: dict[str, Any] = {"user": str(user)}
+    for name, learner in h.learners.items():
+        describe_fn = getattr(learner, "describe", None)
+        if callable(describe_fn):
+            out[name] = describe_fn(uid)
+    return out
+
+
+def explore(engine: "Engine", user_id: int | None, candidates: list[int], scores: list[float],
+            k: int, *, enabled: bool | None = None) -> list[int]:
+    """Let the bandit spend some of the ``k`` slots on exploration (when enabled for
+    serving, or ``enabled``); returns the candidates (internal item ids) reordered."""
+    h = hub(engine)
+    bandit = h.learner("bandit")
+    on = h.config["bandit"].get("serving", False) if enabled is None else enabled
+    if bandit is None or not on:
+        return candidates
+    return bandit.explore(candidates, scores, user_id=user_id, k=k)
+
+
+# -- serving hooks called by polyrec.retrieve.recommend.Recommender.recommend ------------------------
+def _sync_space(h: FeedbackHub, rec: Any) -> ItemSpace | None:
+    """Make the hub's item space the one of this loaded pipeline (a new version after
+    training replaces the old space; states then restart after its cutoff)."""
+    if str(h.config["online"].get("space", "auto")) not in ("auto", "model"):
+        return h.item_space()
+    name = f"{getattr(recommend_module(), 'PIPELINE_ARTIFACT', 'pipeline')}:v{rec.version}"
+    space = h.item_space()
+    if space is None or space.name != name or len(space.item_ids) < len(rec.data.item_ids):
+        h._space = model_space(h.engine, rec)  # a new pipeline, or new items since
+        h._space_checked = time.monotonic()
+        space = h._space
+    return space
+
+
+def _aligned(h: FeedbackHub, space: ItemSpace, item_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The space's vectors in the order of ``item_ids`` (zero rows where an item has no
+    vector) and which rows are real; cached until the space or the item list changes."""
+    key = (space.name, len(space.item_ids), len(item_ids), item_ids[-1] if item_ids else None)
+    cached = h.__dict__.get("_aligned_cache")
+    if cached is not None and cached[0] == key:
+        return cached[1], cached[2]
+    index = torch.tensor([space.index.get(i, -1) for i in item_ids], dtype=torch.long)
+    has = index >= 0
+    matrix = torch.zeros(len(item_ids), space.dim)
+    matrix[has] = space.vectors[index[has]]
+    h.__dict__["_aligned_cache"] = (key, matrix, has)
+    return matrix, has
+
+
+def _gauss_ranks(x: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+    """Scores replaced by the normal quantiles of their ranks among the ``ok`` entries
+    (the best gets the highest): comparable across rankers whatever their scale, and
+    robust to offsets such as a re-ranker's candidates-above-the-rest (0 elsewhere)."""
+    out = torch.zeros_like(x, dtype=torch.float32)
+    n = int(ok.sum())
+    if n < 2:
+        return out
+    idx = torch.nonzero(ok).flatten()
+    order = torch.argsort(x[idx].float(), stable=True)  # ascending
+    p = (torch.arange(n, dtype=torch.float32) + 0.5) / n
+    out[idx[order]] = math.sqrt(2.0) * torch.erfinv(2.0 * p - 1.0)
+    return out
+
+
+def online_scores(engine: "Engine", rec: Any, user_id: int, scores: torch.Tensor, *,
+                  online: bool | None = None) -> torch.Tensor:
+    """Blend the online learner into one user's scores [n_items] (over ``rec.data``'s
+    item index): ``(1 - s) * g(model) + s * g(state . item vectors)`` with
+    ``s = w / (w + online.blend)``, ``w`` the user's decayed event weight and g the
+    normal quantile of an item's rank among the scorable items (so any ranker's scale
+    blends). Unchanged when the learner is off or has no state for the user; items the
+    model cannot score stay unscorable."""
+    h = hub(engine)
+    enabled = h.config["online"].get("enabled", True) if online is None else online
+    learner = h.learner("online")
+    if not enabled or learner is None:
+        return scores
+    space = _sync_space(h, rec)
+    state = learner.user_state(user_id) if space is not None else None
+    if state is None or state.shape[0] != space.dim:
+        return scores
+    strength = float(getattr(learner, "strength", lambda _u: 1.0)(user_id))
+    share = strength / (strength + float(h.config["online"].get("blend", 6.0)))
+    matrix, has = _aligned(h, space, rec.data.item_ids)
+    mine = matrix @ state
+    ok = torch.isfinite(scores)
+    out = (1.0 - share) * _gauss_ranks(scores, ok) + share * _gauss_ranks(mine, ok & has)
+    out[~ok] = scores[~ok]
+    return out
+
+
+def explore_indices(engine: "Engine", rec: Any, user_id: int, scores: torch.Tensor,
+                    picked: list[int], k: int, *, explore: bool | None = None) -> list[int]:
+    """Let the bandit reorder a user's top ``k`` (dense item indices of ``rec.data``) when
+    exploration is on for serving (setting ``bandit.serving``, or ``explore=True``): the
+    candidate pool is the ``bandit.pool * k`` best scorable items plus up to
+    ``bandit.new_items`` little-seen ones."""
+    h = hub(engine)
+    bandit = h.learner("bandit")
+    on = h.config["bandit"].get("serving", False) if explore is None else explore
+    if bandit is None or not on or not picked:
+        return picked
+    cfg = h.config["bandit"]
+    ok = torch.isfinite(scores)
+    n_ok = int(ok.sum())
+    best = torch.topk(scores, min(n_ok, max(k, int(cfg.get("pool", 3)) * k))).indices.tolist()
+    pool = list(picked) + [i for i in best if i not in set(picked)]  # the model's order first
+    in_pool = set(pool)
+    popularity = bandit.popularity() if hasattr(bandit, "popularity") else {}
+    limit = int(cfg.get("new_item_max_events", 5))
+    fresh = [i for i in torch.nonzero(ok).flatten().tolist()
+             if i not in in_pool and popularity.get(rec.data.item_ids[i], 0) < limit]
+    fresh.sort(key=lambda i: -float(scores[i]))
+    pool += fresh[:int(cfg.get("new_items", 20))]
+    ids = [rec.data.item_ids[i] for i in pool]
+    dense = dict(zip(ids, pool))
+    order = bandit.explore(ids, [float(scores[i]) for i in pool], user_id=user_id, k=k)
+    return [dense[i] for i in order[:len(picked)]]
+
+
+def close(engine: "Engine") -> None:
+    """Flush learner state; called by Engine.close."""
+    found = engine.__dict__.get("_feedback_hub")
+    if found is not None:
+        found.close()
+

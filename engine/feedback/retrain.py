@@ -1,0 +1,155 @@
+"""Retraining schedule: retrain when enough new events or items arrived since the last
+trained model (``polyrec retrain --if-stale``).
+
+Each retrain done here records a marker (setting ``retrain.marker``): the model artifact
+it produced and the highest interaction and item ids at that time, so staleness is exact
+("N events and M items since"). A model trained another way (``polyrec train``) is
+measured from its artifact: its ``meta`` ids when present, else the store as it was when
+the model was first seen.
+"""
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import func, select
+
+from polyrec.store.models import Artifact, Interaction, Item, Setting
+
+if TYPE_CHECKING:  # pragma: no cover
+    from polyrec.engine import Engine
+
+MARKER_KEY = "retrain.marker"
+#: Artifact kinds that are not recommendation models (encoder side products).
+NOT_MODELS = ("kg_embeddings",)
+
+
+def latest_model(engine: "Engine") -> dict[str, Any] | None:
+    """{name, version, created_at, meta} of the newest trained model artifact, or None."""
+    try:  # the serving module names its artifact
+        from polyrec.retrieve import recommend
+        names = [recommend.PIPELINE_ARTIFACT]
+    except (ImportError, AttributeError):
+        names = None
+    query = select(Artifact.name, Artifact.version, Artifact.created_at, Artifact.meta)
+    if names:
+        query = query.where(Artifact.name.in_(list(names)))
+    else:
+        query = query.where(Artifact.kind.notin_(NOT_MODELS))
+    with engine.store.session() as s:
+        row = s.execute(query.order_by(Artifact.created_at.desc(), Artifact.id.desc()).limit(1)).first()
+    if row is None:
+        return None
+    return {"name": row[0], "version": row[1], "created_at": row[2], "meta": dict(row[3] or {})}
+
+
+def _marker(engine: "Engine") -> dict[str, Any] | None:
+    with engine.store.session() as s:
+        row = s.get(Setting, MARKER_KEY)
+        return dict(row.value) if row is not None else None
+
+
+def _save_marker(engine: "Engine", marker: dict[str, Any]) -> None:
+    with engine.store.session() as s:
+        row = s.get(Setting, MARKER_KEY)
+        if row is None:
+            s.add(Setting(key=MARKER_KEY, value=marker))
+        else:
+            row.value = marker
+
+
+def _store_ids(engine: "Engine") -> tuple[int, int]:
+    with engine.store.session() as s:
+        return (int(s.execute(select(func.max(Interaction.id))).scalar() or 0),
+                int(s.execute(select(func.max(Item.id))).scalar() or 0))
+
+
+def model_marker(engine: "Engine", model: dict[str, Any]) -> dict[str, Any]:
+    """{max_event_id, max_item_id, basis}: what the store held when ``model`` (a
+    :func:`latest_model` dict) was trained: from the marker of the retrain that made it,
+    else from its metadata, else the store as it is when the model is first seen (that
+    marker is then recorded, so the answer stays the same)."""
+    ident = {"name": model["name"], "version": model["version"]}
+    marker = _marker(engine)
+    meta = model.get("meta") or {}
+    if marker is not None and marker.get("model") == ident:
+        return {"max_event_id": int(marker["max_event_id"]),
+                "max_item_id": int(marker["max_item_id"]), "basis": "retrain marker"}
+    if "max_interaction_id" in meta:
+        return {"max_event_id": int(meta["max_interaction_id"]),
+                "max_item_id": int(meta.get("max_item_id", 0)), "basis": "model metadata"}
+    events_after, items_after = _store_ids(engine)
+    _save_marker(engine, {"model": ident, "max_event_id": events_after,
+                          "max_item_id": items_after, "at": time.time(), "first_seen": True})
+    return {"max_event_id": events_after, "max_item_id": items_after, "basis": "first seen"}
+
+
+def staleness(engine: "Engine") -> dict[str, Any]:
+    """How much arrived since the last model: {model, new_events, new_items, basis}."""
+    model = latest_model(engine)
+    if model is None:
+        return {"model": None, "new_events": None, "new_items": None, "basis": "no trained model"}
+    marker = model_marker(engine, model)
+    with engine.store.session() as s:
+        new_events = s.execute(select(func.count()).select_from(Interaction)
+                               .where(Interaction.id > marker["max_event_id"])).scalar_one()
+        if marker["max_item_id"]:
+            new_items = s.execute(select(func.count()).select_from(Item)
+                                  .where(Item.id > marker["max_item_id"])).scalar_one()
+        else:
+            new_items = s.execute(select(func.count()).select_from(Item)
+                                  .where(Item.created_at > model["created_at"])).scalar_one()
+    return {"model": {"name": model["name"], "version": model["version"]},
+            "new_events": int(new_events), "new_items": int(new_items), "basis": marker["basis"]}
+
+
+def retrain(engine: "Engine", *, if_stale: bool = False, min_new_events: int | None = None,
+            min_new_items: int | None = None, train_options: dict[str, Any] | None = None
+            ) -> dict[str, Any]:
+    """Encode new items (cached vectors reused) and train the default model again; with
+    ``if_stale`` only when the new events or new items reach their thresholds (defaults
+    from the feedback settings ``retrain.*``). Returns a report dict with ``summary``."""
+    from polyrec.feedback.events import hub
+    config = hub(engine).config["retrain"]
+    min_events = int(config["min_new_events"] if min_new_events is None else min_new_events)
+    min_items = int(config["min_new_items"] if min_new_items is None else min_new_items)
+    state = staleness(engine)
+    report: dict[str, Any] = {"staleness": state, "thresholds": {"min_new_events": min_events,
+                                                                 "min_new_items": min_items}}
+    if state["model"] is None:
+        reason = "no trained model yet"
+    elif state["new_events"] >= min_events:
+        reason = f"{state['new_events']:,} new events (threshold {min_events:,})"
+    elif state["new_items"] >= min_items:
+        reason = f"{state['new_items']:,} new items (threshold {min_items:,})"
+    else:
+        reason = None
+    if if_stale and reason is None:
+        report.update(retrained=False, summary=(
+            f"up to date: {state['new_events']:,} new events (< {min_events:,}) and "
+            f"{state['new_items']:,} new items (< {min_items:,}) since model "
+            f"{state['model']['name']} v{state['model']['version']}"))
+        return report
+    max_event_id, max_item_id = _store_ids(engine)
+    start = time.perf_counter()
+    encoded = engine.encode()
+    encode_s = time.perf_counter() - start
+    start = time.perf_counter()
+    engine.train(**(train_options or {}))
+    train_s = time.perf_counter() - start
+    model = latest_model(engine)
+    ident = {"name": model["name"], "version": model["version"]} if model else None
+    _save_marker(engine, {"model": ident, "max_event_id": max_event_id,
+                          "max_item_id": max_item_id, "at": time.time()})
+    hub(engine).reset_space()
+    n_encoded = int(getattr(encoded, "encoded", 0) or 0)
+    per_encoder = {e.encoder: {"encoded": e.encoded, "cached": e.cached, "error": e.error}
+                   for e in getattr(encoded, "encoders", [])}
+    report.update(retrained=True, reason=reason or "asked to", model=ident,
+                  encoded_items=n_encoded, encoders=per_encoder, encode_seconds=round(encode_s, 2),
+                  train_seconds=round(train_s, 2),
+                  summary=(f"retrained ({reason or 'asked to'}): encoded {n_encoded:,} new or "
+                           f"changed item vectors in {encode_s:.1f} s, trained "
+                           + (f"{ident['name']} v{ident['version']}" if ident else "the model")
+                           + f" in {train_s:.1f} s"))
+    return report

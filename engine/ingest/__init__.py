@@ -1,0 +1,1 @@
+"""Stage 2: reading input files, validating them and writing to the store; data-quality checks."""

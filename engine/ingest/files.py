@@ -1,0 +1,554 @@
+"""Ingestion: read a file with a registered Reader, map its columns onto the store's
+fields, validate every row, and write the good rows in ONE transaction.
+
+Kinds: ``items``, ``users``, ``interactions``, ``kg`` (head/relation/tail triples) and
+``links`` (item -> knowledge-graph entity). Re-ingesting a file is idempotent: items and
+users are upserted by external id, triples are unique, and interactions carry a dedup
+key (user, item, kind, timestamp, value and the occurrence number of identical rows in
+the file, so genuine repeats are kept once each).
+
+With ``on_error="fail"`` (the default) one bad row means nothing of the file is written;
+with ``on_error="skip"`` the good rows are written and the bad ones reported.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import os
+import string
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import date, datetime, timezone
+from decimal import Decimal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
+
+from sqlalchemy import func, select
+from tqdm.auto import tqdm
+
+from polyrec.store import catalog
+from polyrec.contracts import Reader, Row
+from polyrec.errors import ConfigError, NotFoundError, ValidationError
+from polyrec.store.models import Entity, Interaction, Item, Triple, User
+from polyrec.knowledge_graph import store as kg_store
+
+if TYPE_CHECKING:  # pragma: no cover
+    from polyrec.engine import Engine
+    from polyrec.plugin_host import Registry
+
+KINDS = ("items", "users", "interactions", "kg", "links")
+ON_ERROR = ("fail", "skip")
+
+#: kind -> field -> column names tried (case-insensitive), first match wins.
+FIELD_CANDIDATES: dict[str, dict[str, tuple[str, ...]]] = {
+    "items": {
+        "external_id": ("item_id", "article_id", "movie_id", "product_id", "item", "id"),
+        "title": ("title", "movie_title", "prod_name", "name", "product_name"),
+        "text": ("text", "detail_desc", "description", "desc", "overview", "plot", "summary"),
+        "image": ("image", "image_path", "image_url", "img", "picture"),
+    },
+    "users": {"external_id": ("user_id", "customer_id", "user", "id")},
+    "interactions": {
+        "user": ("user_id", "customer_id", "user"),
+        "item": ("item_id", "article_id", "movie_id", "product_id", "item"),
+        "value": ("rating", "value", "score"),
+        "ts": ("timestamp", "ts", "t_dat", "time", "date", "datetime"),
+        "kind": ("kind", "event", "event_type"),
+    },
+    "kg": {
+        "head": ("head_id", "head", "subject", "h"),
+        "relation": ("relation_id", "relation", "predicate", "r"),
+        "tail": ("tail_id", "tail", "object", "t"),
+    },
+    "links": {
+        "item": ("item_id", "article_id", "movie_id", "product_id", "item"),
+        "entity": ("entity_id", "entity"),
+    },
+}
+REQUIRED: dict[str, tuple[str, ...]] = {
+    "items": ("external_id",), "users": ("external_id",), "interactions": ("user", "item"),
+    "kg": ("head", "relation", "tail"), "links": ("item", "entity"),
+}
+DEFAULT_BATCH = 5000
+
+
+@dataclass
+class IngestReport:
+    """What one ingestion did. ``written`` counts good rows sent to the store, ``new``
+    how many rows the target table gained (0 when the file was ingested before)."""
+
+    kind: str
+    file: str
+    format: str
+    mapping: dict[str, str]
+    rows: int = 0
+    written: int = 0
+    new: int = 0
+    skipped: int = 0
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+    links: "IngestReport | None" = None
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["links"] = self.links.as_dict() if self.links else None
+        return out
+
+    def summary(self) -> str:
+        """One line for the CLI."""
+        noun = {"kg": "triples", "links": "item links"}.get(self.kind, self.kind)
+        line = (f"Ingested {self.written:,} {noun} from {Path(self.file).name} ({self.format}): "
+                f"{self.new:,} new, {self.skipped:,} bad rows skipped, {self.seconds:.1f} s")
+        if self.links is not None:
+            line += f"; {self.links.summary()[0].lower()}{self.links.summary()[1:]}"
+        return line
+
+
+# -- readers and mappings ------------------------------------------------------------------
+def pick_reader(readers: "Registry", path: Path, format: str | None = None) -> Reader:
+    """The reader named ``format``, else the one claiming the file's suffix."""
+    if format:
+        return readers.get(format)()
+    suffix = path.suffix.lower()
+    for _, cls in readers.items():
+        if suffix in cls.suffixes:
+            return cls()
+    known = ", ".join(f"{n} ({' '.join(c.suffixes)})" for n, c in readers.items())
+    raise ConfigError(f"{path}: no reader for suffix '{suffix or '(none)'}'; "
+                      f"choose one with --format ({known})")
+
+
+def resolve_mapping(kind: str, columns: list[str], explicit: Mapping[str, str | None] | None,
+                    *, file: str) -> dict[str, str]:
+    """field -> column: explicit entries first, then auto-detected common names.
+
+    An explicit ``None``/empty column switches a field off (no auto-detection)."""
+    candidates = FIELD_CANDIDATES[kind]
+    explicit = dict(explicit or {})
+    by_lower = {c.lower(): c for c in columns}
+    mapping: dict[str, str] = {}
+    for fld, col in explicit.items():
+        if fld not in candidates:
+            raise ConfigError(f"unknown field '{fld}' for {kind} (fields: {', '.join(candidates)})")
+        if not col:
+            continue
+        if col not in columns:
+            raise ConfigError(f"{file}: no column '{col}' to map to '{fld}' "
+                              f"(columns: {', '.join(columns)})")
+        mapping[fld] = col
+    used = set(mapping.values())
+    for fld, names in candidates.items():
+        if fld in explicit:
+            continue
+        for name in names:
+            col = by_lower.get(name)
+            if col is not None and col not in used:
+                mapping[fld] = col
+                used.add(col)
+                break
+    for fld in REQUIRED[kind]:
+        if fld not in mapping:
+            raise ValidationError(
+                f"no column for {kind} field '{fld}' (looked for {', '.join(candidates[fld])}; "
+                f"map one with --map {fld}=COLUMN)", file=file, field=fld)
+    return mapping
+
+
+# -- value conversion ----------------------------------------------------------------------
+class _Bad(Exception):
+    """A value that cannot be converted; becomes a ValidationError for its row."""
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip()) or \
+        (isinstance(value, float) and math.isnan(value)) or (isinstance(value, list) and not value)
+
+
+def to_id(value: Any) -> str:
+    """An external id as a string; integral floats lose their '.0'."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, list):
+        return " ".join(str(v) for v in value)
+    return str(value).strip()
+
+
+def to_text(value: Any) -> str | None:
+    if _missing(value):
+        return None
+    if isinstance(value, list):  # RecBole token_seq
+        return " ".join(str(v) for v in value)
+    return str(value)
+
+
+def to_number(value: Any) -> float:
+    if isinstance(value, bool):
+        raise _Bad(f"not a number: {value!r}")
+    if isinstance(value, (int, float, Decimal)):
+        return float(value)
+    try:
+        out = float(str(value).strip())
+    except ValueError:
+        raise _Bad(f"not a number: {value!r}") from None
+    if math.isnan(out) or math.isinf(out):
+        raise _Bad(f"not a finite number: {value!r}")
+    return out
+
+
+def to_timestamp(value: Any) -> float:
+    """Epoch seconds from a number, a datetime/date, or an ISO 8601 string (dates and
+    naive times are taken as UTC)."""
+    if isinstance(value, datetime):
+        return (value if value.tzinfo else value.replace(tzinfo=timezone.utc)).timestamp()
+    if isinstance(value, date):
+        return datetime(value.year, value.month, value.day, tzinfo=timezone.utc).timestamp()
+    try:
+        return to_number(value)
+    except _Bad:
+        pass
+    text = str(value).strip()
+    try:
+        parsed = datetime.fromisoformat(text.replace("Z", "+00:00") if text.endswith("Z") else text)
+    except ValueError:
+        raise _Bad(f"not a timestamp (epoch seconds or ISO date): {value!r}") from None
+    return to_timestamp(parsed)
+
+
+def jsonable(value: Any) -> Any:
+    """A JSON-safe copy of an attribute value (dates as ISO strings, NaN dropped)."""
+    if isinstance(value, (datetime, date)):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return float(value)
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items() if not _missing(v)}
+    return value
+
+
+def _attributes(fields: Mapping[Any, Any], exclude: set[str]) -> dict[str, Any]:
+    return {str(k): jsonable(v) for k, v in fields.items()
+            if k is not None and k not in exclude and not _missing(v)}
+
+
+# -- images --------------------------------------------------------------------------------
+def _is_url(ref: str) -> bool:
+    return "://" in ref or ref.startswith("data:")
+
+
+def resolve_image(ref: str, root: Path) -> str:
+    """A URL unchanged; a local path made absolute against ``root`` when relative."""
+    if _is_url(ref):
+        return ref
+    p = Path(ref).expanduser()
+    return os.path.abspath(p if p.is_absolute() else root / p)
+
+
+class _ImageTemplate:
+    """``str.format`` template over a row's raw fields, e.g. ``images/{article_id:010d}.jpg``."""
+
+    def __init__(self, template: str, columns: list[str], file: str) -> None:
+        self.template = template
+        names = {f.split(".")[0].split("[")[0]
+                 for _, f, _, _ in string.Formatter().parse(template) if f}
+        missing = sorted(n for n in names if n not in columns)
+        if missing:
+            raise ConfigError(f"{file}: image template names column(s) {', '.join(missing)} "
+                              f"that the file does not have (columns: {', '.join(columns)})")
+        self.names = names
+
+    def render(self, fields: Mapping[Any, Any]) -> str | None:
+        values = {n: fields.get(n) for n in self.names}
+        if any(_missing(v) for v in values.values()):
+            return None
+        try:
+            return self.template.format_map(values)
+        except (ValueError, TypeError):
+            # '{id:010d}' over a string column: retry with integral strings as ints
+            cast = {k: int(v) if isinstance(v, str) and v.strip().lstrip("-").isdigit() else v
+                    for k, v in values.items()}
+            try:
+                return self.template.format_map(cast)
+            except (ValueError, TypeError) as exc:
+                raise _Bad(f"image template: {exc}") from None
+
+
+# -- row parsing ---------------------------------------------------------------------------
+@dataclass
+class _Options:
+    interaction_kind: str | None
+    image_template: str | None
+    image_root: Path
+
+
+class _Parser:
+    """Turns one Row into a record for the store, or raises ValidationError."""
+
+    def __init__(self, kind: str, mapping: dict[str, str], columns: list[str], file: str,
+                 opts: _Options) -> None:
+        self.kind, self.mapping, self.file, self.opts = kind, mapping, file, opts
+        self.mapped = set(mapping.values())
+        self.template = (_ImageTemplate(opts.image_template, columns, file)
+                         if opts.image_template and kind == "items" else None)
+        value_col = mapping.get("value", "")
+        self.default_kind = opts.interaction_kind or ("rating" if "rating" in value_col.lower()
+                                                      else "click")
+
+    def error(self, row: Row, fld: str, message: str) -> ValidationError:
+        return ValidationError(message, file=self.file, row=row.number, field=fld)
+
+    def required_id(self, row: Row, fld: str) -> str:
+        col = self.mapping[fld]
+        value = row.fields.get(col)
+        ident = "" if value is None else (value.strip() if type(value) is str else to_id(value))
+        if not ident or ident.lower() == "nan":
+            what = {"items": "item id", "users": "user id"}.get(self.kind, fld) \
+                if fld == "external_id" else fld
+            raise self.error(row, col, f"missing {what}")
+        return ident
+
+    def convert(self, row: Row, fld: str, fn: Any) -> Any:
+        col = self.mapping.get(fld)
+        if col is None:
+            return None
+        value = row.fields.get(col)
+        if _missing(value):
+            return None
+        try:
+            return fn(value)
+        except _Bad as exc:
+            raise self.error(row, col, str(exc)) from None
+
+    def parse(self, row: Row) -> dict[str, Any]:
+        if None in row.fields:
+            raise ValidationError(str(row.fields[None]), file=self.file, row=row.number)
+        return getattr(self, f"_{self.kind}")(row)
+
+    def _items(self, row: Row) -> dict[str, Any]:
+        rec: dict[str, Any] = {"external_id": self.required_id(row, "external_id"),
+                               "attributes": _attributes(row.fields, self.mapped)}
+        for fld in ("title", "text"):
+            if fld in self.mapping:
+                rec[fld] = to_text(row.fields.get(self.mapping[fld]))
+        image = None
+        if "image" in self.mapping:
+            ref = to_text(row.fields.get(self.mapping["image"]))
+            image = resolve_image(ref.strip(), self.opts.image_root) if ref else None
+        if image is None and self.template is not None:
+            try:
+                ref = self.template.render(row.fields)
+            except _Bad as exc:
+                raise self.error(row, "image", str(exc)) from None
+            if ref:
+                resolved = resolve_image(ref, self.opts.image_root)
+                # a template is a guess at a path: keep it only where the file exists
+                image = resolved if _is_url(resolved) or os.path.isfile(resolved) else None
+        if "image" in self.mapping or self.template is not None:
+            rec["image"] = image
+        return rec
+
+    def _users(self, row: Row) -> dict[str, Any]:
+        return {"external_id": self.required_id(row, "external_id"),
+                "attributes": _attributes(row.fields, self.mapped)}
+
+    def _interactions(self, row: Row) -> dict[str, Any]:
+        user = self.required_id(row, "user")
+        item = self.required_id(row, "item")
+        value = self.convert(row, "value", to_number)
+        ts = self.convert(row, "ts", to_timestamp)
+        kind = self.convert(row, "kind", lambda v: str(v).strip().lower()) or self.default_kind
+        if kind == "rating" and value is None:
+            raise self.error(row, self.mapping.get("value", "value"), "missing rating value")
+        context = _attributes(row.fields, self.mapped) or None
+        return {"row": row.number, "user": user, "item": item, "kind": kind, "value": value,
+                "ts": ts, "context": context}
+
+    def _kg(self, row: Row) -> dict[str, Any]:
+        return {"row": row.number, "triple": (self.required_id(row, "head"),
+                                              self.required_id(row, "relation"),
+                                              self.required_id(row, "tail"))}
+
+    def _links(self, row: Row) -> dict[str, Any]:
+        return {"row": row.number, "item": self.required_id(row, "item"),
+                "entity": self.required_id(row, "entity")}
+
+
+# -- writing -------------------------------------------------------------------------------
+def _count(session: Any, model: Any, where: Any = None) -> int:
+    q = select(func.count()).select_from(model)
+    if where is not None:
+        q = q.where(where)
+    return session.execute(q).scalar_one()
+
+
+def _batches(seq: list[Any], size: int) -> Iterator[list[Any]]:
+    for start in range(0, len(seq), size):
+        yield seq[start:start + size]
+
+
+class _Writer:
+    """Writes validated records of one kind inside the caller's session."""
+
+    def __init__(self, session: Any, parser: _Parser, batch_size: int, source: str) -> None:
+        self.s, self.parser, self.batch, self.source = session, parser, batch_size, source
+
+    def unknown_items(self, records: list[dict[str, Any]]) -> tuple[dict[str, int], list[ValidationError]]:
+        """Internal ids of the referenced items and one error per record naming an unknown one."""
+        ids = catalog.item_ids(self.s, {r["item"] for r in records})
+        col = self.parser.mapping["item"]
+        errors = [ValidationError(f"unknown item '{r['item']}' (ingest the items first)",
+                                  file=self.parser.file, row=r["row"], field=col)
+                  for r in records if r["item"] not in ids]
+        return ids, errors
+
+    def write(self, kind: str, records: list[dict[str, Any]], lookups: dict[str, int]) -> tuple[int, int]:
+        """(written, new)"""
+        return getattr(self, f"_{kind}")(records, lookups)
+
+    def _items(self, records: list[dict[str, Any]], _: Any) -> tuple[int, int]:
+        before = _count(self.s, Item)
+        for chunk in _batches(records, self.batch):
+            catalog.upsert_items(self.s, chunk)
+        return len(records), _count(self.s, Item) - before
+
+    def _users(self, records: list[dict[str, Any]], _: Any) -> tuple[int, int]:
+        before = _count(self.s, User)
+        for chunk in _batches(records, self.batch):
+            catalog.upsert_users(self.s, chunk)
+        return len(records), _count(self.s, User) - before
+
+    def _interactions(self, records: list[dict[str, Any]], items: dict[str, int]) -> tuple[int, int]:
+        users = catalog.ensure_users(self.s, {r["user"] for r in records})
+        now = time.time()
+        seen: dict[tuple[Any, ...], int] = {}
+        rows = []
+        for r in records:
+            ident = (r["user"], r["item"], r["kind"], r["ts"], r["value"])
+            seen[ident] = occurrence = seen.get(ident, -1) + 1
+            rows.append({"user_id": users[r["user"]], "item_id": items[r["item"]],
+                         "kind": r["kind"], "value": r["value"],
+                         "ts": r["ts"] if r["ts"] is not None else now, "context": r["context"],
+                         "dedup_key": catalog.interaction_key(*ident, occurrence=occurrence)})
+        new = 0
+        for chunk in _batches(rows, self.batch):
+            new += catalog.insert_interactions(self.s, chunk)
+        return len(rows), new
+
+    def _kg(self, records: list[dict[str, Any]], _: Any) -> tuple[int, int]:
+        before = _count(self.s, Triple)
+        for chunk in _batches([r["triple"] for r in records], self.batch):
+            kg_store.add_triples(self.s, chunk, source=self.source)
+        return len(records), _count(self.s, Triple) - before
+
+    def _links(self, records: list[dict[str, Any]], _: Any) -> tuple[int, int]:
+        linked = lambda: _count(self.s, Entity, Entity.item_id.is_not(None))  # noqa: E731
+        before = linked()
+        pairs = {r["item"]: r["entity"] for r in records}
+        kg_store.link_items(self.s, pairs)
+        return len(records), linked() - before
+
+
+def _columns(reader: Reader, path: Path) -> tuple[list[str], Iterable[Row]]:
+    """The file's columns and its rows (materialized when the format has no header)."""
+    columns = reader.columns(path)
+    if columns is not None:
+        return list(columns), reader.read(path)
+    rows = list(reader.read(path))
+    seen: dict[str, None] = {}
+    for row in rows:
+        for key in row.fields:
+            if key is not None:
+                seen.setdefault(str(key), None)
+    return list(seen), rows
+
+
+def _unreadable(exc: Exception, file: str) -> ValidationError:
+    """A file-level error for input the reader cannot decode (it stops reading there)."""
+    reason = f"not UTF-8 text ({exc.reason})" if isinstance(exc, UnicodeDecodeError) else str(exc)
+    return ValidationError(f"unreadable: {reason}", file=file)
+
+
+def _error_dict(exc: ValidationError) -> dict[str, Any]:
+    return {"file": exc.file, "row": exc.row, "field": exc.field, "message": exc.reason}
+
+
+def ingest_file(engine: "Engine", path: str | Path, kind: str, *, format: str | None = None,
+                mapping: Mapping[str, str | None] | None = None, on_error: str = "fail",
+                interaction_kind: str | None = None, image_template: str | None = None,
+                image_root: str | Path | None = None, batch_size: int = DEFAULT_BATCH,
+                max_errors: int = 20) -> IngestReport:
+    """Ingest one file of ``kind``; see the module docstring for the guarantees."""
+    path = Path(path).expanduser()
+    if kind == "kg" and path.suffix.lower() == ".link":
+        kind = "links"
+    if kind not in KINDS:
+        raise ConfigError(f"unknown ingest kind '{kind}' (kinds: {', '.join(KINDS)})")
+    if on_error not in ON_ERROR:
+        raise ConfigError(f"on_error must be one of {', '.join(ON_ERROR)}, not '{on_error}'")
+    if not path.is_file():
+        raise NotFoundError(f"{path}: no such file")
+    file = str(path)
+    reader = pick_reader(engine.registry("readers"), path, format)
+    try:
+        columns, rows = _columns(reader, path)
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise _unreadable(exc, file) from exc
+    fields = resolve_mapping(kind, columns, mapping, file=file)
+    root = Path(image_root).expanduser() if image_root is not None else path.parent
+    parser = _Parser(kind, fields, columns, file, _Options(interaction_kind, image_template, root))
+    report = IngestReport(kind=kind, file=file, format=reader.name, mapping=fields)
+    started = time.perf_counter()
+
+    records: list[dict[str, Any]] = []
+    errors: list[ValidationError] = []
+    bar = tqdm(rows, desc=f"{kind} {path.name}", unit=" rows", disable=not engine.progress,
+               leave=False)
+    try:
+        for row in bar:
+            report.rows += 1
+            try:
+                records.append(parser.parse(row))
+            except ValidationError as exc:
+                errors.append(exc)
+    except (UnicodeDecodeError, csv.Error) as exc:  # the reader cannot go on
+        raise _unreadable(exc, file) from exc  # decoding is buffered: no exact row
+
+    from polyrec.feedback import events  # stored interactions are then handed to the feedback learners
+    cursor = events.last_event_id(engine) if kind == "interactions" else None
+    with engine.store.session() as session:  # one transaction: all or (with fail) nothing
+        writer = _Writer(session, parser, batch_size, source=path.name)
+        lookups: dict[str, int] = {}
+        if kind in ("interactions", "links") and records:
+            lookups, unknown = writer.unknown_items(records)
+            if unknown:
+                bad_rows = {e.row for e in unknown}
+                records = [r for r in records if r["row"] not in bad_rows]
+                errors = sorted(errors + unknown, key=lambda e: e.row or 0)
+        if errors and on_error == "fail":
+            first = errors[0]
+            more = f" ({len(errors):,} bad rows in all; nothing was written)" if len(errors) > 1 \
+                else " (nothing was written)"
+            raise ValidationError(first.reason + more, file=first.file, row=first.row,
+                                  field=first.field)
+        report.written, report.new = writer.write(kind, records, lookups) if records else (0, 0)
+    if cursor is not None and report.new:
+        events.handoff(engine, cursor)
+    report.skipped = len(errors)
+    report.errors = [_error_dict(e) for e in errors[:max_errors]]
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def ingest(engine: "Engine", path: str | Path, kind: str, *, links: str | Path | None = None,
+           **options: Any) -> IngestReport:
+    """Ingest ``path``; for ``kind="kg"`` also a ``links`` file (item -> entity), in a
+    second transaction after the triples. Options as for :func:`ingest_file`."""
+    report = ingest_file(engine, path, kind, **options)
+    if links is not None:
+        link_opts = {k: v for k, v in options.items() if k in ("on_error", "batch_size",
+                                                                 "max_errors")}
+        report.links = ingest_file(engine, links, "links", **link_opts)
+    return report

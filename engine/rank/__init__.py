@@ -1,0 +1,1 @@
+"""Stage 4: training data, fitting rankers, the model registry, evaluation and explanations."""

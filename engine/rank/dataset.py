@@ -1,0 +1,132 @@
+"""Build the TrainingData every ranker learns from, straight from the store.
+
+Positives are ratings of at least ``min_rating`` plus implicit events (view, click, cart,
+purchase, ...) weighted by :data:`engine.catalog.DEFAULT_KIND_WEIGHTS`. Each (user, item)
+pair appears once: its weight is the largest weight of its events and its time the time of
+its first positive event. Users and items get dense indices over the whole store, so items
+nobody interacted with (cold items) are in the index too. Item features are the stored
+encoder vectors, keyed by the encoder's modality and aligned with the item index.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Iterable
+
+import numpy as np
+import torch
+from sqlalchemy import select
+
+from polyrec.store.catalog import DEFAULT_KIND_WEIGHTS
+from polyrec.errors import ConfigError, NotFoundError
+from polyrec.store.models import Interaction, Item, ItemVector, User
+from polyrec.training_data import TrainingData
+from polyrec.store.vectors import load_vectors
+
+if TYPE_CHECKING:  # pragma: no cover
+    from polyrec.engine import Engine
+
+#: Kinds used when ``kinds`` is None: every known kind with a positive default weight.
+DEFAULT_KINDS: tuple[str, ...] = tuple(k for k, w in DEFAULT_KIND_WEIGHTS.items() if w > 0)
+
+
+def build_training_data(engine: "Engine", *, min_rating: float = 4.0,
+                        kinds: Iterable[str] | None = None, features: bool = True,
+                        encoders: Iterable[str] | None = None) -> TrainingData:
+    """Positive interactions of the store as a :class:`TrainingData`.
+
+    ``kinds`` limits the interaction kinds (default :data:`DEFAULT_KINDS`; a kind the
+    engine does not know weighs 1.0). ``rating`` events count only when their value is
+    at least ``min_rating``. With ``features`` the item vectors of every registered
+    encoder that has stored vectors (or of ``encoders``) fill ``item_features`` as
+    modality -> (vectors [n_items, d] float32, present [n_items] bool).
+    """
+    chosen = tuple(DEFAULT_KINDS if kinds is None else dict.fromkeys(kinds))
+    if not chosen:
+        raise ConfigError("build_training_data needs at least one interaction kind")
+    weights = {k: float(DEFAULT_KIND_WEIGHTS.get(k, 1.0)) for k in chosen}
+    with engine.store.session() as s:
+        user_ids = list(s.execute(select(User.id).order_by(User.id)).scalars())
+        item_ids = list(s.execute(select(Item.id).order_by(Item.id)).scalars())
+        rows = s.execute(select(Interaction.user_id, Interaction.item_id, Interaction.kind,
+                                Interaction.value, Interaction.ts)
+                         .where(Interaction.kind.in_(chosen))).all()
+        feats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        sources: dict[str, str] = {}
+        if features:
+            feats, sources = _item_features(engine, s, item_ids, encoders)
+    users, items, w, ts = _positives(rows, user_ids, item_ids, weights, min_rating)
+    return TrainingData(user_ids=user_ids, item_ids=item_ids, users=users, items=items,
+                        weights=w, ts=ts, item_features=feats, feature_encoders=sources)
+
+
+def _positives(rows: list, user_ids: list[int], item_ids: list[int],
+               weights: dict[str, float], min_rating: float
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dense (users, items, weights, ts), one row per positive (user, item) pair,
+    sorted by user then time."""
+    uidx = {u: i for i, u in enumerate(user_ids)}
+    iidx = {it: i for i, it in enumerate(item_ids)}
+    us, its, ws, tss = [], [], [], []
+    for user, item, kind, value, ts in rows:
+        if kind == "rating" and (value is None or value < min_rating):
+            continue
+        weight = weights[kind]
+        if weight <= 0:
+            continue
+        us.append(uidx[user])
+        its.append(iidx[item])
+        ws.append(weight)
+        tss.append(ts)
+    if not us:
+        empty = torch.empty(0, dtype=torch.long)
+        return empty, empty.clone(), torch.empty(0), torch.empty(0, dtype=torch.float64)
+    u = np.asarray(us, dtype=np.int64)
+    i = np.asarray(its, dtype=np.int64)
+    w = np.asarray(ws, dtype=np.float32)
+    t = np.asarray(tss, dtype=np.float64)
+    key = u * len(item_ids) + i
+    order = np.lexsort((t, key))  # by pair, earliest event first
+    key, w, t = key[order], w[order], t[order]
+    first = np.r_[True, key[1:] != key[:-1]]
+    starts = np.flatnonzero(first)
+    pair_w = np.maximum.reduceat(w, starts)
+    pair_t = t[starts]
+    pair_u, pair_i = key[starts] // len(item_ids), key[starts] % len(item_ids)
+    final = np.lexsort((pair_i, pair_t, pair_u))  # by user, then time, then item
+    return (torch.from_numpy(pair_u[final]), torch.from_numpy(pair_i[final]),
+            torch.from_numpy(pair_w[final]), torch.from_numpy(pair_t[final]))
+
+
+def _item_features(engine: "Engine", session, item_ids: list[int],
+                   encoders: Iterable[str] | None
+                   ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, str]]:
+    """modality -> (vectors, present) for the encoders with stored vectors, and
+    modality -> encoder name. A second encoder of an already-used modality is keyed by
+    its own name."""
+    registry = engine.registry("encoders")
+    stored = set(session.execute(select(ItemVector.encoder).distinct()).scalars())
+    if encoders is None:
+        names = [n for n in registry.names() if n in stored]
+    else:
+        names = list(encoders)
+        for n in names:
+            if n not in registry:
+                registry.get(n)  # raises NotFoundError listing the known encoders
+            if n not in stored:
+                raise NotFoundError(f"encoder '{n}' has no stored vectors; run `polyrec encode` first")
+    index = {it: i for i, it in enumerate(item_ids)}
+    feats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    sources: dict[str, str] = {}
+    for name in names:
+        ids, matrix = load_vectors(session, name)
+        if not ids:
+            continue
+        rows = torch.tensor([index[i] for i in ids], dtype=torch.long)
+        vectors = torch.zeros(len(item_ids), matrix.shape[1], dtype=torch.float32)
+        present = torch.zeros(len(item_ids), dtype=torch.bool)
+        vectors[rows] = matrix
+        present[rows] = True
+        modality = str(getattr(registry.get(name), "modality", name))
+        key = modality if modality not in feats else name
+        feats[key] = (vectors, present)
+        sources[key] = name
+    return feats, sources

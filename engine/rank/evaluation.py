@@ -1,0 +1,449 @@
+"""Offline evaluation: splits, full-ranking metrics, and several rankers in one table.
+
+Splits (all seeded, all over the same dense user/item index as the full data):
+
+- ``random``: per user, a random ``test_share`` of the user's positives is held out;
+  users with fewer than ``min_positives`` positives stay entirely in training.
+- ``time``: leave-last-out, each user's latest positive is held out (same minimum).
+- ``cold``: a share of the items with interactions becomes cold: ALL their interactions
+  are held out, and by default only those items are candidates for ranking.
+
+Rankers are fitted on ``split.train``; a ranker that tunes itself carves its validation
+data from that with :func:`validation_split` (the same protocol applied to the training
+data, never the test data). Metrics rank the whole catalogue (or the split's candidates)
+with each user's training items masked; an item scored ``-inf`` (a ranker that cannot
+score it) is never counted as recommended.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from polyrec.contracts import Ranker
+from polyrec.errors import ConfigError
+from polyrec.training_data import TrainingData
+
+if TYPE_CHECKING:  # pragma: no cover
+    from polyrec.engine import Engine
+    from polyrec.plugin_host import Registry
+
+SPLITS = ("random", "time", "cold")
+DEFAULT_KS = (10, 20)
+
+
+# -- splits -------------------------------------------------------------------------------
+@dataclass
+class Split:
+    """Training data plus what was held out.
+
+    ``test[u]`` holds the held-out item indices of user ``u`` (empty when none);
+    ``candidates`` (bool [n_items]) marks the items a ranking may contain (None: all);
+    ``cold_items`` lists the item indices whose interactions were all held out.
+    """
+
+    name: str
+    train: TrainingData
+    test: list[torch.Tensor]
+    candidates: torch.Tensor | None = None
+    cold_items: torch.Tensor | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def eval_users(self) -> torch.Tensor:
+        """User indices with at least one held-out item (ascending)."""
+        return torch.tensor([u for u, t in enumerate(self.test) if len(t)], dtype=torch.long)
+
+    @property
+    def n_test(self) -> int:
+        return sum(len(t) for t in self.test)
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-ready summary of the split."""
+        out = {"split": self.name, **self.params, "users": self.train.n_users,
+               "items": self.train.n_items, "train_interactions": len(self.train.users),
+               "test_interactions": self.n_test, "eval_users": len(self.eval_users)}
+        if self.cold_items is not None:
+            out["cold_items"] = len(self.cold_items)
+        if self.candidates is not None:
+            out["n_candidates"] = int(self.candidates.sum())
+        return out
+
+
+def _per_user(data: TrainingData, held: torch.Tensor) -> list[torch.Tensor]:
+    """Held-out item indices per user from a bool mask over the interactions."""
+    users, items = data.users[held], data.items[held]
+    order = torch.argsort(users, stable=True)
+    counts = torch.bincount(users, minlength=data.n_users).tolist()
+    return list(torch.split(items[order], counts))
+
+
+def _rank_within_user(users: torch.Tensor, keys: torch.Tensor, n_users: int) -> torch.Tensor:
+    """Position (0-based) of each interaction among its user's, ordered by ``keys``."""
+    order = torch.argsort(keys, stable=True)
+    order = order[torch.argsort(users[order], stable=True)]  # by user, then key
+    counts = torch.bincount(users, minlength=n_users)
+    starts = torch.cumsum(counts, 0) - counts
+    pos = torch.empty_like(order)
+    pos[order] = torch.arange(len(order)) - starts[users[order]]
+    return pos
+
+
+def random_split(data: TrainingData, *, test_share: float = 0.2, min_positives: int = 5,
+                 seed: int = 0) -> Split:
+    """Hold out a random ``test_share`` (rounded, at least one) of each user's positives;
+    users with fewer than ``min_positives`` positives keep all of theirs in training."""
+    if not 0 < test_share < 1:
+        raise ConfigError(f"test share must be between 0 and 1, not {test_share}")
+    gen = torch.Generator().manual_seed(seed)
+    keys = torch.rand(len(data.users), generator=gen)
+    pos = _rank_within_user(data.users, keys, data.n_users)
+    counts = torch.bincount(data.users, minlength=data.n_users)
+    n_test = torch.clamp(torch.floor(counts * test_share + 0.5), min=1).long()
+    n_test[counts < min_positives] = 0
+    held = pos < n_test[data.users]
+    params = {"test_share": test_share, "min_positives": min_positives, "seed": seed}
+    return Split("random", data.subset(~held, split="random", **params), _per_user(data, held),
+                 params=params)
+
+
+def time_split(data: TrainingData, *, n_last: int = 1, min_positives: int = 5,
+               seed: int = 0) -> Split:
+    """Leave-last-out: each user's ``n_last`` latest positives are held out (ties broken
+    by item index); users with fewer than ``min_positives`` stay in training."""
+    if n_last < 1:
+        raise ConfigError(f"n_last must be at least 1, not {n_last}")
+    order = torch.argsort(data.items, descending=True, stable=True)
+    order = order[torch.argsort(data.ts[order], descending=True, stable=True)]
+    keys = torch.empty_like(order)
+    keys[order] = torch.arange(len(order))  # 0 = latest interaction overall
+    pos = _rank_within_user(data.users, keys, data.n_users)
+    counts = torch.bincount(data.users, minlength=data.n_users)
+    eligible = counts >= min_positives
+    held = (pos < n_last) & eligible[data.users]
+    params = {"n_last": n_last, "min_positives": min_positives, "seed": seed}
+    return Split("time", data.subset(~held, split="time", **params), _per_user(data, held),
+                 params=params)
+
+
+def cold_item_split(data: TrainingData, *, item_share: float = 0.2, seed: int = 0,
+                    candidates: str = "cold") -> Split:
+    """Make ``item_share`` of the items that have interactions cold: all their
+    interactions are held out. ``candidates``: 'cold' ranks only the cold items (the
+    cold-start protocol), 'all' the whole catalogue."""
+    if not 0 < item_share < 1:
+        raise ConfigError(f"item share must be between 0 and 1, not {item_share}")
+    if candidates not in ("cold", "all"):
+        raise ConfigError(f"candidates must be 'cold' or 'all', not '{candidates}'")
+    gen = torch.Generator().manual_seed(seed)
+    active = torch.nonzero(data.item_counts() > 0).flatten()
+    n_cold = int(math.floor(len(active) * item_share + 0.5))
+    cold = torch.sort(active[torch.randperm(len(active), generator=gen)[:n_cold]]).values
+    is_cold = torch.zeros(data.n_items, dtype=torch.bool)
+    is_cold[cold] = True
+    held = is_cold[data.items]
+    params = {"item_share": item_share, "seed": seed, "candidates": candidates}
+    return Split("cold", data.subset(~held, split="cold", **params), _per_user(data, held),
+                 candidates=is_cold if candidates == "cold" else None, cold_items=cold,
+                 params=params)
+
+
+SPLIT_FUNCTIONS: dict[str, Callable[..., Split]] = {
+    "random": random_split, "time": time_split, "cold": cold_item_split}
+
+
+def make_split(data: TrainingData, name: str = "random", *, seed: int = 0,
+               **params: Any) -> Split:
+    """Split ``data`` by protocol name ('random', 'time' or 'cold')."""
+    if name not in SPLIT_FUNCTIONS:
+        raise ConfigError(f"unknown split '{name}' (choose from {', '.join(SPLITS)})")
+    return SPLIT_FUNCTIONS[name](data, seed=seed, **params)
+
+
+def validation_split(train: TrainingData, *, seed: int | None = None,
+                     warm_only: bool = False) -> Split:
+    """Validation data carved from training data with the protocol that produced it
+    (``train.protocol``; per-user random 80/20 when it has none). The seed defaults to
+    the protocol's seed + 1, so validation never repeats the test draw. ``warm_only``
+    turns a cold-item protocol into the per-user random one: a ranker that cannot score
+    cold items learns nothing from cold validation items."""
+    proto = dict(train.protocol)
+    name = proto.pop("split", "random")
+    base = proto.pop("seed", 0)
+    if name == "cold":
+        proto.pop("candidates", None)
+        if warm_only:
+            name, proto = "random", {}
+    return make_split(train, name, seed=base + 1 if seed is None else seed, **proto)
+
+
+# -- metrics ------------------------------------------------------------------------------
+def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices [b, k] of each row's k best scores, best first, ties broken by the lower
+    index: the first k columns of a stable descending argsort, without the full sort."""
+    k = min(k, scores.shape[1])
+    threshold = torch.topk(scores, k, dim=1).values[:, -1:]
+    above = scores > threshold
+    tied = scores == threshold
+    room = k - above.sum(1, keepdim=True)
+    chosen = above | (tied & (torch.cumsum(tied, dim=1) <= room))
+    idx = torch.nonzero(chosen)[:, 1].view(-1, k)  # index order within each row
+    vals = torch.gather(scores, 1, idx)
+    return torch.gather(idx, 1, torch.argsort(vals, dim=1, descending=True, stable=True))
+
+
+def user_metrics(scores: torch.Tensor, relevant: torch.Tensor, ks: Sequence[int] = DEFAULT_KS
+                 ) -> tuple[dict[str, torch.Tensor], dict[int, torch.Tensor]]:
+    """Per-user metrics of full rankings.
+
+    scores [b, n] (``-inf`` or NaN: not ranked), relevant bool [b, n]. Ties are broken
+    by item index. Returns ({metric: [b]}, {k: top-k item indices [b, k], -1 where the
+    ranking ran out of scored items}). Recall@K = hits / min(|relevant|, K); NDCG@K with
+    binary gains and the ideal DCG of min(|relevant|, K) hits; MRR = 1 / rank of the
+    first relevant item in the full ranking (0 when none is ranked); HitRate@K = any hit.
+    """
+    scores = scores.float()
+    scores = torch.where(torch.isnan(scores), torch.full_like(scores, -math.inf), scores)
+    n = scores.shape[1]
+    order = top_k(scores, max(ks))
+    ranked = torch.gather(scores, 1, order) > -math.inf
+    hits_sorted = torch.gather(relevant, 1, order) & ranked
+    n_rel = relevant.sum(1)
+    out: dict[str, torch.Tensor] = {}
+    tops: dict[int, torch.Tensor] = {}
+    for k in ks:
+        kk = min(k, n)
+        top_hits = hits_sorted[:, :kk].float()
+        hits = top_hits.sum(1)
+        denom = torch.clamp(torch.minimum(n_rel, torch.tensor(k)), min=1).float()
+        discounts = 1.0 / torch.log2(torch.arange(2, kk + 2, dtype=torch.float32))
+        ideal = torch.cumsum(discounts, 0)
+        n_ideal = torch.clamp(torch.minimum(n_rel, torch.tensor(kk)), min=1) - 1
+        out[f"recall@{k}"] = hits / denom
+        out[f"ndcg@{k}"] = (top_hits * discounts).sum(1) / ideal[n_ideal]
+        out[f"hitrate@{k}"] = (hits > 0).float()
+        tops[k] = torch.where(ranked[:, :kk], order[:, :kk], torch.full_like(order[:, :kk], -1))
+    # MRR over the full ranking: the first relevant item is the one with the best score
+    # (lowest index among equals); its rank counts the items ahead of it.
+    rel_scores = torch.where(relevant, scores, torch.full_like(scores, -math.inf))
+    best = rel_scores.max(1, keepdim=True).values
+    cols = torch.arange(n)[None, :]
+    first_idx = torch.where(relevant & (scores == best), cols, torch.full_like(cols, n)).min(1, keepdim=True).values
+    ahead = (scores > best).sum(1) + ((scores == best) & (cols < first_idx)).sum(1)
+    found = best.squeeze(1) > -math.inf
+    out["mrr"] = torch.where(found, 1.0 / (ahead + 1).float(), torch.zeros(len(scores)))
+    return out, tops
+
+
+def mask_scores(scores: torch.Tensor, users: torch.Tensor, train_items: list[torch.Tensor],
+                candidates: torch.Tensor | None = None) -> torch.Tensor:
+    """Set each user's training items, and items outside ``candidates``, to ``-inf``."""
+    scores = scores.float().clone()
+    rows = [torch.full((len(train_items[u]),), r, dtype=torch.long)
+            for r, u in enumerate(users.tolist())]
+    if rows:
+        cols = torch.cat([train_items[u] for u in users.tolist()])
+        scores[torch.cat(rows), cols] = -math.inf
+    if candidates is not None:
+        scores[:, ~candidates] = -math.inf
+    return scores
+
+
+def evaluate_ranker(ranker: Ranker, split: Split, *, ks: Sequence[int] = DEFAULT_KS,
+                    batch_size: int = 256, progress: bool = False,
+                    desc: str | None = None) -> dict[str, float]:
+    """Mean metrics of a fitted ranker over the split's evaluated users, plus catalogue
+    coverage@K (share of candidate items in at least one user's top K)."""
+    users = split.eval_users
+    train_items = split.train.user_items()
+    n_items = split.train.n_items
+    sums: dict[str, float] = {}
+    seen = {k: torch.zeros(n_items, dtype=torch.bool) for k in ks}
+    batches = range(0, len(users), batch_size)
+    for start in tqdm(batches, desc=desc or f"evaluate {getattr(ranker, 'name', '')}",
+                      disable=not progress, leave=False):
+        batch = users[start:start + batch_size]
+        with torch.no_grad():
+            raw = ranker.score_users(batch, split.train)
+        if tuple(raw.shape) != (len(batch), n_items):
+            raise ConfigError(f"ranker '{getattr(ranker, 'name', ranker)}' returned scores of "
+                              f"shape {tuple(raw.shape)}, expected {(len(batch), n_items)}")
+        scores = mask_scores(raw.detach().cpu(), batch, train_items, split.candidates)
+        relevant = torch.zeros(len(batch), n_items, dtype=torch.bool)
+        for r, u in enumerate(batch.tolist()):
+            relevant[r, split.test[u]] = True
+        per_user, tops = user_metrics(scores, relevant, ks)
+        for name, values in per_user.items():
+            sums[name] = sums.get(name, 0.0) + float(values.sum())
+        for k, top in tops.items():
+            top = top[top >= 0]
+            seen[k][top] = True
+    n_users = max(len(users), 1)
+    n_candidates = int(split.candidates.sum()) if split.candidates is not None else n_items
+    result = {name: total / n_users for name, total in sums.items()}
+    for k in ks:
+        result[f"coverage@{k}"] = int(seen[k].sum()) / max(n_candidates, 1)
+    return result
+
+
+# -- models -------------------------------------------------------------------------------
+@dataclass
+class ModelSpec:
+    """One model of an evaluation: a label for the table, a ranker name and its options."""
+
+    label: str
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_models(models: str | Iterable[str | ModelSpec],
+                 options: Iterable[str] = ()) -> list[ModelSpec]:
+    """Model specs from 'popular,itemknn,text=two_tower' (LABEL=NAME gives one ranker a
+    second label) and options 'LABEL.KEY=VALUE' (VALUE parsed as JSON when it can be)."""
+    items = models.split(",") if isinstance(models, str) else list(models)
+    specs: list[ModelSpec] = []
+    for item in items:
+        if isinstance(item, ModelSpec):
+            specs.append(item)
+            continue
+        item = item.strip()
+        if not item:
+            continue
+        label, _, name = item.partition("=")
+        specs.append(ModelSpec(label.strip(), (name or label).strip()))
+    if not specs:
+        raise ConfigError("no models to evaluate")
+    labels = [s.label for s in specs]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"model labels must be unique: {', '.join(labels)}")
+    by_label = {s.label: s for s in specs}
+    for opt in options:
+        target, eq, raw = opt.partition("=")
+        label, dot, key = target.partition(".")
+        if not eq or not dot or not key:
+            raise ConfigError(f"option '{opt}' must look like LABEL.KEY=VALUE")
+        if label not in by_label:
+            raise ConfigError(f"option '{opt}' names model '{label}', which is not evaluated "
+                              f"(models: {', '.join(labels)})")
+        by_label[label].options[key] = _parse_value(raw)
+    return specs
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+
+
+def make_ranker(registry: "Registry", name: str, options: Mapping[str, Any] | None = None
+                ) -> Ranker:
+    """Instantiate ranker ``name`` with ``options``. Composite rankers (class attribute
+    ``composite = True``, e.g. the ensemble) also get ``factory``, a callable
+    (name, options) -> Ranker, to build their members from the same registry."""
+    cls = registry.get(name)
+    opts = dict(options or {})
+    if getattr(cls, "composite", False):
+        opts.setdefault("factory", lambda n, o=None: make_ranker(registry, n, o))
+    return cls(**opts)
+
+
+# -- reports ------------------------------------------------------------------------------
+@dataclass
+class EvaluationReport:
+    """The outcome of one evaluation run: the split, K values and one row per model."""
+
+    split: dict[str, Any]
+    ks: list[int]
+    rows: list[dict[str, Any]]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"split": self.split, "ks": self.ks, "models": self.rows}
+
+    def table(self) -> str:
+        """A fixed-width text table: one row per model."""
+        cols = [f"{m}@{k}" for k in self.ks for m in ("recall", "ndcg", "hitrate")]
+        cols += ["mrr"] + [f"coverage@{k}" for k in self.ks]
+        width = max([len("model")] + [len(r["model"]) for r in self.rows])
+        head = f"{'model':<{width}}  " + "  ".join(f"{c:>11}" for c in cols) + "  fit_s"
+        lines = [head, "-" * len(head)]
+        for r in self.rows:
+            vals = "  ".join(f"{r['metrics'][c]:>11.4f}" for c in cols)
+            lines.append(f"{r['model']:<{width}}  {vals}  {r['fit_seconds']:>5.1f}")
+        return "\n".join(lines)
+
+
+def run_evaluation(engine: "Engine", models: str | Iterable[str | ModelSpec] = "popular,itemknn,ease",
+                   *, split: str = "random", ks: Sequence[int] = DEFAULT_KS, seed: int = 0,
+                   options: Iterable[str] = (), min_rating: float = 4.0,
+                   split_options: Mapping[str, Any] | None = None, batch_size: int = 256,
+                   data: TrainingData | None = None) -> EvaluationReport:
+    """Build the data, split it, fit every model on the training part (each tunes on
+    validation carved from it) and evaluate all on the held-out part."""
+    from polyrec.rank.dataset import build_training_data
+    ks = sorted({int(k) for k in ks})
+    if not ks or ks[0] < 1:
+        raise ConfigError("K values must be positive integers")
+    specs = parse_models(models, options)
+    registry = engine.registry("rankers")
+    for spec in specs:
+        registry.get(spec.name)  # fail before any work on an unknown name
+    if data is None:
+        data = build_training_data(engine, min_rating=min_rating)
+    if len(data.users) == 0:
+        raise ConfigError("no positive interactions to evaluate on; ingest interactions first")
+    the_split = make_split(data, split, seed=seed, **dict(split_options or {}))
+    progress = bool(getattr(engine, "progress", False))
+    rows = []
+    for spec in specs:
+        ranker = make_ranker(registry, spec.name, spec.options)
+        start = time.perf_counter()
+        ranker.fit(the_split.train)
+        fit_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        metrics = evaluate_ranker(ranker, the_split, ks=ks, batch_size=batch_size,
+                                  progress=progress, desc=f"evaluate {spec.label}")
+        rows.append({"model": spec.label, "ranker": spec.name, "options": spec.options,
+                     "handles_cold_items": bool(getattr(ranker, "handles_cold_items", False)),
+                     "metrics": metrics, "info": dict(getattr(ranker, "info", {}) or {}),
+                     "fit_seconds": fit_seconds,
+                     "eval_seconds": time.perf_counter() - start})
+    return EvaluationReport(the_split.describe(), ks, rows)
+
+
+# -- tuning -------------------------------------------------------------------------------
+def tune_on_validation(build: Callable[[dict[str, Any]], Ranker], grid: Mapping[str, Sequence[Any]],
+                       train: TrainingData, *, metric: str = "ndcg@20",
+                       seed: int | None = None, warm_only: bool = False
+                       ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Pick the grid point whose ranker, fitted on validation-train, scores best on
+    ``metric`` over the validation split carved from ``train`` (never the test data).
+
+    ``warm_only``: see :func:`validation_split`.
+    Returns (best parameters, [{"params", metric} for every grid point]). The first grid
+    point wins ties, so order the grid from the preferred (simplest) value.
+    """
+    import itertools
+    name, _, k = metric.partition("@")
+    ks = [int(k)] if k else list(DEFAULT_KS)
+    val = validation_split(train, seed=seed, warm_only=warm_only)
+    keys = list(grid)
+    tried: list[dict[str, Any]] = []
+    best: tuple[float, dict[str, Any]] | None = None
+    for values in itertools.product(*(grid[key] for key in keys)):
+        params = dict(zip(keys, values))
+        ranker = build(params)
+        ranker.fit(val.train)
+        result = evaluate_ranker(ranker, val, ks=ks)
+        if metric not in result:
+            raise ConfigError(f"unknown tuning metric '{metric}' (known: {', '.join(sorted(result))})")
+        tried.append({"params": params, metric: result[metric]})
+        if best is None or result[metric] > best[0]:
+            best = (result[metric], params)
+    assert best is not None
+    return best[1], tried

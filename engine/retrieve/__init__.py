@@ -1,0 +1,1 @@
+"""Stage 6: answering requests: recommendations, search, similar items."""

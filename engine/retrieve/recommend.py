@@ -1,0 +1,439 @@
+"""Training the recommendation pipeline and serving recommendations from it.
+
+``train`` fits a ranker (the default pipeline unless one is named) on the store's
+positive interactions and saves it as the artifact ``pipeline``. ``recommend`` loads the
+latest pipeline once, caches it on the Engine (a :class:`Recommender`), and answers
+requests: exact top-k over the ranker's scores, seen items excluded, attribute filters,
+MMR diversity over the fused item vectors, and explanations.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+import torch
+from sqlalchemy import func, select
+
+from polyrec.store.artifacts import from_bytes, load_artifact, save_artifact, to_bytes
+from polyrec.contracts import Ranker
+from polyrec.errors import ConfigError, ModelNotTrainedError, NotFoundError
+from polyrec.store.models import Interaction, Item, ItemVector
+from polyrec.training_data import TrainingData
+
+if TYPE_CHECKING:  # pragma: no cover
+    from polyrec.engine import Engine
+
+#: The default pipeline ("hybrid", plugins/rank_rerank.py): EASE retrieves, and a click
+#: model learned on validation data re-scores its top candidates with the two-tower score
+#: (fused text + KG + ID), content similarity, popularity and recency as features.
+DEFAULT_RANKER = "hybrid"
+DEFAULT_OPTIONS: dict[str, Any] = {}
+PIPELINE_ARTIFACT = "pipeline"
+#: Options the engine fills in for rankers that accept them (see ``build_ranker``).
+CONTEXT_OPTIONS = ("device", "fusers", "progress")
+
+
+@dataclass
+class Recommendation:
+    """One recommended item: its external id, score and (when asked) why. The score is
+    the click probability for a click-model pipeline (the default), else the ranker's
+    score."""
+
+    item: str
+    score: float
+    explanation: dict[str, Any] = field(default_factory=dict)
+    title: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class TrainReport:
+    """What ``train`` did: the ranker and options, the artifact version, data sizes."""
+
+    ranker: str
+    options: dict[str, Any]
+    version: int
+    seconds: float
+    users: int
+    items: int
+    interactions: int
+    modalities: list[str]
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# -- building rankers ---------------------------------------------------------------------
+def _accepts(cls: type, key: str) -> bool:
+    defaults = getattr(cls, "defaults", None)
+    return isinstance(defaults, Mapping) and key in defaults
+
+
+def build_ranker(engine: "Engine", name: str, options: Mapping[str, Any] | None = None) -> Ranker:
+    """Instantiate ranker ``name`` from the engine's registry. Rankers that declare the
+    option in their ``defaults`` get the engine's device, fuser registry and progress
+    setting; composite rankers get a ``factory`` that builds members the same way."""
+    registry = engine.registry("rankers")
+    cls = registry.get(name)
+    opts = dict(options or {})
+    context = {"device": str(engine.device), "fusers": engine.registry("fusers"),
+               "progress": bool(engine.progress)}
+    for key in CONTEXT_OPTIONS:
+        if key not in opts and (_accepts(cls, key) or key == "fusers" and _accepts(cls, "fuser")):
+            opts[key] = context[key]
+    if getattr(cls, "composite", False):
+        opts.setdefault("factory", lambda n, o=None: build_ranker(engine, n, o))
+    return cls(**opts)
+
+
+def with_option(engine: "Engine", name: str, options: dict[str, Any], key: str,
+                value: Any) -> dict[str, Any]:
+    """Set ``key`` on a ranker's options, or on every member (ensemble ``members``,
+    re-ranker ``base`` and ``scorers``) whose ranker accepts it; rankers that do not are
+    left alone."""
+    registry = engine.registry("rankers")
+    cls = registry.get(name)
+    out = dict(options)
+    if _accepts(cls, key):
+        out[key] = value
+    for group in ("members", "scorers"):  # ensemble members, re-ranker scorers
+        specs = out.get(group, getattr(cls, "default_members", None) if group == "members" else None)
+        if not specs or not isinstance(specs, (list, tuple, str)):
+            continue
+        new = []
+        for m in specs.split("+") if isinstance(specs, str) else specs:
+            spec = {"name": m, "options": {}} if isinstance(m, str) else dict(m)
+            spec["options"] = with_option(engine, spec["name"], dict(spec.get("options") or {}),
+                                          key, value)
+            new.append(spec)
+        out[group] = new
+    base = out.get("base", cls.defaults.get("base") if _accepts(cls, "base") else None)
+    if isinstance(base, str):
+        out["base_options"] = with_option(engine, base, dict(out.get("base_options") or {}),
+                                          key, value)
+    return out
+
+
+def _serialisable(options: Mapping[str, Any]) -> dict[str, Any]:
+    """Options without what the engine injects (rebuilt at load time)."""
+    drop = set(CONTEXT_OPTIONS) | {"factory"}
+    out: dict[str, Any] = {}
+    for k, v in options.items():
+        if k in drop:
+            continue
+        if isinstance(v, Mapping):
+            v = _serialisable(v)
+        elif isinstance(v, (list, tuple)):
+            v = [_serialisable(x) if isinstance(x, Mapping) else x for x in v]
+        out[k] = v
+    return out
+
+
+# -- training ----------------------------------------------------------------------------
+def train(engine: "Engine", ranker: str | None = None, *, options: Mapping[str, Any] | None = None,
+          epochs: int | None = None, seed: int | None = None, min_rating: float = 4.0,
+          data: TrainingData | None = None) -> TrainReport:
+    """Fit ``ranker`` (the default pipeline when None) on the store's positives and save it
+    as the next version of the ``pipeline`` artifact. ``epochs``/``seed`` reach every
+    ranker in the pipeline that takes them; ``options`` go to the named ranker."""
+    from polyrec.rank.dataset import build_training_data
+    name = ranker or DEFAULT_RANKER
+    opts: dict[str, Any] = dict(DEFAULT_OPTIONS) if ranker is None else {}
+    opts.update(dict(options or {}))
+    for key, value in (("epochs", epochs), ("seed", seed)):
+        if value is not None:
+            opts = with_option(engine, name, opts, key, value)
+    with engine.store.session() as s:  # what the store held: the online learners start after it
+        seen_up_to = {"max_interaction_id": int(s.execute(select(func.max(Interaction.id))).scalar() or 0),
+                      "max_item_id": int(s.execute(select(func.max(Item.id))).scalar() or 0)}
+    if data is None:
+        data = build_training_data(engine, min_rating=min_rating)
+    if len(data.users) == 0:
+        raise ConfigError("no positive interactions to train on; ingest interactions first")
+    model = build_ranker(engine, name, opts)
+    start = time.perf_counter()
+    model.fit(data)
+    seconds = time.perf_counter() - start
+    info = dict(getattr(model, "info", {}) or {})
+    saved_options = _serialisable(opts)
+    payload = {"ranker": name, "options": saved_options, "state": model.state(),
+               "min_rating": min_rating}
+    meta = {"ranker": name, "options": saved_options, "min_rating": min_rating,
+            "users": data.n_users, "items": data.n_items, "interactions": int(len(data.users)),
+            "modalities": list(data.item_features), "seconds": round(seconds, 2),
+            "info": _jsonable(info), **seen_up_to}
+    with engine.store.session() as s:
+        version = save_artifact(s, PIPELINE_ARTIFACT, "pipeline", to_bytes(payload), meta)
+    engine.__dict__.pop("_recommender", None)
+    return TrainReport(name, saved_options, version, seconds, data.n_users, data.n_items,
+                       int(len(data.users)), list(data.item_features), _jsonable(info))
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, bool)) or value is None:
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    return str(value)
+
+
+# -- serving -----------------------------------------------------------------------------
+def matches(attributes: Mapping[str, Any], filters: Mapping[str, Any]) -> bool:
+    """True when every filter matches: equal values (case-insensitive for text), or
+    membership when the attribute is a list or a space-separated token list."""
+    for key, wanted in filters.items():
+        if key not in attributes:
+            return False
+        have = attributes[key]
+        options = wanted if isinstance(wanted, (list, tuple, set)) else [wanted]
+        if isinstance(have, (list, tuple)):
+            values = {str(v).lower() for v in have}
+        else:
+            values = {str(have).lower()} | set(str(have).lower().split())
+        if not any(str(o).lower() in values for o in options):
+            return False
+    return True
+
+
+def mmr(candidates: torch.Tensor, relevance: torch.Tensor, vectors: torch.Tensor, k: int,
+        diversity: float) -> list[int]:
+    """Maximal marginal relevance: pick ``k`` of ``candidates`` (item indices, relevance
+    [c]) maximising (1 - diversity) * relevance - diversity * max similarity to those
+    already picked. Relevance is min-max scaled over the candidates first."""
+    if len(candidates) == 0:
+        return []
+    rel = relevance.float()
+    span = (rel.max() - rel.min()).clamp(min=1e-12)
+    rel = (rel - rel.min()) / span
+    vecs = vectors[candidates].float()
+    sims = vecs @ vecs.T
+    chosen: list[int] = []
+    max_sim = torch.full((len(candidates),), -math.inf)
+    available = torch.ones(len(candidates), dtype=torch.bool)
+    for _ in range(min(k, len(candidates))):
+        penalty = torch.where(torch.isfinite(max_sim), max_sim, torch.zeros_like(max_sim))
+        value = (1 - diversity) * rel - diversity * penalty
+        value[~available] = -math.inf
+        j = int(torch.argmax(value))
+        chosen.append(j)
+        available[j] = False
+        max_sim = torch.maximum(torch.where(torch.isfinite(max_sim), max_sim,
+                                            torch.full_like(max_sim, -1.0)), sims[j])
+    return [int(candidates[j]) for j in chosen]
+
+
+class Recommender:
+    """The trained pipeline of one Engine, loaded once: ranker, data snapshot, item views."""
+
+    def __init__(self, engine: "Engine", version: int | None = None) -> None:
+        self.engine = engine
+        with engine.store.session() as s:
+            try:
+                stored = load_artifact(s, PIPELINE_ARTIFACT, version)
+            except NotFoundError:
+                raise ModelNotTrainedError("no trained pipeline in the store; run `polyrec train` "
+                                           "(or Engine.train()) first") from None
+        payload = from_bytes(stored.data)
+        self.version = stored.version
+        self.meta = stored.meta
+        self.ranker_name = payload["ranker"]
+        self.min_rating = float(payload.get("min_rating", 4.0))
+        self.ranker = build_ranker(engine, self.ranker_name, payload["options"])
+        self.ranker.load_state(payload["state"])
+        self._data_key: tuple | None = None
+        self._graph: Any = None
+        self._graph_loaded = False
+        self.refresh()
+
+    # -- data ----------------------------------------------------------------------------
+    def _current_keys(self) -> tuple[tuple, tuple]:
+        """(interactions key, items-and-vectors key): they change when the store does."""
+        with self.engine.store.session() as s:
+            inter = s.execute(select(func.count(), func.max(Interaction.id))).one()
+            items = s.execute(select(func.count(), func.max(Item.id),
+                                     func.max(Item.updated_at))).one()
+            vecs = s.execute(select(func.count(), func.max(ItemVector.id))
+                             .select_from(ItemVector)).one()
+        return tuple(inter), tuple(items) + tuple(vecs)
+
+    def refresh(self, force: bool = False) -> None:
+        """Reload what changed in the store since the last request: the interactions
+        (histories) and, when items or vectors changed, the item views and features."""
+        inter_key, item_key = self._current_keys()
+        if not force and (inter_key, item_key) == self._data_key:
+            return
+        from polyrec.rank.dataset import build_training_data
+        items_changed = force or self._data_key is None or item_key != self._data_key[1]
+        if items_changed:
+            data = build_training_data(self.engine, min_rating=self.min_rating)
+            views = self.engine.items()
+            by_id = {v.id: v for v in views}
+            self.views = [by_id[i] for i in data.item_ids]
+            self.external = {v.id: v.external_id for v in views}
+            self.titles = {v.id: v.title for v in views if v.title}
+            self._vectors: torch.Tensor | None = None
+        else:  # same items and vectors: reuse the loaded features
+            data = build_training_data(self.engine, min_rating=self.min_rating, features=False)
+            data.item_features = self.data.item_features
+            data.feature_encoders = self.data.feature_encoders
+        self.data = data
+        self.user_index = data.user_index()
+        self.history = data.user_items()
+        self.popularity = data.item_counts().float()
+        self._data_key = (inter_key, item_key)
+
+    @property
+    def graph(self) -> Any:
+        """The stored knowledge graph (None when it has no triples), loaded on first use."""
+        if not self._graph_loaded:
+            from polyrec.knowledge_graph.graph import load_graph
+            with self.engine.store.session() as s:
+                graph = load_graph(s)
+            self._graph = graph if graph.number_of_edges() else None
+            self._graph_loaded = True
+        return self._graph
+
+    def vectors(self) -> torch.Tensor | None:
+        from polyrec.rank.explain import item_vectors
+        if self._vectors is None:
+            self._vectors = item_vectors(self.ranker, self.data)
+        return self._vectors
+
+    def _seen(self, user_id: int) -> torch.Tensor:
+        """Item indices the user has any stored interaction with (ratings below the
+        positive threshold included; an impression alone does not count as seen)."""
+        index = self.data.item_index()
+        with self.engine.store.session() as s:
+            items = s.execute(select(Interaction.item_id).where(Interaction.user_id == user_id)
+                              .where(Interaction.kind != "impression")
+                              .distinct()).scalars().all()
+        return torch.tensor([index[i] for i in items if i in index], dtype=torch.long)
+
+    # -- scoring -------------------------------------------------------------------------
+    def scores(self, users: torch.Tensor) -> torch.Tensor:
+        """Ranker scores [b, n_items] for dense user indices; a user with no history gets
+        item popularity (the only signal there is)."""
+        with torch.no_grad():
+            out = self.ranker.score_users(users, self.data).detach().float().cpu()
+        counts = torch.tensor([len(self.history[u]) for u in users.tolist()])
+        if bool((counts == 0).any()):
+            out[counts == 0] = torch.log1p(self.popularity)[None, :]
+        return out
+
+    def top_k(self, users: torch.Tensor, k: int, exclude_seen: bool = True
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scores [b, k], item indices [b, k]) by exact top-k; training positives of each
+        user excluded when ``exclude_seen`` (the batch path, for benchmarks and serving)."""
+        scores = self.scores(users)
+        if exclude_seen:
+            rows = torch.cat([torch.full((len(self.history[u]),), r, dtype=torch.long)
+                              for r, u in enumerate(users.tolist())])
+            cols = torch.cat([self.history[u] for u in users.tolist()])
+            scores[rows, cols] = -math.inf
+        return torch.topk(scores, min(k, scores.shape[1]), dim=1)
+
+    def recommend(self, user: str, k: int = 10, *, filters: Mapping[str, Any] | None = None,
+                  exclude_seen: bool = True, diversity: float = 0.0,
+                  explain: bool = False, online: bool | None = None,
+                  explore: bool | None = None) -> list[Recommendation]:
+        """Top ``k`` items for ``user`` (external id); see Engine.recommend."""
+        if k < 1:
+            raise ConfigError(f"k must be at least 1, not {k}")
+        if not 0.0 <= diversity <= 1.0:
+            raise ConfigError(f"diversity must be between 0 and 1, not {diversity}")
+        self.refresh()
+        from polyrec.store.catalog import get_user_id
+        with self.engine.store.session() as s:
+            user_id = get_user_id(s, str(user))
+        if user_id not in self.user_index:
+            self.refresh(force=True)
+        u = self.user_index[user_id]
+        scores = self.scores(torch.tensor([u]))[0]
+        from polyrec.feedback import events  # feedback learners: online user state, exploration
+        scores = events.online_scores(self.engine, self, user_id, scores, online=online)
+        if exclude_seen:
+            scores[self._seen(user_id)] = -math.inf
+            scores[self.history[u]] = -math.inf
+        if filters:
+            keep = torch.tensor([matches(v.attributes, filters) for v in self.views])
+            scores[~keep] = -math.inf
+        finite = int(torch.isfinite(scores).sum())
+        if finite == 0:
+            return []
+        vectors = self.vectors() if diversity > 0 else None
+        if vectors is not None:
+            pool = torch.topk(scores, min(max(10 * k, 100), finite))
+            picked = mmr(pool.indices, pool.values, vectors, k, diversity)
+        else:
+            picked = torch.topk(scores, min(k, finite)).indices.tolist()
+        picked = events.explore_indices(self.engine, self, user_id, scores, picked, k, explore=explore)
+        # a click-model pipeline reports each item's click probability as its score (the
+        # list keeps the ranking order: online blending, MMR and exploration may move it)
+        clicks = self._click_probabilities(u, picked)
+        explainer, member_z = None, {}
+        if explain:
+            from polyrec.rank.explain import Explainer
+            explainer = Explainer(self.ranker, self.data, self.titles, self.external, self.graph)
+            member_z = self._member_scores(u)
+        out = []
+        for i in picked:
+            ident = self.data.item_ids[i]
+            score = clicks[i] if clicks is not None else float(scores[i])
+            rec = Recommendation(item=self.external[ident], score=score,
+                                 title=self.titles.get(ident))
+            if explainer is not None:
+                parts = {name: float(z[i]) for name, z in member_z.items()
+                         if math.isfinite(float(z[i]))}
+                if clicks is not None and i in clicks:
+                    parts["click_probability"] = clicks[i]
+                rec.explanation = explainer.explain(i, self.history[u].tolist(), parts or None)
+            out.append(rec)
+        return out
+
+    def _click_probabilities(self, u: int, items: list[int]) -> dict[int, float] | None:
+        """The re-ranker's click probability of each item (None without a re-ranker)."""
+        if not hasattr(self.ranker, "click_probability") or not items:
+            return None
+        with torch.no_grad():
+            probs = self.ranker.click_probability(torch.tensor([u]), torch.tensor([items]),
+                                                  self.data)[0]
+        return {i: float(p) for i, p in zip(items, probs)}
+
+    def _member_scores(self, u: int) -> dict[str, torch.Tensor]:
+        """Per-user z-scores of every item by each ranker the pipeline combines (ensemble
+        members, a re-ranker's retrieval ranker and scorers), for explanations."""
+        from polyrec.rank.explain import components
+        out = {}
+        for name, ranker in components(self.ranker):
+            with torch.no_grad():
+                raw = ranker.score_users(torch.tensor([u]), self.data).float().cpu()[0]
+            finite = torch.isfinite(raw)
+            vals = raw[finite]
+            z = (raw - vals.mean()) / vals.std().clamp(min=1e-12) if len(vals) > 1 else raw
+            out[name] = torch.where(finite, z, torch.full_like(z, math.nan))
+        return out
+
+
+def recommender(engine: "Engine") -> Recommender:
+    """The Engine's cached Recommender (loaded on first use, replaced by ``train``)."""
+    rec = engine.__dict__.get("_recommender")
+    if rec is None:
+        rec = Recommender(engine)
+        engine.__dict__["_recommender"] = rec
+    return rec
+
+
+def recommend(engine: "Engine", user: str, k: int = 10, **options: Any) -> list[Recommendation]:
+    """Recommendations for one user from the engine's trained pipeline."""
+    return recommender(engine).recommend(user, k, **options)

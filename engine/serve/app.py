@@ -1,0 +1,369 @@
+"""The HTTP API: a FastAPI app over one shared Engine, served by uvicorn.
+
+Endpoints (JSON; the OpenAPI schema is at ``/openapi.json``, interactive docs at ``/docs``):
+
+    GET  /health                       liveness and catalogue counts
+    POST /recommend                    {user, k, filters, exclude_seen, explain}
+    POST /search                       {query, k, user, filters, understanding, weights}
+    POST /similar                      {item, k, filters, basis}
+    GET  /items/{item}                 one item
+    PUT  /items            (write)     {items: [{external_id, title, text, image, attributes}]}
+    PUT  /users            (write)     {users: [{external_id, attributes}]}
+    POST /feedback         (write)     {user, item, kind, value, ts, context}
+    POST /feedback/batch   (write)     {events: [...]}
+
+Input is validated by pydantic models (strict types, unknown fields refused): a bad
+request gets 422 with a message naming the field; a body over ``max_body_bytes`` gets
+413; unknown items 404. Unknown users get popular items (``"basis": "popular"``), not an
+error. With ``token`` set, write endpoints need ``Authorization: Bearer <token>``.
+
+Request handlers are plain functions, so uvicorn runs them on a thread pool against one
+Engine: reads are thread-safe (a session per call, immutable snapshots swapped by
+reference; see engine/retrieve/search.py).
+"""
+
+import hmac
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from polyrec.errors import (ConfigError, ModelNotTrainedError, NotFoundError, PolyrecError,
+                           ValidationError)
+from polyrec.retrieve.search import MAX_K, MAX_QUERY_CHARS, searcher
+
+if TYPE_CHECKING:  # pragma: no cover
+    from fastapi import FastAPI
+
+    from polyrec.engine import Engine
+
+MAX_BODY_BYTES = 1 << 20  # 1 MiB
+MAX_BATCH = 10_000
+ID_CHARS = 255
+
+
+def _models() -> dict[str, Any]:
+    """The pydantic request models (built lazily: fastapi is an optional dependency)."""
+    from pydantic import BaseModel, ConfigDict, Field
+
+    Id = Annotated[str, Field(min_length=1, max_length=ID_CHARS)]
+    K = Annotated[int, Field(ge=1, le=MAX_K, description=f"how many results (1..{MAX_K})")]
+    FilterValue = str | int | float | list[str | int | float]
+    Filters = Annotated[dict[str, FilterValue] | None,
+                        Field(description="attribute field or slot -> value(s), e.g. "
+                                          '{"colour": "Black"}')]
+
+    class Strict(BaseModel):
+        model_config = ConfigDict(strict=True, extra="forbid")
+
+    class SearchRequest(Strict):
+        query: Annotated[str, Field(min_length=1, max_length=MAX_QUERY_CHARS)]
+        k: K = 10
+        user: Id | None = None
+        filters: Filters = None
+        understanding: Literal["boost", "filter", "off"] = "boost"
+        weights: dict[str, Annotated[float, Field(ge=0)]] | None = None
+
+    class RecommendRequest(Strict):
+        user: Id
+        k: K = 10
+        filters: Filters = None
+        exclude_seen: bool = True
+        explain: bool = False
+
+    class SimilarRequest(Strict):
+        item: Id
+        k: K = 10
+        filters: Filters = None
+        basis: Annotated[str, Field(min_length=1, max_length=64)] = "auto"
+
+    class ItemIn(Strict):
+        external_id: Id
+        title: str | None = None
+        text: str | None = None
+        image: str | None = None
+        attributes: dict[str, Any] | None = None
+
+    class UserIn(Strict):
+        external_id: Id
+        attributes: dict[str, Any] | None = None
+
+    class ItemsIn(Strict):
+        items: Annotated[list[ItemIn], Field(min_length=1, max_length=MAX_BATCH)]
+
+    class UsersIn(Strict):
+        users: Annotated[list[UserIn], Field(min_length=1, max_length=MAX_BATCH)]
+
+    class EventIn(Strict):
+        user: Id
+        item: Id
+        kind: Annotated[str, Field(min_length=1, max_length=32)] = "click"
+        value: float | None = None
+        ts: float | None = None
+        context: dict[str, Any] | None = None
+
+    class EventsIn(Strict):
+        events: Annotated[list[EventIn], Field(min_length=1, max_length=MAX_BATCH)]
+
+    return {m.__name__: m for m in (SearchRequest, RecommendRequest, SimilarRequest, ItemsIn,
+                                    UsersIn, EventIn, EventsIn)}
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for request bodies over ``limit`` bytes (declared or streamed)."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None:
+            if declared.isdigit() and int(declared) > self.limit:
+                await _reject(send, self.limit)
+                return
+            await self.app(scope, receive, send)  # the server holds it to that length
+            return
+        # no declared length (chunked): read it all, up to the limit, then replay it
+        chunks, seen = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                chunks.append(message)
+                break
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                await _reject(send, self.limit)
+                return
+            chunks.append(message)
+            if not message.get("more_body", False):
+                break
+        replay = iter(chunks)
+
+        async def replayed() -> dict:
+            try:
+                return next(replay)
+            except StopIteration:
+                return await receive()
+
+        await self.app(scope, replayed, send)
+
+
+async def _reject(send: Any, limit: int) -> None:
+    import json
+    body = json.dumps({"error": "payload_too_large",
+                       "message": f"request body over {limit:,} bytes"}).encode()
+    await send({"type": "http.response.start", "status": 413,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _status(exc: PolyrecError) -> int:
+    if isinstance(exc, NotFoundError):
+        return 404
+    if isinstance(exc, (ValidationError, ConfigError)):
+        return 422
+    if isinstance(exc, ModelNotTrainedError):
+        return 409
+    return 400
+
+
+def create_app(engine: "Engine", *, token: str | None = None,
+               max_body_bytes: int = MAX_BODY_BYTES, check_interval: float = 1.0) -> "FastAPI":
+    """A FastAPI app serving ``engine``. ``token``: bearer token for write endpoints.
+
+    ``check_interval``: seconds between checks of the store for changes made by other
+    processes (writes through this app are seen at once)."""
+    from fastapi import Depends, FastAPI, Header, HTTPException, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+
+    import polyrec as pkg
+
+    M = _models()
+    srch = searcher(engine)
+    srch.check_interval = float(check_interval)
+    app = FastAPI(title="polyrec", version=pkg.__version__,
+                  description="Multimodal recommendations, search and similar items.")
+    app.state.engine = engine
+
+    @app.exception_handler(PolyrecError)
+    async def polyrec_error(_: Request, exc: PolyrecError) -> JSONResponse:
+        return JSONResponse(status_code=_status(exc),
+                            content={"error": type(exc).__name__, "message": str(exc)})
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+                  for e in exc.errors()]
+        message = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors[:5])
+        return JSONResponse(status_code=422, content={"error": "invalid_request",
+                                                      "message": message, "detail": errors})
+
+    def writer(authorization: str | None = Header(default=None)) -> None:
+        if token is None:
+            return
+        scheme, _, given = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(),
+                                                                 token.encode()):
+            raise HTTPException(401, "a valid bearer token is required for write endpoints",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        """Liveness plus catalogue counts."""
+        stats = engine.stats()
+        return {"status": "ok", "version": pkg.__version__, "items": stats["items"],
+                "users": stats["users"], "interactions": stats["interactions"],
+                "vectors": stats["vectors_by_encoder"], "artifacts": stats["artifacts"]}
+
+    @app.post("/search")
+    def search(req: M["SearchRequest"]) -> dict[str, Any]:  # type: ignore[valid-type]
+        """Hybrid search with query understanding; personalised with ``user``."""
+        options: dict[str, Any] = {"understanding": req.understanding}
+        if req.weights is not None:
+            options["weights"] = req.weights
+        return engine.search(req.query, req.k, user=req.user, filters=req.filters,
+                             **options).as_dict()
+
+    @app.post("/similar")
+    def similar(req: M["SimilarRequest"]) -> dict[str, Any]:  # type: ignore[valid-type]
+        """Items similar to ``item``."""
+        return engine.similar(req.item, req.k, filters=req.filters, basis=req.basis).as_dict()
+
+    @app.post("/recommend")
+    def recommend(req: M["RecommendRequest"]) -> dict[str, Any]:  # type: ignore[valid-type]
+        """Recommendations for ``user``; popular items for users the model does not know."""
+        return recommend_or_popular(engine, req.user, req.k, filters=req.filters,
+                                    exclude_seen=req.exclude_seen, explain=req.explain)
+
+    @app.get("/items/{item}")
+    def get_item(item: str) -> dict[str, Any]:
+        """One item as stored."""
+        from polyrec.store import catalog
+        with engine.store.session() as s:
+            iid = catalog.get_item_id(s, item)
+            view = catalog.item_views(s, [iid])[0]
+        return {"item": view.external_id, "title": view.title, "text": view.text,
+                "image": view.image, "attributes": view.attributes, "entity": view.entity}
+
+    @app.put("/items", dependencies=[Depends(writer)])
+    def put_items(req: M["ItemsIn"]) -> dict[str, Any]:  # type: ignore[valid-type]
+        """Insert or update items (fields left out are kept)."""
+        rows = [i.model_dump(exclude_unset=True) for i in req.items]
+        n = engine.add_items(rows)
+        srch.invalidate()
+        return {"written": n}
+
+    @app.put("/users", dependencies=[Depends(writer)])
+    def put_users(req: M["UsersIn"]) -> dict[str, Any]:  # type: ignore[valid-type]
+        """Insert or update users."""
+        n = engine.add_users([u.model_dump(exclude_unset=True) for u in req.users])
+        srch.invalidate()
+        return {"written": n}
+
+    @app.post("/feedback", dependencies=[Depends(writer)])
+    def feedback(req: M["EventIn"]) -> dict[str, Any]:  # type: ignore[valid-type]
+        """Store one event and hand it to the feedback learners."""
+        event = engine.feedback(req.user, req.item, req.kind, value=req.value, ts=req.ts,
+                                context=req.context)
+        return {"stored": 1, "event": _event_dict(event)}
+
+    @app.post("/feedback/batch", dependencies=[Depends(writer)])
+    def feedback_batch(req: M["EventsIn"]) -> dict[str, Any]:  # type: ignore[valid-type]
+        """Store a batch of events in one transaction."""
+        events = engine.feedback_many([e.model_dump() for e in req.events])
+        return {"stored": len(events)}
+
+    return BodyLimit(app, max_body_bytes) if max_body_bytes else app  # type: ignore[return-value]
+
+
+def _event_dict(event: Any) -> Any:
+    as_dict = getattr(event, "as_dict", None)
+    return as_dict() if callable(as_dict) else None
+
+
+def recommend_or_popular(engine: "Engine", user: str, k: int, *, filters: Any = None,
+                         exclude_seen: bool = True, explain: bool = False) -> dict[str, Any]:
+    """Engine.recommend for known users; the most popular items (cold start) when the
+    user is unknown or no model is trained, with the reason in ``notes``."""
+    from polyrec.store import catalog
+    notes: list[str] = []
+    recommend = getattr(engine, "recommend", None)
+    with engine.store.session() as s:
+        known = bool(catalog.user_ids(s, [user]))
+    if not known:
+        notes.append(f"unknown user '{user}': popular items")
+    elif recommend is None:
+        notes.append("no recommender is installed: popular items")
+    else:
+        try:
+            recs = recommend(user, k, filters=filters, exclude_seen=exclude_seen, explain=explain)
+            return {"user": user, "basis": "model", "notes": notes,
+                    "results": [{"item": r.item, "score": float(r.score),
+                                 "explanation": r.explanation} for r in recs]}
+        except ModelNotTrainedError as exc:
+            notes.append(f"{exc}: popular items")
+        except NotFoundError as exc:
+            if "user" not in str(exc).lower():
+                raise
+            notes.append(f"unknown user '{user}': popular items")
+    popular = searcher(engine).popular(k, filters)
+    return {"user": user, "basis": "popular", "notes": notes,
+            "results": [{"item": i, "score": share, "explanation": {"popularity": share}}
+                        for i, share in popular]}
+
+
+# -- running -------------------------------------------------------------------------------
+def serve(engine: "Engine", host: str = "127.0.0.1", port: int = 8000, *,
+          token: str | None = None, log_level: str = "info", **app_options: Any) -> None:
+    """Serve ``engine`` over HTTP until interrupted (Ctrl-C)."""
+    import uvicorn
+    uvicorn.run(create_app(engine, token=token, **app_options), host=host, port=port,
+                log_level=log_level)
+
+
+@dataclass
+class RunningServer:
+    """A uvicorn server on a background thread (tests, benchmarks, notebooks)."""
+
+    url: str
+    server: Any
+    thread: threading.Thread
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout)
+
+    def __enter__(self) -> "RunningServer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def start_background(app: Any, host: str = "127.0.0.1", port: int = 0, *,
+                     log_level: str = "warning", timeout: float = 30.0) -> RunningServer:
+    """Start ``app`` on ``host``:``port`` (0: a free port) in a daemon thread; returns once
+    it accepts connections."""
+    import uvicorn
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    bound = sock.getsockname()[1]
+    config = uvicorn.Config(app, host=host, port=bound, log_level=log_level, lifespan="off")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True,
+                              name=f"polyrec-http-{bound}")
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            raise PolyrecError(f"the HTTP server did not start on {host}:{bound}")
+        time.sleep(0.02)
+    return RunningServer(f"http://{host}:{bound}", server, thread)

@@ -1,0 +1,154 @@
+"""Writes and reads of catalogue rows (items, users, interactions) through one session.
+
+Every write is an upsert by external id, so writing the same records twice leaves the
+store as after the first time. Callers own the transaction (``Store.session()``).
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Any, Iterable, Mapping, Sequence
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from polyrec.contracts import ItemView
+from polyrec.errors import NotFoundError
+from polyrec.store.models import Entity, Interaction, Item, User
+
+#: Interaction kinds the engine knows, with their default weight as implicit feedback.
+DEFAULT_KIND_WEIGHTS: dict[str, float] = {
+    "impression": 0.0, "skip": -0.5, "view": 0.5, "click": 1.0, "cart": 2.0,
+    "purchase": 3.0, "rating": 1.0,
+}
+
+ITEM_FIELDS = ("title", "text", "image", "attributes")
+
+
+def _insert(session: Session, table: Any) -> Any:
+    """A dialect-specific INSERT that supports ON CONFLICT (SQLite and PostgreSQL)."""
+    name = session.get_bind().dialect.name
+    if name == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    elif name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:  # pragma: no cover - other databases need their own upsert
+        raise NotImplementedError(f"upserts are not implemented for the '{name}' dialect")
+    return insert(table)
+
+
+def upsert_items(session: Session, records: Sequence[Mapping[str, Any]]) -> int:
+    """Insert or update items by ``external_id``; fields absent from a record are kept."""
+    if not records:
+        return 0
+    stamp = time.time()
+    by_keys: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for rec in records:
+        row = {"external_id": str(rec["external_id"]), "updated_at": stamp, "created_at": stamp}
+        for f in ITEM_FIELDS:
+            if f in rec:
+                row[f] = rec[f] if f != "attributes" else dict(rec[f] or {})
+        by_keys.setdefault(tuple(sorted(row)), []).append(row)
+    for keys, rows in by_keys.items():  # one statement per shape of record
+        stmt = _insert(session, Item.__table__)
+        update = {k: stmt.excluded[k] for k in keys if k not in ("external_id", "created_at")}
+        session.execute(stmt.on_conflict_do_update(index_elements=["external_id"], set_=update), rows)
+    return len(records)
+
+
+def upsert_users(session: Session, records: Sequence[Mapping[str, Any]]) -> int:
+    """Insert or update users by ``external_id`` (``attributes`` replaced when given)."""
+    if not records:
+        return 0
+    stamp = time.time()
+    rows = [{"external_id": str(r["external_id"]), "attributes": dict(r.get("attributes") or {}),
+             "created_at": stamp, "updated_at": stamp} for r in records]
+    stmt = _insert(session, User.__table__)
+    session.execute(stmt.on_conflict_do_update(
+        index_elements=["external_id"],
+        set_={"attributes": stmt.excluded.attributes, "updated_at": stmt.excluded.updated_at}), rows)
+    return len(rows)
+
+
+def ensure_users(session: Session, external_ids: Iterable[str]) -> dict[str, int]:
+    """Internal ids of the given users, creating the unknown ones with no attributes
+    (in order of first appearance, so ids are reproducible run to run)."""
+    wanted = list(dict.fromkeys(str(e) for e in external_ids))
+    if not wanted:
+        return {}
+    stamp = time.time()
+    stmt = _insert(session, User.__table__).on_conflict_do_nothing(index_elements=["external_id"])
+    session.execute(stmt, [{"external_id": e, "attributes": {}, "created_at": stamp,
+                            "updated_at": stamp} for e in wanted])
+    return user_ids(session, wanted)
+
+
+def _ids(session: Session, model: Any, external_ids: Iterable[str]) -> dict[str, int]:
+    wanted = list({str(e) for e in external_ids})
+    found: dict[str, int] = {}
+    for start in range(0, len(wanted), 900):  # stay under SQLite's bound-parameter limit
+        chunk = wanted[start:start + 900]
+        found.update(session.execute(select(model.external_id, model.id)
+                                     .where(model.external_id.in_(chunk))).all())
+    return found
+
+
+def user_ids(session: Session, external_ids: Iterable[str]) -> dict[str, int]:
+    """external id -> internal id for the users that exist."""
+    return _ids(session, User, external_ids)
+
+
+def item_ids(session: Session, external_ids: Iterable[str]) -> dict[str, int]:
+    """external id -> internal id for the items that exist."""
+    return _ids(session, Item, external_ids)
+
+
+def interaction_key(user: str, item: str, kind: str, ts: float, value: float | None,
+                    occurrence: int = 0) -> str:
+    """The dedup key of an event: identical rows are told apart by their occurrence number."""
+    raw = f"{user}\x1f{item}\x1f{kind}\x1f{ts!r}\x1f{value!r}\x1f{occurrence}"
+    return hashlib.sha1(raw.encode()).hexdigest()
+
+
+def insert_interactions(session: Session, records: Sequence[Mapping[str, Any]]) -> int:
+    """Store events; each record has internal ``user_id``, ``item_id``, ``kind``, ``ts``,
+    optional ``value`` and ``context``, and a ``dedup_key``. Returns how many were new."""
+    if not records:
+        return 0
+    before = session.execute(select(func.count()).select_from(Interaction)).scalar_one()
+    stmt = _insert(session, Interaction.__table__).on_conflict_do_nothing(index_elements=["dedup_key"])
+    session.execute(stmt, [dict(r) for r in records])
+    after = session.execute(select(func.count()).select_from(Interaction)).scalar_one()
+    return after - before
+
+
+def item_views(session: Session, ids: Sequence[int] | None = None) -> list[ItemView]:
+    """ItemViews for the given internal ids (all items when None), ordered by id."""
+    query = (select(Item, Entity.external_id).outerjoin(Entity, Entity.item_id == Item.id)
+             .order_by(Item.id))
+    rows: list[Any] = []
+    if ids is None:
+        rows = list(session.execute(query))
+    else:
+        for start in range(0, len(ids), 900):
+            rows += list(session.execute(query.where(Item.id.in_(ids[start:start + 900]))))
+        rows.sort(key=lambda r: r[0].id)
+    return [ItemView(id=it.id, external_id=it.external_id, title=it.title, text=it.text,
+                     image=it.image, attributes=dict(it.attributes or {}), entity=ent)
+            for it, ent in rows]
+
+
+def get_item_id(session: Session, external_id: str) -> int:
+    """Internal id of one item; NotFoundError naming it when unknown."""
+    found = item_ids(session, [external_id])
+    if not found:
+        raise NotFoundError(f"unknown item '{external_id}'")
+    return found[str(external_id)]
+
+
+def get_user_id(session: Session, external_id: str) -> int:
+    """Internal id of one user; NotFoundError naming it when unknown."""
+    found = user_ids(session, [external_id])
+    if not found:
+        raise NotFoundError(f"unknown user '{external_id}'")
+    return found[str(external_id)]

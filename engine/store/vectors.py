@@ -1,0 +1,73 @@
+"""Item vectors in the store: compact blobs (float16 by default), loaded as float32 matrices."""
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+import numpy as np
+import torch
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
+
+from polyrec.store.catalog import _insert
+from polyrec.errors import ConfigError
+from polyrec.store.models import ItemVector
+
+DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
+def save_vectors(session: Session, encoder: str, fingerprint: str,
+                 rows: Sequence[tuple[int, str]], vectors: torch.Tensor,
+                 dtype: str = "float16") -> int:
+    """Store ``vectors[k]`` for item ``rows[k][0]`` with content hash ``rows[k][1]``,
+    replacing that item's earlier vector of this encoder."""
+    if dtype not in DTYPES:
+        raise ConfigError(f"vector dtype must be one of {sorted(DTYPES)}, not '{dtype}'")
+    if len(rows) != vectors.shape[0]:
+        raise ValueError(f"{len(rows)} rows but {vectors.shape[0]} vectors")
+    if not rows:
+        return 0
+    array = vectors.detach().float().cpu().numpy().astype(DTYPES[dtype])
+    dim = int(array.shape[1])
+    stamp = time.time()  # a rewrite is dated too, so readers can tell vectors changed
+    payload = [{"item_id": int(item), "encoder": encoder, "fingerprint": fingerprint,
+                "content_hash": chash, "dtype": dtype, "dim": dim, "vector": array[k].tobytes(),
+                "created_at": stamp}
+               for k, (item, chash) in enumerate(rows)]
+    stmt = _insert(session, ItemVector.__table__)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["item_id", "encoder"],
+        set_={c: stmt.excluded[c] for c in ("fingerprint", "content_hash", "dtype", "dim", "vector",
+                                               "created_at")})
+    session.execute(stmt, payload)
+    return len(payload)
+
+
+def cached_keys(session: Session, encoder: str) -> dict[int, tuple[str, str]]:
+    """item id -> (fingerprint, content hash) of the vectors stored for ``encoder``."""
+    rows = session.execute(select(ItemVector.item_id, ItemVector.fingerprint, ItemVector.content_hash)
+                           .where(ItemVector.encoder == encoder))
+    return {item: (fp, ch) for item, fp, ch in rows}
+
+
+def delete_vectors(session: Session, encoder: str, item_ids: Sequence[int]) -> None:
+    """Remove this encoder's vectors of the given items (e.g. an image that disappeared)."""
+    for start in range(0, len(item_ids), 900):
+        session.execute(delete(ItemVector).where(ItemVector.encoder == encoder)
+                        .where(ItemVector.item_id.in_(list(item_ids[start:start + 900]))))
+
+
+def load_vectors(session: Session, encoder: str) -> tuple[list[int], torch.Tensor]:
+    """(item ids ascending, float32 matrix [n, dim]) of everything stored for ``encoder``."""
+    rows = session.execute(select(ItemVector.item_id, ItemVector.dtype, ItemVector.dim,
+                                  ItemVector.vector).where(ItemVector.encoder == encoder)
+                           .order_by(ItemVector.item_id)).all()
+    if not rows:
+        return [], torch.empty(0, 0)
+    dim = rows[0][2]
+    out = np.empty((len(rows), dim), dtype=np.float32)
+    for k, (_, dtype, d, blob) in enumerate(rows):
+        if d != dim:
+            raise ConfigError(f"encoder '{encoder}' has vectors of widths {dim} and {d}; re-encode with --force")
+        out[k] = np.frombuffer(blob, dtype=DTYPES[dtype])
+    return [r[0] for r in rows], torch.from_numpy(out)
