@@ -111,9 +111,8 @@ def replay(engine: Any, stream: Sequence[Event], *, k: int = 10,
     from tqdm.auto import tqdm
 
     from polyrec.feedback import events
-    from polyrec.retrieve.recommend import recommender
     from polyrec.store.models import User
-    rec = recommender(engine)
+    rec = engine.services.recommender()
     hub = events.hub(engine)
     data = rec.data
     item_index = data.item_index()

@@ -16,6 +16,7 @@ from polyrec.store import catalog
 from polyrec.device import resolve_device
 from polyrec.errors import ValidationError
 from polyrec.plugin_host import DEFAULT_PLUGINS, PluginHost, Registry
+from polyrec.services import Services
 from polyrec.store import Store
 from polyrec.store.models import (Artifact, Entity, Interaction, Item, ItemVector, Relation,
                                  Triple, User)
@@ -36,6 +37,7 @@ class Engine:
         self.progress = progress
         self.plugins = PluginHost(builtins=builtins, entrypoints=entrypoints, extra=plugins)
         self._encoders: dict = {}  # prepared encoders by configuration (engine/encode/pipeline.py)
+        self.services = Services(self)  # recommender, feedback hub, searcher: made once, under a lock
 
     # -- lifecycle -----------------------------------------------------------------------
     def __enter__(self) -> "Engine":
@@ -46,8 +48,7 @@ class Engine:
 
     def close(self) -> None:
         """Flush the feedback learners' state, then release the database connections."""
-        from polyrec.feedback import events
-        events.close(self)
+        self.services.close()
         self.store.close()
 
     @property
@@ -181,12 +182,12 @@ class Engine:
         from polyrec.retrieve.similar import similar
         return similar(self, item, k, filters=filters, basis=basis)
 
-    # -- training and recommendations (engine/retrieve/recommend.py) -------------------------------
+    # -- training and recommendations (engine/rank/) -------------------------------
     def train(self, ranker: str | None = None, *, options: Mapping[str, Any] | None = None,
               epochs: int | None = None, seed: int | None = None, **kwargs: Any) -> Any:
         """Fit a ranker (the default pipeline when None) and store it as the ``pipeline``
         artifact. Returns a TrainReport."""
-        from polyrec.retrieve.recommend import train
+        from polyrec.rank.train import train
         return train(self, ranker, options=options, epochs=epochs, seed=seed, **kwargs)
 
     def recommend(self, user: str, k: int = 10, *, filters: Mapping[str, Any] | None = None,
@@ -196,7 +197,7 @@ class Engine:
         """Top ``k`` Recommendations for ``user`` from the trained pipeline (loaded once and
         cached): attribute ``filters``, MMR ``diversity`` (0..1), explanations. ``online``
         and ``explore`` override the feedback settings online.enabled / bandit.serving."""
-        from polyrec.retrieve.recommend import recommend
+        from polyrec.rank.recommend import recommend
         return recommend(self, user, k, filters=filters, exclude_seen=exclude_seen,
                          diversity=diversity, explain=explain, online=online, explore=explore)
 

@@ -87,9 +87,9 @@ def test_reopened_engine_gives_the_same_list(trained, eng):
 
 def test_pipeline_is_loaded_once_and_cached(eng):
     eng.recommend(USER, k=3)
-    cached = eng._recommender
+    cached = eng.services.recommender()
     eng.recommend("2", k=3)
-    assert eng._recommender is cached
+    assert eng.services.recommender() is cached
 
 
 def test_include_seen_lets_history_back(eng):
@@ -107,12 +107,11 @@ def test_attribute_filter_keeps_only_matching_items(eng):
 
 
 def test_mmr_diversity_lowers_similarity_and_keeps_the_best_first(eng):
-    from polyrec.retrieve.recommend import recommender
     plain = eng.recommend(USER, k=10)
     diverse = eng.recommend(USER, k=10, diversity=0.7)
     assert diverse[0].item == plain[0].item
     assert [r.item for r in diverse] != [r.item for r in plain]
-    rec = recommender(eng)
+    rec = eng.services.recommender()
     vectors = rec.vectors()
     index = {rec.external[i]: k for k, i in enumerate(rec.data.item_ids)}
 

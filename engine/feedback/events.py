@@ -29,7 +29,8 @@ from sqlalchemy.orm import Session
 
 from polyrec.store import catalog
 from polyrec.store.catalog import DEFAULT_KIND_WEIGHTS
-from polyrec.errors import ConfigError, NotFoundError, ValidationError
+from polyrec.errors import ConfigError, ModelNotTrainedError, NotFoundError, ValidationError
+from polyrec.rank.train import PIPELINE_ARTIFACT
 from polyrec.store.models import Interaction, Item, ItemVector, Setting, User
 from polyrec.store.vectors import load_vectors
 
@@ -137,8 +138,9 @@ def set_config(engine: "Engine", assignments: Mapping[str, Any]) -> dict[str, An
             s.add(Setting(key=SETTINGS_KEY, value=overrides))
         else:
             row.value = overrides
-    if "_feedback_hub" in engine.__dict__:
-        engine.__dict__["_feedback_hub"].reconfigure(merged)
+    running = engine.services.started("feedback")
+    if running is not None:
+        running.reconfigure(merged)
     return merged
 
 
@@ -207,12 +209,7 @@ class ItemSpace:
 def _model_space(engine: "Engine") -> ItemSpace | None:
     """The trained pipeline's fused item vectors, when a pipeline is trained."""
     try:
-        from polyrec.retrieve import recommend
-    except ImportError:
-        return None
-    from polyrec.errors import ModelNotTrainedError
-    try:
-        rec = recommend.recommender(engine)
+        rec = engine.services.recommender()
     except ModelNotTrainedError:
         return None
     return model_space(engine, rec)
@@ -226,16 +223,11 @@ def model_space(engine: "Engine", rec: Any) -> ItemSpace | None:
     vectors = rec.vectors()
     if vectors is None:
         return None
-    name = getattr(recommend_module(), "PIPELINE_ARTIFACT", "pipeline")
+    name = PIPELINE_ARTIFACT
     marker = retrain.model_marker(engine, {"name": name, "version": int(rec.version),
                                            "meta": dict(rec.meta or {}), "created_at": None})
     return ItemSpace(name=f"{name}:v{rec.version}", item_ids=list(rec.data.item_ids),
                      vectors=vectors.detach().float().cpu(), cutoff=int(marker["max_event_id"]))
-
-
-def recommend_module() -> Any:
-    from polyrec.retrieve import recommend
-    return recommend
 
 
 def _encoder_space(engine: "Engine", encoder: str | None) -> ItemSpace | None:
@@ -314,6 +306,7 @@ class FeedbackHub:
         self._insert: Any = None
         self._lookup: dict[Any, Any] | None = None
         self._new_user: Any = None
+        self.aligned_cache: Any = None  # the item space aligned to a pipeline's item index
         self.experiment_cache: Any = None  # polyrec.feedback.experiments keeps its cache here
         self.errors: list[str] = []
 
@@ -551,11 +544,8 @@ class FeedbackHub:
 
 
 def hub(engine: "Engine") -> FeedbackHub:
-    """The engine's FeedbackHub, created on first use and kept on the engine."""
-    found = engine.__dict__.get("_feedback_hub")
-    if found is None:
-        found = engine.__dict__["_feedback_hub"] = FeedbackHub(engine)
-    return found
+    """The engine's FeedbackHub (one per Engine, kept in ``engine.services``)."""
+    return engine.services.feedback()
 
 
 # -- reading the log -----------------------------------------------------------------------
@@ -656,13 +646,13 @@ def explore(engine: "Engine", user_id: int | None, candidates: list[int], scores
     return bandit.explore(candidates, scores, user_id=user_id, k=k)
 
 
-# -- serving hooks called by polyrec.retrieve.recommend.Recommender.recommend ------------------------
+# -- request-time hooks the Engine wires into polyrec.rank.recommend.Recommender ------------
 def _sync_space(h: FeedbackHub, rec: Any) -> ItemSpace | None:
     """Make the hub's item space the one of this loaded pipeline (a new version after
     training replaces the old space; states then restart after its cutoff)."""
     if str(h.config["online"].get("space", "auto")) not in ("auto", "model"):
         return h.item_space()
-    name = f"{getattr(recommend_module(), 'PIPELINE_ARTIFACT', 'pipeline')}:v{rec.version}"
+    name = f"{PIPELINE_ARTIFACT}:v{rec.version}"
     space = h.item_space()
     if space is None or space.name != name or len(space.item_ids) < len(rec.data.item_ids):
         h._space = model_space(h.engine, rec)  # a new pipeline, or new items since
@@ -675,14 +665,14 @@ def _aligned(h: FeedbackHub, space: ItemSpace, item_ids: list[int]) -> tuple[tor
     """The space's vectors in the order of ``item_ids`` (zero rows where an item has no
     vector) and which rows are real; cached until the space or the item list changes."""
     key = (space.name, len(space.item_ids), len(item_ids), item_ids[-1] if item_ids else None)
-    cached = h.__dict__.get("_aligned_cache")
+    cached = h.aligned_cache
     if cached is not None and cached[0] == key:
         return cached[1], cached[2]
     index = torch.tensor([space.index.get(i, -1) for i in item_ids], dtype=torch.long)
     has = index >= 0
     matrix = torch.zeros(len(item_ids), space.dim)
     matrix[has] = space.vectors[index[has]]
-    h.__dict__["_aligned_cache"] = (key, matrix, has)
+    h.aligned_cache = (key, matrix, has)
     return matrix, has
 
 
@@ -757,9 +747,4 @@ def explore_indices(engine: "Engine", rec: Any, user_id: int, scores: torch.Tens
     return [dense[i] for i in order[:len(picked)]]
 
 
-def close(engine: "Engine") -> None:
-    """Flush learner state; called by Engine.close."""
-    found = engine.__dict__.get("_feedback_hub")
-    if found is not None:
-        found.close()
 

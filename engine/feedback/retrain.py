@@ -27,8 +27,8 @@ NOT_MODELS = ("kg_embeddings",)
 def latest_model(engine: "Engine") -> dict[str, Any] | None:
     """{name, version, created_at, meta} of the newest trained model artifact, or None."""
     try:  # the serving module names its artifact
-        from polyrec.retrieve import recommend
-        names = [recommend.PIPELINE_ARTIFACT]
+        from polyrec.rank.train import PIPELINE_ARTIFACT
+        names = [PIPELINE_ARTIFACT]
     except (ImportError, AttributeError):
         names = None
     query = select(Artifact.name, Artifact.version, Artifact.created_at, Artifact.meta)

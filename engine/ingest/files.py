@@ -516,8 +516,7 @@ def ingest_file(engine: "Engine", path: str | Path, kind: str, *, format: str | 
     except (UnicodeDecodeError, csv.Error) as exc:  # the reader cannot go on
         raise _unreadable(exc, file) from exc  # decoding is buffered: no exact row
 
-    from polyrec.feedback import events  # stored interactions are then handed to the feedback learners
-    cursor = events.last_event_id(engine) if kind == "interactions" else None
+    cursor = _last_interaction_id(engine) if kind == "interactions" else None
     with engine.store.session() as session:  # one transaction: all or (with fail) nothing
         writer = _Writer(session, parser, batch_size, source=path.name)
         lookups: dict[str, int] = {}
@@ -534,12 +533,17 @@ def ingest_file(engine: "Engine", path: str | Path, kind: str, *, format: str | 
             raise ValidationError(first.reason + more, file=first.file, row=first.row,
                                   field=first.field)
         report.written, report.new = writer.write(kind, records, lookups) if records else (0, 0)
-    if cursor is not None and report.new:
-        events.handoff(engine, cursor)
+    if cursor is not None and report.new:  # then the feedback learners see them
+        engine.services.interactions_stored(cursor)
     report.skipped = len(errors)
     report.errors = [_error_dict(e) for e in errors[:max_errors]]
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _last_interaction_id(engine: "Engine") -> int:
+    with engine.store.session() as s:
+        return int(s.execute(select(func.max(Interaction.id))).scalar() or 0)
 
 
 def ingest(engine: "Engine", path: str | Path, kind: str, *, links: str | Path | None = None,

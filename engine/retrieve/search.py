@@ -675,14 +675,10 @@ def _matched(vocab: Vocabulary, und: Understanding, item: int) -> list[str]:
 
 
 def trained_pipeline(engine: "Engine") -> Any | None:
-    """The Engine's loaded recommendation pipeline (polyrec.retrieve.recommend.Recommender), or None
+    """The Engine's loaded recommendation pipeline (polyrec.rank.recommend.Recommender), or None
     when no model is trained."""
     try:
-        from polyrec.retrieve.recommend import recommender
-    except ImportError:  # pragma: no cover - a core without the recommender
-        return None
-    try:
-        return recommender(engine)
+        return engine.services.recommender()
     except ModelNotTrainedError:
         return None
 
@@ -743,10 +739,7 @@ def validate_k(k: Any) -> int:
 
 def searcher(engine: "Engine") -> Searcher:
     """The Engine's Searcher (created on first use, one per Engine)."""
-    found = engine.__dict__.get("_searcher")
-    if found is None:
-        found = engine.__dict__.setdefault("_searcher", Searcher(engine))
-    return found
+    return engine.services.searcher()
 
 
 def search(engine: "Engine", query: str, k: int = 10, *, user: str | None = None,

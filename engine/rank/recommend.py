@@ -1,39 +1,34 @@
-"""Training the recommendation pipeline and serving recommendations from it.
+"""Serving recommendations from the trained pipeline.
 
-``train`` fits a ranker (the default pipeline unless one is named) on the store's
-positive interactions and saves it as the artifact ``pipeline``. ``recommend`` loads the
-latest pipeline once, caches it on the Engine (a :class:`Recommender`), and answers
-requests: exact top-k over the ranker's scores, seen items excluded, attribute filters,
-MMR diversity over the fused item vectors, and explanations.
+A :class:`Recommender` loads the live pipeline once (the Engine keeps it in its
+services) and answers requests: exact top-k over the ranker's scores, seen items
+excluded, attribute filters, MMR diversity over the fused item vectors, and explanations.
+The feedback stage's online blending and exploration come in as two request-time hooks
+that the Engine wires in (this stage never imports a later one).
 """
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 from sqlalchemy import func, select
 
-from polyrec.store.artifacts import from_bytes, load_artifact, save_artifact, to_bytes
-from polyrec.contracts import Ranker
 from polyrec.errors import ConfigError, ModelNotTrainedError, NotFoundError
+from polyrec.rank.dataset import build_training_data
+from polyrec.rank.train import PIPELINE_ARTIFACT, build_ranker
+from polyrec.store.artifacts import from_bytes, load_artifact
+from polyrec.store.catalog import get_user_id
 from polyrec.store.models import Interaction, Item, ItemVector
-from polyrec.training_data import TrainingData
 
 if TYPE_CHECKING:  # pragma: no cover
     from polyrec.engine import Engine
 
-#: The default pipeline ("hybrid", plugins/rank_rerank.py): EASE retrieves, and a click
-#: model learned on validation data re-scores its top candidates with the two-tower score
-#: (fused text + KG + ID), content similarity, popularity and recency as features.
-DEFAULT_RANKER = "hybrid"
-DEFAULT_OPTIONS: dict[str, Any] = {}
-PIPELINE_ARTIFACT = "pipeline"
-#: Options the engine fills in for rankers that accept them (see ``build_ranker``).
-CONTEXT_OPTIONS = ("device", "fusers", "progress")
-
+#: (recommender, user id, scores [n_items], online) -> blended scores.
+OnlineHook = Callable[["Recommender", int, torch.Tensor, "bool | None"], torch.Tensor]
+#: (recommender, user id, scores, picked indices, k, explore) -> reordered indices.
+ExploreHook = Callable[["Recommender", int, torch.Tensor, list, int, "bool | None"], list]
 
 @dataclass
 class Recommendation:
@@ -49,143 +44,6 @@ class Recommendation:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-
-@dataclass
-class TrainReport:
-    """What ``train`` did: the ranker and options, the artifact version, data sizes."""
-
-    ranker: str
-    options: dict[str, Any]
-    version: int
-    seconds: float
-    users: int
-    items: int
-    interactions: int
-    modalities: list[str]
-    info: dict[str, Any] = field(default_factory=dict)
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-# -- building rankers ---------------------------------------------------------------------
-def _accepts(cls: type, key: str) -> bool:
-    defaults = getattr(cls, "defaults", None)
-    return isinstance(defaults, Mapping) and key in defaults
-
-
-def build_ranker(engine: "Engine", name: str, options: Mapping[str, Any] | None = None) -> Ranker:
-    """Instantiate ranker ``name`` from the engine's registry. Rankers that declare the
-    option in their ``defaults`` get the engine's device, fuser registry and progress
-    setting; composite rankers get a ``factory`` that builds members the same way."""
-    registry = engine.registry("rankers")
-    cls = registry.get(name)
-    opts = dict(options or {})
-    context = {"device": str(engine.device), "fusers": engine.registry("fusers"),
-               "progress": bool(engine.progress)}
-    for key in CONTEXT_OPTIONS:
-        if key not in opts and (_accepts(cls, key) or key == "fusers" and _accepts(cls, "fuser")):
-            opts[key] = context[key]
-    if getattr(cls, "composite", False):
-        opts.setdefault("factory", lambda n, o=None: build_ranker(engine, n, o))
-    return cls(**opts)
-
-
-def with_option(engine: "Engine", name: str, options: dict[str, Any], key: str,
-                value: Any) -> dict[str, Any]:
-    """Set ``key`` on a ranker's options, or on every member (ensemble ``members``,
-    re-ranker ``base`` and ``scorers``) whose ranker accepts it; rankers that do not are
-    left alone."""
-    registry = engine.registry("rankers")
-    cls = registry.get(name)
-    out = dict(options)
-    if _accepts(cls, key):
-        out[key] = value
-    for group in ("members", "scorers"):  # ensemble members, re-ranker scorers
-        specs = out.get(group, getattr(cls, "default_members", None) if group == "members" else None)
-        if not specs or not isinstance(specs, (list, tuple, str)):
-            continue
-        new = []
-        for m in specs.split("+") if isinstance(specs, str) else specs:
-            spec = {"name": m, "options": {}} if isinstance(m, str) else dict(m)
-            spec["options"] = with_option(engine, spec["name"], dict(spec.get("options") or {}),
-                                          key, value)
-            new.append(spec)
-        out[group] = new
-    base = out.get("base", cls.defaults.get("base") if _accepts(cls, "base") else None)
-    if isinstance(base, str):
-        out["base_options"] = with_option(engine, base, dict(out.get("base_options") or {}),
-                                          key, value)
-    return out
-
-
-def _serialisable(options: Mapping[str, Any]) -> dict[str, Any]:
-    """Options without what the engine injects (rebuilt at load time)."""
-    drop = set(CONTEXT_OPTIONS) | {"factory"}
-    out: dict[str, Any] = {}
-    for k, v in options.items():
-        if k in drop:
-            continue
-        if isinstance(v, Mapping):
-            v = _serialisable(v)
-        elif isinstance(v, (list, tuple)):
-            v = [_serialisable(x) if isinstance(x, Mapping) else x for x in v]
-        out[k] = v
-    return out
-
-
-# -- training ----------------------------------------------------------------------------
-def train(engine: "Engine", ranker: str | None = None, *, options: Mapping[str, Any] | None = None,
-          epochs: int | None = None, seed: int | None = None, min_rating: float = 4.0,
-          data: TrainingData | None = None) -> TrainReport:
-    """Fit ``ranker`` (the default pipeline when None) on the store's positives and save it
-    as the next version of the ``pipeline`` artifact. ``epochs``/``seed`` reach every
-    ranker in the pipeline that takes them; ``options`` go to the named ranker."""
-    from polyrec.rank.dataset import build_training_data
-    name = ranker or DEFAULT_RANKER
-    opts: dict[str, Any] = dict(DEFAULT_OPTIONS) if ranker is None else {}
-    opts.update(dict(options or {}))
-    for key, value in (("epochs", epochs), ("seed", seed)):
-        if value is not None:
-            opts = with_option(engine, name, opts, key, value)
-    with engine.store.session() as s:  # what the store held: the online learners start after it
-        seen_up_to = {"max_interaction_id": int(s.execute(select(func.max(Interaction.id))).scalar() or 0),
-                      "max_item_id": int(s.execute(select(func.max(Item.id))).scalar() or 0)}
-    if data is None:
-        data = build_training_data(engine, min_rating=min_rating)
-    if len(data.users) == 0:
-        raise ConfigError("no positive interactions to train on; ingest interactions first")
-    model = build_ranker(engine, name, opts)
-    start = time.perf_counter()
-    model.fit(data)
-    seconds = time.perf_counter() - start
-    info = dict(getattr(model, "info", {}) or {})
-    saved_options = _serialisable(opts)
-    payload = {"ranker": name, "options": saved_options, "state": model.state(),
-               "min_rating": min_rating}
-    meta = {"ranker": name, "options": saved_options, "min_rating": min_rating,
-            "users": data.n_users, "items": data.n_items, "interactions": int(len(data.users)),
-            "modalities": list(data.item_features), "seconds": round(seconds, 2),
-            "info": _jsonable(info), **seen_up_to}
-    with engine.store.session() as s:
-        version = save_artifact(s, PIPELINE_ARTIFACT, "pipeline", to_bytes(payload), meta)
-    engine.__dict__.pop("_recommender", None)
-    return TrainReport(name, saved_options, version, seconds, data.n_users, data.n_items,
-                       int(len(data.users)), list(data.item_features), _jsonable(info))
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (str, int, bool)) or value is None:
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        return value.item()
-    return str(value)
 
 
 # -- serving -----------------------------------------------------------------------------
@@ -236,8 +94,12 @@ def mmr(candidates: torch.Tensor, relevance: torch.Tensor, vectors: torch.Tensor
 class Recommender:
     """The trained pipeline of one Engine, loaded once: ranker, data snapshot, item views."""
 
-    def __init__(self, engine: "Engine", version: int | None = None) -> None:
+    def __init__(self, engine: "Engine", version: int | None = None, *,
+                 online_hook: OnlineHook | None = None,
+                 explore_hook: ExploreHook | None = None) -> None:
         self.engine = engine
+        self.online_hook = online_hook
+        self.explore_hook = explore_hook
         with engine.store.session() as s:
             try:
                 stored = load_artifact(s, PIPELINE_ARTIFACT, version)
@@ -273,7 +135,6 @@ class Recommender:
         inter_key, item_key = self._current_keys()
         if not force and (inter_key, item_key) == self._data_key:
             return
-        from polyrec.rank.dataset import build_training_data
         items_changed = force or self._data_key is None or item_key != self._data_key[1]
         if items_changed:
             data = build_training_data(self.engine, min_rating=self.min_rating)
@@ -353,15 +214,14 @@ class Recommender:
         if not 0.0 <= diversity <= 1.0:
             raise ConfigError(f"diversity must be between 0 and 1, not {diversity}")
         self.refresh()
-        from polyrec.store.catalog import get_user_id
         with self.engine.store.session() as s:
             user_id = get_user_id(s, str(user))
         if user_id not in self.user_index:
             self.refresh(force=True)
         u = self.user_index[user_id]
         scores = self.scores(torch.tensor([u]))[0]
-        from polyrec.feedback import events  # feedback learners: online user state, exploration
-        scores = events.online_scores(self.engine, self, user_id, scores, online=online)
+        if self.online_hook is not None:  # the feedback learners' online user state
+            scores = self.online_hook(self, user_id, scores, online)
         if exclude_seen:
             scores[self._seen(user_id)] = -math.inf
             scores[self.history[u]] = -math.inf
@@ -377,7 +237,8 @@ class Recommender:
             picked = mmr(pool.indices, pool.values, vectors, k, diversity)
         else:
             picked = torch.topk(scores, min(k, finite)).indices.tolist()
-        picked = events.explore_indices(self.engine, self, user_id, scores, picked, k, explore=explore)
+        if self.explore_hook is not None:  # exploration (bandit), when enabled
+            picked = self.explore_hook(self, user_id, scores, picked, k, explore)
         # a click-model pipeline reports each item's click probability as its score (the
         # list keeps the ranking order: online blending, MMR and exploration may move it)
         clicks = self._click_probabilities(u, picked)
@@ -425,15 +286,6 @@ class Recommender:
         return out
 
 
-def recommender(engine: "Engine") -> Recommender:
-    """The Engine's cached Recommender (loaded on first use, replaced by ``train``)."""
-    rec = engine.__dict__.get("_recommender")
-    if rec is None:
-        rec = Recommender(engine)
-        engine.__dict__["_recommender"] = rec
-    return rec
-
-
 def recommend(engine: "Engine", user: str, k: int = 10, **options: Any) -> list[Recommendation]:
-    """Recommendations for one user from the engine's trained pipeline."""
-    return recommender(engine).recommend(user, k, **options)
+    """Recommendations for one user from the engine's live pipeline."""
+    return engine.services.recommender().recommend(user, k, **options)

@@ -1,0 +1,174 @@
+"""Training a ranker into the model registry.
+
+``build_ranker`` instantiates a ranker from the engine's registry with the context
+options it declares; ``train`` fits one (the default pipeline unless one is named) on the
+store's positive interactions and saves it as the next version of the artifact
+``pipeline`` (see polyrec.rank.recommend for serving it).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Mapping
+
+import torch
+from sqlalchemy import func, select
+
+from polyrec.contracts import Ranker
+from polyrec.errors import ConfigError
+from polyrec.store.artifacts import save_artifact, to_bytes
+from polyrec.rank.dataset import build_training_data
+from polyrec.store.models import Interaction, Item
+from polyrec.training_data import TrainingData
+
+if TYPE_CHECKING:  # pragma: no cover
+    from polyrec.engine import Engine
+
+
+#: The default pipeline ("hybrid", plugins/rank_rerank.py): EASE retrieves, and a click
+#: model learned on validation data re-scores its top candidates with the two-tower score
+#: (fused text + KG + ID), content similarity, popularity and recency as features.
+DEFAULT_RANKER = "hybrid"
+DEFAULT_OPTIONS: dict[str, Any] = {}
+PIPELINE_ARTIFACT = "pipeline"
+#: Options the engine fills in for rankers that accept them (see ``build_ranker``).
+CONTEXT_OPTIONS = ("device", "fusers", "progress")
+
+
+@dataclass
+class TrainReport:
+    """What ``train`` did: the ranker and options, the artifact version, data sizes."""
+
+    ranker: str
+    options: dict[str, Any]
+    version: int
+    seconds: float
+    users: int
+    items: int
+    interactions: int
+    modalities: list[str]
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+# -- building rankers ---------------------------------------------------------------------
+def _accepts(cls: type, key: str) -> bool:
+    defaults = getattr(cls, "defaults", None)
+    return isinstance(defaults, Mapping) and key in defaults
+
+
+def build_ranker(engine: "Engine", name: str, options: Mapping[str, Any] | None = None) -> Ranker:
+    """Instantiate ranker ``name`` from the engine's registry. Rankers that declare the
+    option in their ``defaults`` get the engine's device, fuser registry and progress
+    setting; composite rankers get a ``factory`` that builds members the same way."""
+    registry = engine.registry("rankers")
+    cls = registry.get(name)
+    opts = dict(options or {})
+    context = {"device": str(engine.device), "fusers": engine.registry("fusers"),
+               "progress": bool(engine.progress)}
+    for key in CONTEXT_OPTIONS:
+        if key not in opts and (_accepts(cls, key) or key == "fusers" and _accepts(cls, "fuser")):
+            opts[key] = context[key]
+    if getattr(cls, "composite", False):
+        opts.setdefault("factory", lambda n, o=None: build_ranker(engine, n, o))
+    return cls(**opts)
+
+
+def with_option(engine: "Engine", name: str, options: dict[str, Any], key: str,
+                value: Any) -> dict[str, Any]:
+    """Set ``key`` on a ranker's options, or on every member (ensemble ``members``,
+    re-ranker ``base`` and ``scorers``) whose ranker accepts it; rankers that do not are
+    left alone."""
+    registry = engine.registry("rankers")
+    cls = registry.get(name)
+    out = dict(options)
+    if _accepts(cls, key):
+        out[key] = value
+    for group in ("members", "scorers"):  # ensemble members, re-ranker scorers
+        specs = out.get(group, getattr(cls, "default_members", None) if group == "members" else None)
+        if not specs or not isinstance(specs, (list, tuple, str)):
+            continue
+        new = []
+        for m in specs.split("+") if isinstance(specs, str) else specs:
+            spec = {"name": m, "options": {}} if isinstance(m, str) else dict(m)
+            spec["options"] = with_option(engine, spec["name"], dict(spec.get("options") or {}),
+                                          key, value)
+            new.append(spec)
+        out[group] = new
+    base = out.get("base", cls.defaults.get("base") if _accepts(cls, "base") else None)
+    if isinstance(base, str):
+        out["base_options"] = with_option(engine, base, dict(out.get("base_options") or {}),
+                                          key, value)
+    return out
+
+
+def _serialisable(options: Mapping[str, Any]) -> dict[str, Any]:
+    """Options without what the engine injects (rebuilt at load time)."""
+    drop = set(CONTEXT_OPTIONS) | {"factory"}
+    out: dict[str, Any] = {}
+    for k, v in options.items():
+        if k in drop:
+            continue
+        if isinstance(v, Mapping):
+            v = _serialisable(v)
+        elif isinstance(v, (list, tuple)):
+            v = [_serialisable(x) if isinstance(x, Mapping) else x for x in v]
+        out[k] = v
+    return out
+
+
+# -- training ----------------------------------------------------------------------------
+def train(engine: "Engine", ranker: str | None = None, *, options: Mapping[str, Any] | None = None,
+          epochs: int | None = None, seed: int | None = None, min_rating: float = 4.0,
+          data: TrainingData | None = None) -> TrainReport:
+    """Fit ``ranker`` (the default pipeline when None) on the store's positives and save it
+    as the next version of the ``pipeline`` artifact. ``epochs``/``seed`` reach every
+    ranker in the pipeline that takes them; ``options`` go to the named ranker."""
+    name = ranker or DEFAULT_RANKER
+    opts: dict[str, Any] = dict(DEFAULT_OPTIONS) if ranker is None else {}
+    opts.update(dict(options or {}))
+    for key, value in (("epochs", epochs), ("seed", seed)):
+        if value is not None:
+            opts = with_option(engine, name, opts, key, value)
+    with engine.store.session() as s:  # what the store held: the online learners start after it
+        seen_up_to = {"max_interaction_id": int(s.execute(select(func.max(Interaction.id))).scalar() or 0),
+                      "max_item_id": int(s.execute(select(func.max(Item.id))).scalar() or 0)}
+    if data is None:
+        data = build_training_data(engine, min_rating=min_rating)
+    if len(data.users) == 0:
+        raise ConfigError("no positive interactions to train on; ingest interactions first")
+    model = build_ranker(engine, name, opts)
+    start = time.perf_counter()
+    model.fit(data)
+    seconds = time.perf_counter() - start
+    info = dict(getattr(model, "info", {}) or {})
+    saved_options = _serialisable(opts)
+    payload = {"ranker": name, "options": saved_options, "state": model.state(),
+               "min_rating": min_rating}
+    meta = {"ranker": name, "options": saved_options, "min_rating": min_rating,
+            "users": data.n_users, "items": data.n_items, "interactions": int(len(data.users)),
+            "modalities": list(data.item_features), "seconds": round(seconds, 2),
+            "info": _jsonable(info), **seen_up_to}
+    with engine.store.session() as s:
+        version = save_artifact(s, PIPELINE_ARTIFACT, "pipeline", to_bytes(payload), meta)
+    engine.services.reset_recommender()
+    return TrainReport(name, saved_options, version, seconds, data.n_users, data.n_items,
+                       int(len(data.users)), list(data.item_features), _jsonable(info))
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, bool)) or value is None:
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    return str(value)
+
+

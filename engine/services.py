@@ -1,0 +1,89 @@
+"""The per-process services of one Engine, each created once under a lock.
+
+An Engine owns one :class:`Services`: the loaded recommendation pipeline, the feedback
+hub (learners, item space, settings) and the searcher. Stages reach them through
+``engine.services`` instead of keeping private entries on the Engine, so two threads
+asking at once get the same instance, and a new model replaces the old one in one place.
+This module sits above every stage: it is the only place that wires a later stage
+(feedback) into an earlier one (the recommender's request-time hooks).
+"""
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
+
+if TYPE_CHECKING:  # pragma: no cover
+    from polyrec.engine import Engine
+    from polyrec.feedback.events import FeedbackHub
+    from polyrec.rank.recommend import Recommender
+    from polyrec.retrieve.search import Searcher
+
+T = TypeVar("T")
+
+
+class Services:
+    """Lazily created, lock-guarded services of one Engine."""
+
+    def __init__(self, engine: "Engine") -> None:
+        self._engine = engine
+        self._lock = threading.RLock()
+        self._made: dict[str, Any] = {}
+
+    def _get(self, name: str, make: Callable[[], T]) -> T:
+        found = self._made.get(name)
+        if found is not None:
+            return found
+        with self._lock:  # double-checked: only one thread builds it
+            found = self._made.get(name)
+            if found is None:
+                found = self._made[name] = make()
+            return found
+
+    def started(self, name: str) -> Any | None:
+        """The service ``name`` if it was created, else None (never creates it)."""
+        return self._made.get(name)
+
+    # -- the recommendation pipeline -----------------------------------------------------
+    def recommender(self) -> "Recommender":
+        """The live pipeline, loaded on first use (ModelNotTrainedError when none)."""
+        return self._get("recommender", self._make_recommender)
+
+    def _make_recommender(self) -> "Recommender":
+        from polyrec.feedback import events
+        from polyrec.rank.recommend import Recommender
+        engine = self._engine
+
+        def online(rec: Any, user_id: int, scores: Any, enabled: bool | None) -> Any:
+            return events.online_scores(engine, rec, user_id, scores, online=enabled)
+
+        def explore(rec: Any, user_id: int, scores: Any, picked: list, k: int,
+                    enabled: bool | None) -> list:
+            return events.explore_indices(engine, rec, user_id, scores, picked, k, explore=enabled)
+
+        return Recommender(engine, online_hook=online, explore_hook=explore)
+
+    def reset_recommender(self) -> None:
+        """Drop the loaded pipeline: the next request loads the live version again."""
+        with self._lock:
+            self._made.pop("recommender", None)
+
+    # -- feedback ------------------------------------------------------------------------
+    def feedback(self) -> "FeedbackHub":
+        """The feedback hub: settings, learners and the item space they work in."""
+        from polyrec.feedback.events import FeedbackHub
+        return self._get("feedback", lambda: FeedbackHub(self._engine))
+
+    def interactions_stored(self, after_id: int) -> int:
+        """Hand interactions stored by another writer (ids > ``after_id``) to the learners."""
+        return self.feedback().handoff(after_id)
+
+    # -- search --------------------------------------------------------------------------
+    def searcher(self) -> "Searcher":
+        from polyrec.retrieve.search import Searcher
+        return self._get("searcher", lambda: Searcher(self._engine))
+
+    def close(self) -> None:
+        """Flush what the services hold (the learners' state)."""
+        hub = self._made.get("feedback")
+        if hub is not None:
+            hub.close()
