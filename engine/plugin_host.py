@@ -6,8 +6,11 @@ objects a host application passes in. Then every hook implementation is checked 
 the hook specs and each plugin's components are registered, one plugin at a time.
 
 Failure policy:
-- a plugin that fails to import is recorded with its error (``polyrec plugins`` shows
-  it) and left out; the engine still starts;
+- a built-in plugin (DEFAULT_PLUGINS, or the ``builtins`` an application names) that is
+  missing or fails to import raises PluginError naming the module and the error: an
+  Engine never runs half-empty;
+- an installed (entry-point) plugin that fails to import is recorded with its error
+  (``polyrec plugins`` shows it) and left out; the engine still starts;
 - an installed (entry-point) plugin that breaks a contract (unknown hook, bad hook
   signature, a component that is not a subclass of the contract, a duplicate name) is
   recorded and left out as a whole, so one bad third-party plugin cannot lock users out;
@@ -280,18 +283,15 @@ class PluginHost:
         record.hooks = sorted(h.name for h in (self.pm.get_hookcallers(plugin) or []))
 
     def _load_builtin(self, modname: str) -> None:
+        """Import and register one built-in module. A built-in that is missing or fails to
+        import raises PluginError naming the module and the import error: an Engine never
+        runs with part of its own plugins (that is a broken install, not a user choice)."""
         try:
             module = importlib.import_module(modname)
-        except ImportError as exc:
-            if exc.name == modname:
-                return  # a built-in that this checkout does not ship
-            self._record(PluginRecord(modname, None, "builtin", module=modname,
-                                      error=_describe_exception(exc)))
-            return
-        except Exception as exc:  # noqa: BLE001 - a broken plugin must not stop the engine
-            self._record(PluginRecord(modname, None, "builtin", module=modname,
-                                      error=_describe_exception(exc)))
-            return
+        except Exception as exc:  # noqa: BLE001 - re-raised, named after the module
+            raise PluginError(f"built-in plugin module '{modname}' could not be imported: "
+                              f"{_describe_exception(exc)} (an Engine does not start without "
+                              f"its built-in plugins)") from exc
         self._register(module, PluginRecord(modname, _polyrec_version(), "builtin",
                                             module=modname, distribution="polyrec"))
 

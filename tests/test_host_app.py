@@ -46,3 +46,34 @@ def test_host_app_example_serves_search_and_similar(tmp_path, monkeypatch, hm_be
             assert client.put("/polyrec/users", json={"users": [{"external_id": "u"}]}).status_code == 401
     finally:
         engine.close()
+
+
+def test_polyrec_imports_beside_a_host_apps_own_engine_and_plugins(tmp_path):
+    """The import name is safe: a host application whose folder holds its own
+    ``plugins`` package and ``engine.py`` still gets polyrec and all its built-ins.
+    Run from that folder (not the repository root, which ``python -m pytest`` puts on
+    sys.path), so the host's modules come first on sys.path."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "plugins").mkdir()
+    (tmp_path / "plugins" / "__init__.py").write_text("HOST_PLUGINS = True\n")
+    (tmp_path / "engine.py").write_text("HOST_ENGINE = True\n")
+    script = (
+        "import engine, plugins, polyrec\n"
+        "from polyrec.plugin_host import DEFAULT_PLUGINS\n"
+        "assert engine.HOST_ENGINE and plugins.HOST_PLUGINS\n"
+        "print(polyrec.Engine)\n"
+        "with polyrec.Engine('host.db', device='cpu', entrypoints=False, progress=False) as eng:\n"
+        "    loaded = [r.name for r in eng.plugins.describe() if r.loaded]\n"
+        "    assert loaded == list(DEFAULT_PLUGINS), loaded\n"
+        "    print(sorted(eng.registry('rankers').names()))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "<class 'polyrec.engine.Engine'>"
+    assert "hybrid" in lines[1] and "popular" in lines[1]

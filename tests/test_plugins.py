@@ -110,26 +110,37 @@ def test_two_engines_with_different_plugin_sets(tmp_path):
 
 
 def test_builtin_module_registered_through_pm(tmp_path):
-    with Engine(tmp_path / "r.db", builtins=("polyrec.plugins.readers", "polyrec.plugins.not_shipped_yet"),
+    with Engine(tmp_path / "r.db", builtins=("polyrec.plugins.readers",),
                 entrypoints=False, progress=False) as eng:
         record = eng.plugins.records["polyrec.plugins.readers"]
         assert record.source == "builtin" and record.error is None
         assert eng.plugins.pm.get_plugin("polyrec.plugins.readers") is sys.modules["polyrec.plugins.readers"]
         assert "register_readers" in record.hooks
         assert set(record.registered["readers"]) >= {"csv", "jsonl", "parquet", "recbole"}
-        assert "polyrec.plugins.not_shipped_yet" not in eng.plugins.records  # missing: skipped
 
 
-def test_builtin_that_fails_to_import_is_reported(tmp_path, monkeypatch):
-    (tmp_path / "broken_builtin_pr.py").write_text("import json\nraise RuntimeError('boom')\n")
-    (tmp_path / "needs_dep_pr.py").write_text("import no_such_dependency_pr\n")
+def test_missing_builtin_raises_naming_the_module(tmp_path):
+    with pytest.raises(PluginError) as err:
+        Engine(tmp_path / "m.db", builtins=("polyrec.plugins.readers",
+                                            "polyrec.plugins.not_shipped_yet"),
+               entrypoints=False, progress=False)
+    message = str(err.value)
+    assert "built-in plugin module 'polyrec.plugins.not_shipped_yet'" in message
+    assert "ModuleNotFoundError" in message and "not_shipped_yet" in message
+
+
+@pytest.mark.parametrize("module, source, expected", [
+    ("broken_builtin_pr", "import json\nraise RuntimeError('boom')\n", "RuntimeError: boom"),
+    ("needs_dep_pr", "import no_such_dependency_pr\n", "no_such_dependency_pr"),
+])
+def test_builtin_that_fails_to_import_raises(tmp_path, monkeypatch, module, source, expected):
+    (tmp_path / f"{module}.py").write_text(source)
     monkeypatch.syspath_prepend(str(tmp_path))
-    with Engine(tmp_path / "e.db", builtins=("broken_builtin_pr", "needs_dep_pr"),
-                entrypoints=False, progress=False) as eng:
-        errors = {r.name: r.error for r in eng.plugins.errors()}
-        assert errors["broken_builtin_pr"] == "RuntimeError: boom"
-        assert "no_such_dependency_pr" in errors["needs_dep_pr"]
-        assert eng.stats()["items"] == 0  # the engine still works
+    with pytest.raises(PluginError) as err:
+        Engine(tmp_path / "e.db", builtins=("polyrec.plugins.readers", module),
+               entrypoints=False, progress=False)
+    assert f"'{module}'" in str(err.value) and expected in str(err.value)
+    assert isinstance(err.value.__cause__, Exception)  # the import error itself is kept
 
 
 # -- registration errors --------------------------------------------------------------------
