@@ -31,8 +31,11 @@ class Engine:
 
     def __init__(self, url: str | Path | None = None, *, device: str | torch.device = "auto",
                  entrypoints: bool = True, builtins: Iterable[str] = DEFAULT_PLUGINS,
-                 plugins: Iterable[object] = (), progress: bool = True) -> None:
+                 plugins: Iterable[object] = (), progress: bool = True,
+                 encode_on_arrival: bool = True) -> None:
         self.store = Store(url)
+        #: encode items written by add_items in the background (engine/encode/on_arrival.py)
+        self.encode_on_arrival = encode_on_arrival
         self.device = resolve_device(device)
         self.progress = progress
         self.plugins = PluginHost(builtins=builtins, entrypoints=entrypoints, extra=plugins)
@@ -47,7 +50,8 @@ class Engine:
         self.close()
 
     def close(self) -> None:
-        """Flush the feedback learners' state, then release the database connections."""
+        """Stop the background encoder, flush the feedback learners' state, then release
+        the database connections."""
         self.services.close()
         self.store.close()
 
@@ -68,12 +72,26 @@ class Engine:
     # -- catalogue -----------------------------------------------------------------------
     def add_items(self, items: Sequence[Mapping[str, Any]]) -> int:
         """Insert or update items (dicts with ``external_id`` and any of title, text,
-        image, attributes). Returns how many records were written."""
+        image, attributes). Returns how many records were written.
+
+        With ``encode_on_arrival`` (the default) the written items are then encoded in
+        the background by the encoders that already have stored vectors
+        (:meth:`wait_for_encoding` waits for it)."""
         for n, rec in enumerate(items, start=1):
             if not str(rec.get("external_id") or "").strip():
                 raise ValidationError("missing item id", file="add_items", row=n, field="external_id")
         with self.store.session() as s:
-            return catalog.upsert_items(s, items)
+            written = catalog.upsert_items(s, items)
+            ids = (catalog.item_ids(s, (str(r["external_id"]) for r in items))
+                   if self.encode_on_arrival else {})
+        if ids:
+            self.services.items_stored(ids.values())
+        return written
+
+    def wait_for_encoding(self, timeout: float | None = None) -> bool:
+        """Wait until the items written so far were encoded in the background; False
+        when ``timeout`` seconds passed first. Errors: ``services.arrivals().status()``."""
+        return self.services.wait_for_encoding(timeout)
 
     def add_users(self, users: Sequence[Mapping[str, Any]]) -> int:
         """Insert or update users (dicts with ``external_id`` and optional attributes)."""

@@ -1,7 +1,8 @@
 """The per-process services of one Engine, each created once under a lock.
 
 An Engine owns one :class:`Services`: the loaded recommendation pipeline, the feedback
-hub (learners, item space, settings) and the searcher. Stages reach them through
+hub (learners, item space, settings), the searcher and the background encoder of newly
+stored items (encode on arrival). Stages reach them through
 ``engine.services`` instead of keeping private entries on the Engine, so two threads
 asking at once get the same instance, and a new model replaces the old one in one place.
 This module sits above every stage: it is the only place that wires a later stage
@@ -10,9 +11,10 @@ This module sits above every stage: it is the only place that wires a later stag
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterable, TypeVar
 
 if TYPE_CHECKING:  # pragma: no cover
+    from polyrec.encode.on_arrival import ArrivalEncoder
     from polyrec.engine import Engine
     from polyrec.feedback.events import FeedbackHub
     from polyrec.rank.recommend import Recommender
@@ -28,6 +30,7 @@ class Services:
         self._engine = engine
         self._lock = threading.RLock()
         self._made: dict[str, Any] = {}
+        self._closed = False
 
     def _get(self, name: str, make: Callable[[], T]) -> T:
         found = self._made.get(name)
@@ -82,8 +85,47 @@ class Services:
         from polyrec.retrieve.search import Searcher
         return self._get("searcher", lambda: Searcher(self._engine))
 
+    # -- encode on arrival ---------------------------------------------------------------
+    def arrivals(self) -> "ArrivalEncoder":
+        """The background worker encoding newly stored items (engine/encode/on_arrival.py);
+        its thread starts with the first submission."""
+        from polyrec.encode.on_arrival import ArrivalEncoder
+        return self._get("arrivals", lambda: ArrivalEncoder(self._engine,
+                                                            on_encoded=self.vectors_changed))
+
+    def items_stored(self, item_ids: Iterable[int]) -> None:
+        """Items were inserted or updated: encode them in the background (when the
+        engine's ``encode_on_arrival`` is on)."""
+        if getattr(self._engine, "encode_on_arrival", True):
+            with self._lock:
+                if self._closed:
+                    return
+            self.arrivals().submit(item_ids)
+
+    def wait_for_encoding(self, timeout: float | None = None) -> bool:
+        """True once every item handed to the background encoder was handled."""
+        worker = self.started("arrivals")
+        return True if worker is None else worker.wait(timeout)
+
+    def vectors_changed(self, _report: Any = None) -> None:
+        """Vectors were written by this process: the recommender and the searcher look
+        at the store again at their next request (a vector rewritten in place keeps the
+        counts their keys compare, so they are told)."""
+        rec = self.started("recommender")
+        if rec is not None:
+            rec.invalidate_items()
+        srch = self.started("searcher")
+        if srch is not None:
+            srch.invalidate()
+
     def close(self) -> None:
-        """Flush what the services hold (the learners' state)."""
+        """Stop the background encoder, then flush what the services hold (the
+        learners' state)."""
+        with self._lock:
+            self._closed = True
+        worker = self._made.get("arrivals")
+        if worker is not None:
+            worker.close()
         hub = self._made.get("feedback")
         if hub is not None:
             hub.close()

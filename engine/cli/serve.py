@@ -103,8 +103,11 @@ def similar_command(state: CliState, item: str, k: int, filters: tuple[str, ...]
               help="Bearer token required by write endpoints (env POLYREC_TOKEN).")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
+@click.option("--encode-on-arrival/--no-encode-on-arrival", default=True, show_default=True,
+              help="Encode items written by PUT /items in the background.")
 @click.pass_obj
-def serve_command(state: CliState, host: str, port: int, token: str | None, log_level: str) -> None:
+def serve_command(state: CliState, host: str, port: int, token: str | None, log_level: str,
+                  encode_on_arrival: bool) -> None:
     """Serve recommend, search, similar, feedback and upserts over HTTP (FastAPI + uvicorn)."""
     try:
         from polyrec.serve.app import serve
@@ -112,7 +115,8 @@ def serve_command(state: CliState, host: str, port: int, token: str | None, log_
         raise ConfigError(f"serving needs fastapi and uvicorn: pip install 'polyrec[serve]' ({exc})")
     click.echo(f"polyrec serving {state.engine().url} on http://{host}:{port} "
                f"(OpenAPI: /docs; writes {'need a bearer token' if token else 'are open'})", err=True)
-    serve(state.engine(), host, port, token=token, log_level=log_level)
+    serve(state.engine(), host, port, token=token, log_level=log_level,
+          encode_on_arrival=encode_on_arrival)
 
 
 COMMANDS = [search_command, similar_command, serve_command]

@@ -15,17 +15,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 from tqdm.auto import tqdm
 
 from polyrec.store import vectors
 from polyrec.contracts import Encoder, EncoderContext, ItemView
 from polyrec.errors import ConfigError, EncodingError, PolyrecError
-from polyrec.store.models import Meta
+from polyrec.store.models import ItemVector, Meta
 
 if TYPE_CHECKING:  # pragma: no cover
     from polyrec.engine import Engine
@@ -113,6 +114,15 @@ def _cache(engine: "Engine") -> dict[tuple[str, str, str], Encoder]:
     return engine._encoders
 
 
+def encode_lock(engine: "Engine") -> threading.RLock:
+    """The Engine's encoding lock: encoding runs (``encode``, ``encode_items``) hold it,
+    so the prepared encoders they share are never used by two threads at once."""
+    lock = engine.__dict__.get("_encode_lock")
+    if lock is None:
+        lock = engine.__dict__.setdefault("_encode_lock", threading.RLock())
+    return lock
+
+
 def _cache_key(engine: "Engine", name: str, options: Mapping[str, Any]) -> tuple[str, str, str]:
     return name, json.dumps(dict(options), sort_keys=True, default=str), str(engine.device)
 
@@ -161,18 +171,19 @@ def encode(engine: "Engine", encoders: str | Iterable[str] | None = None, *, for
     if unknown:
         raise ConfigError(f"options given for encoder(s) not being run: {', '.join(unknown)}")
     registry = engine.registry("encoders")
-    planned: list[tuple[str, Encoder, dict[str, Any], dict[str, Any] | None]] = []
-    for name in names:  # bad options fail before any work
-        previous = stored_options(engine, name)
-        opts = dict(options[name]) if name in options else dict(previous or {})
-        reuse = _cache(engine).get(_cache_key(engine, name, opts))  # already loaded here
-        planned.append((name, reuse or registry.get(name)(**opts), opts, previous))
-    items = engine.items()
-    report = EncodeReport()
-    for name, enc, opts, previous in planned:
-        report.encoders.append(_encode_one(engine, name, enc, opts, previous, items,
-                                           force=force, batch_size=batch_size, dtype=dtype))
-    return report
+    with encode_lock(engine):  # one encoding run at a time (encode on arrival included)
+        planned: list[tuple[str, Encoder, dict[str, Any], dict[str, Any] | None]] = []
+        for name in names:  # bad options fail before any work
+            previous = stored_options(engine, name)
+            opts = dict(options[name]) if name in options else dict(previous or {})
+            reuse = _cache(engine).get(_cache_key(engine, name, opts))  # already loaded here
+            planned.append((name, reuse or registry.get(name)(**opts), opts, previous))
+        items = engine.items()
+        report = EncodeReport()
+        for name, enc, opts, previous in planned:
+            report.encoders.append(_encode_one(engine, name, enc, opts, previous, items,
+                                               force=force, batch_size=batch_size, dtype=dtype))
+        return report
 
 
 def _encode_one(engine: "Engine", name: str, enc: Encoder, opts: dict[str, Any],
@@ -260,3 +271,100 @@ def _run(engine: "Engine", name: str, enc: Encoder, ctx: EncoderContext,
             bar.update(len(part))
     finally:
         bar.close()
+
+
+# -- a few items at a time (encode on arrival) ----------------------------------------------
+def stored_encoders(engine: "Engine") -> list[str]:
+    """Registered encoders that have vectors in the store (the ones in use here)."""
+    with engine.store.session() as s:
+        stored = set(s.execute(select(ItemVector.encoder).distinct()).scalars())
+    return [n for n in engine.registry("encoders").names() if n in stored]
+
+
+def _stored_keys(session: Any, name: str, ids: Sequence[int]) -> dict[int, tuple[str, str]]:
+    """item id -> (fingerprint, content hash) of ``name``'s stored vectors of ``ids``."""
+    out: dict[int, tuple[str, str]] = {}
+    for lo in range(0, len(ids), 900):
+        rows = session.execute(select(ItemVector.item_id, ItemVector.fingerprint,
+                                      ItemVector.content_hash)
+                               .where(ItemVector.encoder == name)
+                               .where(ItemVector.item_id.in_(list(ids[lo:lo + 900]))))
+        out.update({item: (fp, ch) for item, fp, ch in rows})
+    return out
+
+
+def _newest_fingerprint(session: Any, name: str) -> str | None:
+    newest = session.execute(select(func.max(ItemVector.id)).where(ItemVector.encoder == name)).scalar()
+    if newest is None:
+        return None
+    return session.execute(select(ItemVector.fingerprint).where(ItemVector.id == newest)).scalar()
+
+
+def encode_items(engine: "Engine", item_ids: Iterable[int],
+                 encoders: Iterable[str] | None = None, *,
+                 dtype: str = "float16") -> EncodeReport:
+    """Encode just ``item_ids`` (internal ids of new or changed items) with the encoders
+    that already have stored vectors (or ``encoders``), each configured with the options
+    it was last run with. Only the given items are looked at: vectors of other items are
+    never touched. An item whose stored vector matches its content is skipped; one that
+    lost its content for an encoder loses that encoder's vector.
+
+    The encoder's model is loaded only when something needs encoding, and kept with the
+    ones ``encode`` loads; the run holds :func:`encode_lock`. An encoder whose model now
+    gives another fingerprint than the stored vectors carry is not mixed in: its report
+    names the error (run ``polyrec encode``)."""
+    ids = sorted({int(i) for i in item_ids})
+    names = stored_encoders(engine) if encoders is None else list(encoders)
+    report = EncodeReport()
+    if not ids or not names:
+        return report
+    with encode_lock(engine):
+        _encode_items(engine, ids, names, report, dtype)
+    return report
+
+
+def _encode_items(engine: "Engine", ids: list[int], names: list[str], report: EncodeReport,
+                  dtype: str) -> None:
+    loaded = _cache(engine)
+    items = engine.items(ids)
+    registry = engine.registry("encoders")
+    for name in names:
+        start = time.perf_counter()
+        opts = stored_options(engine, name) or {}
+        key = _cache_key(engine, name, opts)
+        rep = EncoderReport(encoder=name, modality="", items=len(items), options=opts)
+        report.encoders.append(rep)
+        try:
+            enc = loaded.get(key) or registry.get(name)(**opts)
+            rep.modality = str(enc.modality)
+            ctx = EncoderContext(engine=engine, device=engine.device, progress=False)
+            contents = {it.id: enc.content(it) for it in items}
+            rep.no_content = sum(c is None for c in contents.values())
+            salt = enc.content_salt(ctx) if rep.no_content < len(items) else ""
+            hashes = {i: content_hash(f"{salt}\x1e{c}" if salt else c)
+                      for i, c in contents.items() if c is not None}
+            with engine.store.session() as s:
+                cached = _stored_keys(s, name, ids)
+                lost = [i for i in cached if i not in hashes]  # content removed
+                vectors.delete_vectors(s, name, lost)
+                stored_fp = _newest_fingerprint(s, name)
+            rep.removed = len(lost)
+            todo = [it for it in items if it.id in hashes
+                    and (it.id not in cached or cached[it.id][1] != hashes[it.id])]
+            rep.cached = len(hashes) - len(todo)
+            if todo:
+                if key not in loaded:
+                    enc.prepare(ctx)
+                    loaded[key] = enc
+                    rep.loaded = True
+                rep.fingerprint = enc.fingerprint()
+                if stored_fp is not None and rep.fingerprint != stored_fp:
+                    rep.error = (f"encoder '{name}' now gives fingerprint {rep.fingerprint}, the "
+                                 f"stored vectors carry {stored_fp}; run `polyrec encode`")
+                else:
+                    _run(engine, name, enc, ctx, todo, hashes, rep, cached, dtype)
+        except PolyrecError as exc:
+            rep.error = str(exc)
+        except Exception as exc:  # noqa: BLE001 - a plugin's own failure, reported
+            rep.error = f"encoder '{name}' failed: {type(exc).__name__}: {exc}"
+        rep.seconds = time.perf_counter() - start

@@ -9,11 +9,13 @@ encoder vectors, keyed by the encoder's modality and aligned with the item index
 """
 from __future__ import annotations
 
+from contextlib import ExitStack
 from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 import torch
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from polyrec.store.catalog import DEFAULT_KIND_WEIGHTS
 from polyrec.errors import ConfigError, NotFoundError
@@ -30,7 +32,8 @@ DEFAULT_KINDS: tuple[str, ...] = tuple(k for k, w in DEFAULT_KIND_WEIGHTS.items(
 
 def build_training_data(engine: "Engine", *, min_rating: float = 4.0,
                         kinds: Iterable[str] | None = None, features: bool = True,
-                        encoders: Iterable[str] | None = None) -> TrainingData:
+                        encoders: Iterable[str] | None = None,
+                        session: Session | None = None) -> TrainingData:
     """Positive interactions of the store as a :class:`TrainingData`.
 
     ``kinds`` limits the interaction kinds (default :data:`DEFAULT_KINDS`; a kind the
@@ -38,12 +41,18 @@ def build_training_data(engine: "Engine", *, min_rating: float = 4.0,
     at least ``min_rating``. With ``features`` the item vectors of every registered
     encoder that has stored vectors (or of ``encoders``) fill ``item_features`` as
     modality -> (vectors [n_items, d] float32, present [n_items] bool).
+
+    Users, items, interactions and vectors are read in one snapshot
+    (``Store.snapshot``), so users or items created by writers meanwhile never leave an
+    interaction without its user or item. ``session``: read in that session instead (a
+    caller's own snapshot, to read more in the same one).
     """
     chosen = tuple(DEFAULT_KINDS if kinds is None else dict.fromkeys(kinds))
     if not chosen:
         raise ConfigError("build_training_data needs at least one interaction kind")
     weights = {k: float(DEFAULT_KIND_WEIGHTS.get(k, 1.0)) for k in chosen}
-    with engine.store.session() as s:
+    with ExitStack() as stack:
+        s = session if session is not None else stack.enter_context(engine.store.snapshot())
         user_ids = list(s.execute(select(User.id).order_by(User.id)).scalars())
         item_ids = list(s.execute(select(Item.id).order_by(Item.id)).scalars())
         rows = s.execute(select(Interaction.user_id, Interaction.item_id, Interaction.kind,
@@ -72,8 +81,11 @@ def _positives(rows: list, user_ids: list[int], item_ids: list[int],
         weight = weights[kind]
         if weight <= 0:
             continue
-        us.append(uidx[user])
-        its.append(iidx[item])
+        u, i = uidx.get(user), iidx.get(item)
+        if u is None or i is None:  # only without isolation (one shared in-memory connection)
+            continue
+        us.append(u)
+        its.append(i)
         ws.append(weight)
         tss.append(ts)
     if not us:
@@ -120,10 +132,11 @@ def _item_features(engine: "Engine", session, item_ids: list[int],
         ids, matrix = load_vectors(session, name)
         if not ids:
             continue
-        rows = torch.tensor([index[i] for i in ids], dtype=torch.long)
+        keep = [k for k, i in enumerate(ids) if i in index]  # all of them, in one snapshot
+        rows = torch.tensor([index[ids[k]] for k in keep], dtype=torch.long)
         vectors = torch.zeros(len(item_ids), matrix.shape[1], dtype=torch.float32)
         present = torch.zeros(len(item_ids), dtype=torch.bool)
-        vectors[rows] = matrix
+        vectors[rows] = matrix if len(keep) == len(ids) else matrix[keep]
         present[rows] = True
         modality = str(getattr(registry.get(name), "modality", name))
         key = modality if modality not in feats else name

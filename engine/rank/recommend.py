@@ -9,8 +9,11 @@ that the Engine wires in (this stage never imports a later one).
 from __future__ import annotations
 
 import math
+import threading
+from contextlib import ExitStack, contextmanager
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 import torch
 from sqlalchemy import func, select
@@ -20,10 +23,33 @@ from polyrec.rank.dataset import build_training_data
 from polyrec.rank.train import PIPELINE_ARTIFACT, build_ranker
 from polyrec.store.artifacts import from_bytes, load_artifact
 from polyrec.store.catalog import get_user_id
-from polyrec.store.models import Interaction, Item, ItemVector
+from polyrec.store.catalog import item_views as catalog_item_views
+from polyrec.store.models import Interaction, Item, ItemVector, User
 
 if TYPE_CHECKING:  # pragma: no cover
     from polyrec.engine import Engine
+    from polyrec.training_data import TrainingData
+
+#: (recommender, snapshot) pinned by the request running in this context
+_PINNED: ContextVar[tuple[Any, "DataSnapshot"] | None] = ContextVar("polyrec_pinned_snapshot",
+                                                                     default=None)
+
+
+@dataclass(frozen=True)
+class DataSnapshot:
+    """What the recommender serves from, read in one database snapshot: the training
+    data (positives, features), dense user index, histories, popularity and item views.
+    Never changed once built (``cache`` holds values derived from it, e.g. item vectors)."""
+
+    key: tuple
+    data: "TrainingData"
+    user_index: dict[int, int]
+    history: list
+    popularity: torch.Tensor
+    views: list
+    external: dict[int, str]
+    titles: dict[int, str]
+    cache: dict[str, Any] = field(default_factory=dict)
 
 #: (recommender, user id, scores [n_items], online) -> blended scores.
 OnlineHook = Callable[["Recommender", int, torch.Tensor, "bool | None"], torch.Tensor]
@@ -113,46 +139,127 @@ class Recommender:
         self.min_rating = float(payload.get("min_rating", 4.0))
         self.ranker = build_ranker(engine, self.ranker_name, payload["options"])
         self.ranker.load_state(payload["state"])
-        self._data_key: tuple | None = None
+        self._snap: DataSnapshot | None = None
+        self._refresh_lock = threading.Lock()  # one refresh at a time
+        self._items_generation = 0  # bumped by invalidate_items(): vectors rewritten in place
         self._graph: Any = None
         self._graph_loaded = False
         self.refresh()
 
     # -- data ----------------------------------------------------------------------------
-    def _current_keys(self) -> tuple[tuple, tuple]:
+    # Everything a request reads about the store (training data, histories, item views)
+    # is one immutable DataSnapshot, read in one database snapshot and swapped in by one
+    # reference assignment. A request pins the snapshot it started with (``pinned``), so
+    # a refresh on another thread never shows it half-updated attributes.
+    def _current_keys(self, session: Any = None) -> tuple[tuple, tuple]:
         """(interactions key, items-and-vectors key): they change when the store does."""
-        with self.engine.store.session() as s:
+        with ExitStack() as stack:
+            s = session if session is not None else stack.enter_context(
+                self.engine.store.snapshot())
             inter = s.execute(select(func.count(), func.max(Interaction.id))).one()
+            users = s.execute(select(func.count(), func.max(User.id)).select_from(User)).one()
             items = s.execute(select(func.count(), func.max(Item.id),
                                      func.max(Item.updated_at))).one()
             vecs = s.execute(select(func.count(), func.max(ItemVector.id))
                              .select_from(ItemVector)).one()
-        return tuple(inter), tuple(items) + tuple(vecs)
+        return (tuple(inter) + tuple(users),
+                tuple(items) + tuple(vecs) + (self._items_generation,))
 
-    def refresh(self, force: bool = False) -> None:
+    def snapshot(self) -> "DataSnapshot":
+        """The data snapshot this thread's request pinned, else the latest one."""
+        pinned = _PINNED.get()
+        if pinned is not None and pinned[0] is self:
+            return pinned[1]
+        snap = self._snap
+        assert snap is not None
+        return snap
+
+    @contextmanager
+    def pinned(self, snap: "DataSnapshot | None" = None) -> Iterator["DataSnapshot"]:
+        """Serve from ``snap`` (default: the latest) until the block ends: every read of
+        ``data``, ``history``, ``views``... on this thread (hooks included) sees it."""
+        snap = snap or self.snapshot()
+        token = _PINNED.set((self, snap))
+        try:
+            yield snap
+        finally:
+            _PINNED.reset(token)
+
+    data = property(lambda self: self.snapshot().data)
+    user_index = property(lambda self: self.snapshot().user_index)
+    history = property(lambda self: self.snapshot().history)
+    popularity = property(lambda self: self.snapshot().popularity)
+    views = property(lambda self: self.snapshot().views)
+    external = property(lambda self: self.snapshot().external)
+    titles = property(lambda self: self.snapshot().titles)
+    _data_key = property(lambda self: self._snap.key if self._snap is not None else None)
+
+    def invalidate_items(self) -> None:
+        """Reload item views and features at the next request (vectors were rewritten in
+        place, which the counts in the keys do not show)."""
+        self._items_generation += 1
+
+    def refresh(self, force: bool = False, *, wait: bool = False) -> "DataSnapshot":
         """Reload what changed in the store since the last request: the interactions
-        (histories) and, when items or vectors changed, the item views and features."""
-        inter_key, item_key = self._current_keys()
-        if not force and (inter_key, item_key) == self._data_key:
-            return
-        items_changed = force or self._data_key is None or item_key != self._data_key[1]
-        if items_changed:
-            data = build_training_data(self.engine, min_rating=self.min_rating)
-            views = self.engine.items()
-            by_id = {v.id: v for v in views}
-            self.views = [by_id[i] for i in data.item_ids]
-            self.external = {v.id: v.external_id for v in views}
-            self.titles = {v.id: v.title for v in views if v.title}
-            self._vectors: torch.Tensor | None = None
-        else:  # same items and vectors: reuse the loaded features
-            data = build_training_data(self.engine, min_rating=self.min_rating, features=False)
-            data.item_features = self.data.item_features
-            data.feature_encoders = self.data.feature_encoders
-        self.data = data
-        self.user_index = data.user_index()
-        self.history = data.user_items()
-        self.popularity = data.item_counts().float()
-        self._data_key = (inter_key, item_key)
+        (histories) and, when items or vectors changed, the item views and features.
+
+        One refresh runs at a time. While one runs, other callers keep the previous
+        snapshot (unless ``wait`` or ``force``: then they wait for it and check again).
+        Returns the snapshot to serve from."""
+        current = self._snap
+        if current is not None and not force:
+            if self._current_keys() == current.key:
+                return current
+            if not self._refresh_lock.acquire(blocking=wait):
+                return current  # another thread is refreshing: serve the previous one
+        else:
+            self._refresh_lock.acquire()
+        try:
+            return self._refresh_locked(force)
+        finally:
+            self._refresh_lock.release()
+
+    def _refresh_locked(self, force: bool) -> "DataSnapshot":
+        previous = self._snap
+        with self.engine.store.snapshot() as s:  # keys and data from one database snapshot
+            key = self._current_keys(s)
+            if not force and previous is not None and key == previous.key:
+                return previous
+            items_changed = force or previous is None or key[1] != previous.key[1]
+            if items_changed:
+                data = build_training_data(self.engine, min_rating=self.min_rating, session=s)
+                views = catalog_item_views(s, None)
+                by_id = {v.id: v for v in views}
+                snap_views = [by_id[i] for i in data.item_ids]
+                external = {v.id: v.external_id for v in views}
+                titles = {v.id: v.title for v in views if v.title}
+            else:  # same items and vectors: reuse the loaded features
+                data = build_training_data(self.engine, min_rating=self.min_rating,
+                                           features=False, session=s)
+                data.item_features = previous.data.item_features
+                data.feature_encoders = previous.data.feature_encoders
+                snap_views, external, titles = previous.views, previous.external, previous.titles
+        snap = DataSnapshot(key=key, data=data, user_index=data.user_index(),
+                            history=data.user_items(), popularity=data.item_counts().float(),
+                            views=snap_views, external=external, titles=titles)
+        if not items_changed:
+            snap.cache["vectors"] = previous.cache.get("vectors")
+        self._snap = snap  # the atomic swap
+        return snap
+
+    def _user_snapshot(self, user: str) -> tuple[int, "DataSnapshot"]:
+        """(internal id, a snapshot that knows the user): refreshed when the user is new
+        (created after the snapshot was read). NotFoundError for an unknown user."""
+        snap = self.refresh()
+        with self.engine.store.snapshot() as s:
+            user_id = get_user_id(s, str(user))
+        if user_id not in snap.user_index:
+            # the user exists now, so a snapshot read from here on includes them; wait for
+            # a refresh already running, then read again if it still misses them
+            snap = self.refresh(wait=True)
+            if user_id not in snap.user_index:
+                snap = self.refresh(force=True)
+        return user_id, snap
 
     @property
     def graph(self) -> Any:
@@ -167,15 +274,16 @@ class Recommender:
 
     def vectors(self) -> torch.Tensor | None:
         from polyrec.rank.explain import item_vectors
-        if self._vectors is None:
-            self._vectors = item_vectors(self.ranker, self.data)
-        return self._vectors
+        snap = self.snapshot()
+        if "vectors" not in snap.cache or snap.cache["vectors"] is None:
+            snap.cache["vectors"] = item_vectors(self.ranker, snap.data)
+        return snap.cache["vectors"]
 
     def _seen(self, user_id: int) -> torch.Tensor:
         """Item indices the user has any stored interaction with (ratings below the
         positive threshold included; an impression alone does not count as seen)."""
         index = self.data.item_index()
-        with self.engine.store.session() as s:
+        with self.engine.store.snapshot() as s:
             items = s.execute(select(Interaction.item_id).where(Interaction.user_id == user_id)
                               .where(Interaction.kind != "impression")
                               .distinct()).scalars().all()
@@ -185,22 +293,24 @@ class Recommender:
     def scores(self, users: torch.Tensor) -> torch.Tensor:
         """Ranker scores [b, n_items] for dense user indices; a user with no history gets
         item popularity (the only signal there is)."""
+        snap = self.snapshot()  # one data snapshot for the whole call
         with torch.no_grad():
-            out = self.ranker.score_users(users, self.data).detach().float().cpu()
-        counts = torch.tensor([len(self.history[u]) for u in users.tolist()])
+            out = self.ranker.score_users(users, snap.data).detach().float().cpu()
+        counts = torch.tensor([len(snap.history[u]) for u in users.tolist()])
         if bool((counts == 0).any()):
-            out[counts == 0] = torch.log1p(self.popularity)[None, :]
+            out[counts == 0] = torch.log1p(snap.popularity)[None, :]
         return out
 
     def top_k(self, users: torch.Tensor, k: int, exclude_seen: bool = True
               ) -> tuple[torch.Tensor, torch.Tensor]:
         """(scores [b, k], item indices [b, k]) by exact top-k; training positives of each
         user excluded when ``exclude_seen`` (the batch path, for benchmarks and serving)."""
-        scores = self.scores(users)
+        with self.pinned() as snap:
+            scores = self.scores(users)
         if exclude_seen:
-            rows = torch.cat([torch.full((len(self.history[u]),), r, dtype=torch.long)
+            rows = torch.cat([torch.full((len(snap.history[u]),), r, dtype=torch.long)
                               for r, u in enumerate(users.tolist())])
-            cols = torch.cat([self.history[u] for u in users.tolist()])
+            cols = torch.cat([snap.history[u] for u in users.tolist()])
             scores[rows, cols] = -math.inf
         return torch.topk(scores, min(k, scores.shape[1]), dim=1)
 
@@ -213,12 +323,15 @@ class Recommender:
             raise ConfigError(f"k must be at least 1, not {k}")
         if not 0.0 <= diversity <= 1.0:
             raise ConfigError(f"diversity must be between 0 and 1, not {diversity}")
-        self.refresh()
-        with self.engine.store.session() as s:
-            user_id = get_user_id(s, str(user))
-        if user_id not in self.user_index:
-            self.refresh(force=True)
-        u = self.user_index[user_id]
+        user_id, snap = self._user_snapshot(str(user))
+        with self.pinned(snap):  # the whole request reads one data snapshot
+            return self._recommend(user_id, snap.user_index[user_id], k, filters=filters,
+                                   exclude_seen=exclude_seen, diversity=diversity,
+                                   explain=explain, online=online, explore=explore)
+
+    def _recommend(self, user_id: int, u: int, k: int, *, filters: Mapping[str, Any] | None,
+                   exclude_seen: bool, diversity: float, explain: bool, online: bool | None,
+                   explore: bool | None) -> list[Recommendation]:
         scores = self.scores(torch.tensor([u]))[0]
         if self.online_hook is not None:  # the feedback learners' online user state
             scores = self.online_hook(self, user_id, scores, online)

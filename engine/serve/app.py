@@ -173,11 +173,14 @@ def _status(exc: PolyrecError) -> int:
 
 
 def create_app(engine: "Engine", *, token: str | None = None,
-               max_body_bytes: int = MAX_BODY_BYTES, check_interval: float = 1.0) -> "FastAPI":
+               max_body_bytes: int = MAX_BODY_BYTES, check_interval: float = 1.0,
+               encode_on_arrival: bool | None = None) -> "FastAPI":
     """A FastAPI app serving ``engine``. ``token``: bearer token for write endpoints.
 
     ``check_interval``: seconds between checks of the store for changes made by other
-    processes (writes through this app are seen at once)."""
+    processes (writes through this app are seen at once). ``encode_on_arrival``: set the
+    engine's option (items written by ``PUT /items`` are encoded in the background);
+    None keeps the engine's own setting."""
     from fastapi import Depends, FastAPI, Header, HTTPException, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
@@ -185,6 +188,8 @@ def create_app(engine: "Engine", *, token: str | None = None,
     import polyrec as pkg
 
     M = _models()
+    if encode_on_arrival is not None:
+        engine.encode_on_arrival = bool(encode_on_arrival)
     srch = searcher(engine)
     srch.check_interval = float(check_interval)
     app = FastAPI(title="polyrec", version=pkg.__version__,
@@ -253,7 +258,8 @@ def create_app(engine: "Engine", *, token: str | None = None,
 
     @app.put("/items", dependencies=[Depends(writer)])
     def put_items(req: M["ItemsIn"]) -> dict[str, Any]:  # type: ignore[valid-type]
-        """Insert or update items (fields left out are kept)."""
+        """Insert or update items (fields left out are kept); they are encoded in the
+        background when the engine's ``encode_on_arrival`` is on."""
         rows = [i.model_dump(exclude_unset=True) for i in req.items]
         n = engine.add_items(rows)
         srch.invalidate()

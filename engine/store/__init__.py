@@ -52,6 +52,8 @@ class Store:
                 Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
             else:  # one shared connection, or every session would see a new empty database
                 kwargs["poolclass"] = StaticPool
+        #: one connection shared by every session (in-memory SQLite): no isolation possible
+        self.shared_connection = kwargs.get("poolclass") is StaticPool
         self.engine: SAEngine = create_engine(self.url, **kwargs)
         if self.is_sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
@@ -60,9 +62,37 @@ class Store:
 
     @contextmanager
     def session(self) -> Iterator[Session]:
-        """A session in one transaction: committed on success, rolled back on error."""
+        """A session in one transaction: committed on success, rolled back on error.
+
+        For writes. On SQLite its SELECTs before the first write are not isolated from
+        other writers; reads that must agree with each other use :meth:`snapshot`."""
         with self._sessions.begin() as session:
             yield session
+
+    @contextmanager
+    def snapshot(self) -> Iterator[Session]:
+        """A read-only session whose every SELECT sees one snapshot of the database.
+
+        ``session()`` reads in autocommit mode on SQLite (the driver begins a transaction
+        only before the first write), so two SELECTs may see different data when a writer
+        commits between them. Here the reads run in one transaction: a deferred ``BEGIN``
+        on SQLite (in WAL mode the read snapshot is fixed at the first SELECT and kept until
+        the end; writers are never blocked), REPEATABLE READ elsewhere (PostgreSQL). The
+        transaction is rolled back at the end: nothing written here is kept. With one
+        shared in-memory connection (``:memory:``) there is no isolation to be had, and
+        this is a plain session.
+        """
+        with self.engine.connect() as conn:
+            if not self.is_sqlite:
+                conn = conn.execution_options(isolation_level="REPEATABLE READ")
+            elif not self.shared_connection:
+                conn.exec_driver_sql("BEGIN")
+            session = Session(bind=conn, autoflush=False, expire_on_commit=False)
+            try:
+                yield session
+            finally:
+                session.close()
+                conn.rollback()
 
     def close(self) -> None:
         self.engine.dispose()
