@@ -2,13 +2,102 @@
 
 Rankers see users and items as dense indices 0..n-1; ``user_ids[u]`` and ``item_ids[i]``
 give the store's internal ids back.
+
+The catalogue grows after a model is fitted: serving hands ``score_users`` a TrainingData
+with more (or fewer) items than ``fit`` saw. :meth:`TrainingData.catalogue_map` tells a
+ranker where each current item sits in its fitted catalogue (by id, never by position)
+and, for the items it never saw, their nearest fitted items in content space.
 """
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Sequence
 
 import torch
+import torch.nn.functional as F
+
+#: Neighbours per unseen item and softmax temperature over their cosine similarities.
+COLD_NEIGHBOURS = 10
+COLD_TEMPERATURE = 0.05
+
+
+@dataclass(frozen=True)
+class CatalogueMap:
+    """How a model fitted on the items ``fitted_ids`` sees a (possibly larger) catalogue.
+
+    ``position`` (long [n_items]): each current item's index in the fitted catalogue, -1
+    for an item the model never saw. ``unseen`` (long [m]): dense indices of those items.
+    ``neighbours`` (long [m, k]): for each unseen item, the *fitted positions* of its
+    nearest reference items in content space; ``weights`` (float [m, k]): their softmax
+    weights (each row sums to 1, or is all zero when the item has no content vector, or
+    no reference item has one). ``has_content`` (bool [m]): the row has neighbours.
+    ``identical``: the catalogue is exactly the fitted one (no remapping needed).
+    """
+
+    position: torch.Tensor
+    unseen: torch.Tensor
+    neighbours: torch.Tensor
+    weights: torch.Tensor
+    has_content: torch.Tensor
+    identical: bool
+    n_fitted: int
+
+    @property
+    def seen(self) -> torch.Tensor:
+        """Dense indices of the current items the model was fitted on."""
+        return torch.nonzero(self.position >= 0).flatten()
+
+    def to_fitted(self, rows: torch.Tensor) -> torch.Tensor:
+        """Rows over the current items [b, n_items] -> rows over the fitted items
+        [b, n_fitted]. An unseen item's value is spread over its content neighbours
+        (by their weights), so a history with a new item still says something."""
+        if self.identical:
+            return rows
+        out = rows.new_zeros(rows.shape[0], self.n_fitted)
+        seen = self.seen
+        out[:, self.position[seen]] = rows[:, seen]
+        if len(self.unseen):
+            vals = rows[:, self.unseen]  # [b, m]
+            if bool((vals != 0).any()):
+                spread = vals[:, :, None] * self.weights[None].to(rows.dtype)  # [b, m, k]
+                out.index_add_(1, self.neighbours.flatten(), spread.flatten(1))
+        return out
+
+    def from_fitted(self, scores: torch.Tensor, cold: str = "min") -> torch.Tensor:
+        """Scores over the fitted items [b, n_fitted] -> scores over the current items
+        [b, n_items]. A seen item keeps its score; an unseen item with content gets the
+        weighted mean of its neighbours' scores; one without content gets the row's
+        smallest finite score (``cold="min"``: defined, ranked last) or -inf
+        (``cold="-inf"``). Rows with no finite score stay -inf."""
+        if self.identical:
+            return scores
+        b = scores.shape[0]
+        out = torch.full((b, len(self.position)), -torch.inf, dtype=scores.dtype)
+        seen = self.seen
+        out[:, seen] = scores[:, self.position[seen]]
+        if len(self.unseen):
+            nb = scores[:, self.neighbours]  # [b, m, k]
+            w = self.weights.to(scores.dtype)
+            finite = torch.isfinite(nb) & (w[None] > 0)
+            wf = torch.where(finite, w[None].expand_as(nb), torch.zeros_like(nb))
+            total = wf.sum(-1)
+            mixed = torch.where(finite, nb, torch.zeros_like(nb)).mul(wf).sum(-1) / total.clamp(min=1e-12)
+            mixed = torch.where(total > 0, mixed, torch.full_like(mixed, -torch.inf))
+            if cold == "min":
+                fin = torch.isfinite(scores)
+                row_min = torch.where(fin, scores, torch.full_like(scores, torch.inf)).min(1).values
+                row_min = torch.where(torch.isfinite(row_min), row_min,
+                                      torch.full_like(row_min, -torch.inf))
+                mixed = torch.where(torch.isfinite(mixed), mixed, row_min[:, None].expand_as(mixed))
+            out[:, self.unseen] = mixed
+        return out
+
+
+_MAP_CACHE: "OrderedDict[tuple, tuple[Any, CatalogueMap]]" = OrderedDict()
+_MAP_LOCK = threading.Lock()
+_MAP_CACHE_SIZE = 16
 
 
 @dataclass
@@ -89,6 +178,97 @@ class TrainingData:
         vals = torch.ones(len(flat)) if binary else weights[flat].float()
         out.index_put_((rows, items[flat]), vals, accumulate=False)
         return out
+
+    def content_space(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(unit vectors [n_items, D], has content [n_items]): the L2-normalised
+        concatenation of every modality vector in ``item_features`` (each modality first
+        normalised, absent ones zero). Cosine similarity in this space averages the
+        per-modality cosines over the modalities two items share."""
+        parts, any_present = [], torch.zeros(self.n_items, dtype=torch.bool)
+        for _, (vec, present) in sorted(self.item_features.items()):
+            present = present.bool()
+            parts.append(F.normalize(vec.float(), dim=-1) * present[:, None])
+            any_present |= present
+        if not parts:
+            return torch.zeros(self.n_items, 0), any_present
+        return F.normalize(torch.cat(parts, dim=1), dim=-1), any_present
+
+    def catalogue_map(self, fitted_ids: Sequence[int] | None, reference: torch.Tensor | None = None,
+                      *, n_fitted: int | None = None, k: int = COLD_NEIGHBOURS,
+                      temperature: float = COLD_TEMPERATURE) -> CatalogueMap:
+        """Map this catalogue onto the one a model was fitted on (see :class:`CatalogueMap`).
+
+        ``fitted_ids``: the internal item ids the model was fitted on, in its own index
+        order (None for a model saved before ids were recorded: its ``n_fitted`` items are
+        then assumed to be the first ``n_fitted`` items here, ids being dense in id order).
+        ``reference`` (bool [len(fitted_ids)]): fitted items that may serve as neighbours
+        (those the model can score; default all). Items the model never saw get their ``k``
+        nearest reference items by cosine similarity in :meth:`content_space`, weighted
+        by a softmax of similarity / ``temperature``; an item without content vectors
+        (or with no reference item that has any) gets none.
+
+        The result is cached per (item ids, fitted ids, reference, feature tensors, k,
+        temperature), so serving pays for it once per catalogue change, not per request.
+        """
+        if fitted_ids is None:
+            if n_fitted is None:
+                raise ValueError("catalogue_map needs fitted_ids or n_fitted")
+            fitted = tuple(self.item_ids[:n_fitted])
+            total = int(n_fitted)
+        else:
+            fitted = tuple(int(i) for i in fitted_ids)
+            total = len(fitted)
+        current = tuple(self.item_ids)
+        ref = None if reference is None else reference.bool().cpu()
+        ref_key = None if ref is None else ref.numpy().tobytes()
+        feats = tuple((m, v, p) for m, (v, p) in sorted(self.item_features.items()))
+        key = (hash(current), hash(fitted), total, ref_key, tuple((m, id(v), id(p)) for m, v, p in feats),
+               int(k), float(temperature))
+        with _MAP_LOCK:
+            hit = _MAP_CACHE.get(key)
+            if hit is not None and hit[0][0] == current and hit[0][1] == fitted and all(
+                    a is b for a, b in zip(hit[0][2], [t for _, v, p in feats for t in (v, p)])):
+                _MAP_CACHE.move_to_end(key)
+                return hit[1]
+        result = self._build_map(current, fitted, total, ref, k, temperature)
+        with _MAP_LOCK:
+            _MAP_CACHE[key] = ((current, fitted, [t for _, v, p in feats for t in (v, p)]), result)
+            while len(_MAP_CACHE) > _MAP_CACHE_SIZE:
+                _MAP_CACHE.popitem(last=False)
+        return result
+
+    def _build_map(self, current: tuple, fitted: tuple, n_fit: int, ref: torch.Tensor | None,
+                   k: int, temperature: float) -> CatalogueMap:
+        empty = torch.empty(0, dtype=torch.long)
+        if current == fitted and len(fitted) == n_fit:
+            return CatalogueMap(torch.arange(n_fit), empty, empty.view(0, 0),
+                                torch.empty(0, 0), torch.empty(0, dtype=torch.bool), True, n_fit)
+        index = {it: p for p, it in enumerate(fitted)}
+        position = torch.tensor([index.get(it, -1) for it in current], dtype=torch.long)
+        unseen = torch.nonzero(position < 0).flatten()
+        m = len(unseen)
+        space, has = self.content_space()
+        seen = torch.nonzero(position >= 0).flatten()
+        # reference items: fitted, present now, allowed, with content
+        cand = seen[has[seen]]
+        if ref is not None and len(cand):
+            cand = cand[ref[position[cand]]]
+        kk = max(0, min(int(k), len(cand)))
+        if m == 0 or kk == 0 or space.shape[1] == 0:
+            return CatalogueMap(position, unseen, torch.zeros(m, 0, dtype=torch.long),
+                                torch.zeros(m, 0), torch.zeros(m, dtype=torch.bool), False, n_fit)
+        neighbours = torch.zeros(m, kk, dtype=torch.long)
+        weights = torch.zeros(m, kk)
+        ref_vecs = space[cand]
+        for start in range(0, m, 1024):
+            rows = unseen[start:start + 1024]
+            sims = space[rows] @ ref_vecs.T
+            top = torch.topk(sims, kk, dim=1)
+            neighbours[start:start + len(rows)] = position[cand[top.indices]]
+            weights[start:start + len(rows)] = torch.softmax(top.values / temperature, dim=1)
+        has_content = has[unseen]
+        weights[~has_content] = 0.0
+        return CatalogueMap(position, unseen, neighbours, weights, has_content, False, n_fit)
 
     def _csr(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(indptr [n_users + 1], items, weights) of the interactions grouped by user."""

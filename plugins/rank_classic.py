@@ -1,7 +1,14 @@
 """Classical ID-only rankers: most-popular, item-kNN and EASE (plus a seeded random baseline).
 
-They learn from interaction IDs alone, so an item without training interactions (a cold
-item) cannot be scored: it gets ``-inf`` and never ranks above a scored item. Any option
+They learn from interaction IDs alone, so an item that was in the fitted catalogue without
+training interactions (a cold item) cannot be scored: it gets ``-inf`` and never ranks
+above a scored item. The catalogue may grow after fitting (serving passes the current
+TrainingData): an item the model never saw is scored as the similarity-weighted mean of
+the scores of its nearest fitted, scorable items in content space
+(TrainingData.catalogue_map); one with no content vectors gets the row's smallest finite
+score (defined, ranked last). A history item the model never saw counts as its content
+neighbours, by their weights. Items are matched to the fitted ones by id, never by
+position (states saved before the ids were kept assume the fitted items come first). Any option
 given as a list is a grid, tuned on a validation split carved from the training data
 (polyrec.rank.evaluation.tune_on_validation; under the cold-item protocol the per-user random
 one, since cold validation items say nothing about an ID-only model); the chosen values
@@ -33,13 +40,14 @@ class _IdRanker(Ranker):
     handles_cold_items: ClassVar[bool] = False
     #: Options that may be given as a grid (a list) and are then tuned on validation.
     tunable: ClassVar[tuple[str, ...]] = ()
-    defaults: ClassVar[dict[str, Any]] = {}
+    defaults: ClassVar[dict[str, Any]] = {"metric": "ndcg@20"}
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
         self.metric = str(options.pop("metric", "ndcg@20"))
         self.params = {**self.defaults, **options}
         self.known: torch.Tensor | None = None  # bool [n_items]: items seen in training
+        self.item_ids: list[int] | None = None  # internal ids of the fitted items
         self.info: dict[str, Any] = {}
 
     def fit(self, data: TrainingData) -> None:
@@ -57,6 +65,7 @@ class _IdRanker(Ranker):
             self.info = {"chosen": {k: chosen[k] for k in self.tunable if k in chosen}}
         self.chosen = chosen
         self.known = data.item_counts() > 0
+        self.item_ids = list(data.item_ids)
         self._fit(data, chosen)
 
     def _fit(self, data: TrainingData, params: dict[str, Any]) -> None:
@@ -67,17 +76,28 @@ class _IdRanker(Ranker):
             raise ModelNotTrainedError(f"ranker '{self.name}' is not fitted")
         return self.known
 
-    def _finish(self, scores: torch.Tensor) -> torch.Tensor:
-        """Cold (unknown) items get -inf: this ranker cannot score them."""
+    def _catalogue(self, data: TrainingData):
+        """Where ``data``'s items sit among the fitted ones, with content neighbours
+        (among the fitted items this ranker can score) for the items it never saw."""
+        known = self._check()
+        return data.catalogue_map(self.item_ids, reference=known, n_fitted=len(known))
+
+    def _finish(self, scores: torch.Tensor, cmap: Any = None) -> torch.Tensor:
+        """Scores over the fitted items -> over ``cmap``'s catalogue. Cold (unknown)
+        fitted items get -inf: this ranker cannot score them; unseen items get their
+        content neighbours' weighted mean (row minimum when they have no content)."""
         scores = scores.float()
         scores[:, ~self._check()] = -math.inf
-        return scores
+        return scores if cmap is None else cmap.from_fitted(scores)
 
     def state(self) -> dict[str, Any]:
-        return {"known": self._check(), "chosen": self.chosen, "info": self.info}
+        return {"known": self._check(), "chosen": self.chosen, "info": self.info,
+                "item_ids": list(self.item_ids) if self.item_ids is not None else None}
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.known = state["known"]
+        ids = state.get("item_ids")  # absent in states saved before the catalogue could grow
+        self.item_ids = [int(i) for i in ids] if ids is not None else None
         self.chosen = dict(state["chosen"])
         self.info = dict(state.get("info") or {})
 
@@ -91,8 +111,8 @@ class PopularRanker(_IdRanker):
         self.counts = data.item_counts().float()
 
     def score_users(self, user_index: torch.Tensor, data: TrainingData) -> torch.Tensor:
-        self._check()
-        return self._finish(self.counts.expand(len(user_index), -1).clone())
+        cmap = self._catalogue(data)
+        return self._finish(self.counts.expand(len(user_index), -1).clone(), cmap)
 
     def state(self) -> dict[str, Any]:
         return {**super().state(), "counts": self.counts}
@@ -109,7 +129,8 @@ class ItemKNNRanker(_IdRanker):
 
     name = "itemknn"
     tunable = ("neighbors", "shrink")
-    defaults = {"neighbors": KNN_NEIGHBOR_GRID, "shrink": KNN_SHRINK_GRID, "block": 2048}
+    defaults = {"neighbors": KNN_NEIGHBOR_GRID, "shrink": KNN_SHRINK_GRID, "block": 2048,
+                "metric": "ndcg@20"}
 
     def _fit(self, data: TrainingData, params: dict[str, Any]) -> None:
         n = data.n_items
@@ -142,9 +163,9 @@ class ItemKNNRanker(_IdRanker):
                                               check_invariants=False).coalesce()
 
     def score_users(self, user_index: torch.Tensor, data: TrainingData) -> torch.Tensor:
-        self._check()
-        hist = data.history(user_index)
-        return self._finish(torch.sparse.mm(self._sim_t, hist.T).T)
+        cmap = self._catalogue(data)
+        hist = cmap.to_fitted(data.history(user_index))
+        return self._finish(torch.sparse.mm(self._sim_t, hist.T).T, cmap)
 
     def state(self) -> dict[str, Any]:
         i, j, v = self.neighbors
@@ -163,7 +184,7 @@ class EASERanker(_IdRanker):
 
     name = "ease"
     tunable = ("l2",)
-    defaults = {"l2": EASE_L2_GRID}
+    defaults = {"l2": EASE_L2_GRID, "metric": "ndcg@20"}
 
     def _fit(self, data: TrainingData, params: dict[str, Any]) -> None:
         n = data.n_items
@@ -183,8 +204,8 @@ class EASERanker(_IdRanker):
         self.weights = b.float()
 
     def score_users(self, user_index: torch.Tensor, data: TrainingData) -> torch.Tensor:
-        self._check()
-        return self._finish(data.history(user_index) @ self.weights)
+        cmap = self._catalogue(data)
+        return self._finish(cmap.to_fitted(data.history(user_index)) @ self.weights, cmap)
 
     def state(self) -> dict[str, Any]:
         return {**super().state(), "weights": self.weights, "l2": self.l2}

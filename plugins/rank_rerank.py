@@ -13,6 +13,13 @@ validation user are labelled 1 when held out for that user, 0 otherwise, and the
 fitted by L2-regularised logistic regression (L-BFGS). The retrieval ranker is then
 refitted on all the data. Items outside the candidates keep the retrieval order below
 every candidate.
+
+A growing catalogue: items added after fitting are scored with no retrain. The retrieval
+ranker gives them its cold score (content neighbours, see TrainingData.catalogue_map),
+and besides its top ``candidates`` the ``new_candidates`` best-retrieved items the model
+never saw are always re-scored too, so a fitting new item can reach the top. An unseen
+item with no interactions yet borrows its content neighbours' popularity and recency
+features (weighted mean); the content-similarity features come from its own vectors.
 """
 from __future__ import annotations
 
@@ -30,6 +37,7 @@ from polyrec.training_data import TrainingData
 DEFAULTS: dict[str, Any] = {
     "base": "two_tower", "base_options": {}, "scorers": [], "candidates": 100, "l2": 1e-3,
     "max_iter": 200, "center": True, "refit": True, "seed": 0, "factory": None,
+    "new_candidates": 20,
 }
 #: Offset that puts every re-scored candidate above every other item.
 CANDIDATE_OFFSET = 1e4
@@ -52,7 +60,8 @@ class RerankRanker(Ranker):
     Options: ``base`` (ranker name or instance, default two_tower), ``base_options``,
     ``scorers`` (more rankers whose per-user z-scores become features, e.g. two_tower
     over an EASE base: a learned blend),
-    ``candidates`` (how many to re-score, 100), ``l2``, ``max_iter``, ``center`` (features
+    ``candidates`` (how many to re-score, 100), ``new_candidates`` (how many more of the
+    items added after fitting to re-score per user, by retrieval score; 20), ``l2``, ``max_iter``, ``center`` (features
     relative to the mean of the user's candidates, so the model compares a user's
     candidates rather than users), ``refit``, ``seed``;
     ``factory`` (supplied by the engine) builds the base ranker by name.
@@ -89,6 +98,7 @@ class RerankRanker(Ranker):
         self.theta: torch.Tensor | None = None
         self.mean = self.std = None
         self.feature_names: list[str] = []
+        self.item_ids: list[int] | None = None  # internal ids of the fitted items
         self.info: dict[str, Any] = {}
 
     def _build(self, spec: Any, options: Any) -> Ranker:
@@ -115,8 +125,35 @@ class RerankRanker(Ranker):
         finite = torch.isfinite(age_days)
         cap = float(age_days[finite].max()) + 1.0 if bool(finite.any()) else 1.0
         age_days = torch.where(finite, age_days, torch.full_like(age_days, cap))
-        return {"log_popularity": torch.log1p(counts),
-                "log_age_days": torch.log1p(age_days.clamp(min=0)).float()}
+        stats = {"log_popularity": torch.log1p(counts),
+                 "log_age_days": torch.log1p(age_days.clamp(min=0)).float()}
+        cmap = self._catalogue(data)
+        if cmap is not None and len(cmap.unseen):
+            # unseen items with no interactions yet: their content neighbours' values
+            fresh = cmap.unseen[counts[cmap.unseen] == 0]
+            if len(fresh):
+                seen = cmap.seen
+                for name, values in stats.items():
+                    fitted = torch.full((1, cmap.n_fitted), math.nan)
+                    fitted[0, cmap.position[seen]] = values[seen].float()
+                    prior = cmap.from_fitted(fitted)[0]
+                    values = values.clone()
+                    values[fresh] = torch.where(torch.isfinite(prior[fresh]), prior[fresh],
+                                                values[fresh].float())
+                    stats[name] = values
+        return stats
+
+    def _catalogue(self, data: TrainingData) -> Any:
+        """data's items against the fitted ones (None when unknown). A state saved before
+        the ids were kept uses the retrieval ranker's (or assumes its fitted items come
+        first, as many as it knows)."""
+        ids = self.item_ids if self.item_ids is not None else getattr(self.base, "item_ids", None)
+        if ids is not None:
+            return data.catalogue_map(ids)
+        known = getattr(self.base, "known", None)
+        if known is not None:
+            return data.catalogue_map(None, n_fitted=min(len(known), data.n_items))
+        return None
 
     def _features(self, users: torch.Tensor, cand: torch.Tensor, base: torch.Tensor,
                   data: TrainingData, history: list[torch.Tensor],
@@ -166,9 +203,11 @@ class RerankRanker(Ranker):
 
     def _candidates(self, users: torch.Tensor, data: TrainingData,
                     history: list[torch.Tensor]
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(raw base scores [b, n], the same with training items at -inf, top candidate
-        indices [b, C])."""
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(raw base scores [b, n], the same with training items at -inf, candidate
+        indices [b, C + E], valid [b, C + E]): the top C by retrieval score, then up to E
+        (``new_candidates``) more among the items added after fitting, best retrieved
+        first; ``valid`` marks the candidates to re-score (finite, not a filler)."""
         with torch.no_grad():
             raw = self.base.score_users(users, data).detach().float().cpu()
         base = raw.clone()
@@ -176,11 +215,24 @@ class RerankRanker(Ranker):
             if len(history[u]):
                 base[r, history[u]] = -math.inf
         c = min(int(self.options["candidates"]), data.n_items)
-        return raw, base, torch.topk(base, c, dim=1).indices
+        top = torch.topk(base, c, dim=1).indices
+        cand, valid = top, torch.isfinite(torch.gather(base, 1, top))
+        cmap = self._catalogue(data)
+        e = min(int(self.options.get("new_candidates", 0) or 0),
+                len(cmap.unseen) if cmap is not None else 0)
+        if e > 0:
+            fresh = torch.full_like(base, -math.inf)
+            fresh[:, cmap.unseen] = base[:, cmap.unseen]
+            fresh.scatter_(1, top, -math.inf)  # already a candidate
+            more = torch.topk(fresh, e, dim=1)
+            cand = torch.cat([top, more.indices], dim=1)
+            valid = torch.cat([valid, torch.isfinite(more.values)], dim=1)
+        return raw, base, cand, valid
 
     # -- fitting -------------------------------------------------------------------------
     def fit(self, data: TrainingData) -> None:
         from polyrec.rank.evaluation import validation_split
+        self.item_ids = list(data.item_ids)  # validation data keeps every item
         val = validation_split(data, seed=int(self.options["seed"]) + 7)
         if val.n_test == 0:
             raise ConfigError("rerank: not enough interactions to carve validation data")
@@ -192,8 +244,8 @@ class RerankRanker(Ranker):
         users = val.eval_users
         for start in range(0, len(users), 256):
             batch = users[start:start + 256]
-            _, base, cand, feats, extras = self._tiers(batch, val.train, history, stats)
-            finite = torch.isfinite(torch.gather(base, 1, cand))
+            _, base, cand, valid, feats, extras = self._tiers(batch, val.train, history, stats)
+            finite = valid
             labels = torch.zeros(cand.shape, dtype=torch.float32)
             for r, u in enumerate(batch.tolist()):
                 labels[r] = torch.isin(cand[r], val.test[u]).float()
@@ -245,12 +297,14 @@ class RerankRanker(Ranker):
     # -- scoring -------------------------------------------------------------------------
     def _tiers(self, users: torch.Tensor, data: TrainingData, history: list[torch.Tensor],
                stats: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                        torch.Tensor, list[tuple[int, torch.Tensor,
-                                                                                 torch.Tensor]]]:
-        """(raw base scores, masked base scores, top candidates [b, C], their features
-        [b, C, F], and per user row the items only the scorers can score with their
-        features: [(row, item indices [E], features [1, E, F])])."""
-        raw, base, cand = self._candidates(users, data, history)
+                                                        torch.Tensor, torch.Tensor,
+                                                        list[tuple[int, torch.Tensor,
+                                                                   torch.Tensor]]]:
+        """(raw base scores, masked base scores, candidates [b, C], which of them to
+        re-score [b, C], their features [b, C, F], and per user row the items only the
+        scorers can score with their features: [(row, item indices [E], features
+        [1, E, F])])."""
+        raw, base, cand, valid = self._candidates(users, data, history)
         scorer_z = self._scorer_z(users, data)
         feats, self.feature_names = self._features(users, cand, base, data, history, stats,
                                                    scorer_z)
@@ -265,7 +319,7 @@ class RerankRanker(Ranker):
                 extra, _ = self._features(users[r:r + 1], idx[None, :], base[r:r + 1], data,
                                           history, stats, [z[r:r + 1] for z in scorer_z])
                 extras.append((r, idx, extra))
-        return raw, base, cand, feats, extras
+        return raw, base, cand, valid, feats, extras
 
     def _logits(self, feats: torch.Tensor) -> torch.Tensor:
         b, c, f = feats.shape
@@ -279,13 +333,12 @@ class RerankRanker(Ranker):
         if self.theta is None:
             raise ModelNotTrainedError("rerank is not fitted")
         history = data.user_items()
-        raw, base, cand, feats, extras = self._tiers(user_index, data, history,
-                                                     self._item_stats(data))
+        raw, base, cand, valid, feats, extras = self._tiers(user_index, data, history,
+                                                            self._item_stats(data))
         out = _zscore(raw).clamp(min=-CANDIDATE_OFFSET / 4) - CANDIDATE_OFFSET
         out[~torch.isfinite(raw)] = -math.inf
-        finite = torch.isfinite(torch.gather(base, 1, cand))
-        new = torch.where(finite, self._logits(feats) + CANDIDATE_OFFSET, torch.gather(out, 1, cand))
-        out = out.scatter(1, cand, new)
+        rows, cols = torch.nonzero(valid, as_tuple=True)  # fillers stay as they are
+        out[rows, cand[rows, cols]] = self._logits(feats)[rows, cols] + CANDIDATE_OFFSET
         for r, idx, extra in extras:
             out[r, idx] = self._logits(extra)[0]
         return out
@@ -296,7 +349,7 @@ class RerankRanker(Ranker):
         if self.theta is None:
             raise ModelNotTrainedError("rerank is not fitted")
         history = data.user_items()
-        _, base, _ = self._candidates(user_index, data, history)
+        _, base, _, _ = self._candidates(user_index, data, history)
         feats, _ = self._features(user_index, items, base, data, history, self._item_stats(data))
         return torch.sigmoid(self._logits(feats))
 
@@ -306,6 +359,7 @@ class RerankRanker(Ranker):
             raise ModelNotTrainedError("rerank is not fitted")
         return {"theta": self.theta, "mean": self.mean, "std": self.std,
                 "features": self.feature_names, "info": self.info, "base": self.base.state(),
+                "item_ids": list(self.item_ids) if self.item_ids is not None else None,
                 "scorers": [{**spec, "state": r.state()}
                             for spec, r in zip(self.scorer_specs, self.scorers)]}
 
@@ -320,6 +374,8 @@ class RerankRanker(Ranker):
         self.theta, self.mean, self.std = state["theta"], state["mean"], state["std"]
         self.feature_names = list(state["features"])
         self.info = dict(state.get("info") or {})
+        ids = state.get("item_ids")  # absent in states saved before the catalogue could grow
+        self.item_ids = [int(i) for i in ids] if ids is not None else None
 
 
 class HybridRanker(RerankRanker):

@@ -1,7 +1,11 @@
 """The "two_tower" ranker: a fused content + ID item tower and a history user tower.
 
 Item tower: a fuser (attention by default) over the item's modality vectors, plus an
-item-ID embedding for items that had interactions when the model was fitted; during
+item-ID embedding for items that had interactions when the model was fitted (an item
+added to the catalogue after fitting gets the similarity-weighted mean of the ID
+embeddings and biases of its nearest warm fitted items in content space,
+TrainingData.catalogue_map; one with no content vectors at all gets the row's smallest
+finite score); during
 training the ID embedding is dropped for a share of items so the content path alone
 must rank well (that is what scores cold items). User tower: the mean of the item-tower
 vectors of the user's history, through a linear layer, plus an optional user-ID
@@ -91,12 +95,16 @@ class TwoTowerModel(nn.Module):
         self.dim = dim
 
     def items(self, tokens: dict[str, torch.Tensor], present: torch.Tensor,
-              id_index: torch.Tensor, id_keep: torch.Tensor
+              id_index: torch.Tensor, id_keep: torch.Tensor,
+              id_mix: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(item vectors [n, D] unit length, attention weights [n, M], scorable [n],
         item bias [n]); score(u, i) = <user_u, item_i> / temperature + bias_i.
 
         ``id_index``: fit-time index of each item (any value where ``id_keep`` is False).
+        ``id_mix`` (rows [m], fit-time neighbour indices [m, k], weights [m, k]): items
+        the model never saw get the weighted mean of their neighbours' ID embeddings and
+        ID biases (rows whose weights are all zero get nothing).
         """
         n = id_index.shape[0]
         vec = torch.zeros(n, self.dim, device=id_index.device)
@@ -112,6 +120,14 @@ class TwoTowerModel(nn.Module):
             vec = vec + self.item_id(id_index.clamp(min=0)) * keep
             bias = bias + (self.id_bias(id_index.clamp(min=0)) * keep).squeeze(-1)
             scorable = scorable | id_keep
+            if id_mix is not None and len(id_mix[0]):
+                rows, nb, w = id_mix
+                w = w.to(vec.device, torch.float32)
+                vec = vec.index_add(0, rows, (self.item_id(nb) * w[..., None]).sum(1).to(vec.dtype))
+                bias = bias.index_add(0, rows, (self.id_bias(nb).squeeze(-1) * w).sum(1).to(bias.dtype))
+                mixed = torch.zeros_like(scorable)
+                mixed[rows] = w.sum(1) > 0
+                scorable = scorable | mixed
         return F.normalize(vec.float(), dim=-1), weights, scorable, bias.float()
 
     def users(self, history_mean: torch.Tensor, user_index: torch.Tensor,
@@ -259,8 +275,16 @@ class TwoTowerRanker(Ranker):
         tokens, present = self._tokens(data)
         id_index = self._map(data.item_ids, self.item_ids)
         id_keep = (id_index >= 0) & self.warm.to(self.device)[id_index.clamp(min=0)]
+        # items the model never saw: an ID part from their content neighbours among the
+        # ID-embedded (warm) fitted items, on top of their content tower
+        cmap = data.catalogue_map(self.item_ids, reference=self.warm)
+        id_mix = None
+        if len(cmap.unseen) and self.model.item_id is not None and cmap.neighbours.shape[1]:
+            id_mix = (cmap.unseen.to(self.device), cmap.neighbours.to(self.device),
+                      cmap.weights.to(self.device))
         with torch.no_grad():
-            vecs, weights, scorable, bias = self.model.items(tokens, present, id_index, id_keep)
+            vecs, weights, scorable, bias = self.model.items(tokens, present, id_index, id_keep,
+                                                             id_mix)
             pair_u, pair_i = self._pairs(data)
             indptr = self._indptr(pair_u, data.n_users)
             counts = (indptr[1:] - indptr[:-1])
@@ -268,8 +292,10 @@ class TwoTowerRanker(Ranker):
             hist = self._history_sums(all_users, pair_u, pair_i, indptr, vecs) \
                 / counts.clamp(min=1)[:, None]
         has_history = counts > 0
+        unseen = torch.zeros(data.n_items, dtype=torch.bool)
+        unseen[cmap.unseen] = True
         self._cache = {"key": key, "vectors": vecs, "weights": weights, "scorable": scorable,
-                       "bias": bias,
+                       "bias": bias, "cold_last": (unseen.to(self.device) & ~scorable),
                        "history": hist, "has_history": has_history.to(self.device),
                        "user_index": self._map(data.user_ids, self.user_ids)}
         return self._cache
@@ -287,6 +313,12 @@ class TwoTowerRanker(Ranker):
             known = known | (fit_users >= 0)
         scores[~known] = 0.0  # nothing known of the user: no preference among items
         scores[:, ~prep["scorable"]] = -math.inf
+        cold_last = prep["cold_last"]
+        if bool(cold_last.any()):  # unseen items without content: defined, ranked last
+            finite = torch.isfinite(scores)
+            low = torch.where(finite, scores, torch.full_like(scores, math.inf)).min(1).values
+            low = torch.where(torch.isfinite(low), low, torch.full_like(low, -math.inf))
+            scores[:, cold_last] = low[:, None]
         return scores.float().cpu()
 
     def user_vectors(self, user_index: torch.Tensor, data: TrainingData) -> torch.Tensor:
