@@ -104,26 +104,12 @@ class Engine:
     def add_interactions(self, events: Sequence[Mapping[str, Any]]) -> int:
         """Store events given as dicts with ``user``, ``item`` (external ids), ``kind``
         (default 'click'), optional ``value``, ``ts`` (epoch seconds) and ``context``.
-        Unknown users are created; an unknown item is an error and nothing is stored.
+        Unknown users are created; an unknown item or a bad event is an error and
+        nothing is stored. The same writer as :meth:`feedback_many` (checks, dedup rule,
+        experiments, then the feedback learners; engine/ingest/interactions.py).
         Returns how many events were new."""
-        with self.store.session() as s:
-            items = catalog.item_ids(s, (str(e.get("item")) for e in events))
-            users = catalog.ensure_users(s, (str(e.get("user")) for e in events))
-            rows, seen = [], {}
-            for n, e in enumerate(events, start=1):
-                item = str(e.get("item"))
-                if item not in items:
-                    raise ValidationError(f"unknown item '{item}'", file="add_interactions",
-                                          row=n, field="item")
-                kind = str(e.get("kind") or "click")
-                ts = float(e["ts"]) if e.get("ts") is not None else time.time()
-                value = float(e["value"]) if e.get("value") is not None else None
-                ident = (str(e.get("user")), item, kind, ts, value)
-                seen[ident] = seen.get(ident, -1) + 1
-                rows.append({"user_id": users[ident[0]], "item_id": items[item], "kind": kind,
-                             "value": value, "ts": ts, "context": e.get("context"),
-                             "dedup_key": catalog.interaction_key(*ident, occurrence=seen[ident])})
-            return catalog.insert_interactions(s, rows)
+        from polyrec.feedback.events import hub
+        return sum(e.new for e in hub(self).record(events, source="add_interactions"))
 
     def ingest(self, path: str | Path, kind: str, *, format: str | None = None,
                mapping: Mapping[str, str | None] | None = None, on_error: str = "fail",

@@ -194,7 +194,7 @@ def test_interactions_kinds_values_and_context(engine, tmp_path):
     ("u1,i1,4,100\nu2,i2,great,100\n", 2, "rating", "not a number"),
     ("u1,i1,4,yesterday\n", 1, "timestamp", "not a timestamp"),
     ("u1,i1,4,100\nu1,i1,3,200\nu2,zz,5,100\n", 3, "item_id", "unknown item 'zz'"),
-    ("u1,i1,,100\n", 1, "rating", "missing rating"),
+    ("u1,i1,,100\n", 1, "rating", "a rating needs a value"),
     ("u1,i1,4,100,extra\n", 1, None, "more value"),
 ])
 def test_validation_names_file_row_field(engine, tmp_path, rows, row, field, message):
@@ -258,3 +258,137 @@ def test_users_and_file_errors(engine, tmp_path):
         engine.ingest(f, "movies")
     with pytest.raises(ConfigError, match="on_error"):
         engine.ingest(f, "users", on_error="ignore")
+
+
+# -- one writer of interactions: the API, feedback, HTTP and files agree ------------------
+BAD_EVENTS = [  # (event, field, reason) - each expressible by all four paths
+    ({"user": "u1", "item": "i1", "kind": "like"}, "kind", "unknown event kind 'like' (known: "),
+    ({"user": "u1", "item": "i1", "kind": "rating"}, "value", "a rating needs a value"),
+    ({"user": "u1", "item": "i1", "kind": "rating", "value": "nan"}, "value",
+     "not a finite number: 'nan'"),
+    ({"user": "u1", "item": "i1", "ts": "yesterday"}, "ts",
+     "not a timestamp (epoch seconds or ISO date): 'yesterday'"),
+    ({"user": " ", "item": "i1"}, "user", "missing user id"),
+]
+
+
+def _refusals(engine, tmp_path, event):
+    """(path, reason, field) of the refusal of ``event`` by each write path."""
+    from fastapi.testclient import TestClient
+
+    from polyrec.serve.app import create_app
+    out = []
+    for name, call in (("add_interactions", lambda: engine.add_interactions([event])),
+                       ("feedback_many", lambda: engine.feedback_many([event]))):
+        with pytest.raises(ValidationError) as err:
+            call()
+        out.append((name, err.value.reason, err.value.field, err.value.row))
+    body = {k: (float(v) if k in ("value", "ts") and v == "nan" else v) for k, v in event.items()}
+    if isinstance(body.get("ts"), str):
+        response = None  # HTTP's own schema (ts: a number) refuses it before polyrec sees it
+    else:
+        response = TestClient(create_app(engine)).post(  # json.dumps: NaN as clients send it
+            "/feedback", content=json.dumps(body), headers={"content-type": "application/json"})
+    if response is not None:
+        assert response.status_code == 422, response.text
+        message = response.json()["message"]
+        out.append(("http", message.split(": ", 1)[1], event_field(message), 1))
+    cols = ["user", "item", *[k for k in ("kind", "value", "ts") if k in event]]
+    f = write(tmp_path / "one.csv", ",".join(cols) + "\n" + ",".join(str(event[c]) for c in cols)
+              + "\n")
+    report = engine.ingest(f, "interactions", on_error="skip")
+    assert report.skipped == 1
+    err = report.errors[0]
+    out.append(("file", err["message"], err["field"], err["row"]))
+    return out
+
+
+def event_field(message: str) -> str:
+    return message.split("field '", 1)[1].split("'", 1)[0]
+
+
+@pytest.mark.parametrize("event, field, reason", BAD_EVENTS, ids=[b[1] for b in BAD_EVENTS])
+def test_the_same_bad_event_is_refused_alike_by_every_path(engine, tmp_path, event, field, reason):
+    engine.ingest(write(tmp_path / "items.csv", ITEMS_CSV), "items")
+    refusals = _refusals(engine, tmp_path, event)
+    http = set() if isinstance(event.get("ts"), str) else {"http"}
+    assert {p for p, *_ in refusals} == {"add_interactions", "feedback_many", "file"} | http
+    for path, got, got_field, row in refusals:
+        assert got.startswith(reason), (path, got)
+        assert (got_field, row) == (field, 1), path
+    assert len({got for _, got, *_ in refusals}) == 1  # word for word the same
+    stats = engine.stats()
+    assert stats["interactions"] == 0 and stats["users"] == 0
+
+
+def test_unknown_item_is_refused_by_every_path(engine, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from polyrec.serve.app import create_app
+    engine.ingest(write(tmp_path / "items.csv", ITEMS_CSV), "items")
+    event = {"user": "u1", "item": "ghost"}
+    for call in (lambda: engine.add_interactions([event]), lambda: engine.feedback("u1", "ghost")):
+        with pytest.raises(NotFoundError, match="unknown item 'ghost'"):
+            call()
+    response = TestClient(create_app(engine)).post("/feedback", json=event)
+    assert response.status_code == 404 and "unknown item 'ghost'" in response.json()["message"]
+    f = write(tmp_path / "ghost.csv", "user,item\nu1,ghost\n")
+    with pytest.raises(ValidationError, match="unknown item 'ghost'"):
+        engine.ingest(f, "interactions")
+    assert engine.stats()["interactions"] == 0 and engine.stats()["users"] == 0
+
+
+def test_configured_kinds_are_accepted_by_every_path(engine, tmp_path):
+    from polyrec.feedback.events import set_config
+    engine.ingest(write(tmp_path / "items.csv", ITEMS_CSV), "items")
+    set_config(engine, {"kind_weights.like": 1.5})
+    assert engine.add_interactions([{"user": "u1", "item": "i1", "kind": "Like", "ts": 1}]) == 1
+    assert engine.feedback("u1", "i2", "like").kind == "like"
+    f = write(tmp_path / "likes.csv", "user,item,kind\nu2,i1,like\n")
+    assert engine.ingest(f, "interactions").new == 1
+    assert engine.stats()["interactions_by_kind"] == {"like": 3}
+
+
+def test_one_dedup_rule(engine, tmp_path):
+    engine.ingest(write(tmp_path / "items.csv", ITEMS_CSV), "items")
+    batch = [{"user": "u1", "item": "i1", "kind": "view", "ts": 5},
+             {"user": "u1", "item": "i1", "kind": "view", "ts": 5},  # a genuine repeat
+             {"user": "u2", "item": "i2", "context": {"event_id": "e1"}}]
+    assert engine.add_interactions(batch) == 3
+    assert engine.add_interactions(batch) == 0  # the same batch again adds nothing
+    assert [e.new for e in engine.feedback_many(batch)] == [False, False, False]
+    f = write(tmp_path / "v.csv", "user,item,kind,ts\nu1,i1,view,5\nu1,i1,view,5\nu1,i1,view,6\n")
+    assert engine.ingest(f, "interactions").new == 1  # the two at ts 5 are stored already
+    assert engine.ingest(f, "interactions").new == 0
+    assert engine.add_interactions([{"user": "u3", "item": "i1"}]) == 1  # no ts: now, new
+    assert engine.add_interactions([{"user": "u3", "item": "i1"}]) == 1
+    assert engine.stats()["interactions"] == 6
+
+
+def test_add_interactions_informs_the_learners(tmp_path):
+    from polyrec import Engine, FeedbackLearner, hookimpl
+
+    seen = []
+
+    class Witness(FeedbackLearner):
+        name = "witness_ingest"
+
+        def observe(self, events):
+            seen.extend((e.user, e.item, e.kind, e.new) for e in events)
+
+    class Plugin:
+        @hookimpl
+        def register_feedback_learners(self, register):
+            register(Witness)
+
+    with Engine(tmp_path / "w.db", device="cpu", entrypoints=False, progress=False,
+                plugins=[Plugin()]) as eng:
+        eng.ingest(write(tmp_path / "items.csv", ITEMS_CSV), "items")
+        assert eng.add_interactions([{"user": "a", "item": "i1", "ts": 1},
+                                     {"user": "b", "item": "i2", "kind": "cart", "ts": 2}]) == 2
+        assert seen == [("a", "i1", "click", True), ("b", "i2", "cart", True)]
+        eng.add_interactions([{"user": "a", "item": "i1", "ts": 1}])  # stored before: not new
+        assert len(seen) == 2
+        f = write(tmp_path / "ev.csv", "user,item,kind\nc,i1,view\n")
+        eng.ingest(f, "interactions")  # files: after commit, through services.interactions_stored
+        assert seen[-1][:3] == ("c", "i1", "view")

@@ -21,7 +21,7 @@ def test_documented_example_runs(tmp_path, monkeypatch, ml100k_dir, capsys):
     exec(compile(blocks[0], str(DOC), "exec"), {"__name__": "__doc_example__"})
     out = capsys.readouterr().out
     assert "Ingested 100,000 interactions" in out
-    assert "rejected: row 1, field item: unknown item 'no-such-film'" in out
+    assert "rejected: row 1, field kind: unknown event kind 'like'" in out
     assert "1683 944 100001 91631" in out
     assert "doctor: 85 items are not linked to a knowledge-graph entity (5.1%)" in out
     with Engine(tmp_path / "movies.db", entrypoints=False, progress=False) as eng:

@@ -28,7 +28,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from polyrec.store import catalog
-from polyrec.store.catalog import DEFAULT_KIND_WEIGHTS
+from polyrec.store.catalog import DEFAULT_KIND_WEIGHTS, dialect_insert  # noqa: F401 - re-exported
+from polyrec.ingest import interactions
 from polyrec.errors import ConfigError, ModelNotTrainedError, NotFoundError, ValidationError
 from polyrec.rank.train import PIPELINE_ARTIFACT
 from polyrec.store.models import Interaction, Item, ItemVector, Setting, User
@@ -261,32 +262,6 @@ def resolve_space(engine: "Engine", spec: str = "auto") -> ItemSpace | None:
     return _encoder_space(engine, spec)
 
 
-def dialect_insert(dialect: str, table: Any) -> Any:
-    """An INSERT supporting ON CONFLICT for SQLite and PostgreSQL."""
-    if dialect == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert
-    elif dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:  # pragma: no cover - other databases need their own upsert
-        raise NotImplementedError(f"upserts are not implemented for the '{dialect}' dialect")
-    return insert(table)
-
-
-def _number(raw: Any, row: int, name: str) -> float | None:
-    """A finite float (None stays None), or a ValidationError naming the field."""
-    if raw is None:
-        return None
-    try:
-        value = float(raw)
-    except (TypeError, ValueError):
-        raise ValidationError(f"not a number: {raw!r}", file="feedback", row=row,
-                              field=name) from None
-    if not math.isfinite(value):
-        raise ValidationError(f"not a finite number: {raw!r}", file="feedback", row=row,
-                              field=name)
-    return value
-
-
 def _chunks(seq: Sequence[Any], n: int) -> Iterator[Sequence[Any]]:
     for start in range(0, len(seq), n):
         yield seq[start:start + n]
@@ -299,13 +274,11 @@ class FeedbackHub:
         self.engine = engine
         self.config = load_config(engine)
         self._learners: dict[str, "FeedbackLearner"] | None = None
-        self._users: dict[str, int] = {}
-        self._items: dict[str, int] = {}
+        #: ids of users and items seen (engine/ingest/interactions.py keeps them fresh)
+        self.ids = interactions.IdCache()
+        self._users, self._items = self.ids.users, self.ids.items
         self._space: ItemSpace | None = None
         self._space_checked = 0.0
-        self._insert: Any = None
-        self._lookup: dict[Any, Any] | None = None
-        self._new_user: Any = None
         self.aligned_cache: Any = None  # the item space aligned to a pipeline's item index
         self.experiment_cache: Any = None  # polyrec.feedback.experiments keeps its cache here
         self.errors: list[str] = []
@@ -359,64 +332,6 @@ class FeedbackHub:
         self._space, self._space_checked = None, 0.0
 
     # -- writing -------------------------------------------------------------------------
-    def _check(self, n: int, e: Mapping[str, Any]) -> tuple[str, str, str, float | None, float, Any]:
-        kinds = self.config["kind_weights"]
-        user = str(e.get("user") if e.get("user") is not None else "").strip()
-        item = str(e.get("item") if e.get("item") is not None else "").strip()
-        kind = str(e.get("kind") or "click")
-        if not user:
-            raise ValidationError("missing user id", file="feedback", row=n, field="user")
-        if not item:
-            raise ValidationError("missing item id", file="feedback", row=n, field="item")
-        if kind not in kinds:
-            raise ValidationError(f"unknown event kind '{kind}' (known: {', '.join(kinds)})",
-                                  file="feedback", row=n, field="kind")
-        value = _number(e.get("value"), n, "value")
-        ts = _number(e.get("ts"), n, "ts")
-        ts = time.time() if ts is None else ts
-        if kind == "rating" and value is None:
-            raise ValidationError("a rating needs a value", file="feedback", row=n, field="value")
-        context = e.get("context")
-        if context is not None:
-            if not isinstance(context, Mapping):
-                raise ValidationError("context must be a mapping", file="feedback", row=n,
-                                      field="context")
-            context = dict(context)
-            try:
-                json.dumps(context)
-            except (TypeError, ValueError) as exc:
-                raise ValidationError(f"context is not JSON: {exc}", file="feedback", row=n,
-                                      field="context") from None
-        return user, item, kind, value, ts, context
-
-    def _resolve(self, conn: Connection, users: set[str], items: set[str]) -> None:
-        """Fill the id caches for these users and items in ``conn``'s transaction: unknown
-        users are created, an unknown item is a NotFoundError. Statements with expanding
-        IN parameters, so they compile once."""
-        if self._lookup is None:
-            self._lookup = {
-                model: select(model.external_id, model.id)
-                .where(model.external_id.in_(bindparam("ids", expanding=True)))
-                for model in (Item, User)}
-            self._new_user = dialect_insert(conn.dialect.name, User.__table__) \
-                .on_conflict_do_nothing(index_elements=["external_id"])
-        missing = sorted(i for i in items if i not in self._items)
-        for chunk in _chunks(missing, 900):
-            self._items.update(conn.execute(self._lookup[Item], {"ids": list(chunk)}).all())
-        unknown = [i for i in missing if i not in self._items]
-        if unknown:
-            shown = ", ".join(repr(u) for u in unknown[:5])
-            raise NotFoundError(f"unknown item {shown}: events must name items of the "
-                                "catalogue (add them first with add_items or "
-                                "`polyrec ingest items`); nothing was stored")
-        new_users = sorted(u for u in users if u not in self._users)
-        if new_users:
-            stamp = time.time()
-            conn.execute(self._new_user, [{"external_id": u, "attributes": {}, "created_at": stamp,
-                                           "updated_at": stamp} for u in new_users])
-            for chunk in _chunks(new_users, 900):
-                self._users.update(conn.execute(self._lookup[User], {"ids": list(chunk)}).all())
-
     def item_id(self, external: str) -> int:
         """Internal id of a catalogue item (cached); NotFoundError when unknown."""
         found = self._items.get(str(external))
@@ -425,66 +340,42 @@ class FeedbackHub:
                 found = self._items[str(external)] = catalog.get_item_id(s, str(external))
         return found
 
-    def record(self, events: Sequence[Mapping[str, Any]]) -> list[Event]:
-        """Validate and store ``events`` in one transaction, then let the learners
-        observe the new ones. Returns one Event per input, in order."""
+    def record(self, events: Sequence[Mapping[str, Any]], *,
+               source: str = "feedback") -> list[Event]:
+        """Check and store ``events`` in one transaction through the one writer of
+        interactions (engine/ingest/interactions.py: checks, dedup rule, experiment
+        tags), then let the learners observe the new ones. Returns one Event per input,
+        in order. ``source`` names the caller in errors ('feedback', 'add_interactions')."""
         if not events:
             return []
-        checked = [self._check(n, e) for n, e in enumerate(events, start=1)]
+        kinds = self.config["kind_weights"]
+        checked = [interactions.check_event(e, row=n, kinds=kinds, source=source, now=time.time())
+                   for n, e in enumerate(events, start=1)]
         for attempt in (0, 1):
             try:
-                stored = self._write(checked)
+                # A Core connection, not an ORM session: the single-event path is latency-bound.
+                with self.engine.store.engine.begin() as conn:
+                    stored = interactions.store_events(conn, checked, now=time.time(),
+                                                       cache=self.ids, tag=self.tag_experiments,
+                                                       old_ids=True)
                 break
             except IntegrityError:
                 if attempt:
                     raise
-                self._users.clear()  # a cached id was deleted meanwhile: look up again
-                self._items.clear()
-        self.observe([e for e in stored if e.new])
-        return stored
-
-    def _write(self, checked: list[tuple[str, str, str, float | None, float, Any]]) -> list[Event]:
-        from polyrec.feedback import experiments
-        keys = []
-        for user, item, kind, value, ts, context in checked:
-            ext = (context or {}).get("event_id")
-            keys.append(catalog.interaction_key("event", str(ext), "", 0.0, None) if ext is not None
-                        else uuid.uuid4().hex)
-        users, items = {c[0] for c in checked}, {c[1] for c in checked}
-        # A Core connection, not an ORM session: the single-event path is latency-bound.
-        with self.engine.store.engine.begin() as conn:
-            if not (users <= self._users.keys() and items <= self._items.keys()):
-                self._resolve(conn, users, items)
-            variants = experiments.tag_users(self.engine, conn,
-                                             {self._users[c[0]]: c[0] for c in checked})
-            rows = []
-            for (user, item, kind, value, ts, context), key in zip(checked, keys):
-                uid = self._users[user]
-                if variants.get(uid):
-                    context = dict(context or {})
-                    context.setdefault("experiments", dict(variants[uid]))
-                rows.append({"user_id": uid, "item_id": self._items[item], "kind": kind,
-                             "value": value, "ts": ts, "context": context, "dedup_key": key})
-            if self._insert is None:
-                self._insert = (dialect_insert(conn.dialect.name, Interaction.__table__)
-                                .on_conflict_do_nothing(index_elements=["dedup_key"])
-                                .returning(Interaction.id, Interaction.dedup_key))
-            new_ids = dict((k, i) for i, k in conn.execute(self._insert, rows))
-            old = [r["dedup_key"] for r in rows if r["dedup_key"] not in new_ids]
-            old_ids = {}
-            for chunk in _chunks(old, 900):
-                old_ids.update((k, i) for k, i in conn.execute(
-                    select(Interaction.dedup_key, Interaction.id)
-                    .where(Interaction.dedup_key.in_(list(chunk)))))
-        out = []
-        for (user, item, kind, value, ts, _), row in zip(checked, rows):
-            key = row["dedup_key"]
-            new = key in new_ids
-            out.append(Event(id=new_ids[key] if new else old_ids.get(key, 0), user_id=row["user_id"],
-                             item_id=row["item_id"], user=user, item=item, kind=kind, value=value,
-                             ts=ts, context=row["context"],
-                             weight=event_weight(kind, value, self.config), new=new))
+                self.ids.clear()  # a cached id was deleted meanwhile: look up again
+        out = [Event(id=i, user_id=row["user_id"], item_id=row["item_id"], user=e.user,
+                     item=e.item, kind=e.kind, value=e.value, ts=row["ts"],
+                     context=row["context"], weight=event_weight(e.kind, e.value, self.config),
+                     new=new)
+               for e, row, i, new in zip(stored.events, stored.rows, stored.ids, stored.new)]
+        self.observe([e for e in out if e.new])
         return out
+
+    def tag_experiments(self, conn: Connection, users: Mapping[int, str]) -> dict[int, dict[str, str]]:
+        """{user id: {experiment: variant}} of the active experiments, recorded in the
+        caller's transaction; the writer of interactions tags each event's context."""
+        from polyrec.feedback import experiments
+        return experiments.tag_users(self.engine, conn, users)
 
     # -- learners observe ----------------------------------------------------------------
     def observe(self, events: Sequence[Event]) -> None:

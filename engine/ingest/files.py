@@ -18,7 +18,7 @@ import os
 import string
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import date, datetime, timezone
+from datetime import date, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
@@ -26,11 +26,13 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
 from sqlalchemy import func, select
 from tqdm.auto import tqdm
 
-from polyrec.store import catalog
 from polyrec.contracts import Reader, Row
 from polyrec.errors import ConfigError, NotFoundError, ValidationError
-from polyrec.store.models import Entity, Interaction, Item, Triple, User
+from polyrec.ingest import interactions
+from polyrec.ingest.interactions import BadValue, is_blank, to_id, to_number, to_timestamp  # noqa: F401
 from polyrec.knowledge_graph import store as kg_store
+from polyrec.store import catalog
+from polyrec.store.models import Entity, Item, Triple, User
 
 if TYPE_CHECKING:  # pragma: no cover
     from polyrec.engine import Engine
@@ -154,23 +156,14 @@ def resolve_mapping(kind: str, columns: list[str], explicit: Mapping[str, str | 
     return mapping
 
 
-# -- value conversion ----------------------------------------------------------------------
-class _Bad(Exception):
-    """A value that cannot be converted; becomes a ValidationError for its row."""
+# -- value conversion (shared with the one writer of interactions) -----------------------
+_Bad = BadValue  # a value that cannot be converted; becomes a ValidationError for its row
 
 
 def _missing(value: Any) -> bool:
-    return value is None or (isinstance(value, str) and not value.strip()) or \
-        (isinstance(value, float) and math.isnan(value)) or (isinstance(value, list) and not value)
-
-
-def to_id(value: Any) -> str:
-    """An external id as a string; integral floats lose their '.0'."""
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    if isinstance(value, list):
-        return " ".join(str(v) for v in value)
-    return str(value).strip()
+    """An empty cell as readers give it: None, blank text, NaN (parquet/pandas), []."""
+    return is_blank(value) or (isinstance(value, float) and math.isnan(value)) or \
+        (isinstance(value, list) and not value)
 
 
 def to_text(value: Any) -> str | None:
@@ -179,39 +172,6 @@ def to_text(value: Any) -> str | None:
     if isinstance(value, list):  # RecBole token_seq
         return " ".join(str(v) for v in value)
     return str(value)
-
-
-def to_number(value: Any) -> float:
-    if isinstance(value, bool):
-        raise _Bad(f"not a number: {value!r}")
-    if isinstance(value, (int, float, Decimal)):
-        return float(value)
-    try:
-        out = float(str(value).strip())
-    except ValueError:
-        raise _Bad(f"not a number: {value!r}") from None
-    if math.isnan(out) or math.isinf(out):
-        raise _Bad(f"not a finite number: {value!r}")
-    return out
-
-
-def to_timestamp(value: Any) -> float:
-    """Epoch seconds from a number, a datetime/date, or an ISO 8601 string (dates and
-    naive times are taken as UTC)."""
-    if isinstance(value, datetime):
-        return (value if value.tzinfo else value.replace(tzinfo=timezone.utc)).timestamp()
-    if isinstance(value, date):
-        return datetime(value.year, value.month, value.day, tzinfo=timezone.utc).timestamp()
-    try:
-        return to_number(value)
-    except _Bad:
-        pass
-    text = str(value).strip()
-    try:
-        parsed = datetime.fromisoformat(text.replace("Z", "+00:00") if text.endswith("Z") else text)
-    except ValueError:
-        raise _Bad(f"not a timestamp (epoch seconds or ISO date): {value!r}") from None
-    return to_timestamp(parsed)
 
 
 def jsonable(value: Any) -> Any:
@@ -282,6 +242,7 @@ class _Options:
     interaction_kind: str | None
     image_template: str | None
     image_root: Path
+    kinds: Any = ()  # the known interaction kinds (interactions.known_kinds)
 
 
 class _Parser:
@@ -294,8 +255,8 @@ class _Parser:
         self.template = (_ImageTemplate(opts.image_template, columns, file)
                          if opts.image_template and kind == "items" else None)
         value_col = mapping.get("value", "")
-        self.default_kind = opts.interaction_kind or ("rating" if "rating" in value_col.lower()
-                                                      else "click")
+        self.default_kind = (opts.interaction_kind or ("rating" if "rating" in value_col.lower()
+                                                       else "click")).strip().lower()
 
     def error(self, row: Row, fld: str, message: str) -> ValidationError:
         return ValidationError(message, file=self.file, row=row.number, field=fld)
@@ -354,17 +315,13 @@ class _Parser:
         return {"external_id": self.required_id(row, "external_id"),
                 "attributes": _attributes(row.fields, self.mapped)}
 
-    def _interactions(self, row: Row) -> dict[str, Any]:
-        user = self.required_id(row, "user")
-        item = self.required_id(row, "item")
-        value = self.convert(row, "value", to_number)
-        ts = self.convert(row, "ts", to_timestamp)
-        kind = self.convert(row, "kind", lambda v: str(v).strip().lower()) or self.default_kind
-        if kind == "rating" and value is None:
-            raise self.error(row, self.mapping.get("value", "value"), "missing rating value")
-        context = _attributes(row.fields, self.mapped) or None
-        return {"row": row.number, "user": user, "item": item, "kind": kind, "value": value,
-                "ts": ts, "context": context}
+    def _interactions(self, row: Row) -> interactions.CheckedEvent:
+        raw = {fld: row.fields.get(col) for fld, col in self.mapping.items()}
+        raw = {fld: None if _missing(v) else v for fld, v in raw.items()}
+        raw["context"] = _attributes(row.fields, self.mapped) or None
+        return interactions.check_event(raw, row=row.number, kinds=self.opts.kinds,
+                                        source=self.file, fields=self.mapping,
+                                        default_kind=self.default_kind)
 
     def _kg(self, row: Row) -> dict[str, Any]:
         return {"row": row.number, "triple": (self.required_id(row, "head"),
@@ -384,6 +341,11 @@ def _count(session: Any, model: Any, where: Any = None) -> int:
     return session.execute(q).scalar_one()
 
 
+def _get(record: Any, name: str) -> Any:
+    """A field of a parsed record: a dict (links) or a CheckedEvent (interactions)."""
+    return record[name] if isinstance(record, dict) else getattr(record, name)
+
+
 def _batches(seq: list[Any], size: int) -> Iterator[list[Any]]:
     for start in range(0, len(seq), size):
         yield seq[start:start + size]
@@ -392,16 +354,19 @@ def _batches(seq: list[Any], size: int) -> Iterator[list[Any]]:
 class _Writer:
     """Writes validated records of one kind inside the caller's session."""
 
-    def __init__(self, session: Any, parser: _Parser, batch_size: int, source: str) -> None:
+    def __init__(self, session: Any, parser: _Parser, batch_size: int, source: str,
+                 tag: Any = None) -> None:
         self.s, self.parser, self.batch, self.source = session, parser, batch_size, source
+        self.tag = tag  # experiments tag interactions (interactions.Tagger)
+        self.stored: interactions.Stored | None = None
 
-    def unknown_items(self, records: list[dict[str, Any]]) -> tuple[dict[str, int], list[ValidationError]]:
+    def unknown_items(self, records: list[Any]) -> tuple[dict[str, int], list[ValidationError]]:
         """Internal ids of the referenced items and one error per record naming an unknown one."""
-        ids = catalog.item_ids(self.s, {r["item"] for r in records})
+        ids = interactions.item_ids(self.s.connection(), {_get(r, "item") for r in records})
         col = self.parser.mapping["item"]
-        errors = [ValidationError(f"unknown item '{r['item']}' (ingest the items first)",
-                                  file=self.parser.file, row=r["row"], field=col)
-                  for r in records if r["item"] not in ids]
+        errors = [ValidationError(f"unknown item '{_get(r, 'item')}' (ingest the items first)",
+                                  file=self.parser.file, row=_get(r, "row"), field=col)
+                  for r in records if _get(r, "item") not in ids]
         return ids, errors
 
     def write(self, kind: str, records: list[dict[str, Any]], lookups: dict[str, int]) -> tuple[int, int]:
@@ -420,22 +385,10 @@ class _Writer:
             catalog.upsert_users(self.s, chunk)
         return len(records), _count(self.s, User) - before
 
-    def _interactions(self, records: list[dict[str, Any]], items: dict[str, int]) -> tuple[int, int]:
-        users = catalog.ensure_users(self.s, {r["user"] for r in records})
-        now = time.time()
-        seen: dict[tuple[Any, ...], int] = {}
-        rows = []
-        for r in records:
-            ident = (r["user"], r["item"], r["kind"], r["ts"], r["value"])
-            seen[ident] = occurrence = seen.get(ident, -1) + 1
-            rows.append({"user_id": users[r["user"]], "item_id": items[r["item"]],
-                         "kind": r["kind"], "value": r["value"],
-                         "ts": r["ts"] if r["ts"] is not None else now, "context": r["context"],
-                         "dedup_key": catalog.interaction_key(*ident, occurrence=occurrence)})
-        new = 0
-        for chunk in _batches(rows, self.batch):
-            new += catalog.insert_interactions(self.s, chunk)
-        return len(rows), new
+    def _interactions(self, records: list[Any], _: Any) -> tuple[int, int]:
+        self.stored = interactions.store_events(self.s.connection(), records, now=time.time(),
+                                                tag=self.tag, batch=self.batch)
+        return len(records), self.stored.new_count
 
     def _kg(self, records: list[dict[str, Any]], _: Any) -> tuple[int, int]:
         before = _count(self.s, Triple)
@@ -498,7 +451,9 @@ def ingest_file(engine: "Engine", path: str | Path, kind: str, *, format: str | 
         raise _unreadable(exc, file) from exc
     fields = resolve_mapping(kind, columns, mapping, file=file)
     root = Path(image_root).expanduser() if image_root is not None else path.parent
-    parser = _Parser(kind, fields, columns, file, _Options(interaction_kind, image_template, root))
+    kinds = interactions.known_kinds(engine) if kind == "interactions" else ()
+    parser = _Parser(kind, fields, columns, file,
+                     _Options(interaction_kind, image_template, root, kinds))
     report = IngestReport(kind=kind, file=file, format=reader.name, mapping=fields)
     started = time.perf_counter()
 
@@ -516,15 +471,15 @@ def ingest_file(engine: "Engine", path: str | Path, kind: str, *, format: str | 
     except (UnicodeDecodeError, csv.Error) as exc:  # the reader cannot go on
         raise _unreadable(exc, file) from exc  # decoding is buffered: no exact row
 
-    cursor = _last_interaction_id(engine) if kind == "interactions" else None
+    tag = engine.services.feedback().tag_experiments if kind == "interactions" else None
     with engine.store.session() as session:  # one transaction: all or (with fail) nothing
-        writer = _Writer(session, parser, batch_size, source=path.name)
+        writer = _Writer(session, parser, batch_size, source=path.name, tag=tag)
         lookups: dict[str, int] = {}
         if kind in ("interactions", "links") and records:
             lookups, unknown = writer.unknown_items(records)
             if unknown:
                 bad_rows = {e.row for e in unknown}
-                records = [r for r in records if r["row"] not in bad_rows]
+                records = [r for r in records if _get(r, "row") not in bad_rows]
                 errors = sorted(errors + unknown, key=lambda e: e.row or 0)
         if errors and on_error == "fail":
             first = errors[0]
@@ -533,17 +488,13 @@ def ingest_file(engine: "Engine", path: str | Path, kind: str, *, format: str | 
             raise ValidationError(first.reason + more, file=first.file, row=first.row,
                                   field=first.field)
         report.written, report.new = writer.write(kind, records, lookups) if records else (0, 0)
-    if cursor is not None and report.new:  # then the feedback learners see them
-        engine.services.interactions_stored(cursor)
+    first_new = writer.stored.first_new_id if writer.stored is not None else None
+    if first_new is not None:  # committed: now the feedback learners see the new events
+        engine.services.interactions_stored(first_new - 1)
     report.skipped = len(errors)
     report.errors = [_error_dict(e) for e in errors[:max_errors]]
     report.seconds = time.perf_counter() - started
     return report
-
-
-def _last_interaction_id(engine: "Engine") -> int:
-    with engine.store.session() as s:
-        return int(s.execute(select(func.max(Interaction.id))).scalar() or 0)
 
 
 def ingest(engine: "Engine", path: str | Path, kind: str, *, links: str | Path | None = None,

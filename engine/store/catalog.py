@@ -1,7 +1,10 @@
-"""Writes and reads of catalogue rows (items, users, interactions) through one session.
+"""Writes and reads of catalogue rows (items, users) through one session, and the
+store's one upsert helper (:func:`dialect_insert`).
 
 Every write is an upsert by external id, so writing the same records twice leaves the
 store as after the first time. Callers own the transaction (``Store.session()``).
+Interactions are written by one writer only, polyrec.ingest.interactions (it uses
+:func:`interaction_key` and :data:`DEFAULT_KIND_WEIGHTS` from here).
 """
 from __future__ import annotations
 
@@ -9,12 +12,12 @@ import hashlib
 import time
 from typing import Any, Iterable, Mapping, Sequence
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from polyrec.contracts import ItemView
 from polyrec.errors import NotFoundError
-from polyrec.store.models import Entity, Interaction, Item, User
+from polyrec.store.models import Entity, Item, User
 
 #: Interaction kinds the engine knows, with their default weight as implicit feedback.
 DEFAULT_KIND_WEIGHTS: dict[str, float] = {
@@ -25,9 +28,16 @@ DEFAULT_KIND_WEIGHTS: dict[str, float] = {
 ITEM_FIELDS = ("title", "text", "image", "attributes")
 
 
-def _insert(session: Session, table: Any) -> Any:
-    """A dialect-specific INSERT that supports ON CONFLICT (SQLite and PostgreSQL)."""
-    name = session.get_bind().dialect.name
+def dialect_insert(where: Any, table: Any) -> Any:
+    """A dialect-specific INSERT that supports ON CONFLICT (SQLite and PostgreSQL), the one
+    upsert helper of the store. ``where`` is the dialect's name, or a Session, Connection
+    or Engine to take it from."""
+    if isinstance(where, str):
+        name = where
+    elif isinstance(where, Session):
+        name = where.get_bind().dialect.name
+    else:
+        name = where.dialect.name
     if name == "sqlite":
         from sqlalchemy.dialects.sqlite import insert
     elif name == "postgresql":
@@ -35,6 +45,10 @@ def _insert(session: Session, table: Any) -> Any:
     else:  # pragma: no cover - other databases need their own upsert
         raise NotImplementedError(f"upserts are not implemented for the '{name}' dialect")
     return insert(table)
+
+
+#: The name older modules import (store/vectors.py, knowledge_graph/store.py, experiments).
+_insert = dialect_insert
 
 
 def upsert_items(session: Session, records: Sequence[Mapping[str, Any]]) -> int:
@@ -50,7 +64,7 @@ def upsert_items(session: Session, records: Sequence[Mapping[str, Any]]) -> int:
                 row[f] = rec[f] if f != "attributes" else dict(rec[f] or {})
         by_keys.setdefault(tuple(sorted(row)), []).append(row)
     for keys, rows in by_keys.items():  # one statement per shape of record
-        stmt = _insert(session, Item.__table__)
+        stmt = dialect_insert(session, Item.__table__)
         update = {k: stmt.excluded[k] for k in keys if k not in ("external_id", "created_at")}
         session.execute(stmt.on_conflict_do_update(index_elements=["external_id"], set_=update), rows)
     return len(records)
@@ -63,7 +77,7 @@ def upsert_users(session: Session, records: Sequence[Mapping[str, Any]]) -> int:
     stamp = time.time()
     rows = [{"external_id": str(r["external_id"]), "attributes": dict(r.get("attributes") or {}),
              "created_at": stamp, "updated_at": stamp} for r in records]
-    stmt = _insert(session, User.__table__)
+    stmt = dialect_insert(session, User.__table__)
     session.execute(stmt.on_conflict_do_update(
         index_elements=["external_id"],
         set_={"attributes": stmt.excluded.attributes, "updated_at": stmt.excluded.updated_at}), rows)
@@ -77,7 +91,7 @@ def ensure_users(session: Session, external_ids: Iterable[str]) -> dict[str, int
     if not wanted:
         return {}
     stamp = time.time()
-    stmt = _insert(session, User.__table__).on_conflict_do_nothing(index_elements=["external_id"])
+    stmt = dialect_insert(session, User.__table__).on_conflict_do_nothing(index_elements=["external_id"])
     session.execute(stmt, [{"external_id": e, "attributes": {}, "created_at": stamp,
                             "updated_at": stamp} for e in wanted])
     return user_ids(session, wanted)
@@ -108,18 +122,6 @@ def interaction_key(user: str, item: str, kind: str, ts: float, value: float | N
     """The dedup key of an event: identical rows are told apart by their occurrence number."""
     raw = f"{user}\x1f{item}\x1f{kind}\x1f{ts!r}\x1f{value!r}\x1f{occurrence}"
     return hashlib.sha1(raw.encode()).hexdigest()
-
-
-def insert_interactions(session: Session, records: Sequence[Mapping[str, Any]]) -> int:
-    """Store events; each record has internal ``user_id``, ``item_id``, ``kind``, ``ts``,
-    optional ``value`` and ``context``, and a ``dedup_key``. Returns how many were new."""
-    if not records:
-        return 0
-    before = session.execute(select(func.count()).select_from(Interaction)).scalar_one()
-    stmt = _insert(session, Interaction.__table__).on_conflict_do_nothing(index_elements=["dedup_key"])
-    session.execute(stmt, [dict(r) for r in records])
-    after = session.execute(select(func.count()).select_from(Interaction)).scalar_one()
-    return after - before
 
 
 def item_views(session: Session, ids: Sequence[int] | None = None) -> list[ItemView]:

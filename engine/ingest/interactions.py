@@ -1,0 +1,350 @@
+"""The one writer of interactions: every event is checked and stored here.
+
+``Engine.add_interactions``, ``Engine.feedback`` / ``feedback_many`` (and so the HTTP
+``/feedback`` routes, through :meth:`polyrec.feedback.events.FeedbackHub.record`) and
+file ingestion (``polyrec ingest interactions``, engine/ingest/files.py) all use
+:func:`check_event` and :func:`store_events`, so they accept and refuse the same events
+with the same messages and store them under the same dedup rule.
+
+The checks (:func:`check_event`): a user id and an item id (an external id, not blank);
+a kind among the known ones (DEFAULT_KIND_WEIGHTS plus the kinds added in the feedback
+setting ``kind_weights``; case and surrounding spaces are ignored); ``value`` and ``ts``
+finite numbers (``ts`` may also be a datetime or an ISO 8601 string); a ``rating`` has a
+value; ``context`` a JSON-able mapping. Items must exist: an event naming an unknown
+item is refused (:func:`unknown_items_error`); users are created on first sight.
+
+The dedup rule (:func:`dedup_keys`): an event whose context carries an ``event_id`` is
+that id (retries are idempotent); any other event is its content (user, item, kind, ts,
+value) and its occurrence number among identical events of the same batch, so genuine
+repeats within a batch are all kept and writing the same batch again adds nothing. The
+live paths (add_interactions, feedback, HTTP) stamp an event that has no ``ts`` with the
+time it arrives (so two clicks at different moments are two events); a file row without
+a time keeps ``ts`` out of its key (re-ingesting the file is idempotent) and is stored
+with the time of ingestion.
+
+After the transaction commits, the feedback learners see the new events: the live paths
+hand them over at once (``FeedbackHub.observe``), file ingestion through
+``engine.services.interactions_stored(after_id)``. Inside the transaction the active
+experiments tag each event's context with the user's variants (``tag``).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from datetime import date, datetime, timezone
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence
+
+from sqlalchemy import Connection, bindparam, select
+
+from polyrec.errors import NotFoundError, ValidationError
+from polyrec.store import catalog
+from polyrec.store.models import Interaction, Item, User
+
+if TYPE_CHECKING:  # pragma: no cover
+    from polyrec.engine import Engine
+
+#: The fields of an event (dict keys of the Python API, HTTP and file mappings).
+EVENT_FIELDS = ("user", "item", "kind", "value", "ts", "context")
+DEFAULT_KIND = "click"
+_IN_CHUNK = 900  # stay under SQLite's bound-parameter limit
+
+#: ``tag(conn, {user id: external id}) -> {user id: {experiment: variant}}``
+Tagger = Callable[[Connection, Mapping[int, str]], Mapping[int, Mapping[str, str]]]
+
+
+# -- value conversion ----------------------------------------------------------------------
+class BadValue(Exception):
+    """A value that cannot be converted; becomes a ValidationError naming its field."""
+
+
+def is_blank(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
+def to_id(value: Any) -> str:
+    """An external id as a string; integral floats lose their '.0'."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, list):
+        return " ".join(str(v) for v in value)
+    return str(value).strip()
+
+
+def _shown(value: Any) -> str:
+    """A value in an error message, alike whether it came as text (a file) or not."""
+    return repr(value if isinstance(value, str) else str(value))
+
+
+def to_number(value: Any) -> float:
+    """A finite float from a number or numeric text (booleans are refused)."""
+    if isinstance(value, bool):
+        raise BadValue(f"not a number: {_shown(value)}")
+    if isinstance(value, (int, float, Decimal)):
+        out = float(value)
+    else:
+        try:
+            out = float(str(value).strip())
+        except ValueError:
+            raise BadValue(f"not a number: {_shown(value)}") from None
+    if not math.isfinite(out):
+        raise BadValue(f"not a finite number: {_shown(value)}")
+    return out
+
+
+def to_timestamp(value: Any) -> float:
+    """Epoch seconds from a number, a datetime/date, or an ISO 8601 string (dates and
+    naive times are taken as UTC)."""
+    if isinstance(value, datetime):
+        return (value if value.tzinfo else value.replace(tzinfo=timezone.utc)).timestamp()
+    if isinstance(value, date):
+        return datetime(value.year, value.month, value.day, tzinfo=timezone.utc).timestamp()
+    if isinstance(value, (int, float, Decimal)) and not isinstance(value, bool):
+        return to_number(value)  # a non-finite number says so
+    try:
+        return to_number(value)
+    except BadValue:
+        pass
+    text = str(value).strip()
+    try:
+        parsed = datetime.fromisoformat(text.replace("Z", "+00:00") if text.endswith("Z") else text)
+    except ValueError:
+        raise BadValue(f"not a timestamp (epoch seconds or ISO date): {_shown(value)}") from None
+    return to_timestamp(parsed)
+
+
+# -- checking ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CheckedEvent:
+    """An event that passed :func:`check_event`. ``ts`` is None only for a file row
+    without a time; ``row`` is the event's 1-based position in its batch or file."""
+
+    user: str
+    item: str
+    kind: str
+    value: float | None
+    ts: float | None
+    context: dict[str, Any] | None
+    row: int
+
+
+def known_kinds(engine: "Engine") -> Mapping[str, float]:
+    """The event kinds accepted by this engine's database, with their weights: the
+    defaults (catalog.DEFAULT_KIND_WEIGHTS) plus those of the feedback setting
+    ``kind_weights`` (``polyrec feedback config --set kind_weights.like=1``)."""
+    return engine.services.feedback().config["kind_weights"]
+
+
+def check_event(event: Mapping[str, Any], *, row: int, kinds: Iterable[str], source: str,
+                fields: Mapping[str, str] | None = None, default_kind: str = DEFAULT_KIND,
+                now: float | None = None) -> CheckedEvent:
+    """Check one event (a mapping of EVENT_FIELDS) or raise a ValidationError naming
+    ``source`` (the API, or the file), ``row`` and the field. ``fields`` renames fields
+    in errors (a file's column names); ``now`` stamps an event without ``ts`` (the live
+    paths), None leaves its ``ts`` None (a file row)."""
+    if not isinstance(event, Mapping):
+        raise ValidationError(f"an event is a mapping of {', '.join(EVENT_FIELDS)}, not "
+                              f"{type(event).__name__}", file=source, row=row)
+
+    def bad(name: str, message: str) -> ValidationError:
+        return ValidationError(message, file=source, row=row,
+                               field=(fields or {}).get(name, name))
+
+    def convert(name: str, fn: Callable[[Any], float]) -> float | None:
+        raw = event.get(name)
+        if is_blank(raw):
+            return None
+        try:
+            return fn(raw)
+        except BadValue as exc:
+            raise bad(name, str(exc)) from None
+
+    ids = {}
+    for name in ("user", "item"):
+        raw = event.get(name)
+        ident = "" if raw is None else to_id(raw)
+        if not ident or ident.lower() == "nan":
+            raise bad(name, f"missing {name} id")
+        ids[name] = ident
+    raw_kind = event.get("kind")
+    kind = default_kind if is_blank(raw_kind) else str(raw_kind).strip().lower()
+    known = list(kinds)
+    if kind not in known:
+        raise bad("kind", f"unknown event kind '{kind}' (known: {', '.join(known)})")
+    value = convert("value", to_number)
+    ts = convert("ts", to_timestamp)
+    if ts is None:
+        ts = now
+    if kind == "rating" and value is None:
+        raise bad("value", "a rating needs a value")
+    context = event.get("context")
+    if context is not None:
+        if not isinstance(context, Mapping):
+            raise bad("context", "context must be a mapping")
+        context = dict(context)
+        try:
+            json.dumps(context, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise bad("context", f"context is not JSON: {exc}") from None
+    return CheckedEvent(user=ids["user"], item=ids["item"], kind=kind, value=value, ts=ts,
+                        context=context, row=row)
+
+
+def dedup_keys(events: Sequence[CheckedEvent]) -> list[str]:
+    """The dedup key of each event, by the rule in the module docstring."""
+    seen: dict[tuple[Any, ...], int] = {}
+    keys = []
+    for e in events:
+        ext = (e.context or {}).get("event_id")
+        if ext is not None:
+            keys.append(catalog.interaction_key("event", str(ext), "", 0.0, None))
+            continue
+        ident = (e.user, e.item, e.kind, e.ts, e.value)
+        seen[ident] = occurrence = seen.get(ident, -1) + 1
+        keys.append(catalog.interaction_key(*ident, occurrence=occurrence))
+    return keys
+
+
+def unknown_items_error(unknown: Sequence[str]) -> NotFoundError:
+    """The error of the live paths for events naming items that are not in the catalogue."""
+    shown = ", ".join(repr(u) for u in list(unknown)[:5])
+    return NotFoundError(f"unknown item {shown}: events must name items of the catalogue "
+                         "(add them first with add_items or `polyrec ingest items`); "
+                         "nothing was stored")
+
+
+# -- storing -------------------------------------------------------------------------------
+@dataclass
+class IdCache:
+    """external id -> internal id of users and items already seen (a FeedbackHub keeps
+    one across calls; a stale entry shows up as an IntegrityError: clear and retry)."""
+
+    users: dict[str, int] = field(default_factory=dict)
+    items: dict[str, int] = field(default_factory=dict)
+
+    def clear(self) -> None:
+        self.users.clear()
+        self.items.clear()
+
+
+@dataclass
+class Stored:
+    """What :func:`store_events` wrote: per event, its internal user and item ids, the
+    stored row (context with experiment tags, ts) and its id; ``new`` says whether the
+    row is new (else its dedup key was stored before: ``id`` is that row's, 0 when not
+    looked up)."""
+
+    events: list[CheckedEvent]
+    rows: list[dict[str, Any]]
+    ids: list[int]
+    new: list[bool]
+
+    @property
+    def new_count(self) -> int:
+        return sum(self.new)
+
+    @property
+    def first_new_id(self) -> int | None:
+        fresh = [i for i, n in zip(self.ids, self.new) if n]
+        return min(fresh) if fresh else None
+
+
+_STATEMENTS: dict[tuple[str, str], Any] = {}
+
+
+def _statement(conn: Connection, name: str) -> Any:
+    """Statements compiled once per dialect (expanding IN parameters)."""
+    key = (conn.dialect.name, name)
+    stmt = _STATEMENTS.get(key)
+    if stmt is None:
+        if name in ("items", "users"):
+            model = Item if name == "items" else User
+            stmt = select(model.external_id, model.id).where(
+                model.external_id.in_(bindparam("ids", expanding=True)))
+        elif name == "new_user":
+            stmt = catalog.dialect_insert(conn, User.__table__).on_conflict_do_nothing(
+                index_elements=["external_id"])
+        elif name == "insert":
+            stmt = (catalog.dialect_insert(conn, Interaction.__table__)
+                    .on_conflict_do_nothing(index_elements=["dedup_key"])
+                    .returning(Interaction.id, Interaction.dedup_key))
+        elif name == "old":
+            stmt = select(Interaction.dedup_key, Interaction.id).where(
+                Interaction.dedup_key.in_(bindparam("keys", expanding=True)))
+        _STATEMENTS[key] = stmt
+    return stmt
+
+
+def _chunks(seq: Sequence[Any], n: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(seq), n):
+        yield seq[start:start + n]
+
+
+def item_ids(conn: Connection, externals: Iterable[str], cache: IdCache | None = None) -> dict[str, int]:
+    """external id -> internal id of the catalogue items among ``externals``."""
+    cache = cache if cache is not None else IdCache()
+    wanted = sorted(set(externals))
+    missing = [i for i in wanted if i not in cache.items]
+    for chunk in _chunks(missing, _IN_CHUNK):
+        cache.items.update(conn.execute(_statement(conn, "items"), {"ids": list(chunk)}).all())
+    return {i: cache.items[i] for i in wanted if i in cache.items}
+
+
+def _user_ids(conn: Connection, externals: Iterable[str], cache: IdCache, now: float) -> None:
+    wanted = list(dict.fromkeys(externals))  # order of first appearance: reproducible ids
+    new_users = [u for u in wanted if u not in cache.users]
+    if not new_users:
+        return
+    conn.execute(_statement(conn, "new_user"), [
+        {"external_id": u, "attributes": {}, "created_at": now, "updated_at": now}
+        for u in new_users])
+    for chunk in _chunks(new_users, _IN_CHUNK):
+        cache.users.update(conn.execute(_statement(conn, "users"), {"ids": list(chunk)}).all())
+
+
+def store_events(conn: Connection, events: Sequence[CheckedEvent], *, now: float,
+                 cache: IdCache | None = None, tag: Tagger | None = None,
+                 old_ids: bool = False, batch: int = 5000) -> Stored:
+    """Store checked events in the caller's transaction (``conn``): an event naming an
+    unknown item raises :func:`unknown_items_error` (callers that report bad rows drop
+    those first, see :func:`item_ids`), unknown users are created, ``tag`` adds the
+    experiment variants to each context, and rows whose dedup key is already stored are
+    left alone (``old_ids``: look up their ids). ``now``: the ts of events without one."""
+    cache = cache if cache is not None else IdCache()
+    if not events:
+        return Stored([], [], [], [])
+    items = item_ids(conn, {e.item for e in events}, cache)
+    unknown = sorted({e.item for e in events} - items.keys())
+    if unknown:
+        raise unknown_items_error(unknown)
+    _user_ids(conn, (e.user for e in events), cache, now)
+    variants = dict(tag(conn, {cache.users[u]: u for u in dict.fromkeys(e.user for e in events)})
+                    if tag is not None else {})
+    rows = []
+    for e, key in zip(events, dedup_keys(events)):
+        uid = cache.users[e.user]
+        context = e.context
+        if variants.get(uid):
+            context = dict(context or {})
+            context.setdefault("experiments", dict(variants[uid]))
+        rows.append({"user_id": uid, "item_id": items[e.item], "kind": e.kind, "value": e.value,
+                     "ts": e.ts if e.ts is not None else now, "context": context,
+                     "dedup_key": key})
+    new_ids: dict[str, int] = {}
+    for chunk in _chunks(rows, batch):
+        new_ids.update((k, i) for i, k in conn.execute(_statement(conn, "insert"), list(chunk)))
+    found: dict[str, int] = {}
+    if old_ids:
+        old = [r["dedup_key"] for r in rows if r["dedup_key"] not in new_ids]
+        for chunk in _chunks(old, _IN_CHUNK):
+            found.update(conn.execute(_statement(conn, "old"), {"keys": list(chunk)}).all())
+    # a key repeated within the batch (the same event_id twice) is new once only
+    first: dict[str, int] = {}
+    new = []
+    for n, r in enumerate(rows):
+        key = r["dedup_key"]
+        is_new = key in new_ids and first.setdefault(key, n) == n
+        new.append(is_new)
+    ids = [new_ids.get(r["dedup_key"], found.get(r["dedup_key"], 0)) for r in rows]
+    return Stored(list(events), rows, ids, new)
