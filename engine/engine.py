@@ -205,6 +205,33 @@ class Engine:
         return recommend(self, user, k, filters=filters, exclude_seen=exclude_seen,
                          diversity=diversity, explain=explain, online=online, explore=explore)
 
+    # model registry (engine/rank/registry.py): versions of the pipeline, the live one
+    def models(self) -> list[dict[str, Any]]:
+        """Every stored version of the pipeline (oldest first): ranker, options, data
+        sizes, holdout metrics, gate verdict, created time, bytes, ``live``."""
+        from polyrec.rank import registry
+        return registry.list_models(self)
+
+    def model(self, version: int) -> dict[str, Any]:
+        """One stored version of the pipeline (NotFoundError when absent)."""
+        from polyrec.rank import registry
+        return registry.show_model(self, version)
+
+    def activate(self, version: int) -> dict[str, Any]:
+        """Make ``version`` the live pipeline (whatever its gate verdict)."""
+        from polyrec.rank import registry
+        return registry.activate(self, version)
+
+    def rollback(self) -> dict[str, Any]:
+        """Make the newest good version older than the live one live: {from, to, model}."""
+        from polyrec.rank import registry
+        return registry.rollback(self)
+
+    def prune_models(self, keep: int = 3) -> dict[str, Any]:
+        """Delete all but the ``keep`` newest versions (never the live one)."""
+        from polyrec.rank import registry
+        return registry.prune(self, keep)
+
     # -- evaluation (engine/rank/evaluation.py) ------------------------------------------------
     def evaluate(self, models: Any = "popular,itemknn,ease", *, split: str = "random",
                  ks: Sequence[int] = (10, 20), seed: int = 0, options: Sequence[str] = (),

@@ -181,14 +181,17 @@ def state_command(state: CliState, user: str, as_json: bool) -> None:
               help="Retrain only when enough new events or items arrived since the last model.")
 @click.option("--min-new-events", type=int, help="Threshold (default: setting retrain.min_new_events).")
 @click.option("--min-new-items", type=int, help="Threshold (default: setting retrain.min_new_items).")
+@click.option("--force", is_flag=True, help="Make the new version live even if it fails the gate.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_obj
 def retrain_command(state: CliState, if_stale: bool, min_new_events: int | None,
-                    min_new_items: int | None, as_json: bool) -> None:
-    """Encode new items (cached vectors are reused) and train the default model again."""
+                    min_new_items: int | None, force: bool, as_json: bool) -> None:
+    """Encode new items (cached vectors are reused) and refit the live model's ranker
+    with its stored options (warm-started where the ranker supports it); the new version
+    goes live only if it passes the gate (see `polyrec models`)."""
     from polyrec.feedback import retrain
     report = retrain.retrain(state.engine(), if_stale=if_stale, min_new_events=min_new_events,
-                             min_new_items=min_new_items)
+                             min_new_items=min_new_items, force=force)
     if as_json:
         echo_json(report)
         return

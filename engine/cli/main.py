@@ -23,6 +23,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "polyrec.cli.encode",
     "polyrec.cli.evaluate",
     "polyrec.cli.recommend",
+    "polyrec.cli.models",
     "polyrec.cli.feedback",
     "polyrec.cli.serve",
     "polyrec.cli.kg",

@@ -46,15 +46,24 @@ def _parse_filters(pairs: tuple[str, ...]) -> dict[str, Any]:
               help="A ranker option (VALUE parsed as JSON when it can be); repeatable.")
 @click.option("--min-rating", default=4.0, show_default=True, type=float,
               help="Ratings at least this count as positives.")
+@click.option("--force", is_flag=True,
+              help="Make the new version live even when it fails the gate.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@click.pass_obj
-def train_command(state: CliState, ranker: str | None, epochs: int | None, seed: int | None,
-                  settings: tuple[str, ...], min_rating: float, as_json: bool) -> None:
-    """Fit the recommendation pipeline on the stored positives and save it as an artifact."""
+@click.pass_context
+def train_command(ctx: click.Context, ranker: str | None, epochs: int | None, seed: int | None,
+                  settings: tuple[str, ...], min_rating: float, force: bool,
+                  as_json: bool) -> None:
+    """Fit the recommendation pipeline on the stored positives, save it as the next
+    version of the artifact 'pipeline' and make it live if it passes the gate (scores of
+    the right shape, a smoke recommendation, a holdout metric not worse than the live
+    model's). A version that fails is kept but not made live: exit status 3."""
+    state: CliState = ctx.obj
     report = state.engine().train(ranker, options=_parse_pairs(settings, "--set"), epochs=epochs,
-                                  seed=seed, min_rating=min_rating)
+                                  seed=seed, min_rating=min_rating, force=force)
     if as_json:
         echo_json(report.as_dict())
+        if not report.activated:
+            ctx.exit(3)
         return
     used = report.info.get("modalities")
     click.echo(f"Trained {report.ranker} on {report.interactions:,} positives of "
@@ -70,7 +79,22 @@ def train_command(state: CliState, ranker: str | None, epochs: int | None, seed:
     if weights:
         click.echo("weights chosen on validation: "
                    + ", ".join(f"{k}={v:g}" for k, v in weights.items()))
+    metrics = {k: v for k, v in report.metrics.items() if k in ("recall@20", "ndcg@20")}
+    if metrics:
+        click.echo("holdout: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
     click.echo(f"Saved as artifact 'pipeline' version {report.version}")
+    if report.forced:
+        click.echo(f"Version {report.version} is live (--force) although it failed the gate: "
+                   + "; ".join(report.gate.get("reasons", [])))
+    elif report.activated:
+        click.echo(f"Version {report.version} passed the gate and is live")
+    else:
+        click.echo(f"Version {report.version} is NOT live: it failed the gate: "
+                   + "; ".join(report.gate.get("reasons", [])), err=True)
+        live = f"version {report.live_version}" if report.live_version is not None else "nothing"
+        click.echo(f"{live} still serves; `polyrec models activate {report.version}` or "
+                   f"`polyrec train --force` make it live anyway", err=True)
+        ctx.exit(3)
 
 
 @click.command("recommend")

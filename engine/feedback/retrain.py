@@ -103,12 +103,33 @@ def staleness(engine: "Engine") -> dict[str, Any]:
             "new_events": int(new_events), "new_items": int(new_items), "basis": marker["basis"]}
 
 
+def live_training(engine: "Engine") -> dict[str, Any] | None:
+    """How the live model was trained: {version, ranker, options, min_rating}, or None
+    when no model is live (polyrec.rank.registry)."""
+    from polyrec.rank import registry
+    version = registry.live_version(engine)
+    if version is None:
+        return None
+    try:
+        model = registry.show_model(engine, version)
+    except Exception:  # noqa: BLE001 - the pointer names a pruned version
+        return None
+    return {"version": version, "ranker": model["ranker"], "options": dict(model["options"] or {}),
+            "min_rating": float(model["data"].get("min_rating") or 4.0)}
+
+
 def retrain(engine: "Engine", *, if_stale: bool = False, min_new_events: int | None = None,
-            min_new_items: int | None = None, train_options: dict[str, Any] | None = None
+            min_new_items: int | None = None, train_options: dict[str, Any] | None = None,
+            encode: bool = True, force: bool = False, warm_start: bool = True
             ) -> dict[str, Any]:
-    """Encode new items (cached vectors reused) and train the default model again; with
-    ``if_stale`` only when the new events or new items reach their thresholds (defaults
-    from the feedback settings ``retrain.*``). Returns a report dict with ``summary``."""
+    """Encode new items (cached vectors reused, unless ``encode`` is False) and refit the
+    live model's ranker with its stored options and positives threshold (the default
+    pipeline when nothing is live), warm-started from the live weights when the ranker
+    has ``warm_start(state)``. The new version goes through the model registry's gate
+    like any training (``force`` skips it). With ``if_stale`` only when the new events or
+    new items reach their thresholds (defaults from the feedback settings
+    ``retrain.*``). ``train_options`` (Engine.train keywords) override what the live
+    model used. Returns a report dict with ``summary``."""
     from polyrec.feedback.events import hub
     config = hub(engine).config["retrain"]
     min_events = int(config["min_new_events"] if min_new_events is None else min_new_events)
@@ -132,10 +153,18 @@ def retrain(engine: "Engine", *, if_stale: bool = False, min_new_events: int | N
         return report
     max_event_id, max_item_id = _store_ids(engine)
     start = time.perf_counter()
-    encoded = engine.encode()
+    encoded = engine.encode() if encode else None
     encode_s = time.perf_counter() - start
+    live = live_training(engine)
+    kwargs: dict[str, Any] = {}
+    if live is not None:
+        kwargs = {"ranker": live["ranker"], "options": live["options"],
+                  "min_rating": live["min_rating"]}
+        if warm_start:
+            kwargs["warm_start"] = live["version"]
+    kwargs.update(train_options or {})
     start = time.perf_counter()
-    engine.train(**(train_options or {}))
+    trained = engine.train(force=force, **kwargs)
     train_s = time.perf_counter() - start
     model = latest_model(engine)
     ident = {"name": model["name"], "version": model["version"]} if model else None
@@ -145,11 +174,19 @@ def retrain(engine: "Engine", *, if_stale: bool = False, min_new_events: int | N
     n_encoded = int(getattr(encoded, "encoded", 0) or 0)
     per_encoder = {e.encoder: {"encoded": e.encoded, "cached": e.cached, "error": e.error}
                    for e in getattr(encoded, "encoders", [])}
+    gate_note = ("" if trained.activated else
+                 f"; NOT live (gate: {'; '.join(trained.gate.get('reasons', []))}), "
+                 f"v{trained.live_version} still serves")
     report.update(retrained=True, reason=reason or "asked to", model=ident,
+                  refit_of=live, ranker=trained.ranker, activated=trained.activated,
+                  live_version=trained.live_version, gate=trained.gate,
+                  metrics=trained.metrics, warm_start=trained.warm_start,
                   encoded_items=n_encoded, encoders=per_encoder, encode_seconds=round(encode_s, 2),
                   train_seconds=round(train_s, 2),
                   summary=(f"retrained ({reason or 'asked to'}): encoded {n_encoded:,} new or "
                            f"changed item vectors in {encode_s:.1f} s, trained "
                            + (f"{ident['name']} v{ident['version']}" if ident else "the model")
-                           + f" in {train_s:.1f} s"))
+                           + f" ({trained.ranker}"
+                           + (f", refit of live v{live['version']}" if live else ", default pipeline")
+                           + f") in {train_s:.1f} s" + gate_note))
     return report

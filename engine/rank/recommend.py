@@ -8,8 +8,10 @@ that the Engine wires in (this stage never imports a later one).
 """
 from __future__ import annotations
 
+import logging
 import math
 import threading
+import time
 from contextlib import ExitStack, contextmanager
 from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
@@ -20,6 +22,8 @@ from sqlalchemy import func, select
 
 from polyrec.errors import ConfigError, ModelNotTrainedError, NotFoundError
 from polyrec.rank.dataset import build_training_data
+from polyrec.rank.registry import (check_scores, good_before, live_version, ranker_label,
+                                   show_model)
 from polyrec.rank.train import PIPELINE_ARTIFACT, build_ranker
 from polyrec.store.artifacts import from_bytes, load_artifact
 from polyrec.store.catalog import get_user_id
@@ -29,6 +33,8 @@ from polyrec.store.models import Interaction, Item, ItemVector, User
 if TYPE_CHECKING:  # pragma: no cover
     from polyrec.engine import Engine
     from polyrec.training_data import TrainingData
+
+log = logging.getLogger("polyrec.models")
 
 #: (recommender, snapshot) pinned by the request running in this context
 _PINNED: ContextVar[tuple[Any, "DataSnapshot"] | None] = ContextVar("polyrec_pinned_snapshot",
@@ -117,34 +123,169 @@ def mmr(candidates: torch.Tensor, relevance: torch.Tensor, vectors: torch.Tensor
     return [int(candidates[j]) for j in chosen]
 
 
+def load_ranker(engine: "Engine", version: int | None) -> tuple[Any, dict[str, Any]]:
+    """(fitted ranker, {version, meta, ranker, min_rating}) of a stored pipeline version
+    (the latest when None). Raises what loading raises (NotFoundError when absent)."""
+    with engine.store.session() as s:
+        stored = load_artifact(s, PIPELINE_ARTIFACT, version)
+    return ranker_from(engine, stored)
+
+
+def ranker_from(engine: "Engine", stored: Any) -> tuple[Any, dict[str, Any]]:
+    """The fitted ranker of a loaded artifact (see :func:`load_ranker`)."""
+    payload = from_bytes(stored.data)
+    ranker = build_ranker(engine, payload["ranker"], payload["options"])
+    ranker.load_state(payload["state"])
+    return ranker, {"version": stored.version, "meta": stored.meta, "ranker": payload["ranker"],
+                    "min_rating": float(payload.get("min_rating", 4.0))}
+
+
 class Recommender:
-    """The trained pipeline of one Engine, loaded once: ranker, data snapshot, item views."""
+    """The live pipeline of one Engine, loaded once: ranker, data snapshot, item views.
+
+    ``version`` None serves the live version (polyrec.rank.registry) and follows the live
+    pointer: at most once per ``check_interval`` seconds a request compares the stored
+    pointer with the one it loaded, and loads the new live version when it changed
+    (``polyrec models activate``/``rollback`` or a training that went live, in any
+    process).
+
+    A ranker that fails while loading or scoring (an exception, scores of the wrong
+    shape, NaN) never fails the request: the failure is logged (logger
+    ``polyrec.models``) and appended to ``errors`` naming the ranker and its plugin, and
+    the recommender falls back to the newest good version older than the failed one,
+    else to popularity (``fallback`` says which). ``strict`` (the gate's smoke test)
+    raises instead.
+    """
+
+    check_interval = 1.0
 
     def __init__(self, engine: "Engine", version: int | None = None, *,
                  online_hook: OnlineHook | None = None,
-                 explore_hook: ExploreHook | None = None) -> None:
+                 explore_hook: ExploreHook | None = None, strict: bool = False) -> None:
         self.engine = engine
         self.online_hook = online_hook
         self.explore_hook = explore_hook
-        with engine.store.session() as s:
-            try:
-                stored = load_artifact(s, PIPELINE_ARTIFACT, version)
-            except NotFoundError:
-                raise ModelNotTrainedError("no trained pipeline in the store; run `polyrec train` "
-                                           "(or Engine.train()) first") from None
-        payload = from_bytes(stored.data)
-        self.version = stored.version
-        self.meta = stored.meta
-        self.ranker_name = payload["ranker"]
-        self.min_rating = float(payload.get("min_rating", 4.0))
-        self.ranker = build_ranker(engine, self.ranker_name, payload["options"])
-        self.ranker.load_state(payload["state"])
+        self.strict = strict
+        self.errors: list[dict[str, Any]] = []
+        self.fallback: dict[str, Any] | None = None
+        self._model_lock = threading.RLock()
+        self._pinned_version = version is not None
+        self.live = version if version is not None else live_version(engine)
+        self._checked = time.monotonic()
+        if self.live is None:
+            raise ModelNotTrainedError("no trained pipeline is live in the store; run `polyrec "
+                                       "train` (or Engine.train()) first, or `polyrec models "
+                                       "activate VERSION` (see `polyrec models list`)")
+        self._failed: set[int] = set()
         self._snap: DataSnapshot | None = None
+        self._load(self.live)
         self._refresh_lock = threading.Lock()  # one refresh at a time
         self._items_generation = 0  # bumped by invalidate_items(): vectors rewritten in place
         self._graph: Any = None
         self._graph_loaded = False
         self.refresh()
+
+    # -- loading, the live pointer and fallbacks -------------------------------------------
+    def _load(self, version: int, reason: str | None = None) -> None:
+        """Load ``version`` as the served ranker; when that fails (not strict), fall back."""
+        try:
+            with self.engine.store.session() as s:
+                stored = load_artifact(s, PIPELINE_ARTIFACT, version)
+        except NotFoundError:
+            if self.strict or self._pinned_version:
+                raise
+            if version == self.live and not self.errors:
+                raise ModelNotTrainedError(f"the live version {version} of the pipeline is not "
+                                           f"in the store; see `polyrec models list`") from None
+            self._failed.add(version)
+            self._fall_back(version, f"version {version} is not in the store")
+            return
+        try:
+            ranker, info = ranker_from(self.engine, stored)
+        except Exception as exc:  # noqa: BLE001 - a plugin failing to load must not crash
+            if self.strict:
+                raise
+            name = self._stored_ranker(version)
+            self._record(version, name, "load", f"{ranker_label(self.engine, name)} failed to "
+                                                f"load: {type(exc).__name__}: {exc}")
+            self._failed.add(version)
+            self._fall_back(version, self.errors[-1]["error"])
+            return
+        old_rating = getattr(self, "min_rating", None)
+        self.ranker = ranker
+        self.version = info["version"]
+        self.meta = info["meta"]
+        self.ranker_name = info["ranker"]
+        self.min_rating = info["min_rating"]
+        if reason is not None:
+            self.fallback = {"from": self.live, "to": self.version, "reason": reason}
+        self._model_changed(old_rating)
+
+    def _model_changed(self, old_rating: float | None) -> None:
+        """Drop what was derived from the previous ranker (its item vectors); reload the
+        data when the positives threshold differs."""
+        if self._snap is not None:
+            self._snap.cache.pop("vectors", None)
+            if old_rating is not None and old_rating != self.min_rating:
+                self.refresh(force=True)
+
+    def _stored_ranker(self, version: int) -> str:
+        try:
+            return str(show_model(self.engine, version)["ranker"])
+        except Exception:  # noqa: BLE001
+            return "?"
+
+    def _record(self, version: int | None, name: str, stage: str, error: str) -> None:
+        entry = {"at": time.time(), "version": version, "ranker": name, "stage": stage,
+                 "error": error}
+        self.errors.append(entry)
+        del self.errors[:-100]  # keep the last 100
+        log.error("serving pipeline v%s: %s", version, error)
+
+    def _fall_back(self, failed: int, reason: str) -> None:
+        """Serve the newest good version older than ``failed`` that has not failed here,
+        else popularity."""
+        target = good_before(self.engine, failed, exclude=self._failed)
+        if target is not None:
+            log.warning("falling back from pipeline v%s to v%s", failed, target)
+            self._load(target, reason=reason)
+            return
+        log.warning("falling back from pipeline v%s to popularity", failed)
+        old_rating = getattr(self, "min_rating", None)
+        self.ranker = None
+        self.ranker_name = "popular"
+        self.version = failed
+        self.meta = {}
+        self.min_rating = old_rating if old_rating is not None else 4.0
+        self.fallback = {"from": self.live, "to": "popularity", "reason": reason}
+        self._model_changed(None)
+
+    def _fail(self, stage: str, error: str) -> None:
+        """The served ranker failed at ``stage``: record it and fall back."""
+        with self._model_lock:
+            self._record(self.version, self.ranker_name, stage, error)
+            self._failed.add(self.version)
+            self._fall_back(self.version, error)
+
+    def check_live(self, force: bool = False) -> bool:
+        """Follow the live pointer (read at most once per ``check_interval`` seconds);
+        True when a new live version was loaded."""
+        if self._pinned_version:
+            return False
+        now = time.monotonic()
+        if not force and now - self._checked < self.check_interval:
+            return False
+        with self._model_lock:
+            self._checked = now
+            current = live_version(self.engine)
+            if current is None or current == self.live:
+                return False
+            log.info("live pipeline changed: v%s -> v%s", self.live, current)
+            self.live = current
+            self._failed = set()
+            self.fallback = None
+            self._load(current)
+        return True
 
     # -- data ----------------------------------------------------------------------------
     # Everything a request reads about the store (training data, histories, item views)
@@ -275,6 +416,8 @@ class Recommender:
     def vectors(self) -> torch.Tensor | None:
         from polyrec.rank.explain import item_vectors
         snap = self.snapshot()
+        if self.ranker is None:  # popularity fallback: no model vectors
+            return None
         if "vectors" not in snap.cache or snap.cache["vectors"] is None:
             snap.cache["vectors"] = item_vectors(self.ranker, snap.data)
         return snap.cache["vectors"]
@@ -294,12 +437,34 @@ class Recommender:
         """Ranker scores [b, n_items] for dense user indices; a user with no history gets
         item popularity (the only signal there is)."""
         snap = self.snapshot()  # one data snapshot for the whole call
-        with torch.no_grad():
-            out = self.ranker.score_users(users, snap.data).detach().float().cpu()
+        out = self._ranker_scores(users, snap)
         counts = torch.tensor([len(snap.history[u]) for u in users.tolist()])
         if bool((counts == 0).any()):
             out[counts == 0] = torch.log1p(snap.popularity)[None, :]
         return out
+
+    def _ranker_scores(self, users: torch.Tensor, snap: "DataSnapshot") -> torch.Tensor:
+        """The ranker's scores, checked ([b, n_items], no NaN); a failing ranker is
+        replaced by its fallback (popularity at the end) and the request goes on."""
+        self.check_live()
+        while self.ranker is not None:
+            ranker, name = self.ranker, self.ranker_name
+            try:
+                with torch.no_grad():
+                    raw = ranker.score_users(users, snap.data)
+                problem = check_scores(raw, len(users), snap.data.n_items)
+            except Exception as exc:  # noqa: BLE001 - a plugin bug must not fail the request
+                if self.strict:
+                    raise
+                problem = f"raised {type(exc).__name__}: {exc}"
+            if problem is None:
+                return raw.detach().float().cpu()
+            message = f"{ranker_label(self.engine, name)} {problem}"
+            if self.strict:
+                raise ConfigError(message)
+            if self.ranker is ranker:  # another thread may have fallen back already
+                self._fail("score_users", message)
+        return torch.log1p(snap.popularity)[None, :].expand(len(users), -1).clone()
 
     def top_k(self, users: torch.Tensor, k: int, exclude_seen: bool = True
               ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -323,6 +488,7 @@ class Recommender:
             raise ConfigError(f"k must be at least 1, not {k}")
         if not 0.0 <= diversity <= 1.0:
             raise ConfigError(f"diversity must be between 0 and 1, not {diversity}")
+        self.check_live()
         user_id, snap = self._user_snapshot(str(user))
         with self.pinned(snap):  # the whole request reads one data snapshot
             return self._recommend(user_id, snap.user_index[user_id], k, filters=filters,
@@ -356,6 +522,12 @@ class Recommender:
         # list keeps the ranking order: online blending, MMR and exploration may move it)
         clicks = self._click_probabilities(u, picked)
         explainer, member_z = None, {}
+        if explain and self.ranker is None:  # popularity fallback: say so
+            return [Recommendation(item=self.external[self.data.item_ids[i]],
+                                   score=float(scores[i]), title=self.titles.get(self.data.item_ids[i]),
+                                   explanation={"text": "popular with other users",
+                                                "fallback": self.fallback})
+                    for i in picked]
         if explain:
             from polyrec.rank.explain import Explainer
             explainer = Explainer(self.ranker, self.data, self.titles, self.external, self.graph)
@@ -379,9 +551,17 @@ class Recommender:
         """The re-ranker's click probability of each item (None without a re-ranker)."""
         if not hasattr(self.ranker, "click_probability") or not items:
             return None
-        with torch.no_grad():
-            probs = self.ranker.click_probability(torch.tensor([u]), torch.tensor([items]),
-                                                  self.data)[0]
+        try:
+            with torch.no_grad():
+                probs = self.ranker.click_probability(torch.tensor([u]), torch.tensor([items]),
+                                                      self.data)[0]
+        except Exception as exc:  # noqa: BLE001 - the scores stand; the probabilities not
+            if self.strict:
+                raise
+            self._record(self.version, self.ranker_name, "click_probability",
+                         f"{ranker_label(self.engine, self.ranker_name)} raised "
+                         f"{type(exc).__name__}: {exc}")
+            return None
         return {i: float(p) for i, p in zip(items, probs)}
 
     def _member_scores(self, u: int) -> dict[str, torch.Tensor]:

@@ -7,6 +7,7 @@ store's positive interactions and saves it as the next version of the artifact
 """
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -17,7 +18,9 @@ from sqlalchemy import func, select
 
 from polyrec.contracts import Ranker
 from polyrec.errors import ConfigError
-from polyrec.store.artifacts import save_artifact, to_bytes
+from polyrec.rank import registry
+from polyrec.rank.registry import HOLDOUT_SHARE
+from polyrec.store.artifacts import from_bytes, load_artifact, save_artifact, to_bytes
 from polyrec.rank.dataset import build_training_data
 from polyrec.store.models import Interaction, Item
 from polyrec.training_data import TrainingData
@@ -31,14 +34,16 @@ if TYPE_CHECKING:  # pragma: no cover
 #: (fused text + KG + ID), content similarity, popularity and recency as features.
 DEFAULT_RANKER = "hybrid"
 DEFAULT_OPTIONS: dict[str, Any] = {}
-PIPELINE_ARTIFACT = "pipeline"
+PIPELINE_ARTIFACT = registry.PIPELINE_ARTIFACT  # "pipeline"
+log = logging.getLogger("polyrec.models")
 #: Options the engine fills in for rankers that accept them (see ``build_ranker``).
 CONTEXT_OPTIONS = ("device", "fusers", "progress")
 
 
 @dataclass
 class TrainReport:
-    """What ``train`` did: the ranker and options, the artifact version, data sizes."""
+    """What ``train`` did: the ranker and options, the artifact version, data sizes, the
+    gate's verdict and whether the version went live."""
 
     ranker: str
     options: dict[str, Any]
@@ -49,6 +54,12 @@ class TrainReport:
     interactions: int
     modalities: list[str]
     info: dict[str, Any] = field(default_factory=dict)
+    activated: bool = True
+    forced: bool = False
+    live_version: int | None = None
+    gate: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    warm_start: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -122,10 +133,19 @@ def _serialisable(options: Mapping[str, Any]) -> dict[str, Any]:
 # -- training ----------------------------------------------------------------------------
 def train(engine: "Engine", ranker: str | None = None, *, options: Mapping[str, Any] | None = None,
           epochs: int | None = None, seed: int | None = None, min_rating: float = 4.0,
-          data: TrainingData | None = None) -> TrainReport:
-    """Fit ``ranker`` (the default pipeline when None) on the store's positives and save it
-    as the next version of the ``pipeline`` artifact. ``epochs``/``seed`` reach every
-    ranker in the pipeline that takes them; ``options`` go to the named ranker."""
+          data: TrainingData | None = None, force: bool = False,
+          gate: Mapping[str, Any] | None = None, warm_start: int | None = None,
+          holdout: float = HOLDOUT_SHARE) -> TrainReport:
+    """Fit ``ranker`` (the default pipeline when None) on the store's positives (less the
+    registry's holdout) and save it as the next version of the ``pipeline`` artifact. The
+    version goes live only when it passes the gate (polyrec.rank.registry), or with
+    ``force``; ``report.activated`` and ``report.gate`` say what happened.
+
+    ``epochs``/``seed`` reach every ranker in the pipeline that takes them; ``options`` go
+    to the named ranker; ``gate`` overrides gate settings (``tolerance``, ...);
+    ``warm_start`` (a stored version of the same ranker) is handed to a ranker that has
+    ``warm_start(state)`` before it is fitted; ``holdout`` is the held-out share (0: none,
+    and then no metric comparison is possible later)."""
     name = ranker or DEFAULT_RANKER
     opts: dict[str, Any] = dict(DEFAULT_OPTIONS) if ranker is None else {}
     opts.update(dict(options or {}))
@@ -139,23 +159,70 @@ def train(engine: "Engine", ranker: str | None = None, *, options: Mapping[str, 
         data = build_training_data(engine, min_rating=min_rating)
     if len(data.users) == 0:
         raise ConfigError("no positive interactions to train on; ingest interactions first")
+    fit_data, test, held = registry.split_holdout(engine, data, holdout)
     model = build_ranker(engine, name, opts)
+    warm = _warm_start(engine, model, name, warm_start)
     start = time.perf_counter()
-    model.fit(data)
+    model.fit(fit_data)
     seconds = time.perf_counter() - start
+    try:
+        metrics = registry.holdout_metrics(model, fit_data, test)
+    except Exception as exc:  # noqa: BLE001 - the gate reports a broken ranker
+        metrics = {"error": f"{type(exc).__name__}: {exc}"}
     info = dict(getattr(model, "info", {}) or {})
     saved_options = _serialisable(opts)
     payload = {"ranker": name, "options": saved_options, "state": model.state(),
                "min_rating": min_rating}
     meta = {"ranker": name, "options": saved_options, "min_rating": min_rating,
-            "users": data.n_users, "items": data.n_items, "interactions": int(len(data.users)),
+            "users": data.n_users, "items": data.n_items, "interactions": int(len(fit_data.users)),
             "modalities": list(data.item_features), "seconds": round(seconds, 2),
-            "info": _jsonable(info), **seen_up_to}
+            "info": _jsonable(info), "holdout": held, "metrics": metrics, "warm_start": warm,
+            **seen_up_to}
+    live = registry.live_version(engine)
+    if live is not None and not registry.has_pointer(engine):
+        registry.pin_live(engine, live, "registry")  # storing a version must not make it live
     with engine.store.session() as s:
         version = save_artifact(s, PIPELINE_ARTIFACT, "pipeline", to_bytes(payload), meta)
-    engine.services.reset_recommender()
+    if live is None and not registry.has_pointer(engine):
+        registry.pin_live(engine, None, "registry")  # live only once it passes
+    verdict = registry.run_gate(engine, name=name, model=model, version=version, live=live,
+                                train=fit_data, test=test, holdout=held, metrics=metrics,
+                                config=registry.gate_config(engine, gate))
+    activated = bool(verdict["passed"] or force)
+    forced = bool(force and not verdict["passed"])
+    registry.update_meta(engine, version, gate=_jsonable(verdict), forced=forced)
+    if activated:
+        registry.set_live(engine, version, "train --force" if forced else "train")
+    else:
+        log.info("pipeline v%s stored but not live: %s", version, "; ".join(verdict["reasons"]))
     return TrainReport(name, saved_options, version, seconds, data.n_users, data.n_items,
-                       int(len(data.users)), list(data.item_features), _jsonable(info))
+                       int(len(fit_data.users)), list(data.item_features), _jsonable(info),
+                       activated=activated, forced=forced, live_version=registry.live_version(engine),
+                       gate=_jsonable(verdict), metrics=metrics, warm_start=warm)
+
+
+def _warm_start(engine: "Engine", model: Ranker, name: str, version: int | None
+                ) -> dict[str, Any] | None:
+    """Hand the stored state of ``version`` to ``model.warm_start`` when the ranker has
+    one and the version holds the same ranker; a record of what happened (None when no
+    warm start was asked for)."""
+    if version is None:
+        return None
+    hook = getattr(model, "warm_start", None)
+    if not callable(hook):
+        return {"from": version, "used": False,
+                "reason": f"ranker '{name}' has no warm_start(state): fitted from scratch"}
+    with engine.store.session() as s:
+        stored = load_artifact(s, PIPELINE_ARTIFACT, version)
+    payload = from_bytes(stored.data)
+    if payload.get("ranker") != name:
+        return {"from": version, "used": False,
+                "reason": f"version {version} holds ranker '{payload.get('ranker')}', not '{name}'"}
+    try:
+        hook(payload["state"])
+    except Exception as exc:  # noqa: BLE001 - a failed warm start falls back to a cold one
+        return {"from": version, "used": False, "reason": f"warm_start raised {type(exc).__name__}: {exc}"}
+    return {"from": version, "used": True}
 
 
 def _jsonable(value: Any) -> Any:

@@ -6,6 +6,8 @@ Endpoints (JSON; the OpenAPI schema is at ``/openapi.json``, interactive docs at
     POST /recommend                    {user, k, filters, exclude_seen, explain}
     POST /search                       {query, k, user, filters, understanding, weights}
     POST /similar                      {item, k, filters, basis}
+    GET  /models                       versions of the trained pipeline, the live one
+    GET  /models/{version}             one version: ranker, options, metrics, gate
     GET  /items/{item}                 one item
     PUT  /items            (write)     {items: [{external_id, title, text, image, attributes}]}
     PUT  /users            (write)     {users: [{external_id, attributes}]}
@@ -245,6 +247,23 @@ def create_app(engine: "Engine", *, token: str | None = None,
         """Recommendations for ``user``; popular items for users the model does not know."""
         return recommend_or_popular(engine, req.user, req.k, filters=req.filters,
                                     exclude_seen=req.exclude_seen, explain=req.explain)
+
+    @app.get("/models")
+    def list_models() -> dict[str, Any]:
+        """The stored versions of the pipeline (oldest first), the live one, and what this
+        process serves (its fallback and ranker errors, when it loaded a model)."""
+        from polyrec.rank import registry
+        models = engine.models()
+        rec = engine.services.started("recommender")
+        serving = None if rec is None else {
+            "version": rec.version, "ranker": rec.ranker_name, "fallback": rec.fallback,
+            "errors": list(getattr(rec, "errors", []))[-10:]}
+        return {"live": registry.live_version(engine), "models": models, "serving": serving}
+
+    @app.get("/models/{version}")
+    def get_model(version: int) -> dict[str, Any]:
+        """One stored version of the pipeline (404 when absent)."""
+        return engine.model(version)
 
     @app.get("/items/{item}")
     def get_item(item: str) -> dict[str, Any]:

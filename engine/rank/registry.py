@@ -1,0 +1,422 @@
+"""The model registry: which version of the ``pipeline`` artifact is live, the gate a new
+version passes before it goes live, rollback and pruning.
+
+- **Live pointer**: the setting ``models.live`` (``{"version": N, "at": ..., "previous":
+  M, "by": "train" | "activate" | "rollback" | ...}``). Absent (a database from before the
+  registry), the latest version is live.
+- **Holdout**: a deterministic share (``HOLDOUT_SHARE``, 2%) of the positive (user, item)
+  pairs, chosen by a stable hash of the user's and the item's external ids, is left out
+  of the training of every model and used to measure it (Recall@20, NDCG@20). A pair
+  held out once is held out for ever, so a new model and the live one are compared on
+  pairs neither was trained on.
+- **Gate** (:func:`run_gate`): (a) scores of shape [users, n_items] without NaN for a
+  sample of users over the whole current catalogue; (b) a smoke recommendation for a
+  sample of users through the serving code; (c) when a live model exists whose meta
+  records the same holdout rule, the new model's Recall@20 on the holdout is not below
+  the live one's by more than ``tolerance`` (0.02 absolute by default; setting
+  ``models.gate``). A version that fails is stored but not made live.
+- **Good** versions (:func:`is_good`): the gate passed, or the version predates the gate
+  (no verdict recorded). Rollback and the serving fallback only go to good versions.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+import traceback
+from typing import TYPE_CHECKING, Any, Mapping
+
+import torch
+from sqlalchemy import delete, func, select
+
+from polyrec.errors import ConfigError, NotFoundError
+from polyrec.store.models import Artifact, Item, Setting, User
+from polyrec.training_data import TrainingData
+
+if TYPE_CHECKING:  # pragma: no cover
+    from polyrec.contracts import Ranker
+    from polyrec.engine import Engine
+
+log = logging.getLogger("polyrec.models")
+
+PIPELINE_ARTIFACT = "pipeline"
+LIVE_KEY = "models.live"
+GATE_KEY = "models.gate"
+#: Share of positive (user, item) pairs held out of every model's training.
+HOLDOUT_SHARE = 0.02
+HOLDOUT_RULE = "blake2b-8(user_external_id \\x1f item_external_id) / 2**64 < share"
+#: Gate settings (override per database with the setting ``models.gate``, or per call).
+GATE_DEFAULTS: dict[str, Any] = {
+    "metric": "recall@20",   # compared between the new and the live model on the holdout
+    "tolerance": 0.02,       # absolute: new >= live - tolerance passes
+    "sample_users": 64,      # users of checks (a) and (b)
+    "k": 10,                 # recommendations asked for in the smoke test (b)
+}
+
+
+# -- holdout -------------------------------------------------------------------------------
+def _pair_hash(user: str, item: str) -> float:
+    digest = hashlib.blake2b(f"{user}\x1f{item}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2 ** 64
+
+
+def holdout_mask(engine: "Engine", data: TrainingData, share: float = HOLDOUT_SHARE
+                 ) -> torch.Tensor:
+    """bool [n_interactions]: the pairs of ``data`` in the deterministic holdout."""
+    if share <= 0 or len(data.users) == 0:
+        return torch.zeros(len(data.users), dtype=torch.bool)
+    with engine.store.session() as s:
+        users = dict(s.execute(select(User.id, User.external_id)).all())
+        items = dict(s.execute(select(Item.id, Item.external_id)).all())
+    uext = [str(users[u]) for u in data.user_ids]
+    iext = [str(items[i]) for i in data.item_ids]
+    flags = [_pair_hash(uext[u], iext[i]) < share
+             for u, i in zip(data.users.tolist(), data.items.tolist())]
+    return torch.tensor(flags, dtype=torch.bool)
+
+
+def holdout_record(share: float, pairs: int) -> dict[str, Any]:
+    return {"rule": HOLDOUT_RULE, "share": share, "pairs": int(pairs)}
+
+
+def split_holdout(engine: "Engine", data: TrainingData, share: float = HOLDOUT_SHARE
+                  ) -> tuple[TrainingData, list[torch.Tensor], dict[str, Any]]:
+    """(training data without the holdout, held-out item indices per user, record)."""
+    held = holdout_mask(engine, data, share)
+    train = data.subset(~held)
+    test = [torch.empty(0, dtype=torch.long) for _ in range(data.n_users)]
+    if bool(held.any()):
+        hu, hi = data.users[held], data.items[held]
+        order = torch.argsort(hu, stable=True)
+        counts = torch.bincount(hu, minlength=data.n_users).tolist()
+        test = list(torch.split(hi[order], counts))
+    return train, test, holdout_record(share, int(held.sum()))
+
+
+def holdout_metrics(ranker: "Ranker", train: TrainingData, test: list[torch.Tensor]
+                    ) -> dict[str, float]:
+    """Recall@K, NDCG@K (K = 10, 20) of ``ranker`` on the held-out pairs, the user's other
+    positives masked (polyrec.rank.evaluation.evaluate_ranker)."""
+    from polyrec.rank.evaluation import Split, evaluate_ranker
+    split = Split("holdout", train, test)
+    if len(split.eval_users) == 0:
+        return {}
+    out = evaluate_ranker(ranker, split, ks=(10, 20))
+    keep = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
+    result = {k: round(float(out[k]), 5) for k in keep if k in out}
+    result["users"] = int(len(split.eval_users))
+    result["pairs"] = int(split.n_test)
+    return result
+
+
+# -- settings --------------------------------------------------------------------------------
+def _get_setting(engine: "Engine", key: str) -> dict[str, Any] | None:
+    with engine.store.session() as s:
+        row = s.get(Setting, key)
+        return dict(row.value) if row is not None and row.value is not None else None
+
+
+def _set_setting(engine: "Engine", key: str, value: dict[str, Any]) -> None:
+    with engine.store.session() as s:
+        row = s.get(Setting, key)
+        if row is None:
+            s.add(Setting(key=key, value=value))
+        else:
+            row.value = value
+
+
+def gate_config(engine: "Engine", overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """GATE_DEFAULTS, then the setting ``models.gate``, then ``overrides``."""
+    config = {**GATE_DEFAULTS, **(_get_setting(engine, GATE_KEY) or {}), **dict(overrides or {})}
+    config["tolerance"] = float(config["tolerance"])
+    config["sample_users"] = int(config["sample_users"])
+    return config
+
+
+# -- the live pointer -----------------------------------------------------------------------
+def _versions(engine: "Engine") -> list[int]:
+    with engine.store.session() as s:
+        return list(s.execute(select(Artifact.version).where(Artifact.name == PIPELINE_ARTIFACT)
+                              .order_by(Artifact.version)).scalars())
+
+
+def live_version(engine: "Engine") -> int | None:
+    """The live version: the pointer's, else (no pointer: an older database) the latest;
+    None when nothing is trained. One or two small queries (cheap enough per request)."""
+    with engine.store.session() as s:
+        row = s.get(Setting, LIVE_KEY)
+        if row is not None and row.value and "version" in row.value:
+            version = row.value["version"]  # None: nothing is live (no model passed the gate)
+            return int(version) if version is not None else None
+        latest = s.execute(select(func.max(Artifact.version))
+                           .where(Artifact.name == PIPELINE_ARTIFACT)).scalar()
+    return int(latest) if latest is not None else None
+
+
+def has_pointer(engine: "Engine") -> bool:
+    return _get_setting(engine, LIVE_KEY) is not None
+
+
+def pin_live(engine: "Engine", version: int | None, by: str) -> None:
+    """Record the pointer without checks or resets (e.g. pin "latest" before a new
+    version is stored, so storing it does not make it live)."""
+    _set_setting(engine, LIVE_KEY, {"version": version, "previous": None, "by": by,
+                                    "at": time.time()})
+
+
+def set_live(engine: "Engine", version: int, by: str) -> dict[str, Any]:
+    """Point ``models.live`` at ``version`` (which must exist); resets the loaded
+    recommender of this engine (other processes notice the pointer within a second)."""
+    if version not in _versions(engine):
+        raise NotFoundError(f"no version {version} of the model '{PIPELINE_ARTIFACT}' "
+                            f"(run `polyrec models list`)")
+    previous = live_version(engine)
+    pointer = {"version": int(version), "previous": previous, "by": by, "at": time.time()}
+    _set_setting(engine, LIVE_KEY, pointer)
+    engine.services.reset_recommender()
+    log.info("model %s v%s is live (%s; previous: v%s)", PIPELINE_ARTIFACT, version, by, previous)
+    return pointer
+
+
+# -- versions --------------------------------------------------------------------------------
+def is_good(meta: Mapping[str, Any]) -> bool:
+    """A version that passed the gate, or one from before the gate (no verdict)."""
+    gate = meta.get("gate")
+    return gate is None or bool(gate.get("passed"))
+
+
+def _describe(row: Any, live: int | None) -> dict[str, Any]:
+    version, size, meta, created = row
+    meta = dict(meta or {})
+    gate = meta.get("gate")
+    return {"version": int(version), "live": version == live, "ranker": meta.get("ranker"),
+            "options": meta.get("options", {}), "created_at": float(created or 0.0),
+            "bytes": int(size or 0),
+            "data": {k: meta.get(k) for k in ("users", "items", "interactions", "modalities",
+                                              "min_rating")},
+            "metrics": meta.get("metrics", {}), "holdout": meta.get("holdout"),
+            "gate": gate, "verdict": ("unchecked" if gate is None else
+                                      "passed" if gate.get("passed") else "failed"),
+            "forced": bool(meta.get("forced", False)), "good": is_good(meta),
+            "seconds": meta.get("seconds"), "info": meta.get("info", {}),
+            "warm_start": meta.get("warm_start")}
+
+
+def list_models(engine: "Engine") -> list[dict[str, Any]]:
+    """Every stored version of the pipeline, oldest first (see :func:`_describe`)."""
+    live = live_version(engine)
+    with engine.store.session() as s:
+        rows = s.execute(select(Artifact.version, func.length(Artifact.data), Artifact.meta,
+                                Artifact.created_at).where(Artifact.name == PIPELINE_ARTIFACT)
+                         .order_by(Artifact.version)).all()
+    return [_describe(r, live) for r in rows]
+
+
+def show_model(engine: "Engine", version: int) -> dict[str, Any]:
+    """One version (NotFoundError when absent)."""
+    for model in list_models(engine):
+        if model["version"] == int(version):
+            return model
+    raise NotFoundError(f"no version {version} of the model '{PIPELINE_ARTIFACT}' "
+                        f"(run `polyrec models list`)")
+
+
+def update_meta(engine: "Engine", version: int, **entries: Any) -> None:
+    with engine.store.session() as s:
+        row = s.execute(select(Artifact).where(Artifact.name == PIPELINE_ARTIFACT)
+                        .where(Artifact.version == int(version))).scalars().one()
+        row.meta = {**dict(row.meta or {}), **entries}
+
+
+def activate(engine: "Engine", version: int) -> dict[str, Any]:
+    """Make ``version`` live (an operator's choice: allowed whatever its gate verdict)."""
+    set_live(engine, int(version), "activate")
+    return show_model(engine, int(version))
+
+
+def good_before(engine: "Engine", version: int | None, exclude: set[int] | None = None
+                ) -> int | None:
+    """The newest good version older than ``version`` (any version when None)."""
+    exclude = exclude or set()
+    for model in reversed(list_models(engine)):
+        if (version is None or model["version"] < version) and model["good"] \
+                and model["version"] not in exclude:
+            return model["version"]
+    return None
+
+
+def rollback(engine: "Engine") -> dict[str, Any]:
+    """Make the previous good version (before the live one) live."""
+    live = live_version(engine)
+    if live is None:
+        raise NotFoundError("no trained model to roll back; run `polyrec train` first")
+    target = good_before(engine, live)
+    if target is None:
+        raise NotFoundError(f"no good version before the live version {live} to roll back to "
+                            f"(see `polyrec models list`)")
+    set_live(engine, target, "rollback")
+    return {"from": live, "to": target, "model": show_model(engine, target)}
+
+
+def prune(engine: "Engine", keep: int) -> dict[str, Any]:
+    """Delete all but the ``keep`` newest versions; the live version is always kept."""
+    if keep < 1:
+        raise ConfigError(f"--keep must be at least 1, not {keep}")
+    live = live_version(engine)
+    versions = sorted(_versions(engine), reverse=True)
+    kept = set(versions[:keep]) | ({live} if live is not None else set())
+    gone = sorted(v for v in versions if v not in kept)
+    if gone:
+        with engine.store.session() as s:
+            freed = int(s.execute(select(func.coalesce(func.sum(func.length(Artifact.data)), 0))
+                                  .where(Artifact.name == PIPELINE_ARTIFACT)
+                                  .where(Artifact.version.in_(gone))).scalar() or 0)
+            s.execute(delete(Artifact).where(Artifact.name == PIPELINE_ARTIFACT)
+                      .where(Artifact.version.in_(gone)))
+    else:
+        freed = 0
+    if live is not None and not has_pointer(engine):
+        pin_live(engine, live, "prune")  # with no pointer, "latest" must not change meaning
+    return {"deleted": gone, "kept": sorted(kept), "live": live, "bytes_freed": freed}
+
+
+# -- the gate ----------------------------------------------------------------------------------
+def ranker_label(engine: "Engine", name: str) -> str:
+    """'ranker NAME (plugin P)' for messages."""
+    try:
+        plugin = engine.registry("rankers").owner(name)
+    except Exception:  # noqa: BLE001 - a label must never fail
+        plugin = None
+    return f"ranker '{name}'" + (f" (plugin '{plugin}')" if plugin else "")
+
+
+def check_scores(scores: Any, n_users: int, n_items: int) -> str | None:
+    """Why ``scores`` are not usable ([n_users, n_items], float, no NaN), or None."""
+    if not isinstance(scores, torch.Tensor):
+        return f"returned {type(scores).__name__}, not a tensor"
+    if tuple(scores.shape) != (n_users, n_items):
+        return (f"returned scores of shape {tuple(scores.shape)}, expected "
+                f"[{n_users}, {n_items}] (users in the batch, items in the catalogue)")
+    if bool(torch.isnan(scores.float()).any()):
+        return f"returned NaN scores for {int(torch.isnan(scores.float()).any(1).sum())} user(s)"
+    return None
+
+
+def sample_users(data: TrainingData, n: int) -> torch.Tensor:
+    """A deterministic, spread-out sample of up to ``n`` user indices with a history."""
+    counts = torch.bincount(data.users, minlength=data.n_users)
+    users = torch.nonzero(counts > 0).flatten()
+    if len(users) <= n:
+        return users
+    pick = torch.linspace(0, len(users) - 1, n).round().long()
+    return users[pick]
+
+
+def _error(exc: BaseException) -> str:
+    frame = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+    where = f" at {frame.filename.rsplit('/', 1)[-1]}:{frame.lineno}" if frame else ""
+    return f"{type(exc).__name__}: {exc}{where}"
+
+
+def run_gate(engine: "Engine", *, name: str, model: "Ranker", version: int,
+             live: int | None, train: TrainingData, test: list[torch.Tensor], holdout: dict[str, Any],
+             metrics: dict[str, float], config: dict[str, Any]) -> dict[str, Any]:
+    """Checks (a), (b), (c) of the module docstring for the stored ``version``. Returns
+    {passed, checks: {shape, smoke, metric}, reasons: [...]}."""
+    label = ranker_label(engine, name)
+    checks: dict[str, Any] = {}
+    reasons: list[str] = []
+    users = sample_users(train, int(config["sample_users"]))
+    # (a) shape and NaN over the whole current catalogue
+    try:
+        with torch.no_grad():
+            scores = model.score_users(users, train)
+        problem = check_scores(scores, len(users), train.n_items)
+    except Exception as exc:  # noqa: BLE001 - any plugin failure is a gate failure
+        problem = f"raised {_error(exc)}"
+    checks["scores"] = {"passed": problem is None, "users": int(len(users)),
+                        "items": train.n_items, **({"error": f"{label} {problem}"} if problem else {})}
+    if problem:
+        reasons.append(f"{label} {problem}")
+    # (b) smoke recommendations through the serving code (the stored version, reloaded)
+    smoke: dict[str, Any] = {"passed": False, "users": 0}
+    if problem is None:
+        smoke = smoke_test(engine, version, users, train, int(config["k"]))
+        if not smoke["passed"]:
+            reasons.append(smoke["error"])
+    else:
+        smoke["skipped"] = "the score check failed"
+    checks["smoke"] = smoke
+    # (c) the holdout metric against the live model's
+    checks["metric"] = compare_to_live(engine, version, live, train, test, holdout,
+                                       metrics, config)
+    if checks["metric"].get("passed") is False:
+        reasons.append(checks["metric"]["reason"])
+    return {"passed": not reasons, "checks": checks, "reasons": reasons,
+            "config": {k: config[k] for k in GATE_DEFAULTS}, "at": time.time()}
+
+
+def smoke_test(engine: "Engine", version: int, users: torch.Tensor, train: TrainingData,
+               k: int) -> dict[str, Any]:
+    """Load ``version`` as serving does (strict: no fallback) and recommend to ``users``."""
+    from polyrec.rank.recommend import Recommender
+    with engine.store.session() as s:
+        ext = dict(s.execute(select(User.id, User.external_id)).all())
+    externals = [str(ext[train.user_ids[u]]) for u in users.tolist()]
+    empty: list[str] = []
+    try:
+        rec = Recommender(engine, version, strict=True)
+        for user in externals:
+            if not rec.recommend(user, k):
+                empty.append(user)
+    except Exception as exc:  # noqa: BLE001
+        label = ranker_label(engine, _ranker_of(engine, version))
+        return {"passed": False, "users": len(externals),
+                "error": f"smoke recommendation failed for {label}: {_error(exc)}"}
+    if empty:
+        return {"passed": False, "users": len(externals), "empty": empty[:10],
+                "error": f"smoke recommendation returned nothing for {len(empty)} of "
+                         f"{len(externals)} users (e.g. user {empty[0]})"}
+    return {"passed": True, "users": len(externals), "k": k}
+
+
+def _ranker_of(engine: "Engine", version: int) -> str:
+    try:
+        return str(show_model(engine, version)["ranker"])
+    except NotFoundError:
+        return "?"
+
+
+def compare_to_live(engine: "Engine", version: int, live: int | None, train: TrainingData,
+                    test: list[torch.Tensor], holdout: dict[str, Any],
+                    metrics: dict[str, float], config: dict[str, Any]) -> dict[str, Any]:
+    """Check (c): {passed: True/False/None (skipped), reason, new, live, ...}."""
+    metric = str(config["metric"])
+    if live is None or live == version:
+        return {"passed": None, "reason": "no live model to compare with", "metric": metric,
+                "new": metrics.get(metric)}
+    live_meta = show_model(engine, live)
+    recorded = live_meta.get("holdout") or {}
+    if recorded.get("rule") != holdout.get("rule") or recorded.get("share") != holdout.get("share"):
+        return {"passed": None, "live_version": live, "metric": metric, "new": metrics.get(metric),
+                "reason": f"skipped: the live version {live} was trained without the holdout "
+                          f"rule (trained before the gate), so it cannot be compared fairly"}
+    if metric not in metrics:
+        return {"passed": None, "live_version": live, "metric": metric,
+                "reason": "skipped: no held-out pairs to measure"}
+    try:
+        from polyrec.rank.recommend import load_ranker
+        ranker, _ = load_ranker(engine, live)
+        live_metrics = holdout_metrics(ranker, train, test)
+    except Exception as exc:  # noqa: BLE001 - the live model no longer fits the data
+        return {"passed": None, "live_version": live, "metric": metric, "new": metrics[metric],
+                "reason": f"skipped: the live version {live} could not be evaluated on the "
+                          f"current data ({_error(exc)})"}
+    new, old = float(metrics[metric]), float(live_metrics.get(metric, math.nan))
+    tol = float(config["tolerance"])
+    ok = not (new < old - tol)
+    return {"passed": ok, "live_version": live, "metric": metric, "new": new, "live": old,
+            "tolerance": tol,
+            "reason": (f"{metric} {new:.4f} vs live version {live} {old:.4f} "
+                       f"(tolerance {tol:g}): " + ("ok" if ok else "worse than the live model"))}
