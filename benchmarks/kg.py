@@ -14,13 +14,11 @@ Prints a table and writes benchmarks/results/kg.json. Usage:
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import platform
 import tempfile
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +27,8 @@ import torch
 
 from polyrec import Engine
 from polyrec.contracts import EncoderContext
-from polyrec.knowledge_graph.graph import graph_fingerprint, load_tables, to_networkx
+from polyrec.knowledge_graph.graph import (graph_fingerprint, item_pairs_sharing, load_tables,
+                                           to_networkx)
 from polyrec.knowledge_graph.paths import explain
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,19 +49,6 @@ def best(fn, repeat: int = 3) -> tuple[float, Any]:
         out = fn()
         times.append(time.perf_counter() - start)
     return min(times), out
-
-
-def sharing(graph, relation: str, min_shared: int = 1) -> list[tuple[str, str]]:
-    item_of = {ent: item for item, ent in graph.graph["item_entities"].items()}
-    by_tail: dict[str, list[str]] = defaultdict(list)
-    for head, tail, key in graph.edges(keys=True):
-        if key == relation and head in item_of:
-            by_tail[tail].append(item_of[head])
-    counts: dict[tuple[str, str], int] = defaultdict(int)
-    for items in by_tail.values():
-        for pair in itertools.combinations(sorted(set(items)), 2):
-            counts[pair] += 1
-    return [p for p, n in counts.items() if n >= min_shared]
 
 
 def similarity(vectors: dict[str, torch.Tensor], groups: dict[str, list], rng) -> dict[str, float]:
@@ -106,8 +92,8 @@ def main() -> None:
                             "load_tables_s": round(t_tables, 3), "fingerprint_s": round(t_fp, 3),
                             "networkx_s": round(t_nx, 3)}
 
-        pairs = sharing(graph, "film.film.directed_by")
-        groups = {"director": pairs, "cast2": sharing(graph, "film.film.actor", min_shared=2)}
+        pairs = item_pairs_sharing(graph, "film.film.directed_by")
+        groups = {"director": pairs, "cast2": item_pairs_sharing(graph, "film.film.actor", min_shared=2)}
         start = time.perf_counter()
         hits = 0
         sample = pairs[:200]

@@ -21,12 +21,13 @@ import csv
 import json
 import platform
 import shutil
-import sqlite3
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
+
+from polyrec.store.sqlite import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "datasets"
@@ -188,14 +189,6 @@ def ingest_throughput(db: Path, stream: Sequence[Event], *, batch: int = 500) ->
     return out
 
 
-def _checkpoint(db: Path) -> None:
-    con = sqlite3.connect(db)
-    try:
-        con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    finally:
-        con.close()
-
-
 def prepare(db: Path, data: Path, train: Sequence[Event], train_options: dict[str, Any]) -> dict[str, Any]:
     """Catalogue + knowledge graph + the training events, encoded and trained."""
     from polyrec import Engine
@@ -212,7 +205,7 @@ def prepare(db: Path, data: Path, train: Sequence[Event], train_options: dict[st
         start = time.perf_counter()
         eng.train(**train_options)
         info["train_s"] = round(time.perf_counter() - start, 1)
-    _checkpoint(db)
+    checkpoint(db)
     return info
 
 

@@ -32,7 +32,6 @@ import argparse
 import json
 import platform
 import random
-import sqlite3
 import statistics
 import threading
 import time
@@ -42,6 +41,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+
+from polyrec.store.sqlite import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "datasets"
@@ -161,14 +162,6 @@ def bench_engine(eng: Any, name: str, queries: list[str], users: list[str] | Non
 
 
 # -- MovieLens-100k --------------------------------------------------------------------------
-def checkpoint(db: Path) -> None:
-    con = sqlite3.connect(db)
-    try:
-        con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    finally:
-        con.close()
-
-
 def prepare_ml100k(db: Path, data: Path, device: str, epochs: int | None) -> dict[str, Any]:
     """ml-100k ingested, BERT-encoded and trained (the default pipeline; ``epochs`` caps
     the epochs of its rankers that take them)."""

@@ -171,3 +171,21 @@ def describe(session: Session, top: int = 10) -> dict[str, Any]:
             "triples_by_source": by_source,
             "top_relations": dict(list(relations.items())[:top]),
             "fingerprint": tables.fingerprint}
+
+
+def item_pairs_sharing(graph: nx.MultiDiGraph, relation: str,
+                       min_shared: int = 1) -> list[tuple[str, str]]:
+    """Pairs of item ids (sorted within a pair) whose entities point by ``relation`` to at
+    least ``min_shared`` common nodes (films with the same director, or two actors in
+    common): the ground truth of "related items" for KG embedding checks."""
+    from collections import defaultdict
+    item_of = {ent: item for item, ent in graph.graph["item_entities"].items()}
+    by_tail: dict[str, list[str]] = defaultdict(list)
+    for head, tail, key in graph.edges(keys=True):
+        if key == relation and head in item_of:
+            by_tail[tail].append(item_of[head])
+    counts: dict[tuple[str, str], int] = defaultdict(int)
+    for items in by_tail.values():
+        for pair in itertools.combinations(sorted(set(items)), 2):
+            counts[pair] += 1
+    return [p for p, n in counts.items() if n >= min_shared]

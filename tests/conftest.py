@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
+
+from polyrec.store.sqlite import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = Path(os.environ.get("POLYREC_DATASETS", ROOT.parent / "shared" / "datasets"))
@@ -42,14 +46,29 @@ def engine(tmp_path):
         yield eng
 
 
-def _checkpoint(db: Path) -> None:
-    """Fold the WAL into the main file so the database is one complete file."""
-    import sqlite3
-    con = sqlite3.connect(db)
+#: Fold a database's WAL into its main file (one helper for tests and benchmarks).
+_checkpoint = checkpoint
+
+
+@pytest.fixture
+def one_thread():
+    """Small torch ops on a shared 2-core machine run far faster on one thread. Use it
+    with ``pytestmark = pytest.mark.usefixtures("one_thread")`` or as an argument; in a
+    session fixture use ``with torch_threads(1):``."""
+    with torch_threads(1):
+        yield
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with ``n`` torch threads, then restore the previous number."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
     try:
-        con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        yield
     finally:
-        con.close()
+        torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

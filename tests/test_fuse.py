@@ -9,13 +9,7 @@ from polyrec.plugins.fuse_attention import AttentionFuser, MeanFuser
 DIMS = {"text": 12, "image": 8, "kg": 6}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small ops on a shared 2-core machine run far faster on one torch thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 PRESENT = torch.tensor([[1, 1, 1], [1, 0, 0], [0, 0, 0], [0, 1, 1], [1, 0, 1]], dtype=torch.bool)

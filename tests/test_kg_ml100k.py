@@ -4,8 +4,6 @@ Acceptance: KG embeddings are real — items sharing a director (or cast members
 closer by cosine than random pairs, by a clear margin."""
 from __future__ import annotations
 
-import itertools
-from collections import defaultdict
 
 import numpy as np
 import pytest
@@ -13,6 +11,7 @@ import torch
 
 from polyrec import Engine
 from polyrec.store.vectors import load_vectors
+from polyrec.knowledge_graph.graph import item_pairs_sharing
 from polyrec.knowledge_graph.paths import explain, neighbours
 from conftest import copy_db
 
@@ -24,21 +23,6 @@ KG_OPTIONS = {"dim": 32, "epochs": 5, "threads": 1}
 def graph(ml100k_db):
     with Engine(ml100k_db, device="cpu", entrypoints=False, progress=False) as eng:
         return eng.graph()
-
-
-def _sharing(graph, relation: str, min_shared: int = 1) -> list[tuple[str, str]]:
-    """Pairs of item ids whose entities point by ``relation`` to at least ``min_shared``
-    common nodes."""
-    item_of = {ent: item for item, ent in graph.graph["item_entities"].items()}
-    by_tail: dict[str, list[str]] = defaultdict(list)
-    for head, tail, key in graph.edges(keys=True):
-        if key == relation and head in item_of:
-            by_tail[tail].append(item_of[head])
-    counts: dict[tuple[str, str], int] = defaultdict(int)
-    for items in by_tail.values():
-        for pair in itertools.combinations(sorted(set(items)), 2):
-            counts[pair] += 1
-    return [p for p, n in counts.items() if n >= min_shared]
 
 
 def test_graph_view_counts(graph) -> None:
@@ -53,7 +37,7 @@ def test_graph_view_counts(graph) -> None:
 
 
 def test_paths_return_the_shared_director(graph) -> None:
-    pairs = _sharing(graph, "film.film.directed_by")
+    pairs = item_pairs_sharing(graph, "film.film.directed_by")
     assert len(pairs) == 1_021  # item pairs with at least one director in common
     ents = graph.graph["item_entities"]
     first = within_five = 0
@@ -121,8 +105,8 @@ def test_items_sharing_director_or_cast_are_closer_than_random(encoded, graph) -
     random_pairs = [tuple(rng.choice(names, 2, replace=False)) for _ in range(4000)]
     base = _cosines(vectors, random_pairs)
 
-    director = _cosines(vectors, _sharing(graph, "film.film.directed_by"))
-    cast = _cosines(vectors, _sharing(graph, "film.film.actor", min_shared=2))
+    director = _cosines(vectors, item_pairs_sharing(graph, "film.film.directed_by"))
+    cast = _cosines(vectors, item_pairs_sharing(graph, "film.film.actor", min_shared=2))
     auc = lambda pos: float((pos[:, None] > base[None, :]).mean())  # noqa: E731
     measured = {"random": base.mean(), "director": director.mean(), "director_auc": auc(director),
                 "cast": cast.mean(), "cast_auc": auc(cast)}

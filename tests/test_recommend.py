@@ -11,12 +11,7 @@ from polyrec.errors import ConfigError, ModelNotTrainedError, NotFoundError
 USER = "1"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _open(path) -> Engine:

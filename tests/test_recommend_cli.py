@@ -22,13 +22,10 @@ def _run(db, *args):
 
 @pytest.fixture(scope="module")
 def trained(db):
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    from conftest import torch_threads
+    with torch_threads(1):
         result = _run(db, "train", "--ranker", "two_tower", "--epochs", "1", "--seed", "3",
                       "--set", "validation=false", "--set", "dim=16", "--json")
-    finally:
-        torch.set_num_threads(before)
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout)
 

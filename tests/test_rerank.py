@@ -21,11 +21,10 @@ def split(ml100k_dir):
 
 @pytest.fixture(scope="module")
 def fitted(split):
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    ranker = RerankRanker(base=EASERanker(l2=200.0), candidates=C)
-    ranker.fit(split.train)
-    torch.set_num_threads(before)
+    from conftest import torch_threads
+    with torch_threads(1):
+        ranker = RerankRanker(base=EASERanker(l2=200.0), candidates=C)
+        ranker.fit(split.train)
     return ranker
 
 

@@ -20,12 +20,7 @@ FAST = {"device": "cpu", "dim": 32, "batch_size": 512, "lr": 1e-3, "n_random": 5
         "negatives": "random", "validation": False}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _read(path):
