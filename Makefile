@@ -7,7 +7,7 @@ DATA    ?= ../shared/datasets
 DEMO_DB ?= demo.db
 POLYREC := $(BIN)/polyrec --db $(DEMO_DB)
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-fast bench clean
 
 install: $(STAMP)
 
@@ -37,6 +37,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# the fast loop: everything but the tests marked slow (over ~5 s each)
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/encode.py
