@@ -4,11 +4,12 @@ Public API: :class:`Engine`, the ``hookimpl`` marker for plugins, the contracts 
 plugin implements, and the error hierarchy.
 """
 from polyrec.contracts import (EncodeResult, Encoder, EncoderContext, FeedbackLearner, Fuser,
-                              ItemView, Ranker, Reader, Row)
+                              ItemView, Option, Ranker, Reader, Row)
 from polyrec.engine import Engine
 from polyrec.errors import (ConfigError, DuplicateNameError, EncodingError, ModelNotTrainedError,
                            NotFoundError, PluginError, PolyrecError, ValidationError)
 from polyrec.hookspecs import hookimpl
+from polyrec.training_data import TrainingData
 
 __version__ = "0.1.0"
 
@@ -16,5 +17,5 @@ __all__ = [
     "Engine", "hookimpl", "Encoder", "EncodeResult", "EncoderContext", "Fuser", "Ranker",
     "FeedbackLearner", "Reader", "Row", "ItemView", "PolyrecError", "ConfigError",
     "NotFoundError", "PluginError", "DuplicateNameError", "ValidationError", "EncodingError",
-    "ModelNotTrainedError", "__version__",
+    "ModelNotTrainedError", "Option", "TrainingData", "__version__",
 ]

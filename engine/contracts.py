@@ -5,13 +5,17 @@ options (from the CLI or the Python API) and talks to it only through these meth
 """
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
+
+from polyrec.errors import ConfigError
+from polyrec.training_data import TrainingData
 
 if TYPE_CHECKING:  # pragma: no cover
     from polyrec.engine import Engine
@@ -120,51 +124,412 @@ class Fuser(nn.Module):
         raise NotImplementedError
 
 
+#: Options the core supplies itself to rankers that declare them (``device``, ``progress``,
+#: ``fusers`` for a ranker declaring ``fuser``) or that are composite (``factory``); they
+#: are never "unknown".
+ENGINE_OPTIONS: tuple[str, ...] = ("device", "fusers", "progress", "factory")
+
+_TYPE_NAMES = {bool: "bool", int: "int", float: "float", str: "str", list: "list", dict: "dict"}
+
+
+@dataclass(frozen=True)
+class Option:
+    """One declared ranker option: its default, type, help and whether it takes a grid.
+
+    Use it in ``Ranker.defaults`` where a plain default does not say enough::
+
+        defaults = {"alpha": Option(0.5, help="smoothing"),              # float
+                    "k": 20,                                             # int (plain default)
+                    "l2": Option([10.0, 100.0], float, grid=True),       # a grid of floats
+                    "mode": Option("fast", choices=("fast", "exact")),
+                    "model": Option(None, str, help="a model id; None: built in")}
+
+    ``type`` (default: the type of ``default``, or of its first element for a grid) is
+    one of bool, int, float, str, list, dict, or None for "anything"; an int is accepted
+    (and converted) where a float is declared; None (``none``/``null`` on the command
+    line) is accepted when the default is None. ``grid=True``: the value may also be a
+    list of values of ``type`` (the core converts each element); the ranker decides what
+    a list means (usually: tune over it on validation data). ``choices``: the allowed
+    values, checked after conversion.
+    """
+
+    default: Any = None
+    type: type | None = None
+    help: str = ""
+    grid: bool = False
+    choices: tuple[Any, ...] = ()
+    #: True when inferred from a plain default (backward compatible, lenient about
+    #: objects that only the Python API can pass, such as a Fuser class or a Ranker).
+    inferred: bool = field(default=False, compare=False, repr=False)
+
+    @property
+    def type_name(self) -> str:
+        """'float', 'a float or a list of floats', 'any value', ..."""
+        base = _TYPE_NAMES.get(self.type, getattr(self.type, "__name__", "any value")) \
+            if self.type is not None else "any value"
+        return f"{base} or a list of {base}s (a grid)" if self.grid and self.type else base
+
+
+def _option_from_default(value: Any) -> Option:
+    """The Option a plain default stands for (see ``Ranker.defaults``)."""
+    if isinstance(value, Option):
+        if value.type is not None or value.default is None:
+            return value
+        sample = value.default[0] if value.grid and isinstance(value.default, (list, tuple)) \
+            and value.default else value.default
+        kind = type(sample) if type(sample) in _TYPE_NAMES else None
+        return Option(value.default, kind, value.help, value.grid, value.choices)
+    if value is None:
+        return Option(None, None, inferred=True)
+    if isinstance(value, (list, tuple)):
+        if not value:  # an empty list says nothing about its elements
+            return Option(list(value), None, inferred=True)
+        kind = type(value[0])
+        if kind in (bool, int, float, str):
+            return Option(list(value), kind, grid=True, inferred=True)
+        return Option(list(value), list, inferred=True)
+    kind = type(value) if type(value) in _TYPE_NAMES else None
+    return Option(value, kind, inferred=True)
+
+
+def _from_text(text: str, kind: type | None) -> Any:
+    """Parse command-line text as ``kind`` (ValueError when it is not one)."""
+    if kind is None:  # undeclared type: JSON when it parses, else the text itself
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            return text
+    if kind is str:
+        return text
+    if kind is bool:
+        low = text.strip().lower()
+        if low in ("true", "1", "yes", "on"):
+            return True
+        if low in ("false", "0", "no", "off"):
+            return False
+        raise ValueError(text)
+    if kind is int:
+        return int(text.strip())
+    if kind is float:
+        return float(text.strip())
+    value = json.loads(text)  # list, dict
+    if not isinstance(value, kind):
+        raise ValueError(text)
+    return value
+
+
+def _convert(value: Any, kind: type | None, text: bool, inferred: bool) -> Any:
+    """One value converted to ``kind`` (ValueError when it cannot be)."""
+    if kind is None:
+        return _from_text(value, None) if text and isinstance(value, str) else value
+    if isinstance(value, str) and (text or kind is not str):
+        return _from_text(value, kind)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif kind is list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+    elif kind is dict:
+        if isinstance(value, Mapping):
+            return dict(value)
+    elif isinstance(value, kind):
+        return value
+    # a plain default's type is a guess: objects only Python code can pass (a Fuser
+    # class, a Ranker instance) go through; plain data of the wrong type does not
+    if inferred and not isinstance(value, (bool, int, float, str, list, tuple, dict)):
+        return value
+    raise ValueError(value)
+
+
 class Ranker(ABC):
-    """Scores items for a context (a user's history, a query vector, an item)."""
+    """Scores catalogue items for users; trained by ``polyrec train`` / ``Engine.train``,
+    compared by ``polyrec evaluate``, served by ``polyrec recommend``.
+
+    Required: ``name``, ``fit`` and ``score_users``. Everything else has a working default.
+
+    **Options.** The core instantiates a ranker as ``cls(**options)``. Declare the options
+    in ``defaults`` (name -> default value or :class:`Option`): the core then converts
+    command-line text (``polyrec train --set alpha=0.5``, ``polyrec evaluate -o
+    x.alpha=0.5``) and option grids (``-o x.alpha=[0.5,1]``) to the declared types before
+    the ranker sees them, fills in the defaults of options not given (``self.options``
+    holds them all after ``Ranker.__init__``), and refuses an unknown option or a value of
+    the wrong type with one ``ConfigError`` naming ranker, option and expected type.
+    Declaring ``epochs``, ``seed``, ``device`` or ``progress`` is also how a ranker asks
+    for them: ``polyrec train --epochs/--seed`` and the engine's device and progress
+    setting reach only the rankers (and pipeline members) that declare them. A ranker
+    without ``defaults`` gets its options unchecked (command-line values parsed as JSON
+    when they parse) and none of those settings.
+    """
 
     name: ClassVar[str]
     #: True when the ranker can score items that had no interactions in training.
     handles_cold_items: ClassVar[bool] = False
+    #: The declared options: name -> plain default (its type is the option's type; a
+    #: non-empty list is a grid of its elements' type; None: any value) or an Option.
+    #: Absent (None): the options are not checked.
+    defaults: ClassVar[Mapping[str, Any] | None] = None
+    #: True for rankers built from other rankers: they receive ``factory(name, options)
+    #: -> Ranker`` among their options, which builds a member the way the core does.
+    composite: ClassVar[bool] = False
+    #: What ``fit`` learned that is worth showing (chosen options, validation scores,
+    #: epochs, modalities used): JSON-ready values. ``polyrec train`` prints and stores
+    #: it with the model, ``polyrec evaluate`` reports it per model. Fill it in ``fit``
+    #: (and restore it in ``load_state`` if you want it after loading).
+    info: dict[str, Any]
 
     def __init__(self, **options: Any) -> None:
-        self.options = options
+        self.options = {**self.default_options(), **self.check_options(options)}
+        self.__dict__.setdefault("info", {})
+
+    # -- options -------------------------------------------------------------------------
+    @classmethod
+    def option_schema(cls) -> dict[str, Option]:
+        """The declared options as name -> Option (plain defaults turned into Options);
+        empty when the ranker declares none."""
+        defaults = getattr(cls, "defaults", None)
+        if not isinstance(defaults, Mapping):
+            return {}
+        return {str(k): _option_from_default(v) for k, v in defaults.items()}
+
+    @classmethod
+    def default_options(cls) -> dict[str, Any]:
+        """name -> default of every declared option (lists copied)."""
+        return {k: list(o.default) if isinstance(o.default, (list, tuple)) else o.default
+                for k, o in cls.option_schema().items()}
+
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any], *, text: bool = False) -> dict[str, Any]:
+        """``options`` converted to their declared types (a new dict with the same keys).
+
+        ``text=True``: every value is command-line text (an option of undeclared type is
+        parsed as JSON when it parses). Strings given for a declared bool, int, float,
+        list or dict option are parsed either way; a grid option's list has each element
+        converted. Raises ConfigError for an unknown option (when the ranker declares
+        ``defaults``) and for a value that is not of the declared type.
+        """
+        label = getattr(cls, "name", cls.__name__)
+        if not isinstance(getattr(cls, "defaults", None), Mapping):
+            return {k: _from_text(v, None) if text and isinstance(v, str) else v
+                    for k, v in options.items()}
+        schema = cls.option_schema()
+        out: dict[str, Any] = {}
+        for key, value in options.items():
+            opt = schema.get(key)
+            if opt is None:
+                if key in ENGINE_OPTIONS:
+                    out[key] = value
+                    continue
+                known = ", ".join(sorted(schema)) or "none"
+                raise ConfigError(f"ranker '{label}' has no option '{key}' (options: {known})")
+            if opt.default is None and (value is None or text and isinstance(value, str)
+                                        and value.strip().lower() in ("none", "null")):
+                out[key] = None  # an option whose default is None may be set back to None
+                continue
+            try:
+                if opt.grid and isinstance(value, str) and (text or opt.type is not str):
+                    raw = value.strip()
+                    if raw.startswith("["):
+                        value = json.loads(raw)
+                    elif "," in raw:
+                        value = [x.strip() for x in raw.split(",")]
+                if opt.grid and isinstance(value, (list, tuple)):
+                    converted: Any = [_convert(v, opt.type, text, opt.inferred) for v in value]
+                    if opt.choices and any(v not in opt.choices for v in converted):
+                        raise ValueError(value)
+                else:
+                    converted = _convert(value, opt.type, text, opt.inferred)
+                    if opt.choices and converted not in opt.choices:
+                        raise ValueError(value)
+            except (ValueError, TypeError, json.JSONDecodeError):
+                expected = opt.type_name + (f" (one of {', '.join(map(str, opt.choices))})"
+                                            if opt.choices else "")
+                raise ConfigError(f"ranker '{label}': option '{key}' expects {expected}, "
+                                  f"not {value!r}") from None
+            out[key] = converted
+        return out
+
+    # -- training and scoring ------------------------------------------------------------
+    @abstractmethod
+    def fit(self, data: TrainingData) -> None:
+        """Learn from ``data`` (a :class:`~polyrec.TrainingData`: positive interactions over
+        dense user and item indices, plus item feature vectors). Fill ``self.info``."""
 
     @abstractmethod
-    def fit(self, data: Any) -> None:
-        """Learn from a training dataset (see polyrec.training_data.TrainingData)."""
+    def score_users(self, user_index: torch.Tensor, data: TrainingData) -> torch.Tensor:
+        """Scores [len(user_index), data.n_items] of every catalogue item for a batch of
+        dense user indices of ``data`` (higher is better; ``-inf`` for an item the ranker
+        cannot score, which is then never recommended ahead of a scored one).
 
-    @abstractmethod
-    def score_users(self, user_index: torch.Tensor, data: Any) -> torch.Tensor:
-        """Scores [len(user_index), n_items] for every catalogue item."""
+        **The catalogue grows.** At serving time ``data`` is the store as it is now, which
+        may hold more items and users than the data ``fit`` saw (items and users added
+        since training; indices of the old ones may move, ``data.item_ids`` /
+        ``data.user_ids`` map them to the store's ids). The result must still have
+        exactly ``data.n_items`` columns: score the new items (from their content in
+        ``data.item_features``) or give them ``-inf``. A ranker that returns another shape
+        is reported by name and the core serves the last model version that scores the
+        current catalogue correctly.
+        """
 
     def state(self) -> dict[str, Any]:
-        """Everything needed to restore the fitted ranker (stored as an artifact)."""
+        """Everything needed to restore the fitted ranker, stored with the model version:
+        plain containers, numbers, strings and tensors only (loaded with torch's
+        ``weights_only``)."""
         return {}
 
     def load_state(self, state: dict[str, Any]) -> None:
-        """Restore what ``state()`` returned."""
+        """Restore what ``state()`` returned, on a ranker built with the same options."""
+
+    # -- explanations (optional) ---------------------------------------------------------
+    def explain(self, user: int, item: int, data: TrainingData) -> str | None:
+        """Why ``item`` (a dense item index) suits ``user`` (a dense user index), in the
+        ranker's own words, e.g. "3 of your 5 nearest neighbours watched it"; None (the
+        default) when the ranker has nothing to add. Shown as the ``ranker`` part of
+        ``polyrec recommend --explain``."""
+        return None
+
+    def components(self) -> list[tuple[str, "Ranker"]]:
+        """The named sub-rankers whose scores this ranker combines (ensemble members, a
+        re-ranker's retrieval ranker and scorers), as (label, ranker) pairs; [] (the
+        default) for a single model. Explanations show each component's score, and look
+        into components for item vectors and modality weights."""
+        return []
+
+    def modality_weights(self, data: TrainingData) -> tuple[list[str], torch.Tensor] | None:
+        """How much each item modality counts for each item: (modality names, weights
+        [data.n_items, M], rows summing to 1 over the modalities an item has), e.g. a
+        fuser's attention; None (the default) when the ranker does not weigh modalities."""
+        return None
+
+    def item_vectors(self, data: TrainingData) -> torch.Tensor | None:
+        """Learned item vectors [data.n_items, D] (similar items in explanations and MMR
+        diversity use them); None (the default): the stored encoder vectors stand in."""
+        return None
+
+
+def _nothing(*_args: Any, **_kwargs: Any) -> Any:
+    return None
+
+
+@dataclass
+class LearnerContext:
+    """What a feedback learner may use, given to its constructor by the core.
+
+    Every field is a plain attribute or a callable; a learner never needs the Engine or
+    the core's private objects. Learners built outside an engine (e.g. to check
+    settings) get a detached context (``LearnerContext(name)``): no events, no space,
+    nothing stored.
+
+    - ``name``: the learner's registered name; ``settings``: the whole feedback settings
+      (``polyrec feedback config``), read-only; ``roles``: the roles this learner holds
+      (``user_state``, ``explorer``, from the setting ``roles``).
+    - ``events(after_id=0, *, user_ids=None, kinds=None, limit=None)``: stored events
+      (``Event``: id, user_id, item_id, user, item, kind, value, ts, context, weight) with
+      id > after_id, in id order.
+    - ``item_space(refresh=False)``: the current item space (``ItemSpace``: name,
+      item_ids, vectors, cutoff, ``vector(item_id)``); ``item_spaces()``: every space by
+      name, ``"model"`` (the trained pipeline's item vectors) and each encoder's.
+    - ``load_state(key="")`` -> ``(data: bytes, meta: dict) | None`` and
+      ``save_state(data, meta, key="")``: the learner's own rows in ``learner_states``.
+    - ``load_user_states(user_ids)`` -> ``{user_id: dict}`` and
+      ``save_user_states(rows)``: its rows in ``user_states`` (dict keys: user_id, space,
+      dim, vector (bytes), weight, n_events, last_ts, last_event_id).
+    - ``item_counts()``: events per item id (impressions and skips excluded).
+    - ``user_vector(user_id)``: the vector of the learner in the ``user_state`` role.
+    """
+
+    name: str
+    settings: Any = field(default_factory=dict)
+    roles: tuple[str, ...] = ()
+    events: Any = field(default=lambda *a, **k: [])
+    item_space: Any = field(default=_nothing)
+    item_spaces: Any = field(default=lambda: {})
+    load_state: Any = field(default=_nothing)
+    save_state: Any = field(default=_nothing)
+    load_user_states: Any = field(default=lambda user_ids: {})
+    save_user_states: Any = field(default=_nothing)
+    item_counts: Any = field(default=lambda: {})
+    user_vector: Any = field(default=_nothing)
+    attached: bool = False  # False: a detached context (no store behind it)
 
 
 class FeedbackLearner(ABC):
-    """Learns from events online so the next request already reflects them."""
+    """Learns from events online so the next request already reflects them.
+
+    Built once per Engine as ``cls(context, **options)`` (options: the feedback settings
+    stored under the learner's name). Only ``observe`` is required; the core calls the
+    other methods on the learners that hold a role (setting ``roles``: ``user_state``
+    blends ``scores``/``strength`` into recommendations, ``explorer`` reorders candidates
+    with ``explore``) and the lifecycle methods on every learner.
+    """
 
     name: ClassVar[str]
 
-    def __init__(self, **options: Any) -> None:
+    def __init__(self, context: LearnerContext | None = None, **options: Any) -> None:
+        self.context = context if context is not None else LearnerContext(name=getattr(self, "name", ""))
         self.options = options
 
     @abstractmethod
     def observe(self, events: Sequence[Any]) -> None:
-        """Take a batch of stored events."""
+        """Take a batch of newly stored events (each event once, in id order)."""
 
-    def user_state(self, user_id: int) -> torch.Tensor | None:
-        """The learner's current vector for a user, if it keeps one."""
+    def wanted_kinds(self) -> set[str] | None:
+        """Kinds to read back after a bulk ingestion; None for all, an empty set for none."""
         return None
 
-    def explore(self, candidates: list[int], scores: list[float]) -> list[int]:
-        """Reorder candidates to spend some slots on exploration; identity by default."""
-        return candidates
+    # -- role "user_state" ---------------------------------------------------------------
+    def user_state(self, user_id: int) -> torch.Tensor | None:
+        """The learner's current vector for a user (in ``context.item_space()``), if any."""
+        return None
+
+    def strength(self, user_id: int) -> float:
+        """How much the user's online signal weighs (0: none); the core's share of it is
+        ``strength / (strength + blend)``. Default: 1 when ``user_state`` has a vector."""
+        return 1.0 if self.user_state(user_id) is not None else 0.0
+
+    def scores(self, user_id: int, item_ids: Sequence[int]) -> torch.Tensor | None:
+        """Scores [len(item_ids)] of the user's online interest (NaN where unknown); None
+        for no opinion. Default: ``user_state`` . the item space's vectors."""
+        state = self.user_state(user_id)
+        space = self.context.item_space()
+        if state is None or space is None or state.shape[0] != space.dim:
+            return None
+        out = torch.full((len(item_ids),), float("nan"))
+        for n, item in enumerate(item_ids):
+            v = space.vector(int(item))
+            if v is not None:
+                out[n] = float(v.float() @ state.float())
+        return out
+
+    # -- role "explorer" -----------------------------------------------------------------
+    def explore(self, candidates: list[int], scores: list[float], *, user_id: int | None = None,
+                k: int | None = None) -> list[int]:
+        """Reorder candidates (item ids, best first, with their model scores) to spend
+        some of the ``k`` slots on exploration; identity by default."""
+        return list(candidates)
+
+    def popularity(self) -> dict[int, int]:
+        """Events per item id, for the explorer's new-item candidates ({} = unknown)."""
+        return {}
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def warm_up(self) -> None:
+        """Load state now rather than on the first event or request."""
+
+    def flush(self) -> None:
+        """Persist state (called on ``Engine.close`` and when settings change)."""
+
+    def describe(self, user_id: int | None) -> dict[str, Any]:
+        """What the learner holds for a user (``polyrec feedback state USER``)."""
+        return {}
 
 
 @dataclass

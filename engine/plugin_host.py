@@ -356,16 +356,16 @@ class PluginHost:
         except pluggy.PluginValidationError as exc:  # pragma: no cover - caught above
             raise PluginError(str(exc)) from exc
 
-    def _impls(self, hook_name: str, plugin: object) -> list[Any]:
-        caller = getattr(self.pm.hook, hook_name)
-        return [i for i in caller.get_hookimpls()
-                if i.plugin is plugin and not (i.wrapper or i.hookwrapper)]
-
-    def _call(self, impl: Any, hook_name: str, record: PluginRecord, arg: Any) -> None:
-        """Call one hook implementation with the argument it asks for."""
-        kwargs = {n: arg for n in impl.argnames}
+    def _call(self, plugin: object, hook_name: str, record: PluginRecord, **kwargs: Any) -> None:
+        """Call hook ``hook_name`` of one plugin only, through pluggy's
+        ``subset_hook_caller`` (every other plugin left out); nothing when the plugin does
+        not implement it."""
+        if getattr(self.pm.hook, hook_name) not in (self.pm.get_hookcallers(plugin) or []):
+            return
+        others = [p for p in self.pm.get_plugins() if p is not plugin]
+        caller = self.pm.subset_hook_caller(hook_name, remove_plugins=others)
         try:
-            impl.function(**kwargs)
+            caller(**kwargs)
         except PluginError:
             raise
         except Exception as exc:  # noqa: BLE001 - named after the plugin that raised it
@@ -384,13 +384,11 @@ class PluginHost:
                     added = _registry.add(cls, name)
                     record.registered.setdefault(_kind, []).append(added)
 
-                for impl in self._impls(hook_name, plugin):
-                    self._call(impl, hook_name, record, register)
-            for impl in self._impls(COMMANDS_HOOK, plugin):
-                scratch = click.Group(name="polyrec")
-                self._call(impl, COMMANDS_HOOK, record, scratch)
-                for cmd_name, command in scratch.commands.items():
-                    self._add_command(cmd_name, command, record)
+                self._call(plugin, hook_name, record, register=register)
+            scratch = click.Group(name="polyrec")
+            self._call(plugin, COMMANDS_HOOK, record, cli=scratch)
+            for cmd_name, command in scratch.commands.items():
+                self._add_command(cmd_name, command, record)
         except PluginError as exc:
             for registry in self.registries.values():
                 registry.remove_plugin(name)

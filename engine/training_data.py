@@ -124,10 +124,12 @@ class TrainingData:
 
     @property
     def n_users(self) -> int:
+        """Number of users (dense user indices are 0..n_users-1)."""
         return len(self.user_ids)
 
     @property
     def n_items(self) -> int:
+        """Number of catalogue items (dense item indices are 0..n_items-1)."""
         return len(self.item_ids)
 
     def user_index(self) -> dict[int, int]:

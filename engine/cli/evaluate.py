@@ -28,7 +28,9 @@ def _parse_ks(raw: str) -> list[int]:
               help="Cut-offs K, comma separated.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the split.")
 @click.option("--option", "-o", "options", multiple=True, metavar="LABEL.KEY=VALUE",
-              help="A model option (VALUE parsed as JSON when it can be); repeatable.")
+              help="A model option, converted to the type the ranker declares in its "
+                   "defaults ([a,b] or a,b is a grid for a grid option; JSON when the ranker "
+                   "declares none); repeatable.")
 @click.option("--min-rating", default=4.0, show_default=True, type=float,
               help="Ratings at least this count as positives.")
 @click.option("--test-share", default=0.2, show_default=True, type=float,

@@ -25,6 +25,23 @@ def _parse_pairs(pairs: tuple[str, ...], what: str) -> dict[str, Any]:
     return out
 
 
+def _ranker_options(engine: Any, ranker: str | None, pairs: tuple[str, ...]) -> dict[str, Any]:
+    """--set OPTION=VALUE pairs converted to the types ranker ``ranker`` declares
+    (Ranker.check_options with text=True: an unknown option or a bad value is one
+    ConfigError naming ranker, option and expected type)."""
+    from polyrec.rank.train import DEFAULT_RANKER
+    raw: dict[str, Any] = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"--set '{pair}' must look like KEY=VALUE")
+        raw[key.strip()] = value
+    if not raw:
+        return {}
+    cls = engine.registry("rankers").get(ranker or DEFAULT_RANKER)
+    return cls.check_options(raw, text=True)
+
+
 def _parse_filters(pairs: tuple[str, ...]) -> dict[str, Any]:
     """attr=value filters; the same attribute twice means either value."""
     out: dict[str, Any] = {}
@@ -43,7 +60,8 @@ def _parse_filters(pairs: tuple[str, ...]) -> dict[str, Any]:
 @click.option("--epochs", type=int, default=None, help="Maximum epochs of neural rankers.")
 @click.option("--seed", type=int, default=None, help="Seed of neural rankers and validation.")
 @click.option("--set", "settings", multiple=True, metavar="OPTION=VALUE",
-              help="A ranker option (VALUE parsed as JSON when it can be); repeatable.")
+              help="A ranker option, converted to the type the ranker declares (JSON when "
+                   "it declares none; [a,b] is a grid); repeatable.")
 @click.option("--min-rating", default=4.0, show_default=True, type=float,
               help="Ratings at least this count as positives.")
 @click.option("--force", is_flag=True,
@@ -58,7 +76,8 @@ def train_command(ctx: click.Context, ranker: str | None, epochs: int | None, se
     the right shape, a smoke recommendation, a holdout metric not worse than the live
     model's). A version that fails is kept but not made live: exit status 3."""
     state: CliState = ctx.obj
-    report = state.engine().train(ranker, options=_parse_pairs(settings, "--set"), epochs=epochs,
+    report = state.engine().train(ranker, options=_ranker_options(state.engine(), ranker,
+                                                                  settings), epochs=epochs,
                                   seed=seed, min_rating=min_rating, force=force)
     if as_json:
         echo_json(report.as_dict())

@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from polyrec.contracts import Ranker
-from polyrec.errors import ConfigError
+from polyrec.errors import ConfigError, PluginError
 from polyrec.training_data import TrainingData
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -269,10 +269,8 @@ def evaluate_ranker(ranker: Ranker, split: Split, *, ks: Sequence[int] = DEFAULT
                       disable=not progress, leave=False):
         batch = users[start:start + batch_size]
         with torch.no_grad():
-            raw = ranker.score_users(batch, split.train)
-        if tuple(raw.shape) != (len(batch), n_items):
-            raise ConfigError(f"ranker '{getattr(ranker, 'name', ranker)}' returned scores of "
-                              f"shape {tuple(raw.shape)}, expected {(len(batch), n_items)}")
+            raw = checked_scores(ranker, ranker.score_users(batch, split.train), len(batch),
+                               n_items)
         scores = mask_scores(raw.detach().cpu(), batch, train_items, split.candidates)
         relevant = torch.zeros(len(batch), n_items, dtype=torch.bool)
         for r, u in enumerate(batch.tolist()):
@@ -291,6 +289,21 @@ def evaluate_ranker(ranker: Ranker, split: Split, *, ks: Sequence[int] = DEFAULT
     return result
 
 
+def checked_scores(ranker: Ranker, scores: Any, n_users: int, n_items: int,
+                 plugin: str | None = None) -> torch.Tensor:
+    """``scores`` when it is a tensor [n_users, n_items] (the ``score_users`` contract),
+    else a PluginError naming the ranker (and its plugin when given)."""
+    shape = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+    if shape != (n_users, n_items):
+        owner = f" (plugin '{plugin}')" if plugin else ""
+        raise PluginError(
+            f"ranker '{getattr(ranker, 'name', type(ranker).__name__)}'{owner} broke the "
+            f"score_users contract: it returned scores of shape {shape}, expected "
+            f"{(n_users, n_items)} [len(user_index), data.n_items] (the catalogue may hold "
+            f"more items than fit saw)")
+    return scores
+
+
 # -- models -------------------------------------------------------------------------------
 @dataclass
 class ModelSpec:
@@ -302,9 +315,14 @@ class ModelSpec:
 
 
 def parse_models(models: str | Iterable[str | ModelSpec],
-                 options: Iterable[str] = ()) -> list[ModelSpec]:
+                 options: Iterable[str] = (), registry: "Registry | None" = None
+                 ) -> list[ModelSpec]:
     """Model specs from 'popular,itemknn,text=two_tower' (LABEL=NAME gives one ranker a
-    second label) and options 'LABEL.KEY=VALUE' (VALUE parsed as JSON when it can be)."""
+    second label) and options 'LABEL.KEY=VALUE'. With ``registry``, VALUE is converted
+    to the type the ranker declares for KEY (``Ranker.check_options(..., text=True)``:
+    '0.5' -> 0.5 for a float, '[0.5,1]' -> [0.5, 1.0] for a float grid; an unknown
+    option or a bad value is a ConfigError); without, or for an undeclared ranker,
+    VALUE is parsed as JSON when it can be."""
     items = models.split(",") if isinstance(models, str) else list(models)
     specs: list[ModelSpec] = []
     for item in items:
@@ -330,7 +348,12 @@ def parse_models(models: str | Iterable[str | ModelSpec],
         if label not in by_label:
             raise ConfigError(f"option '{opt}' names model '{label}', which is not evaluated "
                               f"(models: {', '.join(labels)})")
-        by_label[label].options[key] = _parse_value(raw)
+        spec = by_label[label]
+        cls = registry.get(spec.name) if registry is not None else None
+        if cls is not None and hasattr(cls, "check_options"):
+            spec.options.update(cls.check_options({key: raw}, text=True))
+        else:
+            spec.options[key] = _parse_value(raw)
     return specs
 
 
@@ -347,7 +370,8 @@ def make_ranker(registry: "Registry", name: str, options: Mapping[str, Any] | No
     ``composite = True``, e.g. the ensemble) also get ``factory``, a callable
     (name, options) -> Ranker, to build their members from the same registry."""
     cls = registry.get(name)
-    opts = dict(options or {})
+    opts = cls.check_options(dict(options or {})) if hasattr(cls, "check_options") \
+        else dict(options or {})
     if getattr(cls, "composite", False):
         opts.setdefault("factory", lambda n, o=None: make_ranker(registry, n, o))
     return cls(**opts)
@@ -389,10 +413,8 @@ def run_evaluation(engine: "Engine", models: str | Iterable[str | ModelSpec] = "
     ks = sorted({int(k) for k in ks})
     if not ks or ks[0] < 1:
         raise ConfigError("K values must be positive integers")
-    specs = parse_models(models, options)
     registry = engine.registry("rankers")
-    for spec in specs:
-        registry.get(spec.name)  # fail before any work on an unknown name
+    specs = parse_models(models, options, registry)  # unknown names and options fail here
     if data is None:
         data = build_training_data(engine, min_rating=min_rating)
     if len(data.users) == 0:

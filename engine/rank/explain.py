@@ -1,13 +1,16 @@
 """Why an item was recommended: modality attention, the history items it is closest to,
-and a knowledge-graph path to one of them ("shares director X with Y that you liked").
+a knowledge-graph path to one of them ("shares director X with Y that you liked"), the
+score of each component of the pipeline and the ranker's own words.
 
-Works with any ranker: the fused item vectors and attention weights come from a
-two-tower model inside the pipeline when there is one (the ranker itself, an ensemble
-member, a re-ranker's base); otherwise the stored encoder vectors stand in.
+Works with any ranker, through the optional Ranker contract methods only
+(polyrec.contracts.Ranker): ``components()`` (named sub-rankers: ensemble members, a
+re-ranker's base and scorers), ``item_vectors(data)`` and ``modality_weights(data)``
+(asked of the ranker, then of its components, depth first; the stored encoder vectors
+stand in when none has item vectors) and ``explain(user, item, data)``.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import networkx as nx
 import torch
@@ -17,26 +20,16 @@ from polyrec.contracts import Ranker
 from polyrec.training_data import TrainingData
 
 
-def find_ranker(ranker: Ranker, name: str) -> Ranker | None:
-    """The first ranker called ``name`` in a pipeline (itself, ensemble members, a
-    re-ranker's base and scorers), depth first; None when there is none."""
-    if getattr(ranker, "name", None) == name:
-        return ranker
-    children: list[Any] = list(getattr(ranker, "members", []) or [])
-    base = getattr(ranker, "base", None)
-    if isinstance(base, Ranker):
-        children.append(base)
-    children += list(getattr(ranker, "scorers", []) or [])
-    for child in children:
-        found = find_ranker(child, name)
-        if found is not None:
-            return found
-    return None
+def _overrides(ranker: Any, method: str) -> bool:
+    """True when ``ranker``'s class implements ``method`` itself (not the contract default)."""
+    impl = getattr(type(ranker), method, None)
+    return impl is not None and impl is not getattr(Ranker, method, None)
 
 
-def components(ranker: Ranker) -> list[tuple[str, Ranker]]:
-    """The named rankers whose scores a pipeline combines: ensemble members, or a
-    re-ranker's retrieval ranker and scorers; empty for a single ranker."""
+def _legacy_components(ranker: Any) -> list[tuple[str, Ranker]]:
+    """Sub-rankers of a ranker written before ``Ranker.components()`` existed (attributes
+    ``members``/``member_specs``, ``base``/``scorers``). Transitional: used only for a
+    ranker that does not implement ``components()``; remove once the built-ins do."""
     members = getattr(ranker, "members", None)
     if members:
         specs = getattr(ranker, "member_specs", None) or [{"name": m.name} for m in members]
@@ -47,14 +40,45 @@ def components(ranker: Ranker) -> list[tuple[str, Ranker]]:
     return []
 
 
+def components(ranker: Ranker) -> list[tuple[str, Ranker]]:
+    """The named rankers whose scores a pipeline combines (``Ranker.components()``);
+    empty for a single ranker."""
+    if _overrides(ranker, "components"):
+        return [(str(label), child) for label, child in ranker.components() or []]
+    return _legacy_components(ranker)
+
+
+def walk(ranker: Ranker) -> Iterator[Ranker]:
+    """The ranker and every component below it, depth first (each once)."""
+    seen: set[int] = set()
+    stack = [ranker]
+    while stack:
+        r = stack.pop()
+        if id(r) in seen:
+            continue
+        seen.add(id(r))
+        yield r
+        stack.extend(reversed([child for _, child in components(r)]))
+
+
+def find_ranker(ranker: Ranker, name: str) -> Ranker | None:
+    """The first ranker called ``name`` in a pipeline (itself, then its components, depth
+    first); None when there is none."""
+    return next((r for r in walk(ranker) if getattr(r, "name", None) == name), None)
+
+
 def item_vectors(ranker: Ranker, data: TrainingData) -> torch.Tensor | None:
-    """Unit-length, mean-centred item vectors [n_items, D] for similarity: the two-tower
-    item tower when the pipeline has one, else the stored encoder vectors concatenated
-    (each modality normalised); None when there are neither."""
-    tower = find_ranker(ranker, "two_tower")
-    if tower is not None and hasattr(tower, "item_vectors"):
-        vectors = tower.item_vectors(data).float()
-    else:
+    """Unit-length, mean-centred item vectors [n_items, D] for similarity: the first
+    ``Ranker.item_vectors(data)`` in the pipeline that gives some, else the stored encoder
+    vectors concatenated (each modality normalised); None when there are neither."""
+    vectors = None
+    for r in walk(ranker):
+        if _overrides(r, "item_vectors"):
+            found = r.item_vectors(data)
+            if found is not None:
+                vectors = found.detach().float().cpu()
+                break
+    if vectors is None:
         parts = [F.normalize(v.float(), dim=-1) * p[:, None] for v, p in data.item_features.values()]
         if not parts:
             return None
@@ -68,12 +92,36 @@ def item_vectors(ranker: Ranker, data: TrainingData) -> torch.Tensor | None:
 
 
 def attention_weights(ranker: Ranker, data: TrainingData) -> tuple[list[str], torch.Tensor] | None:
-    """(modalities, weights [n_items, M]) of the pipeline's fuser, None without one."""
-    tower = find_ranker(ranker, "two_tower")
-    if tower is None or not hasattr(tower, "attention"):
-        return None
-    names, weights = tower.attention(data)
-    return (names, weights) if names else None
+    """(modalities, weights [n_items, M]) from the first ``Ranker.modality_weights(data)``
+    in the pipeline that gives some; None without one."""
+    for r in walk(ranker):
+        if _overrides(r, "modality_weights"):
+            found = r.modality_weights(data)
+        elif hasattr(r, "attention"):  # transitional: a ranker from before modality_weights
+            found = r.attention(data)
+        else:
+            continue
+        if found is not None and found[0]:
+            names, weights = found
+            return list(names), weights.detach().float().cpu()
+    return None
+
+
+def ranker_reasons(ranker: Ranker, user: int, item: int, data: TrainingData) -> dict[str, str]:
+    """label -> what ``Ranker.explain(user, item, data)`` says, for the ranker (label
+    "ranker") and each of its components (their labels); rankers with nothing to say and
+    rankers whose ``explain`` fails are left out."""
+    out: dict[str, str] = {}
+    for label, r in [("ranker", ranker), *components(ranker)]:
+        if not _overrides(r, "explain"):
+            continue
+        try:
+            said = r.explain(int(user), int(item), data)
+        except Exception:  # noqa: BLE001 - an explanation never fails a request
+            continue
+        if said:
+            out[label] = str(said)
+    return out
 
 
 def relation_phrase(relation: str) -> str:
@@ -98,6 +146,7 @@ class Explainer:
     def __init__(self, ranker: Ranker, data: TrainingData, titles: dict[int, str],
                  external: dict[int, str], graph: nx.MultiDiGraph | None = None,
                  top_history: int = 3, path_candidates: int = 5, max_hops: int = 3) -> None:
+        self.ranker = ranker
         self.data, self.titles, self.external, self.graph = data, titles, external, graph
         self.vectors = item_vectors(ranker, data)
         self.attention = attention_weights(ranker, data)
@@ -107,11 +156,16 @@ class Explainer:
         ident = self.data.item_ids[index]
         return {"item": self.external[ident], "title": self.titles.get(ident)}
 
-    def explain(self, item: int, history: Iterable[int], scores: dict[str, float] | None = None
-                ) -> dict[str, Any]:
-        """Explanation of recommending item index ``item`` to a user with ``history``."""
+    def explain(self, item: int, history: Iterable[int], scores: dict[str, float] | None = None,
+                *, user: int | None = None) -> dict[str, Any]:
+        """Explanation of recommending item index ``item`` to a user with ``history``;
+        with ``user`` (dense index), also what the rankers say (``Ranker.explain``)."""
         history = [int(h) for h in history]
         out: dict[str, Any] = {}
+        if user is not None:
+            said = ranker_reasons(self.ranker, user, item, self.data)
+            if said:
+                out["ranker"] = said
         if self.attention is not None:
             names, weights = self.attention
             row = weights[item]
@@ -171,6 +225,7 @@ class Explainer:
             parts.append("popular with other users")
         if out.get("kg_path"):
             parts.append(out["kg_path"]["sentence"])
+        parts.extend(out.get("ranker", {}).values())
         if out.get("modalities"):
             ranked = sorted(out["modalities"].items(), key=lambda kv: -kv[1])
             parts.append("weighing " + ", ".join(f"{m} {w:.0%}" for m, w in ranked))

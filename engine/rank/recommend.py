@@ -543,7 +543,8 @@ class Recommender:
                          if math.isfinite(float(z[i]))}
                 if clicks is not None and i in clicks:
                     parts["click_probability"] = clicks[i]
-                rec.explanation = explainer.explain(i, self.history[u].tolist(), parts or None)
+                rec.explanation = explainer.explain(i, self.history[u].tolist(), parts or None,
+                                                    user=u)
             out.append(rec)
         return out
 

@@ -66,17 +66,21 @@ class TrainReport:
 
 # -- building rankers ---------------------------------------------------------------------
 def _accepts(cls: type, key: str) -> bool:
-    defaults = getattr(cls, "defaults", None)
-    return isinstance(defaults, Mapping) and key in defaults
+    """True when ranker class ``cls`` declares option ``key`` in its ``defaults``."""
+    schema = cls.option_schema() if hasattr(cls, "option_schema") else {}
+    return key in schema
 
 
 def build_ranker(engine: "Engine", name: str, options: Mapping[str, Any] | None = None) -> Ranker:
-    """Instantiate ranker ``name`` from the engine's registry. Rankers that declare the
-    option in their ``defaults`` get the engine's device, fuser registry and progress
-    setting; composite rankers get a ``factory`` that builds members the same way."""
+    """Instantiate ranker ``name`` from the engine's registry. The options are checked and
+    converted against the ranker's declared ``defaults`` (``Ranker.check_options``: one
+    ConfigError naming ranker, option and expected type); rankers that declare the option
+    get the engine's device, fuser registry and progress setting; composite rankers get a
+    ``factory`` that builds members the same way."""
     registry = engine.registry("rankers")
     cls = registry.get(name)
-    opts = dict(options or {})
+    opts = cls.check_options(dict(options or {})) if hasattr(cls, "check_options") \
+        else dict(options or {})
     context = {"device": str(engine.device), "fusers": engine.registry("fusers"),
                "progress": bool(engine.progress)}
     for key in CONTEXT_OPTIONS:
@@ -90,15 +94,17 @@ def build_ranker(engine: "Engine", name: str, options: Mapping[str, Any] | None 
 def with_option(engine: "Engine", name: str, options: dict[str, Any], key: str,
                 value: Any) -> dict[str, Any]:
     """Set ``key`` on a ranker's options, or on every member (ensemble ``members``,
-    re-ranker ``base`` and ``scorers``) whose ranker accepts it; rankers that do not are
-    left alone."""
+    re-ranker ``base`` and ``scorers``) whose ranker declares it; rankers that do not are
+    left alone. The value is converted to the option's declared type."""
     registry = engine.registry("rankers")
     cls = registry.get(name)
     out = dict(options)
     if _accepts(cls, key):
-        out[key] = value
+        out[key] = cls.check_options({key: value})[key]
     for group in ("members", "scorers"):  # ensemble members, re-ranker scorers
-        specs = out.get(group, getattr(cls, "default_members", None) if group == "members" else None)
+        declared = (getattr(cls, "default_members", None) if group == "members" else None) \
+            or cls.default_options().get(group)
+        specs = out.get(group, declared)
         if not specs or not isinstance(specs, (list, tuple, str)):
             continue
         new = []
@@ -108,7 +114,7 @@ def with_option(engine: "Engine", name: str, options: dict[str, Any], key: str,
                                           key, value)
             new.append(spec)
         out[group] = new
-    base = out.get("base", cls.defaults.get("base") if _accepts(cls, "base") else None)
+    base = out.get("base", cls.default_options().get("base") if _accepts(cls, "base") else None)
     if isinstance(base, str):
         out["base_options"] = with_option(engine, base, dict(out.get("base_options") or {}),
                                           key, value)
