@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 #: Neighbours per unseen item and softmax temperature over their cosine similarities.
 COLD_NEIGHBOURS = 10
-COLD_TEMPERATURE = 0.05
+COLD_TEMPERATURE = 0.02
 
 
 @dataclass(frozen=True)
@@ -182,18 +182,30 @@ class TrainingData:
         return out
 
     def content_space(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(unit vectors [n_items, D], has content [n_items]): the L2-normalised
-        concatenation of every modality vector in ``item_features`` (each modality first
-        normalised, absent ones zero). Cosine similarity in this space averages the
-        per-modality cosines over the modalities two items share."""
-        parts, any_present = [], torch.zeros(self.n_items, dtype=torch.bool)
-        for _, (vec, present) in sorted(self.item_features.items()):
-            present = present.bool()
-            parts.append(F.normalize(vec.float(), dim=-1) * present[:, None])
-            any_present |= present
+        """(vectors [n_items, D], present [n_items, M]): the concatenation of every
+        modality vector in ``item_features`` (sorted by modality), each modality
+        L2-normalised and zero where absent, and which modalities each item has.
+        :meth:`content_similarity` compares items in this space."""
+        parts, present = [], []
+        for _, (vec, pres) in sorted(self.item_features.items()):
+            pres = pres.bool()
+            parts.append(F.normalize(vec.float(), dim=-1) * pres[:, None])
+            present.append(pres)
         if not parts:
-            return torch.zeros(self.n_items, 0), any_present
-        return F.normalize(torch.cat(parts, dim=1), dim=-1), any_present
+            return torch.zeros(self.n_items, 0), torch.zeros(self.n_items, 0, dtype=torch.bool)
+        return torch.cat(parts, dim=1), torch.stack(present, dim=1)
+
+    @staticmethod
+    def content_similarity(space: tuple[torch.Tensor, torch.Tensor], rows: torch.Tensor,
+                           cols: torch.Tensor) -> torch.Tensor:
+        """Similarity [len(rows), len(cols)] of items in :meth:`content_space`: the mean
+        cosine over the modalities both items have (-inf when they share none). An item
+        known only by its text is thus compared on text alone, not penalised for the
+        knowledge-graph vector it lacks."""
+        vecs, present = space
+        dots = vecs[rows] @ vecs[cols].T  # sum of the shared modalities' cosines
+        shared = present[rows].float() @ present[cols].float().T
+        return torch.where(shared > 0, dots / shared.clamp(min=1), torch.full_like(dots, -torch.inf))
 
     def catalogue_map(self, fitted_ids: Sequence[int] | None, reference: torch.Tensor | None = None,
                       *, n_fitted: int | None = None, k: int = COLD_NEIGHBOURS,
@@ -206,8 +218,9 @@ class TrainingData:
         ``reference`` (bool [len(fitted_ids)]): fitted items that may serve as neighbours
         (those the model can score; default all). Items the model never saw get their ``k``
         nearest reference items by cosine similarity in :meth:`content_space`, weighted
-        by a softmax of similarity / ``temperature``; an item without content vectors
-        (or with no reference item that has any) gets none.
+        by a softmax of similarity / ``temperature`` (similarity: the mean cosine over the
+        modalities the two items share, :meth:`content_similarity`); an item without
+        content vectors (or sharing no modality with any reference item) gets none.
 
         The result is cached per (item ids, fitted ids, reference, feature tensors, k,
         temperature), so serving pays for it once per catalogue change, not per request.
@@ -249,26 +262,27 @@ class TrainingData:
         position = torch.tensor([index.get(it, -1) for it in current], dtype=torch.long)
         unseen = torch.nonzero(position < 0).flatten()
         m = len(unseen)
-        space, has = self.content_space()
+        space = self.content_space()
+        has = space[1].any(dim=1)
         seen = torch.nonzero(position >= 0).flatten()
         # reference items: fitted, present now, allowed, with content
         cand = seen[has[seen]]
         if ref is not None and len(cand):
             cand = cand[ref[position[cand]]]
         kk = max(0, min(int(k), len(cand)))
-        if m == 0 or kk == 0 or space.shape[1] == 0:
+        if m == 0 or kk == 0 or space[0].shape[1] == 0:
             return CatalogueMap(position, unseen, torch.zeros(m, 0, dtype=torch.long),
                                 torch.zeros(m, 0), torch.zeros(m, dtype=torch.bool), False, n_fit)
         neighbours = torch.zeros(m, kk, dtype=torch.long)
         weights = torch.zeros(m, kk)
-        ref_vecs = space[cand]
         for start in range(0, m, 1024):
             rows = unseen[start:start + 1024]
-            sims = space[rows] @ ref_vecs.T
+            sims = self.content_similarity(space, rows, cand)
             top = torch.topk(sims, kk, dim=1)
             neighbours[start:start + len(rows)] = position[cand[top.indices]]
-            weights[start:start + len(rows)] = torch.softmax(top.values / temperature, dim=1)
-        has_content = has[unseen]
+            w = torch.softmax(top.values / temperature, dim=1)  # -inf (nothing shared): 0
+            weights[start:start + len(rows)] = torch.nan_to_num(w, nan=0.0)
+        has_content = weights.sum(1) > 0
         weights[~has_content] = 0.0
         return CatalogueMap(position, unseen, neighbours, weights, has_content, False, n_fit)
 

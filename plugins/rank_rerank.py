@@ -219,10 +219,11 @@ class RerankRanker(Ranker):
         cand, valid = top, torch.isfinite(torch.gather(base, 1, top))
         cmap = self._catalogue(data)
         e = min(int(self.options.get("new_candidates", 0) or 0),
-                len(cmap.unseen) if cmap is not None else 0)
+                int(cmap.has_content.sum()) if cmap is not None else 0)
         if e > 0:
             fresh = torch.full_like(base, -math.inf)
-            fresh[:, cmap.unseen] = base[:, cmap.unseen]
+            content = cmap.unseen[cmap.has_content]  # no content: ranked last, not re-scored
+            fresh[:, content] = base[:, content]
             fresh.scatter_(1, top, -math.inf)  # already a candidate
             more = torch.topk(fresh, e, dim=1)
             cand = torch.cat([top, more.indices], dim=1)
@@ -385,7 +386,10 @@ class HybridRanker(RerankRanker):
     by the same model from the two-tower and content features."""
 
     name = "hybrid"
-    defaults: ClassVar[dict[str, Any]] = {**DEFAULTS, "base": "ease", "scorers": ["two_tower"]}
+    # scorers as {"name", "options"} specs: a list of dicts declares the option as a list
+    # (of names or specs), not a grid of names
+    defaults: ClassVar[dict[str, Any]] = {**DEFAULTS, "base": "ease",
+                                          "scorers": [{"name": "two_tower", "options": {}}]}
 
 
 @hookimpl
