@@ -189,8 +189,10 @@ class Engine:
     # -- training and recommendations (engine/rank/) -------------------------------
     def train(self, ranker: str | None = None, *, options: Mapping[str, Any] | None = None,
               epochs: int | None = None, seed: int | None = None, **kwargs: Any) -> Any:
-        """Fit a ranker (the default pipeline when None) and store it as the ``pipeline``
-        artifact. Returns a TrainReport."""
+        """Fit a ranker (the default pipeline when None) and store it as the next version
+        of the ``pipeline`` artifact; it goes live only if it passes the gate (``force=True``
+        makes it live anyway; ``gate={...}`` overrides gate settings). Returns a TrainReport
+        (``activated``, ``gate``, ``metrics``; docs/models.md, "Model registry")."""
         from polyrec.rank.train import train
         return train(self, ranker, options=options, epochs=epochs, seed=seed, **kwargs)
 

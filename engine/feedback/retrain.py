@@ -6,6 +6,11 @@ it produced and the highest interaction and item ids at that time, so staleness 
 ("N events and M items since"). A model trained another way (``polyrec train``) is
 measured from its artifact: its ``meta`` ids when present, else the store as it was when
 the model was first seen.
+
+A retrain refits the *live* model's ranker (polyrec.rank.registry) with its stored
+options and positives threshold, asks for a warm start from its weights (used by rankers
+with ``warm_start(state)``), and goes through the same gate as ``polyrec train``: a
+version that fails is stored but the live one keeps serving.
 """
 from __future__ import annotations
 

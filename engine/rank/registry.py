@@ -12,9 +12,11 @@ version passes before it goes live, rollback and pruning.
 - **Gate** (:func:`run_gate`): (a) scores of shape [users, n_items] without NaN for a
   sample of users over the whole current catalogue; (b) a smoke recommendation for a
   sample of users through the serving code; (c) when a live model exists whose meta
-  records the same holdout rule, the new model's Recall@20 on the holdout is not below
-  the live one's by more than ``tolerance`` (0.02 absolute by default; setting
-  ``models.gate``). A version that fails is stored but not made live.
+  records the same holdout rule, the new model's mean Recall@20 over the held-out users
+  is not below the live one's by more than max(``tolerance``, 2 x the standard error
+  of the paired per-user difference) (``tolerance`` 0.02 absolute by default; setting
+  ``models.gate``): on a small holdout the noise, not the tolerance, decides. A version
+  that fails is stored but not made live.
 - **Good** versions (:func:`is_good`): the gate passed, or the version predates the gate
   (no verdict recorded). Rollback and the serving fallback only go to good versions.
 """
@@ -49,7 +51,7 @@ HOLDOUT_RULE = "blake2b-8(user_external_id \\x1f item_external_id) / 2**64 < sha
 #: Gate settings (override per database with the setting ``models.gate``, or per call).
 GATE_DEFAULTS: dict[str, Any] = {
     "metric": "recall@20",   # compared between the new and the live model on the holdout
-    "tolerance": 0.02,       # absolute: new >= live - tolerance passes
+    "tolerance": 0.02,       # absolute: fails when live - new > max(tolerance, 2 * SE)
     "sample_users": 64,      # users of checks (a) and (b)
     "k": 10,                 # recommendations asked for in the smoke test (b)
 }
@@ -94,20 +96,46 @@ def split_holdout(engine: "Engine", data: TrainingData, share: float = HOLDOUT_S
     return train, test, holdout_record(share, int(held.sum()))
 
 
+def per_user_metrics(ranker: "Ranker", train: TrainingData, test: list[torch.Tensor],
+                     batch_size: int = 256) -> dict[str, torch.Tensor]:
+    """Recall@K and NDCG@K (K = 10, 20) of ``ranker`` for each user with held-out pairs
+    (ascending user index), the user's training positives masked. ConfigError when the
+    ranker's scores have the wrong shape."""
+    from polyrec.rank.evaluation import mask_scores, user_metrics
+    users = torch.tensor([u for u, t in enumerate(test) if len(t)], dtype=torch.long)
+    train_items = train.user_items()
+    parts: dict[str, list[torch.Tensor]] = {}
+    for start in range(0, len(users), batch_size):
+        batch = users[start:start + batch_size]
+        with torch.no_grad():
+            raw = ranker.score_users(batch, train)
+        problem = check_scores(raw, len(batch), train.n_items)
+        if problem:
+            raise ConfigError(f"ranker '{getattr(ranker, 'name', ranker)}' {problem}")
+        scores = mask_scores(raw.detach().float().cpu(), batch, train_items)
+        relevant = torch.zeros(len(batch), train.n_items, dtype=torch.bool)
+        for r, u in enumerate(batch.tolist()):
+            relevant[r, test[u]] = True
+        per_user, _ = user_metrics(scores, relevant, (10, 20))
+        for name in ("recall@10", "recall@20", "ndcg@10", "ndcg@20"):
+            parts.setdefault(name, []).append(per_user[name])
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
+def summarise(per_user: Mapping[str, torch.Tensor], test: list[torch.Tensor]) -> dict[str, float]:
+    """Means of :func:`per_user_metrics`, with the numbers of users and pairs."""
+    if not per_user:
+        return {}
+    out: dict[str, Any] = {k: round(float(v.mean()), 5) for k, v in per_user.items()}
+    out["users"] = int(len(next(iter(per_user.values()))))
+    out["pairs"] = int(sum(len(t) for t in test))
+    return out
+
+
 def holdout_metrics(ranker: "Ranker", train: TrainingData, test: list[torch.Tensor]
                     ) -> dict[str, float]:
-    """Recall@K, NDCG@K (K = 10, 20) of ``ranker`` on the held-out pairs, the user's other
-    positives masked (polyrec.rank.evaluation.evaluate_ranker)."""
-    from polyrec.rank.evaluation import Split, evaluate_ranker
-    split = Split("holdout", train, test)
-    if len(split.eval_users) == 0:
-        return {}
-    out = evaluate_ranker(ranker, split, ks=(10, 20))
-    keep = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
-    result = {k: round(float(out[k]), 5) for k in keep if k in out}
-    result["users"] = int(len(split.eval_users))
-    result["pairs"] = int(split.n_test)
-    return result
+    """Mean Recall@K, NDCG@K (K = 10, 20) of ``ranker`` on the held-out pairs."""
+    return summarise(per_user_metrics(ranker, train, test), test)
 
 
 # -- settings --------------------------------------------------------------------------------
@@ -321,9 +349,11 @@ def _error(exc: BaseException) -> str:
 
 def run_gate(engine: "Engine", *, name: str, model: "Ranker", version: int,
              live: int | None, train: TrainingData, test: list[torch.Tensor], holdout: dict[str, Any],
-             metrics: dict[str, float], config: dict[str, Any]) -> dict[str, Any]:
-    """Checks (a), (b), (c) of the module docstring for the stored ``version``. Returns
-    {passed, checks: {shape, smoke, metric}, reasons: [...]}."""
+             metrics: dict[str, float], config: dict[str, Any],
+             per_user: Mapping[str, torch.Tensor] | None = None) -> dict[str, Any]:
+    """Checks (a), (b), (c) of the module docstring for the stored ``version``
+    (``per_user``: the new model's :func:`per_user_metrics`). Returns {passed, checks:
+    {scores, smoke, metric}, reasons: [...]}."""
     label = ranker_label(engine, name)
     checks: dict[str, Any] = {}
     reasons: list[str] = []
@@ -350,7 +380,7 @@ def run_gate(engine: "Engine", *, name: str, model: "Ranker", version: int,
     checks["smoke"] = smoke
     # (c) the holdout metric against the live model's
     checks["metric"] = compare_to_live(engine, version, live, train, test, holdout,
-                                       metrics, config)
+                                       metrics, config, per_user)
     if checks["metric"].get("passed") is False:
         reasons.append(checks["metric"]["reason"])
     return {"passed": not reasons, "checks": checks, "reasons": reasons,
@@ -390,7 +420,8 @@ def _ranker_of(engine: "Engine", version: int) -> str:
 
 def compare_to_live(engine: "Engine", version: int, live: int | None, train: TrainingData,
                     test: list[torch.Tensor], holdout: dict[str, Any],
-                    metrics: dict[str, float], config: dict[str, Any]) -> dict[str, Any]:
+                    metrics: dict[str, float], config: dict[str, Any],
+                    per_user: Mapping[str, torch.Tensor] | None = None) -> dict[str, Any]:
     """Check (c): {passed: True/False/None (skipped), reason, new, live, ...}."""
     metric = str(config["metric"])
     if live is None or live == version:
@@ -408,15 +439,25 @@ def compare_to_live(engine: "Engine", version: int, live: int | None, train: Tra
     try:
         from polyrec.rank.recommend import load_ranker
         ranker, _ = load_ranker(engine, live)
-        live_metrics = holdout_metrics(ranker, train, test)
+        live_users = per_user_metrics(ranker, train, test)[metric]
     except Exception as exc:  # noqa: BLE001 - the live model no longer fits the data
         return {"passed": None, "live_version": live, "metric": metric, "new": metrics[metric],
                 "reason": f"skipped: the live version {live} could not be evaluated on the "
                           f"current data ({_error(exc)})"}
-    new, old = float(metrics[metric]), float(live_metrics.get(metric, math.nan))
+    new_users = per_user.get(metric) if per_user else None
+    if new_users is None or len(new_users) != len(live_users):
+        return {"passed": None, "live_version": live, "metric": metric,
+                "reason": "skipped: the new model's per-user metrics are missing"}
+    diff = live_users - new_users  # paired over the same held-out users
+    new, old = float(new_users.mean()), float(live_users.mean())
+    se = float(diff.std() / math.sqrt(len(diff))) if len(diff) > 1 else 0.0
     tol = float(config["tolerance"])
-    ok = not (new < old - tol)
-    return {"passed": ok, "live_version": live, "metric": metric, "new": new, "live": old,
-            "tolerance": tol,
-            "reason": (f"{metric} {new:.4f} vs live version {live} {old:.4f} "
-                       f"(tolerance {tol:g}): " + ("ok" if ok else "worse than the live model"))}
+    allowed = max(tol, 2.0 * se)
+    ok = not (old - new > allowed)
+    return {"passed": ok, "live_version": live, "metric": metric, "new": round(new, 5),
+            "live": round(old, 5), "tolerance": tol, "standard_error": round(se, 5),
+            "allowed_drop": round(allowed, 5), "users": int(len(diff)),
+            "reason": (f"{metric} {new:.4f} vs live version {live} {old:.4f} on "
+                       f"{len(diff)} held-out users (allowed drop {allowed:.4f} = max("
+                       f"tolerance {tol:g}, 2 x SE {se:.4f})): "
+                       + ("ok" if ok else "worse than the live model"))}

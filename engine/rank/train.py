@@ -171,8 +171,10 @@ def train(engine: "Engine", ranker: str | None = None, *, options: Mapping[str, 
     start = time.perf_counter()
     model.fit(fit_data)
     seconds = time.perf_counter() - start
+    per_user: dict[str, torch.Tensor] = {}
     try:
-        metrics = registry.holdout_metrics(model, fit_data, test)
+        per_user = registry.per_user_metrics(model, fit_data, test)
+        metrics: dict[str, Any] = registry.summarise(per_user, test)
     except Exception as exc:  # noqa: BLE001 - the gate reports a broken ranker
         metrics = {"error": f"{type(exc).__name__}: {exc}"}
     info = dict(getattr(model, "info", {}) or {})
@@ -193,7 +195,7 @@ def train(engine: "Engine", ranker: str | None = None, *, options: Mapping[str, 
         registry.pin_live(engine, None, "registry")  # live only once it passes
     verdict = registry.run_gate(engine, name=name, model=model, version=version, live=live,
                                 train=fit_data, test=test, holdout=held, metrics=metrics,
-                                config=registry.gate_config(engine, gate))
+                                config=registry.gate_config(engine, gate), per_user=per_user)
     activated = bool(verdict["passed"] or force)
     forced = bool(force and not verdict["passed"])
     registry.update_meta(engine, version, gate=_jsonable(verdict), forced=forced)
