@@ -53,6 +53,7 @@ def _detail(model: dict[str, Any]) -> None:
         for name, check in (gate.get("checks") or {}).items():
             state = {True: "ok", False: "FAILED", None: "skipped"}[check.get("passed")]
             why = check.get("error") or check.get("reason") or check.get("skipped") or ""
+            why = why[:-len(": ok")] if why.endswith(": ok") else why
             click.echo(f"    {name:<8} {state}" + (f": {why}" if why else ""))
     if model.get("warm_start"):
         click.echo(f"  warm start: {json.dumps(model['warm_start'])}")
