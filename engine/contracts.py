@@ -342,7 +342,11 @@ class Ranker(ABC):
                     elif "," in raw:
                         value = [x.strip() for x in raw.split(",")]
                 if opt.grid and isinstance(value, (list, tuple)):
-                    converted: Any = [_convert(v, opt.type, text, opt.inferred) for v in value]
+                    # a plain list default may also stand for a list of specs: dict
+                    # elements pass (e.g. {"name": ..., "options": ...} member specs)
+                    converted: Any = [v if opt.inferred and isinstance(v, Mapping)
+                                      else _convert(v, opt.type, text, opt.inferred)
+                                      for v in value]
                     if opt.choices and any(v not in opt.choices for v in converted):
                         raise ValueError(value)
                 else:

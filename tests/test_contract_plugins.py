@@ -357,6 +357,31 @@ def test_ranker_without_defaults_is_unchecked():
     assert Loose().modality_weights(None) is None and Loose().item_vectors(None) is None
 
 
+def test_plain_defaults_stay_backward_compatible():
+    from polyrec import ConfigError, Ranker
+
+    class Plain(Ranker):
+        name = "plain"
+        defaults = {"k": 20, "l2": [10.0, 100.0], "names": ["a"], "fuser": "mean", "x": None}
+
+        def fit(self, data):
+            pass
+
+        def score_users(self, user_index, data):
+            return None
+
+    assert Plain.check_options({"k": "5", "l2": "[1,2]", "x": "[1]"}, text=True) == {
+        "k": 5, "l2": [1.0, 2.0], "x": [1]}
+    assert Plain.check_options({"l2": 50}) == {"l2": 50.0}  # a grid option takes one value
+    spec = {"name": "b", "options": {}}
+    assert Plain.check_options({"names": ["b", spec]}) == {"names": ["b", spec]}
+    assert Plain.check_options({"fuser": Plain})["fuser"] is Plain  # objects pass
+    with pytest.raises(ConfigError, match="option 'fuser' expects str, not 3"):
+        Plain(fuser=3)
+    with pytest.raises(ConfigError, match="option 'k' expects int, not True"):
+        Plain(k=True)
+
+
 # -- the CLI, on MovieLens-100k -------------------------------------------------------------
 def test_every_plugin_kind_through_the_cli(polyrec_cli, ml100k_db, tmp_path):
     db = copy_db(ml100k_db, tmp_path)

@@ -1,28 +1,12 @@
 """``polyrec train`` and ``polyrec recommend``: fit the pipeline, then ask it for items."""
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import click
 
 from polyrec.cli.main import CliState, echo_json
 from polyrec.errors import ConfigError
-
-
-def _parse_pairs(pairs: tuple[str, ...], what: str) -> dict[str, Any]:
-    """KEY=VALUE strings -> dict (VALUE parsed as JSON when it can be)."""
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, eq, raw = pair.partition("=")
-        if not eq or not key.strip():
-            raise ConfigError(f"{what} '{pair}' must look like KEY=VALUE")
-        try:
-            value: Any = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        out[key.strip()] = value
-    return out
 
 
 def _ranker_options(engine: Any, ranker: str | None, pairs: tuple[str, ...]) -> dict[str, Any]:
