@@ -12,9 +12,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from polyrec.contracts import Fuser
-from polyrec.device import autocast
-from polyrec.hookspecs import hookimpl
+from polyrec import Fuser, autocast, hookimpl
 
 
 class _Projector(nn.Module):

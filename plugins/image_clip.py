@@ -32,10 +32,8 @@ from urllib.parse import urlparse
 
 import torch
 
-from polyrec.contracts import EncodeResult, Encoder, EncoderContext, ItemView
-from polyrec.device import autocast
-from polyrec.errors import ConfigError, EncodingError
-from polyrec.hookspecs import hookimpl
+from polyrec import (ConfigError, EncodeResult, Encoder, EncoderContext, EncodingError, ItemView,
+                     autocast, hookimpl)
 
 log = logging.getLogger(__name__)
 

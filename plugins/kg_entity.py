@@ -27,10 +27,8 @@ import numpy as np
 import torch
 from sqlalchemy.orm import Session
 
-from polyrec.store.artifacts import list_artifacts, load_artifact, prune_artifacts, save_artifact
-from polyrec.contracts import EncodeResult, Encoder, EncoderContext, ItemView
-from polyrec.errors import ConfigError, EncodingError
-from polyrec.hookspecs import hookimpl
+from polyrec import (ConfigError, EncodeResult, Encoder, EncoderContext, EncodingError, ItemView,
+                     hookimpl, list_artifacts, load_artifact, prune_artifacts, save_artifact)
 from polyrec.knowledge_graph.embeddings import KGEConfig, KGEmbeddings, train_embeddings
 from polyrec.knowledge_graph.graph import GraphTables, load_tables
 

@@ -21,9 +21,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from polyrec import Ranker, hookimpl
-from polyrec.errors import ConfigError, ModelNotTrainedError
-from polyrec.training_data import TrainingData
+from polyrec import ConfigError, ModelNotTrainedError, Ranker, TrainingData, hookimpl
 
 #: EASE's default regularisation grid, tuned on validation.
 EASE_L2_GRID = [10.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0]
@@ -54,7 +52,7 @@ class _IdRanker(Ranker):
         grid = {k: v for k, v in self.params.items() if k in self.tunable and isinstance(v, (list, tuple))}
         chosen = dict(self.params)
         if grid:
-            from polyrec.rank.evaluation import tune_on_validation
+            from polyrec import tune_on_validation
             best, tried = tune_on_validation(lambda p: type(self)(**{**self.params, **p}), grid,
                                              data, metric=self.metric, warm_only=True)
             chosen.update(best)

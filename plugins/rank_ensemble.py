@@ -16,9 +16,7 @@ from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 
-from polyrec import Ranker, hookimpl
-from polyrec.errors import ConfigError, ModelNotTrainedError
-from polyrec.training_data import TrainingData
+from polyrec import ConfigError, ModelNotTrainedError, Ranker, TrainingData, hookimpl
 
 #: Per-member weights tried on validation (all-zero and scaled duplicates are skipped).
 WEIGHT_GRID = [0.0, 0.25, 0.5, 1.0, 2.0, 4.0]
@@ -124,7 +122,7 @@ class EnsembleRanker(Ranker):
                 m.fit(data)
             self.info = {"weights": dict(zip(self._labels(), self.weights))}
             return
-        from polyrec.rank.evaluation import validation_split
+        from polyrec import validation_split
         val = validation_split(data)
         for m in self.members:
             m.fit(val.train)
@@ -144,7 +142,7 @@ class EnsembleRanker(Ranker):
 
     def _validate(self, val: Any, candidates: list[tuple[float, ...]]) -> list[float]:
         """Mean validation ``metric`` of every weight vector, scoring members once per batch."""
-        from polyrec.rank.evaluation import mask_scores, user_metrics
+        from polyrec import mask_scores, user_metrics
         _, _, k = self.metric.partition("@")
         ks = [int(k)] if k else [20]
         users = val.eval_users

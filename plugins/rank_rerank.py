@@ -29,10 +29,7 @@ from typing import Any, Callable, ClassVar
 import torch
 import torch.nn.functional as F
 
-from polyrec.contracts import Ranker
-from polyrec.errors import ConfigError, ModelNotTrainedError
-from polyrec.hookspecs import hookimpl
-from polyrec.training_data import TrainingData
+from polyrec import ConfigError, ModelNotTrainedError, Ranker, TrainingData, hookimpl
 
 DEFAULTS: dict[str, Any] = {
     "base": "two_tower", "base_options": {}, "scorers": [], "candidates": 100, "l2": 1e-3,
@@ -232,7 +229,7 @@ class RerankRanker(Ranker):
 
     # -- fitting -------------------------------------------------------------------------
     def fit(self, data: TrainingData) -> None:
-        from polyrec.rank.evaluation import validation_split
+        from polyrec import validation_split
         self.item_ids = list(data.item_ids)  # validation data keeps every item
         val = validation_split(data, seed=int(self.options["seed"]) + 7)
         if val.n_test == 0:

@@ -29,11 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from polyrec.contracts import Fuser, Ranker
-from polyrec.device import resolve_device
-from polyrec.errors import ConfigError, ModelNotTrainedError
-from polyrec.hookspecs import hookimpl
-from polyrec.training_data import TrainingData
+from polyrec import (ConfigError, Fuser, ModelNotTrainedError, Ranker, TrainingData, hookimpl,
+                     resolve_device)
 
 DEFAULTS: dict[str, Any] = {
     "dim": 64, "fuser": "attention", "heads": 4, "dropout": 0.1, "modalities": None,
@@ -349,7 +346,7 @@ class TwoTowerRanker(Ranker):
             torch.manual_seed(int(o["seed"]))
             best_epochs, history = int(o["epochs"]), []
             if o["validation"]:
-                from polyrec.rank.evaluation import validation_split
+                from polyrec import validation_split
                 val = validation_split(data, seed=int(o["seed"]) + 1)
                 if val.n_test:
                     self._build(val.train)
@@ -374,7 +371,7 @@ class TwoTowerRanker(Ranker):
         restore the best epoch. Returns (best epoch count, validation history)."""
         import time
 
-        from polyrec.rank.evaluation import evaluate_ranker
+        from polyrec import evaluate_ranker
         o = self.options
         model = self.model
         assert model is not None

@@ -12,9 +12,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from polyrec import hookimpl
-from polyrec.contracts import Reader, Row
-from polyrec.errors import ValidationError
+from polyrec import Reader, Row, ValidationError, hookimpl
 
 _EXTRA = "\x00extra"  # csv.DictReader restkey for values beyond the header
 

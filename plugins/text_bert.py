@@ -25,10 +25,8 @@ from typing import Any, Sequence
 
 import torch
 
-from polyrec.contracts import EncodeResult, Encoder, EncoderContext, ItemView
-from polyrec.device import autocast
-from polyrec.errors import ConfigError, EncodingError
-from polyrec.hookspecs import hookimpl
+from polyrec import (ConfigError, EncodeResult, Encoder, EncoderContext, EncodingError, ItemView,
+                     autocast, hookimpl)
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 _DEFAULT_ALIASES = {DEFAULT_MODEL, "sentence-transformers/all-MiniLM-L6-v2", "default"}

@@ -39,6 +39,7 @@ def ingest_ml100k(db: Path, data: Path) -> list[str]:
     return lines
 
 
+@pytest.mark.slow
 def test_ml100k_stats_and_reingestion_through_the_cli(tmp_path, ml100k_db, ml100k_dir):
     """The ml100k_db fixture is ml-100k ingested once (Engine.ingest, the code behind the
     CLI); ingesting every file again through the CLI leaves the same counts."""

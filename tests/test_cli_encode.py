@@ -20,6 +20,7 @@ def run(db, *args):
     return CliRunner().invoke(cli, ["--db", str(db), "--device", "cpu", "-q", "encode", *args])
 
 
+@pytest.mark.slow
 def test_ml100k_encode_stores_a_text_vector_for_every_item(ml100k_encoded_db):
     report = json.loads(ml100k_encoded_db.with_name(ml100k_encoded_db.name + ".encode.json").read_text())
     bert = next(r for r in report["encoders"] if r["encoder"] == "bert")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from click.testing import CliRunner
 
 from polyrec import Engine
@@ -13,6 +14,7 @@ def _run(db, *args):
     return CliRunner().invoke(cli, ["--db", str(db), "-q", "evaluate", *args])
 
 
+@pytest.mark.slow
 def test_evaluate_json_random_split(ml100k_db):
     res = _run(ml100k_db, "--models", "popular,ease", "-o", "ease.l2=500", "--json")
     assert res.exit_code == 0, res.output
@@ -57,6 +59,7 @@ def test_evaluate_table_and_errors(ml100k_db):
     assert bad.exit_code == 1 and "LABEL.KEY=VALUE" in bad.output
 
 
+@pytest.mark.slow
 def test_engine_evaluate_is_deterministic(ml100k_db):
     with Engine(ml100k_db, device="cpu", entrypoints=False, progress=False) as eng:
         a = eng.evaluate("popular,random", seed=3, options=["random.seed=1"])

@@ -16,6 +16,8 @@ from click.testing import CliRunner
 
 from polyrec import ConfigError, Engine, EncoderContext, ItemView, NotFoundError
 
+pytestmark = pytest.mark.slow  # every test here is over ~5 s (make test-fast skips them)
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "polyrec-example-plugin"
 VENV_BIN = Path(sys.executable).parent

@@ -9,6 +9,8 @@ import torch
 from polyrec import Engine
 from polyrec.feedback.events import hub
 
+pytestmark = pytest.mark.slow  # every test here is over ~5 s (make test-fast skips them)
+
 GENRE = "Horror"
 CLICKED = 3
 

@@ -6,10 +6,13 @@ import re
 from pathlib import Path
 
 import httpx
+import pytest
 from conftest import copy_db
 
 from polyrec import Engine
 from polyrec.serve.app import start_background
+
+pytestmark = pytest.mark.slow  # every test here is over ~5 s (make test-fast skips them)
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "python-api.md"
 

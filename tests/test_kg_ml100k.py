@@ -15,6 +15,8 @@ from polyrec.knowledge_graph.graph import item_pairs_sharing
 from polyrec.knowledge_graph.paths import explain, neighbours
 from conftest import copy_db
 
+pytestmark = pytest.mark.slow  # every test here is over ~5 s (make test-fast skips them)
+
 # Short but real training: a few seconds on one CPU thread.
 KG_OPTIONS = {"dim": 32, "epochs": 5, "threads": 1}
 

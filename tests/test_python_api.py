@@ -4,6 +4,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 from polyrec import Engine
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "python-api.md"
@@ -13,6 +15,7 @@ def python_blocks(text: str) -> list[str]:
     return re.findall(r"```python\n(.*?)```", text, flags=re.S)
 
 
+@pytest.mark.slow
 def test_documented_example_runs(tmp_path, monkeypatch, ml100k_dir, capsys):
     blocks = python_blocks(DOC.read_text(encoding="utf-8"))
     assert len(blocks) == 1, "docs/python-api.md must hold exactly one runnable example"

@@ -11,7 +11,7 @@ from polyrec.errors import ConfigError, ModelNotTrainedError, NotFoundError
 USER = "1"
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # slow: over ~5 s (make test-fast skips)
 
 
 def _open(path) -> Engine:

@@ -9,6 +9,8 @@ from click.testing import CliRunner
 
 from polyrec.cli.main import cli
 
+pytestmark = pytest.mark.slow  # every test here is over ~5 s (make test-fast skips them)
+
 
 @pytest.fixture(scope="module")
 def db(tmp_path_factory, ml100k_encoded_db):

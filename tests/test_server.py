@@ -196,6 +196,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_polyrec_serve_command(tmp_path, hm_db):
     """`polyrec serve` in a subprocess on loopback, stopped after a few calls."""
     db = copy_db(hm_db, tmp_path)

@@ -73,6 +73,7 @@ def test_missing_model_is_an_encoding_error(tmp_path):
         BertEncoder(model=str(tmp_path / "no-such-model")).prepare(CPU)
 
 
+@pytest.mark.slow
 def test_vectors_equal_sentence_transformers(bert, sentence_transformer, ml100k_titles):
     titles = ml100k_titles[:400]
     ours = bert.encode_texts(titles, CPU)

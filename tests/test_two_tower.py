@@ -89,6 +89,7 @@ def fitted(random_split):
     return ranker
 
 
+@pytest.mark.slow
 def test_two_tower_learns_and_beats_popular(random_split, fitted):
     popular = PopularRanker()
     popular.fit(random_split.train)
@@ -123,6 +124,7 @@ def test_state_round_trips_through_bytes(random_split, fitted):
     assert restored.options["dim"] == 32
 
 
+@pytest.mark.slow
 def test_cold_items_get_content_scores_and_id_only_cannot(ml_data):
     split = make_split(ml_data, "cold", seed=0)
     cold = split.cold_items
@@ -140,6 +142,7 @@ def test_cold_items_get_content_scores_and_id_only_cannot(ml_data):
     assert evaluate_ranker(id_only, split, ks=(20,))["recall@20"] == 0.0
 
 
+@pytest.mark.slow
 def test_early_stopping_keeps_the_best_epoch_and_seed_reproduces(random_split):
     opts = {**FAST, "validation": True, "refit": False, "epochs": 3, "patience": 1, "seed": 7}
     a = TwoTowerRanker(**opts)
