@@ -11,6 +11,7 @@ and, for the items it never saw, their nearest fitted items in content space.
 from __future__ import annotations
 
 import threading
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
@@ -97,7 +98,7 @@ class CatalogueMap:
 
 _MAP_CACHE: "OrderedDict[tuple, tuple[Any, CatalogueMap]]" = OrderedDict()
 _MAP_LOCK = threading.Lock()
-_MAP_CACHE_SIZE = 16
+_MAP_CACHE_SIZE = 8
 
 
 @dataclass
@@ -241,13 +242,17 @@ class TrainingData:
                int(k), float(temperature))
         with _MAP_LOCK:
             hit = _MAP_CACHE.get(key)
-            if hit is not None and hit[0][0] == current and hit[0][1] == fitted and all(
-                    a is b for a, b in zip(hit[0][2], [t for _, v, p in feats for t in (v, p)])):
+            tensors = [t for _, v, p in feats for t in (v, p)]
+            if hit is not None and hit[0][0] == current and hit[0][1] == fitted and \
+                    len(hit[0][2]) == len(tensors) and all(
+                        ref() is t for ref, t in zip(hit[0][2], tensors)):
                 _MAP_CACHE.move_to_end(key)
                 return hit[1]
         result = self._build_map(current, fitted, total, ref, k, temperature)
         with _MAP_LOCK:
-            _MAP_CACHE[key] = ((current, fitted, [t for _, v, p in feats for t in (v, p)]), result)
+            # weak references: the cache never keeps a catalogue's features alive
+            _MAP_CACHE[key] = ((current, fitted, [weakref.ref(t) for _, v, p in feats
+                                                  for t in (v, p)]), result)
             while len(_MAP_CACHE) > _MAP_CACHE_SIZE:
                 _MAP_CACHE.popitem(last=False)
         return result
