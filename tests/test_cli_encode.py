@@ -37,6 +37,7 @@ def test_ml100k_encode_stores_a_text_vector_for_every_item(ml100k_encoded_db):
     assert len(ids) == 1682 and vectors.shape == (1682, 384)
 
 
+@pytest.mark.slow
 def test_second_run_reencodes_nothing_and_says_so(ml100k_encoded_db, tmp_path):
     db = copy_db(ml100k_encoded_db, tmp_path)
     result = run(db, "--encoder", "bert")

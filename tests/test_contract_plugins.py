@@ -383,6 +383,7 @@ def test_plain_defaults_stay_backward_compatible():
 
 
 # -- the CLI, on MovieLens-100k -------------------------------------------------------------
+@pytest.mark.slow
 def test_every_plugin_kind_through_the_cli(polyrec_cli, ml100k_db, tmp_path):
     db = copy_db(ml100k_db, tmp_path)
     listed = _json(polyrec_cli(db, "plugins", "--json"))
@@ -462,6 +463,7 @@ def api_engine(plugin, ml100k_db, tmp_path):
         yield eng
 
 
+@pytest.mark.slow
 def test_composite_ranker_explains_through_the_contract(api_engine):
     eng = api_engine
     report = eng.train("contract_blend", options={"members": [
@@ -479,6 +481,7 @@ def test_composite_ranker_explains_through_the_contract(api_engine):
     assert e["because"]  # similar history items from the stored encoder vectors
 
 
+@pytest.mark.slow
 def test_fuser_and_encoder_feed_a_builtin_ranker(api_engine):
     eng = api_engine
     if "two_tower" not in eng.registry("rankers"):
@@ -491,6 +494,7 @@ def test_fuser_and_encoder_feed_a_builtin_ranker(api_engine):
     assert recs and recs[0].explanation["modalities"] == {"genre": 1.0}
 
 
+@pytest.mark.slow
 def test_reader_reports_bad_rows_and_keeps_good_ones(api_engine, tmp_path):
     eng = api_engine
     path = tmp_path / "more.pipe"
@@ -503,6 +507,7 @@ def test_reader_reports_bad_rows_and_keeps_good_ones(api_engine, tmp_path):
     assert {"x-1", "x-2"} <= ids
 
 
+@pytest.mark.slow
 def test_growing_catalogue_rule_is_enforced_by_name(api_engine, tmp_path):
     """A ranker that ignores new items is reported by name; the engine serves the last
     version that scores the current catalogue."""

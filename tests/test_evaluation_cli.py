@@ -9,6 +9,8 @@ from click.testing import CliRunner
 from polyrec import Engine
 from polyrec.cli.main import cli
 
+pytestmark = pytest.mark.slow  # every test here is over ~5 s (make test-fast skips them)
+
 
 def _run(db, *args):
     return CliRunner().invoke(cli, ["--db", str(db), "-q", "evaluate", *args])

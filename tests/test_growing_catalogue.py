@@ -205,6 +205,7 @@ def test_ranker_scores_a_grown_catalogue(grown, fitted, name):
         assert torch.equal(scores[:, idx[BARE]], finite.min(1).values)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["popular", "itemknn", "ease", "two_tower", "ensemble"])
 def test_states_keep_the_fitted_ids_and_old_states_still_load(grown, fitted, name):
     eng, before, after = grown
@@ -223,6 +224,7 @@ def test_states_keep_the_fitted_ids_and_old_states_still_load(grown, fitted, nam
         assert torch.equal(legacy.score_users(users, after), want)  # prefix order holds here
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["itemknn", "ease", "two_tower"])
 def test_a_deleted_item_is_mapped_by_id_not_position(grown, fitted, name):
     eng, before, after = grown

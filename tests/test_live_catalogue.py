@@ -111,6 +111,7 @@ def test_put_items_are_encoded_on_arrival_and_every_user_is_served(tmp_path, tra
         assert top.shape == (943, 10) and bool(torch.isfinite(scores).all())
 
 
+@pytest.mark.slow
 def test_encode_on_arrival_can_be_turned_off(tmp_path, trained_db):
     from conftest import copy_db
     db = copy_db(trained_db, tmp_path)
@@ -121,6 +122,7 @@ def test_encode_on_arrival_can_be_turned_off(tmp_path, trained_db):
         assert all(not encs for encs in _vectors_of(eng, ["live-0", "live-1", "live-2"]).values())
 
 
+@pytest.mark.slow
 def test_add_items_encodes_in_the_background_then_close_joins(tmp_path, trained_db):
     from conftest import copy_db
     db = copy_db(trained_db, tmp_path)

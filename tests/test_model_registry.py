@@ -15,6 +15,8 @@ from polyrec import Engine, Ranker, hookimpl
 from polyrec.cli.main import cli
 from polyrec.errors import NotFoundError
 
+pytestmark = pytest.mark.slow  # every test here is over ~5 s (make test-fast skips them)
+
 USER = "1"
 EASE = {"l2": 500.0}
 

@@ -98,6 +98,7 @@ def ml_split(ml100k_db):
     return make_split(data, "random", seed=0)
 
 
+@pytest.mark.slow
 def test_ease_beats_popular_on_ml100k_with_l2_tuned_on_validation(ml_split):
     grid = [100.0, 500.0, 3000.0]
     ease = EASERanker(l2=grid)

@@ -100,6 +100,7 @@ def test_two_tower_learns_and_beats_popular(random_split, fitted):
     assert fitted.info["epochs"] == 8 and fitted.info["throughput"] > 0
 
 
+@pytest.mark.slow
 def test_scores_and_vectors_have_catalogue_shape(random_split, fitted):
     data = random_split.train
     scores = fitted.score_users(torch.tensor([0, 1, 2]), data)
@@ -115,6 +116,7 @@ def test_scores_and_vectors_have_catalogue_shape(random_split, fitted):
     assert torch.allclose(weights[no_kg, 0], torch.ones(int(no_kg.sum())))
 
 
+@pytest.mark.slow
 def test_state_round_trips_through_bytes(random_split, fitted):
     data = random_split.train
     restored = TwoTowerRanker(device="cpu")
