@@ -8,7 +8,7 @@ plugins import nothing else from polyrec (tests/test_public_api.py).
 from typing import TYPE_CHECKING
 
 from polyrec.contracts import (EncodeResult, Encoder, EncoderContext, FeedbackLearner, Fuser,
-                              ItemView, Option, Ranker, Reader, Row)
+                              ItemView, LearnerContext, Option, Ranker, Reader, Row)
 from polyrec.engine import Engine
 from polyrec.errors import (ConfigError, DuplicateNameError, EncodingError, ModelNotTrainedError,
                            NotFoundError, PluginError, PolyrecError, ValidationError)
@@ -59,7 +59,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "Engine", "hookimpl", "Encoder", "EncodeResult", "EncoderContext", "Fuser", "Ranker",
-    "FeedbackLearner", "Reader", "Row", "ItemView", "PolyrecError", "ConfigError",
+    "FeedbackLearner", "LearnerContext", "Reader", "Row", "ItemView", "PolyrecError", "ConfigError",
     "NotFoundError", "PluginError", "DuplicateNameError", "ValidationError", "EncodingError",
     "ModelNotTrainedError", "Option", "TrainingData", "__version__",
     *_LAZY,

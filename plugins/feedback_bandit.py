@@ -13,26 +13,23 @@ shown and learned about.
 
 Off by default: evaluation never calls it, and serving uses it only when the feedback
 setting ``bandit.serving`` is true. State is stored in ``learner_states`` and caught up
-from the event log after a restart.
+from the event log after a restart. It uses only its
+:class:`~polyrec.contracts.LearnerContext` (stored events, its state row, item counts,
+the user-state learner's vectors).
 """
 from __future__ import annotations
 
 import io
 import threading
-import time
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
-from sqlalchemy import func, select
 
-from polyrec import hookimpl
-from polyrec.contracts import FeedbackLearner
-from polyrec.store.models import Interaction, LearnerState
+from polyrec import FeedbackLearner, LearnerContext, hookimpl
 
 if TYPE_CHECKING:  # pragma: no cover
-    from polyrec.engine import Engine
-    from polyrec.feedback.events import Event
+    from polyrec import Event
 
 FEATURES = ("bias", "score", "rank", "popularity", "new_item", "affinity")
 REWARD_KINDS = frozenset({"click", "cart", "purchase"})
@@ -56,13 +53,12 @@ class ThompsonBandit(FeedbackLearner):
 
     name = "bandit"
 
-    def __init__(self, engine: "Engine | None" = None, *, share: float = 0.2,
+    def __init__(self, context: LearnerContext | None = None, *, share: float = 0.2,
                  new_item_max_events: int = 5, prior: float = 1.0, noise: float = 0.5,
                  flush_every: int = 256, seed: int | None = None, **options: Any) -> None:
-        super().__init__(**options)
+        super().__init__(context, **options)
         if not 0.0 <= float(share) <= 1.0:
             raise ValueError(f"share must be in [0, 1], not {share}")
-        self.engine = engine
         self.share = float(share)
         self.new_item_max_events = int(new_item_max_events)
         self.prior, self.noise = float(prior), float(noise)
@@ -78,7 +74,7 @@ class ThompsonBandit(FeedbackLearner):
         self._max_pop = 1
         self._shown: _LRU = _LRU(200_000)    # (user, item) -> x computed by explore
         self._pending: _LRU = _LRU(200_000)  # (user, item) -> x of an impression not yet clicked
-        self._loaded = engine is None
+        self._loaded = not self.context.attached
         self._dirty = 0
         self._lock = threading.RLock()
 
@@ -87,20 +83,17 @@ class ThompsonBandit(FeedbackLearner):
         if self._loaded:
             return
         self._loaded = True
-        from polyrec.feedback.events import stored_events
-        assert self.engine is not None
-        with self.engine.store.session() as s:
-            row = s.get(LearnerState, self.name)
-        if row is not None and (row.meta or {}).get("features") == list(FEATURES):
-            data = np.load(io.BytesIO(row.data))
+        row = self.context.load_state()
+        if row is not None and (row[1] or {}).get("features") == list(FEATURES):
+            data = np.load(io.BytesIO(row[0]))
             self.A, self.b = data["A"], data["b"]
-            meta = row.meta or {}
+            meta = row[1] or {}
             self.impressions = int(meta.get("impressions", 0))
             self.rewards = int(meta.get("rewards", 0))
             self.last_event_id = int(meta.get("last_event_id", 0))
         cursor = self.last_event_id
         while True:  # events stored after the last checkpoint
-            events = stored_events(self.engine, after_id=cursor, kinds=LEARN_KINDS, limit=10_000)
+            events = self.context.events(cursor, kinds=LEARN_KINDS, limit=10_000)
             if not events:
                 break
             self._learn(events)
@@ -115,32 +108,20 @@ class ThompsonBandit(FeedbackLearner):
     def flush(self) -> None:
         """Write the posterior to ``learner_states``."""
         with self._lock:
-            if self.engine is None or not self._dirty:
+            if not self.context.attached or not self._dirty:
                 return
             buf = io.BytesIO()
             np.savez(buf, A=self.A, b=self.b)
             meta = {"features": list(FEATURES), "impressions": self.impressions,
                     "rewards": self.rewards, "last_event_id": self.last_event_id}
-            with self.engine.store.session() as s:
-                row = s.get(LearnerState, self.name)
-                if row is None:
-                    s.add(LearnerState(name=self.name, data=buf.getvalue(), meta=meta,
-                                       updated_at=time.time()))
-                else:
-                    row.data, row.meta, row.updated_at = buf.getvalue(), meta, time.time()
+            self.context.save_state(buf.getvalue(), meta)
             self._dirty = 0
 
     # -- features ------------------------------------------------------------------------
     def popularity(self) -> dict[int, int]:
         """Events per item id (impressions and skips excluded), counted once then kept up."""
         if self._popularity is None:
-            self._popularity = {}
-            if self.engine is not None:
-                with self.engine.store.session() as s:
-                    self._popularity = dict(s.execute(
-                        select(Interaction.item_id, func.count())
-                        .where(Interaction.kind.notin_(["impression", "skip"]))
-                        .group_by(Interaction.item_id)).all())
+            self._popularity = dict(self.context.item_counts() or {})  # our own copy
             self._max_pop = max(self._popularity.values(), default=1)
         return self._popularity
 
@@ -168,13 +149,10 @@ class ThompsonBandit(FeedbackLearner):
 
     def _affinity(self, user_id: int | None, candidates: Sequence[int]) -> np.ndarray:
         out = np.zeros(len(candidates))
-        if self.engine is None or user_id is None:
+        if user_id is None:
             return out
-        from polyrec.feedback.events import hub
-        h = hub(self.engine)
-        online = h.learner("online")
-        space = h.item_space()
-        state = online.user_state(user_id) if online is not None else None
+        space = self.context.item_space()
+        state = self.context.user_vector(user_id)
         if state is None or space is None:
             return out
         u = state.numpy().astype(np.float64)

@@ -24,7 +24,7 @@ def _catalogue(eng: Engine, n: int = 40) -> dict[str, int]:
 
 def test_explore_spends_the_share_of_slots_outside_the_top(engine):
     ids = _catalogue(engine)
-    bandit = ThompsonBandit(engine, share=0.3, seed=1)
+    bandit = ThompsonBandit(hub(engine).context("bandit"), share=0.3, seed=1)
     candidates = [ids[f"p{i}"] for i in range(20)] + [ids[f"n{i}"] for i in range(10)]
     scores = list(np.linspace(1.0, 0.0, len(candidates)))
     out = bandit.explore(candidates, scores, user_id=None, k=10)
@@ -33,12 +33,12 @@ def test_explore_spends_the_share_of_slots_outside_the_top(engine):
     kept = [c for c in top if c in candidates[:7]]
     assert kept == candidates[:7]  # the model's top 7 keep their relative order
     assert len(set(top) - set(candidates[:10])) == 3  # 3 slots explored beyond the top 10
-    assert ThompsonBandit(engine, share=0.0).explore(candidates, scores, k=10) == candidates
+    assert ThompsonBandit(hub(engine).context("bandit"), share=0.0).explore(candidates, scores, k=10) == candidates
 
 
 def test_features_mark_new_items_and_popularity(engine):
     ids = _catalogue(engine)
-    bandit = ThompsonBandit(engine)
+    bandit = ThompsonBandit(hub(engine).context("bandit"))
     x = bandit.features(None, [ids["p0"], ids["n0"]], [2.0, 1.0])
     assert x.shape == (2, len(FEATURES))
     col = {f: i for i, f in enumerate(FEATURES)}

@@ -139,7 +139,7 @@ def test_online_scores_blend_into_the_model_scores(engine):
 
     from polyrec.feedback.events import online_scores
     _toy_catalogue(engine)
-    set_config(engine, {"online.space": "toy"})
+    set_config(engine, {"online.space": "toy", "online.session_weight": 0})  # the state alone
     ids = [v.id for v in engine.items()]
     rec = SimpleNamespace(version=1, meta={}, data=SimpleNamespace(item_ids=ids))
     model = torch.linspace(1.0, 0.0, len(ids))
@@ -167,3 +167,85 @@ def test_online_scores_blend_into_the_model_scores(engine):
     assert torch.equal(online_scores(engine, rec, uid, model.clone(), online=False), model)
     other = engine.feedback("n", "drama0", "impression").user_id  # weight 0: no state
     assert torch.equal(online_scores(engine, rec, other, model.clone()), model)
+
+
+def test_session_similarity_scores_the_recent_items_neighbours(engine):
+    """The session part: items like the ones just clicked (cosine in every space) score
+    highest, the most recent click counting most."""
+    _toy_catalogue(engine)
+    set_config(engine, {"online.space": "toy"})
+    engine.feedback("s", "action0", "click")
+    engine.feedback("s", "comedy0", "click")  # the latest
+    learner = hub(engine).role("user_state")
+    views = {v.id: v for v in engine.items()}
+    ids = list(views)
+    session = learner.session_scores(hub(engine)._users["s"], ids)
+    assert session is not None and torch.isfinite(session).all()
+    top = [views[ids[i]].attributes["genre"] for i in torch.argsort(session, descending=True)[:10]]
+    assert top[:5] == ["comedy"] * 5 and "drama" not in top, top  # both, the latest first
+    assert learner.describe(hub(engine)._users["s"])["session"][-1] == views[ids[0]].id + 10
+
+
+class _Trending:
+    """A plugin whose learner implements only the documented contract: it sees events,
+    keeps counts of clicks, and answers ``strength`` and ``scores`` -- no engine internals."""
+
+    from polyrec import FeedbackLearner as _Base
+
+    class Learner(_Base):
+        name = "trending"
+
+        def __init__(self, context, **options):
+            super().__init__(context, **options)
+            self.counts: dict[int, int] = {}
+            self.boost = float(options.get("boost", 50.0))
+
+        def observe(self, events):
+            for e in events:
+                if e.kind == "click":
+                    self.counts[e.item_id] = self.counts.get(e.item_id, 0) + 1
+
+        def strength(self, user_id):
+            return self.boost if self.counts else 0.0
+
+        def scores(self, user_id, item_ids):
+            return torch.tensor([float(self.counts.get(int(i), 0)) for i in item_ids])
+
+    from polyrec import hookimpl as _hookimpl
+
+    @_hookimpl
+    def register_feedback_learners(self, register):
+        register(self.Learner)
+
+
+def test_a_contract_only_learner_in_the_user_state_role_changes_recommendations(tmp_path):
+    from polyrec import LearnerContext
+    with Engine(tmp_path / "t.db", device="cpu", entrypoints=False, progress=False,
+                plugins=[_Trending()]) as eng:
+        _toy_catalogue(eng)
+        eng.add_interactions([{"user": f"u{j}", "item": f"action{i}", "kind": "click"}
+                              for i in range(5) for j in range(5 - i)]
+                             + [{"user": f"bg{n % 3}", "item": f"{g}{n}", "kind": "click"}
+                                for g in GENRES for n in range(10)])  # every item scorable
+        eng.train("popular")
+        eng.add_users([{"external_id": "viewer"}])
+        before = [r.item for r in eng.recommend("viewer", k=3)]
+        assert before == ["action0", "action1", "action2"]
+        for j in range(4):  # others click a drama: the "trending" learner counts them
+            eng.feedback(f"fan{j}", "drama7", "click")
+        eng.feedback("viewer", "comedy1", "view")
+        model_only = [r.item for r in eng.recommend("viewer", k=3, online=False)]
+        assert model_only[0] == "action0"
+        assert [r.item for r in eng.recommend("viewer", k=3)][0] == "action0"  # "online" role
+        set_config(eng, {"roles.user_state": "trending"})
+        learner = hub(eng).role("user_state")
+        assert isinstance(learner.context, LearnerContext) and learner.context.roles == ("user_state",)
+        eng.feedback("viewer", "comedy2", "view")
+        assert learner.counts == {}  # built anew with the settings: it saw no click yet
+        for j in range(4, 8):
+            eng.feedback(f"fan{j}", "drama7", "click")
+        after = [r.item for r in eng.recommend("viewer", k=3)]
+        assert after[0] == "drama7", after  # the learner's scores, blended by its strength
+        assert [r.item for r in eng.recommend("viewer", k=3, online=False)] == model_only
+        set_config(eng, {"roles.user_state": None})  # no learner in the role: the model alone
+        assert [r.item for r in eng.recommend("viewer", k=3)] == model_only

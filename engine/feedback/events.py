@@ -32,7 +32,9 @@ from polyrec.store.catalog import DEFAULT_KIND_WEIGHTS, dialect_insert  # noqa: 
 from polyrec.ingest import interactions
 from polyrec.errors import ConfigError, ModelNotTrainedError, NotFoundError, ValidationError
 from polyrec.rank.train import PIPELINE_ARTIFACT
-from polyrec.store.models import Interaction, Item, ItemVector, Setting, User
+from polyrec.contracts import LearnerContext
+from polyrec.store.models import (Interaction, Item, ItemVector, LearnerState, Setting, User,
+                                  UserState)
 from polyrec.store.vectors import load_vectors
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -49,11 +51,19 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "kind_weights": dict(DEFAULT_KIND_WEIGHTS),
     # a rating weighs kind_weights.rating * (value - center) / scale
     "rating": {"center": 0.0, "scale": 5.0},
+    # which learner plays which part in serving (a registered learner name, or null)
+    "roles": {"user_state": "online", "explorer": "bandit"},
     "online": {
         "enabled": True,
         "decay": 0.9,             # each later event of the user multiplies older ones by this
         "half_life_days": None,   # optional extra decay by event time
-        "blend": 6.0,             # online share = w / (w + blend), w = decayed event weight
+        "blend": 6.0,             # online share = w / (w + blend * (1 + h / history_scale))
+        "history_scale": 100.0,   # h = the user's events the model trained on (0: off)
+        "session_size": 10,       # recent items kept per user for item-to-item similarity
+        "session_decay": 0.7,     # each later event multiplies an older session item by this
+        "session_weight": 1.0,    # the session's part in the learner's scores (state: 1)
+        "session_spaces": "all",  # "all" (model + every encoder) or comma-separated names
+        "session_boost": 20.0,    # strength *= 1 + session_boost * coherence of the session
         "space": "auto",          # item vectors: auto (trained model, else encoder), model, or an encoder name
         "flush_every": 256,       # write dirty user states after this many updates
         "cache_size": 100000,     # user states kept in memory
@@ -128,10 +138,16 @@ def set_config(engine: "Engine", assignments: Mapping[str, Any]) -> dict[str, An
                 node = node.setdefault(key, {})
             node[keys[-1]] = value
         merged = _merge(DEFAULT_CONFIG, overrides)
-        for name, cls in engine.registry("feedback_learners").items():  # their own checks
+        registered = engine.registry("feedback_learners")
+        for role, name in merged["roles"].items():
+            if name is not None and name not in registered.names():
+                raise ConfigError(f"feedback role '{role}': no learner named '{name}' "
+                                  f"(registered: {', '.join(registered.names())})")
+        for name, cls in registered.items():  # their own checks, on a detached context
             if isinstance(merged.get(name), Mapping):
                 try:
-                    cls(engine=None, **merged[name])
+                    build_learner(cls, LearnerContext(name=name, settings=merged),
+                                  merged[name], None)
                 except (TypeError, ValueError) as exc:
                     raise ConfigError(f"feedback setting for '{name}': {exc}") from None
         row = s.get(Setting, SETTINGS_KEY)
@@ -154,6 +170,25 @@ def event_weight(kind: str, value: float | None, config: Mapping[str, Any]) -> f
         rating = config["rating"]
         return base * (float(value) - float(rating["center"])) / float(rating["scale"] or 1.0)
     return base
+
+
+def build_learner(cls: type, context: LearnerContext, options: Mapping[str, Any],
+                  engine: "Engine | None") -> "FeedbackLearner":
+    """``cls(context, **options)``. A learner written for the old contract, whose
+    ``__init__`` takes ``engine`` and no ``context``, is still built (as
+    ``cls(engine=..., **options)``) with a DeprecationWarning."""
+    import inspect
+    import warnings
+    try:
+        params = inspect.signature(cls.__init__).parameters
+    except (TypeError, ValueError):  # pragma: no cover - a C-level __init__
+        params = {}
+    if "engine" in params and "context" not in params:
+        warnings.warn(f"feedback learner '{getattr(cls, 'name', cls.__name__)}' takes engine=: "
+                      "the contract is __init__(self, context: LearnerContext, **options)",
+                      DeprecationWarning, stacklevel=2)
+        return cls(engine=engine, **options)
+    return cls(context, **options)
 
 
 # -- events --------------------------------------------------------------------------------
@@ -251,6 +286,50 @@ def _encoder_space(engine: "Engine", encoder: str | None) -> ItemSpace | None:
                      vectors=vectors, cutoff=0)
 
 
+def attribute_space(engine: "Engine", max_tokens: int = 4096) -> ItemSpace | None:
+    """Items as TF-IDF bags of their categorical attributes (L2-normalized): a token per
+    ``key=value`` of a short string or list element, or per word of a short
+    space-separated value (RecBole token sequences such as genres). Tokens held by one
+    item or by more than half of the items are left out; at most ``max_tokens`` (the
+    most frequent). None when no token is shared."""
+    with engine.store.session() as s:
+        rows = s.execute(select(Item.id, Item.attributes).order_by(Item.id)).all()
+    docs: list[set[str]] = []
+    for _, attrs in rows:
+        tokens: set[str] = set()
+        for key, value in (attrs or {}).items():
+            values = value if isinstance(value, (list, tuple)) else [value]
+            for v in values:
+                if isinstance(v, bool) or not isinstance(v, str) or not v.strip() or len(v) > 64:
+                    continue
+                parts = v.split()
+                if 1 < len(parts) <= 8:  # a token sequence: its words, not the combination
+                    tokens.update(f"{key}:{part}" for part in parts)
+                else:
+                    tokens.add(f"{key}={v.strip()}")
+        docs.append(tokens)
+    n = len(docs)
+    df: dict[str, int] = {}
+    for tokens in docs:
+        for t in tokens:
+            df[t] = df.get(t, 0) + 1
+    vocab = sorted((t for t, c in df.items() if 1 < c <= n / 2), key=lambda t: (-df[t], t))[:max_tokens]
+    if not vocab:
+        return None
+    column = {t: j for j, t in enumerate(vocab)}
+    matrix = torch.zeros(n, len(vocab))
+    for i, tokens in enumerate(docs):
+        for t in tokens:
+            j = column.get(t)
+            if j is not None:
+                matrix[i, j] = math.log(n / df[t])
+    keep = matrix.abs().sum(1) > 0
+    ids = [rows[i][0] for i in torch.nonzero(keep).flatten().tolist()]
+    vectors = torch.nn.functional.normalize(matrix[keep], dim=1)
+    digest = hashlib.sha1(repr((ids, vocab)).encode()).hexdigest()[:16]
+    return ItemSpace(name=f"attributes:{digest}", item_ids=ids, vectors=vectors, cutoff=0)
+
+
 def resolve_space(engine: "Engine", spec: str = "auto") -> ItemSpace | None:
     """The item space named by ``spec``: 'auto' (trained model, else the encoder with
     most vectors), 'model', or an encoder name. None when nothing is there yet."""
@@ -279,24 +358,129 @@ class FeedbackHub:
         self._users, self._items = self.ids.users, self.ids.items
         self._space: ItemSpace | None = None
         self._space_checked = 0.0
-        self.aligned_cache: Any = None  # the item space aligned to a pipeline's item index
+        self._spaces: dict[str, ItemSpace] | None = None  # encoder spaces (item_spaces)
+        self._popularity: dict[int, int] | None = None
         self.experiment_cache: Any = None  # polyrec.feedback.experiments keeps its cache here
         self.errors: list[str] = []
 
     # -- learners ------------------------------------------------------------------------
     @property
     def learners(self) -> dict[str, "FeedbackLearner"]:
-        """Every registered feedback learner, instantiated once with its settings."""
+        """Every registered feedback learner, instantiated once as
+        ``cls(context, **options)`` with its settings."""
         if self._learners is None:
             self._learners = {}
             for name, cls in self.engine.registry("feedback_learners").items():
                 options = self.config.get(name, {})
                 options = dict(options) if isinstance(options, Mapping) else {}
                 try:
-                    self._learners[name] = cls(engine=self.engine, **options)
+                    self._learners[name] = build_learner(cls, self.context(name), options,
+                                                         self.engine)
                 except Exception as exc:  # noqa: BLE001 - e.g. a bad setting: left out, reported
                     self._failed(name, "start for", exc)
         return self._learners
+
+    def role(self, role: str) -> "FeedbackLearner | None":
+        """The learner configured for ``role`` (setting ``roles.<role>``), if any."""
+        name = (self.config.get("roles") or {}).get(role)
+        return None if name is None else self.learners.get(str(name))
+
+    # -- what a learner may use (LearnerContext) -----------------------------------------
+    def context(self, name: str) -> LearnerContext:
+        """The LearnerContext given to learner ``name``."""
+        roles = tuple(r for r, n in (self.config.get("roles") or {}).items() if n == name)
+
+        def events(after_id: int = 0, *, user_ids: Sequence[int] | None = None,
+                   kinds: Iterable[str] | None = None, limit: int | None = None) -> list[Event]:
+            if user_ids is not None and len(user_ids) > 900:
+                out: list[Event] = []
+                for chunk in _chunks(list(user_ids), 900):
+                    out += stored_events(self.engine, after_id=after_id, user_ids=list(chunk),
+                                         kinds=kinds, limit=limit, config=self.config)
+                return sorted(out, key=lambda e: e.id)[:limit]
+            return stored_events(self.engine, after_id=after_id, user_ids=user_ids, kinds=kinds,
+                                 limit=limit, config=self.config)
+
+        def load_state(key: str = "") -> tuple[bytes, dict[str, Any]] | None:
+            with self.engine.store.session() as s:
+                row = s.get(LearnerState, f"{name}:{key}" if key else name)
+                return None if row is None else (bytes(row.data), dict(row.meta or {}))
+
+        def save_state(data: bytes, meta: Mapping[str, Any], key: str = "") -> None:
+            with self.engine.store.session() as s:
+                row = s.get(LearnerState, f"{name}:{key}" if key else name)
+                if row is None:
+                    s.add(LearnerState(name=f"{name}:{key}" if key else name, data=data,
+                                       meta=dict(meta), updated_at=time.time()))
+                else:
+                    row.data, row.meta, row.updated_at = data, dict(meta), time.time()
+
+        def load_user_states(user_ids: Sequence[int]) -> dict[int, dict[str, Any]]:
+            out: dict[int, dict[str, Any]] = {}
+            with self.engine.store.session() as s:
+                for chunk in _chunks(list(user_ids), 900):
+                    for row in s.execute(select(UserState).where(UserState.user_id.in_(list(chunk)))
+                                         .where(UserState.learner == name)).scalars():
+                        out[row.user_id] = {c: getattr(row, c) for c in _USER_STATE_COLUMNS}
+            return out
+
+        def save_user_states(rows: Sequence[Mapping[str, Any]]) -> None:
+            if not rows:
+                return
+            stamp = time.time()
+            values = [{**{c: r.get(c) for c in _USER_STATE_COLUMNS}, "learner": name,
+                       "updated_at": stamp} for r in rows]
+            with self.engine.store.session() as s:
+                stmt = dialect_insert(s.get_bind().dialect.name, UserState.__table__)
+                stmt = stmt.on_conflict_do_update(
+                    index_elements=["user_id", "learner"],
+                    set_={c: stmt.excluded[c] for c in (*_USER_STATE_COLUMNS[1:], "updated_at")})
+                s.execute(stmt, values)
+
+        def user_vector(user_id: int) -> torch.Tensor | None:
+            learner = self.role("user_state")
+            return None if learner is None else learner.user_state(user_id)
+
+        return LearnerContext(name=name, settings=self.config, roles=roles, events=events,
+                              item_space=self.item_space, item_spaces=self.item_spaces,
+                              load_state=load_state, save_state=save_state,
+                              load_user_states=load_user_states,
+                              save_user_states=save_user_states, item_counts=self.item_counts,
+                              user_vector=user_vector, attached=True)
+
+    def item_spaces(self) -> dict[str, ItemSpace]:
+        """Every item space: ``model`` (the trained pipeline's item vectors, when there
+        is one) and each encoder's stored vectors (L2-normalized), by name. Encoder
+        spaces are cached until :meth:`reset_space`."""
+        if self._spaces is None:
+            with self.engine.store.session() as s:
+                names = [n for (n,) in s.execute(select(ItemVector.encoder).distinct()
+                                                 .order_by(ItemVector.encoder))]
+            spaces = {}
+            for name in names:
+                space = _encoder_space(self.engine, name)
+                if space is not None:
+                    spaces[name] = space
+            attributes = attribute_space(self.engine)
+            if attributes is not None:
+                spaces["attributes"] = attributes
+            self._spaces = spaces
+        out = dict(self._spaces)
+        space = self.item_space()
+        if space is not None and not space.name.startswith("encoder:"):
+            out["model"] = space
+        return out
+
+    def item_counts(self) -> dict[int, int]:
+        """Events per item id (impressions and skips excluded), read once then kept up
+        to date by :meth:`observe`."""
+        if self._popularity is None:
+            with self.engine.store.session() as s:
+                self._popularity = dict(s.execute(
+                    select(Interaction.item_id, func.count())
+                    .where(Interaction.kind.notin_(["impression", "skip"]))
+                    .group_by(Interaction.item_id)).all())
+        return self._popularity
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         """Take new settings: learners are flushed and made again with their new options
@@ -323,13 +507,12 @@ class FeedbackHub:
         pipeline) and every learner's state (a learner's optional ``warm_up()``)."""
         self.item_space()
         for learner in self.learners.values():
-            fn = getattr(learner, "warm_up", None)
-            if callable(fn):
-                fn()
+            learner.warm_up()
 
     def reset_space(self) -> None:
-        """Forget the cached item space (after training or encoding new items)."""
+        """Forget the cached item spaces (after training or encoding new items)."""
         self._space, self._space_checked = None, 0.0
+        self._spaces = None
 
     # -- writing -------------------------------------------------------------------------
     def item_id(self, external: str) -> int:
@@ -383,6 +566,10 @@ class FeedbackHub:
         (the events are stored and the learner catches up from the log)."""
         if not events:
             return
+        if self._popularity is not None:
+            for e in events:
+                if e.kind not in ("impression", "skip"):
+                    self._popularity[e.item_id] = self._popularity.get(e.item_id, 0) + 1
         for name, learner in self.learners.items():
             try:
                 learner.observe(events)
@@ -400,10 +587,10 @@ class FeedbackHub:
         bulk ingestion), reading only the kinds they want (a learner's optional
         ``wanted_kinds()``: None for all). Returns how many were handed over."""
         wanted: set[str] | None = set()
+        self._popularity = None  # re-read: the ingestion added events
         for name, learner in self.learners.items():
-            fn = getattr(learner, "wanted_kinds", None)
             try:
-                kinds = fn() if callable(fn) else None
+                kinds = learner.wanted_kinds()
             except Exception as exc:  # noqa: BLE001 - the events are stored; it catches up later
                 self._failed(name, "prepare for", exc)
                 continue
@@ -424,14 +611,19 @@ class FeedbackHub:
             cursor = events[-1].id
 
     def flush(self) -> None:
-        """Persist the learners' state (each learner that has ``flush``)."""
-        for learner in (self._learners or {}).values():
-            flush = getattr(learner, "flush", None)
-            if callable(flush):
-                flush()
+        """Persist the learners' state (``flush`` of each learner)."""
+        for name, learner in (self._learners or {}).items():
+            try:
+                learner.flush()
+            except Exception as exc:  # noqa: BLE001 - the events are stored; it catches up
+                self._failed(name, "flush", exc)
 
     def close(self) -> None:
         self.flush()
+
+
+_USER_STATE_COLUMNS = ("user_id", "space", "dim", "vector", "weight", "n_events", "last_ts",
+                       "last_event_id")
 
 
 def hub(engine: "Engine") -> FeedbackHub:
@@ -503,8 +695,9 @@ def handoff(engine: "Engine", after_id: int) -> int:
 
 
 def user_state(engine: "Engine", user: str) -> torch.Tensor | None:
-    """The online learner's vector of the user with external id ``user`` (or None)."""
-    learner = hub(engine).learner("online")
+    """The vector of the learner in the ``user_state`` role for the user with external id
+    ``user`` (or None)."""
+    learner = hub(engine).role("user_state")
     if learner is None:
         return None
     with engine.store.session() as s:
@@ -519,9 +712,9 @@ def describe(engine: "Engine", user: str) -> dict[str, Any]:
     h = hub(engine)
     out: dict[str, Any] = {"user": str(user)}
     for name, learner in h.learners.items():
-        describe_fn = getattr(learner, "describe", None)
-        if callable(describe_fn):
-            out[name] = describe_fn(uid)
+        described = learner.describe(uid)
+        if described:
+            out[name] = described
     return out
 
 
@@ -530,7 +723,7 @@ def explore(engine: "Engine", user_id: int | None, candidates: list[int], scores
     """Let the bandit spend some of the ``k`` slots on exploration (when enabled for
     serving, or ``enabled``); returns the candidates (internal item ids) reordered."""
     h = hub(engine)
-    bandit = h.learner("bandit")
+    bandit = h.role("explorer")
     on = h.config["bandit"].get("serving", False) if enabled is None else enabled
     if bandit is None or not on:
         return candidates
@@ -552,21 +745,6 @@ def _sync_space(h: FeedbackHub, rec: Any) -> ItemSpace | None:
     return space
 
 
-def _aligned(h: FeedbackHub, space: ItemSpace, item_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The space's vectors in the order of ``item_ids`` (zero rows where an item has no
-    vector) and which rows are real; cached until the space or the item list changes."""
-    key = (space.name, len(space.item_ids), len(item_ids), item_ids[-1] if item_ids else None)
-    cached = h.aligned_cache
-    if cached is not None and cached[0] == key:
-        return cached[1], cached[2]
-    index = torch.tensor([space.index.get(i, -1) for i in item_ids], dtype=torch.long)
-    has = index >= 0
-    matrix = torch.zeros(len(item_ids), space.dim)
-    matrix[has] = space.vectors[index[has]]
-    h.aligned_cache = (key, matrix, has)
-    return matrix, has
-
-
 def _gauss_ranks(x: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
     """Scores replaced by the normal quantiles of their ranks among the ``ok`` entries
     (the best gets the highest): comparable across rankers whatever their scale, and
@@ -582,27 +760,45 @@ def _gauss_ranks(x: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def online_share(h: FeedbackHub, rec: Any, user_id: int, strength: float) -> float:
+    """The online part of a user's blended scores: ``w / (w + blend * (1 + n / scale))``
+    with ``w`` the learner's strength for the user and ``n`` the user's events the model
+    trained on (``online.history_scale``): a returning user with a long history keeps most
+    of the model's ranking, a new user's recent events count at once."""
+    cfg = h.config["online"]
+    blend = float(cfg.get("blend", 6.0))
+    scale = cfg.get("history_scale")
+    u = rec.user_index.get(user_id) if getattr(rec, "user_index", None) is not None else None
+    if scale and u is not None:
+        blend *= 1.0 + len(rec.history[u]) / float(scale)
+    strength = max(0.0, float(strength))
+    return strength / (strength + blend) if strength + blend > 0 else 0.0
+
+
 def online_scores(engine: "Engine", rec: Any, user_id: int, scores: torch.Tensor, *,
                   online: bool | None = None) -> torch.Tensor:
-    """Blend the online learner into one user's scores [n_items] (over ``rec.data``'s
-    item index): ``(1 - s) * g(model) + s * g(state . item vectors)`` with
-    ``s = w / (w + online.blend)``, ``w`` the user's decayed event weight and g the
-    normal quantile of an item's rank among the scorable items (so any ranker's scale
-    blends). Unchanged when the learner is off or has no state for the user; items the
-    model cannot score stay unscorable."""
+    """Blend the learner in the ``user_state`` role into one user's scores [n_items] (over
+    ``rec.data``'s item index): ``(1 - s) * g(model) + s * g(learner.scores)`` with ``s``
+    from :func:`online_share` and g the normal quantile of an item's rank among the
+    scorable items (so any ranker's scale blends). Unchanged when the learner is off or
+    has nothing for the user; items the model cannot score stay unscorable."""
     h = hub(engine)
     enabled = h.config["online"].get("enabled", True) if online is None else online
-    learner = h.learner("online")
+    learner = h.role("user_state")
     if not enabled or learner is None:
         return scores
-    space = _sync_space(h, rec)
-    state = learner.user_state(user_id) if space is not None else None
-    if state is None or state.shape[0] != space.dim:
+    _sync_space(h, rec)
+    strength = float(learner.strength(user_id))
+    if strength <= 0.0:
         return scores
-    strength = float(getattr(learner, "strength", lambda _u: 1.0)(user_id))
-    share = strength / (strength + float(h.config["online"].get("blend", 6.0)))
-    matrix, has = _aligned(h, space, rec.data.item_ids)
-    mine = matrix @ state
+    mine = learner.scores(user_id, rec.data.item_ids)
+    if mine is None or mine.shape[0] != scores.shape[0]:
+        return scores
+    mine = mine.detach().float().cpu()
+    has = torch.isfinite(mine)
+    if not bool(has.any()):
+        return scores
+    share = online_share(h, rec, user_id, strength)
     ok = torch.isfinite(scores)
     out = (1.0 - share) * _gauss_ranks(scores, ok) + share * _gauss_ranks(mine, ok & has)
     out[~ok] = scores[~ok]
@@ -616,7 +812,7 @@ def explore_indices(engine: "Engine", rec: Any, user_id: int, scores: torch.Tens
     candidate pool is the ``bandit.pool * k`` best scorable items plus up to
     ``bandit.new_items`` little-seen ones."""
     h = hub(engine)
-    bandit = h.learner("bandit")
+    bandit = h.role("explorer")
     on = h.config["bandit"].get("serving", False) if explore is None else explore
     if bandit is None or not on or not picked:
         return picked
@@ -626,7 +822,7 @@ def explore_indices(engine: "Engine", rec: Any, user_id: int, scores: torch.Tens
     best = torch.topk(scores, min(n_ok, max(k, int(cfg.get("pool", 3)) * k))).indices.tolist()
     pool = list(picked) + [i for i in best if i not in set(picked)]  # the model's order first
     in_pool = set(pool)
-    popularity = bandit.popularity() if hasattr(bandit, "popularity") else {}
+    popularity = bandit.popularity() or h.item_counts()
     limit = int(cfg.get("new_item_max_events", 5))
     fresh = [i for i in torch.nonzero(ok).flatten().tolist()
              if i not in in_pool and popularity.get(rec.data.item_ids[i], 0) < limit]
