@@ -105,6 +105,7 @@ def _index(data, eng) -> dict[str, int]:
     return {ext[i]: k for k, i in enumerate(data.item_ids)}
 
 
+@pytest.mark.slow
 def test_new_items_come_after_the_fitted_ones(grown):
     eng, before, after = grown
     assert after.n_items == before.n_items + len(SOURCES) + 2
@@ -116,6 +117,7 @@ def test_new_items_come_after_the_fitted_ones(grown):
     assert not bool(after.item_features["kg"][1][idx[BARE]])
 
 
+@pytest.mark.slow
 def test_catalogue_map_finds_content_neighbours_by_id(grown):
     eng, before, after = grown
     idx = _index(after, eng)

@@ -58,6 +58,7 @@ def test_candidates_are_rescored_by_click_probability(split, fitted):
         assert torch.allclose(torch.sigmoid(scores[r, cand] - CANDIDATE_OFFSET), probs, atol=2e-3)
 
 
+@pytest.mark.slow
 def test_rerank_keeps_retrieval_quality(split, fitted):
     base = EASERanker(l2=200.0)
     base.fit(split.train)
@@ -85,6 +86,7 @@ def test_built_from_the_registry_by_name(engine):
         RerankRanker(base="ease")
 
 
+@pytest.mark.slow
 def test_scorers_become_features_and_items_only_they_score_come_second(split):
     """A scorer that scores items the base cannot (here: random scores everything, the
     base knows no item without training interactions) ranks those items in tier two."""
