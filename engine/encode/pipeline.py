@@ -354,7 +354,7 @@ def _encode_items(engine: "Engine", ids: list[int], names: list[str], report: En
             rep.cached = len(hashes) - len(todo)
             if todo:
                 if key not in loaded:
-                    enc.prepare(ctx)
+                    _prepare(enc, ctx)
                     loaded[key] = enc
                     rep.loaded = True
                 rep.fingerprint = enc.fingerprint()
@@ -368,3 +368,16 @@ def _encode_items(engine: "Engine", ids: list[int], names: list[str], report: En
         except Exception as exc:  # noqa: BLE001 - a plugin's own failure, reported
             rep.error = f"encoder '{name}' failed: {type(exc).__name__}: {exc}"
         rep.seconds = time.perf_counter() - start
+
+
+def _prepare(enc: Encoder, ctx: EncoderContext, attempts: int = 3) -> None:
+    """``enc.prepare`` on a background thread, retried after an ImportError: importing
+    a library (transformers) in two threads at once can fail in one of them."""
+    for attempt in range(attempts):
+        try:
+            enc.prepare(ctx)
+            return
+        except ImportError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(1.0 + attempt)

@@ -394,12 +394,16 @@ class Recommender:
         snap = self.refresh()
         with self.engine.store.snapshot() as s:
             user_id = get_user_id(s, str(user))
-        if user_id not in snap.user_index:
-            # the user exists now, so a snapshot read from here on includes them; wait for
-            # a refresh already running, then read again if it still misses them
+        for _ in range(3):
+            if user_id in snap.user_index:
+                return user_id, snap
+            # the user exists now, so a snapshot read from here on includes them: wait for
+            # a refresh already running (it may have been read before the user was
+            # stored), then refresh again; the users key changed, so the histories are
+            # rebuilt (the item features only when items or vectors changed too)
             snap = self.refresh(wait=True)
-            if user_id not in snap.user_index:
-                snap = self.refresh(force=True)
+        if user_id not in snap.user_index:  # pragma: no cover - keys alone missed it
+            snap = self.refresh(force=True)
         return user_id, snap
 
     @property
