@@ -20,6 +20,7 @@ import hashlib
 import json
 import re
 import string
+import threading
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -29,6 +30,11 @@ from polyrec import (ConfigError, EncodeResult, Encoder, EncoderContext, Encodin
                      autocast, hookimpl)
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
+#: transformers resolves its names lazily and that is not thread-safe: two threads that
+#: import it for the first time at once can fail ("cannot import name 'AutoModel'"), e.g. a
+#: search loading BERT while the encode-on-arrival worker does. Imports go under this lock.
+_IMPORT_LOCK = threading.Lock()
+
 _DEFAULT_ALIASES = {DEFAULT_MODEL, "sentence-transformers/all-MiniLM-L6-v2", "default"}
 
 #: Attributes the auto template uses, in this order, with the label it gives them.
@@ -159,8 +165,9 @@ class BertEncoder(Encoder):
         """Load tokenizer and model (offline unless a hub id is named) onto ``ctx.device``."""
         if self._model is not None and self._device == ctx.device:
             return
-        from transformers import AutoModel, AutoTokenizer
-        from transformers.utils import logging as hf_logging
+        with _IMPORT_LOCK:
+            from transformers import AutoModel, AutoTokenizer
+            from transformers.utils import logging as hf_logging
 
         source = self._source()
         quiet = not ctx.progress and hf_logging.is_progress_bar_enabled()
@@ -210,7 +217,8 @@ class BertEncoder(Encoder):
     @property
     def dim(self) -> int:
         if self._dim is None:
-            from transformers import AutoConfig
+            with _IMPORT_LOCK:
+                from transformers import AutoConfig
             self._dim = int(AutoConfig.from_pretrained(self._source()).hidden_size)
         return self._dim
 

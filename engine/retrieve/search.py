@@ -516,7 +516,7 @@ class Searcher:
         if use_lexical:  # bring the BM25 index up to date in a short write transaction of its own
             with self.engine.store.session() as s:
                 self.lexical(s, opts.lexical_backend).sync(s, self.state(s).items)
-        with self.engine.store.session() as s:  # from here on: reads only
+        with self.engine.store.snapshot() as s:  # from here on: reads only, one snapshot
             state = self.state(s)
             snap = self.catalog(s, state)
             allowed = snap.allowed(filters)
@@ -601,7 +601,7 @@ class Searcher:
         """The ``k`` items with most distinct users (ties by id), passing ``filters``:
         the answer for users nobody knows yet. (external id, share of users)."""
         k = validate_k(k)
-        with self.engine.store.session() as s:
+        with self.engine.store.snapshot() as s:
             snap = self.catalog(s)
             sig = s.execute(select(func.count(Interaction.id), func.max(Interaction.id))).one()
             key = ("popular", tuple(sig))
@@ -633,7 +633,7 @@ class Searcher:
         space. ([], None) when the user is unknown or has nothing to go on."""
         if user is None or not candidates:
             return [], None
-        with self.engine.store.session() as s:
+        with self.engine.store.snapshot() as s:
             uid = catalog.user_ids(s, [str(user)]).get(str(user))
         if uid is None:
             notes.append(f"unknown user '{user}': results are not personalised")
@@ -647,7 +647,7 @@ class Searcher:
             pairs = [p for p in pairs if p[0] != float("-inf")]
             pairs.sort(key=lambda t: (-t[0], t[1]))
             return [i for _, i in pairs], f"model:{name}"
-        with self.engine.store.session() as s:
+        with self.engine.store.snapshot() as s:
             space = self.space(s, "bert", state)
             hist = [i for (i,) in s.execute(select(Interaction.item_id)
                                             .where(Interaction.user_id == uid))]

@@ -80,7 +80,7 @@ def similar(engine: "Engine", item: str, k: int = 10, *,
     notes: list[str] = []
     # the trained model loads (and may record things) through sessions of its own
     model = model_space(engine) if basis in ("auto", "model") else None
-    with engine.store.session() as s:
+    with engine.store.snapshot() as s:  # one snapshot: a write landing meanwhile is not half-seen
         state = srch.state(s)
         snap = srch.catalog(s, state)
         target = snap.internal.get(str(item))
