@@ -164,6 +164,10 @@ class EnsembleRanker(Ranker):
                 totals[c] += float(per_user[self.metric].sum())
         return [t / max(len(users), 1) for t in totals]
 
+    def components(self) -> list[tuple[str, Ranker]]:
+        """The members, labelled by ranker name (their scores explain the blend)."""
+        return [(spec["name"], m) for spec, m in zip(self.member_specs, self.members)]
+
     def score_users(self, user_index: torch.Tensor, data: TrainingData) -> torch.Tensor:
         if self.weights is None:
             raise ModelNotTrainedError("the ensemble is not fitted")

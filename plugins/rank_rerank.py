@@ -324,6 +324,10 @@ class RerankRanker(Ranker):
         x = (feats.reshape(-1, f) - self.mean) / self.std
         return (self._design(x) @ self.theta).reshape(b, c)
 
+    def components(self) -> list[tuple[str, Ranker]]:
+        """The retrieval ranker, then the scorers whose scores are click-model features."""
+        return [(self.base.name, self.base)] + [(r.name, r) for r in self.scorers]
+
     def score_users(self, user_index: torch.Tensor, data: TrainingData) -> torch.Tensor:
         """Three tiers: the retrieval ranker's top candidates by click logit (above every
         other item), then items only the scorers can score (cold items) by click logit,

@@ -331,8 +331,11 @@ class TwoTowerRanker(Ranker):
         prep = self._prepared(data)
         return (prep["vectors"] * prep["scorable"][:, None]).cpu()
 
-    def attention(self, data: TrainingData) -> tuple[list[str], torch.Tensor]:
-        """(modality names, fuser weights [n_items, M]) for explanations (CPU)."""
+    def modality_weights(self, data: TrainingData) -> tuple[list[str], torch.Tensor] | None:
+        """(modality names, fuser attention weights [n_items, M]) for explanations (CPU);
+        None when the model uses no item content."""
+        if not self.dims:
+            return None
         prep = self._prepared(data)
         return list(self.dims), prep["weights"].cpu()
 

@@ -108,7 +108,7 @@ def test_scores_and_vectors_have_catalogue_shape(random_split, fitted):
     vectors = fitted.item_vectors(data)
     assert vectors.shape == (data.n_items, 32)
     assert torch.allclose(vectors.norm(dim=1), torch.ones(data.n_items), atol=1e-4)
-    names, weights = fitted.attention(data)
+    names, weights = fitted.modality_weights(data)
     assert names == ["genre", "kg"]
     assert torch.allclose(weights.sum(1), torch.ones(data.n_items), atol=1e-4)
     no_kg = ~data.item_features["kg"][1]

@@ -26,26 +26,10 @@ def _overrides(ranker: Any, method: str) -> bool:
     return impl is not None and impl is not getattr(Ranker, method, None)
 
 
-def _legacy_components(ranker: Any) -> list[tuple[str, Ranker]]:
-    """Sub-rankers of a ranker written before ``Ranker.components()`` existed (attributes
-    ``members``/``member_specs``, ``base``/``scorers``). Transitional: used only for a
-    ranker that does not implement ``components()``; remove once the built-ins do."""
-    members = getattr(ranker, "members", None)
-    if members:
-        specs = getattr(ranker, "member_specs", None) or [{"name": m.name} for m in members]
-        return [(spec["name"], m) for spec, m in zip(specs, members)]
-    base = getattr(ranker, "base", None)
-    if isinstance(base, Ranker):
-        return [(base.name, base)] + [(r.name, r) for r in getattr(ranker, "scorers", []) or []]
-    return []
-
-
 def components(ranker: Ranker) -> list[tuple[str, Ranker]]:
     """The named rankers whose scores a pipeline combines (``Ranker.components()``);
     empty for a single ranker."""
-    if _overrides(ranker, "components"):
-        return [(str(label), child) for label, child in ranker.components() or []]
-    return _legacy_components(ranker)
+    return [(str(label), child) for label, child in ranker.components() or []]
 
 
 def walk(ranker: Ranker) -> Iterator[Ranker]:
@@ -95,12 +79,9 @@ def attention_weights(ranker: Ranker, data: TrainingData) -> tuple[list[str], to
     """(modalities, weights [n_items, M]) from the first ``Ranker.modality_weights(data)``
     in the pipeline that gives some; None without one."""
     for r in walk(ranker):
-        if _overrides(r, "modality_weights"):
-            found = r.modality_weights(data)
-        elif hasattr(r, "attention"):  # transitional: a ranker from before modality_weights
-            found = r.attention(data)
-        else:
+        if not _overrides(r, "modality_weights"):
             continue
+        found = r.modality_weights(data)
         if found is not None and found[0]:
             names, weights = found
             return list(names), weights.detach().float().cpu()
