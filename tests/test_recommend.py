@@ -159,6 +159,29 @@ def test_a_user_without_history_gets_popular_items(trained, tmp_path):
         assert recs[0].item not in {r.item for r in after}  # the click made it seen
 
 
+def test_a_new_user_never_queues_behind_a_refresh(trained, tmp_path):
+    """While another thread holds the refresh (a long rebuild under writes), a user newer
+    than the data snapshot is answered after at most ``new_user_wait`` as a guest: popular
+    items blended with the session, their click excluded; once the refresh has run the
+    same user is served by the model from their history."""
+    from conftest import copy_db
+    with _open(copy_db(trained[0], tmp_path)) as e:
+        rec = e.services.recommender()
+        rec.new_user_wait = 0.2
+        film = e.recommend(USER, k=1)[0].item
+        assert rec._refresh_lock.acquire(timeout=30)  # a refresh "running" elsewhere
+        try:
+            e.feedback("walk-in", film, "click")
+            guest = e.recommend("walk-in", k=5, explain=True)
+            assert len(guest) == 5 and film not in {r.item for r in guest}
+            assert "guest" in guest[0].explanation
+        finally:
+            rec._refresh_lock.release()
+        rec.refresh(wait=True)
+        served = e.recommend("walk-in", k=5, explain=True)
+        assert len(served) == 5 and "guest" not in served[0].explanation
+
+
 def test_errors_are_clear(eng, engine):
     with pytest.raises(NotFoundError, match="no-such-user"):
         eng.recommend("no-such-user")

@@ -158,6 +158,12 @@ class Recommender:
     """
 
     check_interval = 1.0
+    #: How long a request for a user the data snapshot does not know yet (created after
+    #: it was read) waits for a refresh that another thread is running, in seconds. Past
+    #: it the user is served at once as a guest (popularity blended with what the
+    #: feedback learners already know of them) while the refresh finishes in the
+    #: background: under a stream of writes a new user never queues behind refreshes.
+    new_user_wait = 1.0
 
     def __init__(self, engine: "Engine", version: int | None = None, *,
                  online_hook: OnlineHook | None = None,
@@ -389,22 +395,41 @@ class Recommender:
         return snap
 
     def _user_snapshot(self, user: str) -> tuple[int, "DataSnapshot"]:
-        """(internal id, a snapshot that knows the user): refreshed when the user is new
-        (created after the snapshot was read). NotFoundError for an unknown user."""
+        """(internal id, the snapshot to serve from). A user created after the snapshot
+        was read gets a refresh: run here when none is running (read-your-writes for a
+        single caller); when another thread is refreshing, waited for at most
+        ``new_user_wait`` seconds, then the user is served from the snapshot as it is
+        (as a guest, see ``_recommend``) and a background refresh catches up.
+        NotFoundError for an unknown user."""
         snap = self.refresh()
         with self.engine.store.snapshot() as s:
             user_id = get_user_id(s, str(user))
-        for _ in range(3):
-            if user_id in snap.user_index:
-                return user_id, snap
-            # the user exists now, so a snapshot read from here on includes them: wait for
-            # a refresh already running (it may have been read before the user was
-            # stored), then refresh again; the users key changed, so the histories are
-            # rebuilt (the item features only when items or vectors changed too)
-            snap = self.refresh(wait=True)
-        if user_id not in snap.user_index:  # pragma: no cover - keys alone missed it
-            snap = self.refresh(force=True)
+        if user_id in snap.user_index:
+            return user_id, snap
+        deadline = time.monotonic() + self.new_user_wait
+        while user_id not in snap.user_index:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._refresh_lock.acquire(timeout=left):
+                self._refresh_in_background()
+                return user_id, self.snapshot()
+            try:  # read from here on, so it includes the user
+                snap = self._refresh_locked(force=False)
+            finally:
+                self._refresh_lock.release()
         return user_id, snap
+
+    def _refresh_in_background(self) -> None:
+        """Start one refresh on a daemon thread unless one is running already."""
+        if self._refresh_lock.locked():
+            return
+
+        def run() -> None:
+            try:
+                self.refresh(wait=True)
+            except Exception as exc:  # noqa: BLE001 - the next request retries
+                log.warning("background refresh failed: %s", exc)
+
+        threading.Thread(target=run, name="polyrec-refresh", daemon=True).start()
 
     @property
     def graph(self) -> Any:
@@ -495,19 +520,27 @@ class Recommender:
         self.check_live()
         user_id, snap = self._user_snapshot(str(user))
         with self.pinned(snap):  # the whole request reads one data snapshot
-            return self._recommend(user_id, snap.user_index[user_id], k, filters=filters,
+            return self._recommend(user_id, snap.user_index.get(user_id), k, filters=filters,
                                    exclude_seen=exclude_seen, diversity=diversity,
                                    explain=explain, online=online, explore=explore)
 
-    def _recommend(self, user_id: int, u: int, k: int, *, filters: Mapping[str, Any] | None,
-                   exclude_seen: bool, diversity: float, explain: bool, online: bool | None,
-                   explore: bool | None) -> list[Recommendation]:
-        scores = self.scores(torch.tensor([u]))[0]
+    def _recommend(self, user_id: int, u: int | None, k: int, *,
+                   filters: Mapping[str, Any] | None, exclude_seen: bool, diversity: float,
+                   explain: bool, online: bool | None, explore: bool | None
+                   ) -> list[Recommendation]:
+        """``u`` is the user's dense index in the pinned snapshot; None for a guest (a user
+        newer than the snapshot): scored like a user with no history (popularity), then
+        the online hook blends in what the feedback learners know of them already."""
+        if u is None:
+            scores = torch.log1p(self.popularity).clone()
+        else:
+            scores = self.scores(torch.tensor([u]))[0]
         if self.online_hook is not None:  # the feedback learners' online user state
             scores = self.online_hook(self, user_id, scores, online)
         if exclude_seen:
             scores[self._seen(user_id)] = -math.inf
-            scores[self.history[u]] = -math.inf
+            if u is not None:
+                scores[self.history[u]] = -math.inf
         if filters:
             keep = torch.tensor([matches(v.attributes, filters) for v in self.views])
             scores[~keep] = -math.inf
@@ -524,13 +557,14 @@ class Recommender:
             picked = self.explore_hook(self, user_id, scores, picked, k, explore)
         # a click-model pipeline reports each item's click probability as its score (the
         # list keeps the ranking order: online blending, MMR and exploration may move it)
-        clicks = self._click_probabilities(u, picked)
+        clicks = self._click_probabilities(u, picked) if u is not None else None
         explainer, member_z = None, {}
-        if explain and self.ranker is None:  # popularity fallback: say so
+        if explain and (self.ranker is None or u is None):  # popularity: say why
+            note = ({"fallback": self.fallback} if self.ranker is None
+                    else {"guest": "a new user, served before the data snapshot includes them"})
             return [Recommendation(item=self.external[self.data.item_ids[i]],
                                    score=float(scores[i]), title=self.titles.get(self.data.item_ids[i]),
-                                   explanation={"text": "popular with other users",
-                                                "fallback": self.fallback})
+                                   explanation={"text": "popular with other users", **note})
                     for i in picked]
         if explain:
             from polyrec.rank.explain import Explainer
