@@ -120,3 +120,26 @@ def test_backends_agree_on_movielens(ml100k_db):
         by_id = {v.id: v.external_id for v in eng.items([fts[0][0], mem[0][0]])}
     assert by_id[fts[0][0]] == by_id[mem[0][0]] == "1"  # Toy Story
     assert len({i for i, _ in fts} & {i for i, _ in mem}) >= 3
+
+
+def test_a_read_snapshot_searches_without_writing(shop: Engine):
+    """Search reads inside one snapshot (Store.snapshot) while writers go on; a snapshot
+    cannot write once another connection has committed after it began (SQLite answers
+    'database is locked' at once), so the snapshot searches the index as last synced and
+    never syncs."""
+    from sqlalchemy.exc import OperationalError
+    engine = shop
+    index = Fts5Index()
+    with engine.store.session() as s:
+        index.sync(s)
+    engine.add_items([{"external_id": "e", "title": "Jersey scarf"}])  # index now behind
+    with engine.store.snapshot() as s:
+        s.execute(text("SELECT count(*) FROM items")).scalar_one()  # the snapshot is fixed here
+        engine.add_items([{"external_id": "f", "title": "Jersey socks"}])  # committed meanwhile
+        hits = ids(engine, index.search(s, "jersey", 10, sync=False))
+        assert set(hits) == {"a", "d"}  # as last synced: nothing half-seen, nothing written
+        with pytest.raises(OperationalError, match="locked"):
+            index.search(s, "jersey", 10)  # a sync from a stale snapshot fails
+    with engine.store.session() as s:  # a write transaction syncs and finds all four
+        assert set(ids(engine, index.search(s, "jersey", 10))) == {"a", "d", "e", "f"}
+    assert engine.search("jersey", 10).ids()  # Engine.search syncs first, then reads

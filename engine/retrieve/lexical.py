@@ -114,9 +114,12 @@ class LexicalIndex(Protocol):
 
     def search(self, session: Session, query: str, limit: int,
                allowed: set[int] | None = None,
-               signature: Signature | None = None) -> list[tuple[int, float]]:
+               signature: Signature | None = None, *, sync: bool = True
+               ) -> list[tuple[int, float]]:
         """(item id, score) best first; higher is better. ``allowed`` restricts the ids;
-        ``signature`` is the items table's current one when the caller already has it."""
+        ``signature`` is the items table's current one when the caller already has it.
+        ``sync=False`` searches the index as it is, never writing: for a read-only snapshot
+        session (the caller synced in a write transaction of its own just before)."""
 
 
 class Fts5Index:
@@ -199,8 +202,10 @@ class Fts5Index:
 
     def search(self, session: Session, query: str, limit: int,
                allowed: set[int] | None = None,
-               signature: Signature | None = None) -> list[tuple[int, float]]:
-        self.sync(session, signature)
+               signature: Signature | None = None, *, sync: bool = True
+               ) -> list[tuple[int, float]]:
+        if sync:
+            self.sync(session, signature)
         expr = self.match_expression(query)
         if not expr or limit <= 0:
             return []
@@ -287,8 +292,9 @@ class MemoryBM25Index:
 
     def search(self, session: Session, query: str, limit: int,
                allowed: set[int] | None = None,
-               signature: Signature | None = None) -> list[tuple[int, float]]:
-        if limit <= 0:
+               signature: Signature | None = None, *, sync: bool = True
+               ) -> list[tuple[int, float]]:
+        if limit <= 0:  # in memory: building the postings writes nothing, so always in step
             return []
         return self._postings(session, signature).search(query, limit, allowed)
 

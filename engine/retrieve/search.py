@@ -549,7 +549,9 @@ class Searcher:
                         und.intent = clf.classify(vec) if clf is not None and len(clf) else None
             if use_lexical:
                 index = self.lexical(s, opts.lexical_backend)
-                rankings["lexical"] = [i for i, _ in index.search(s, query, pool, allowed, state.items)]
+                # synced above in a write transaction of its own; this snapshot only reads
+                rankings["lexical"] = [i for i, _ in index.search(s, query, pool, allowed,
+                                                                  state.items, sync=False)]
             if not rankings:
                 notes.append("no retriever available: no vectors and lexical search disabled")
             candidates: dict[int, None] = {}
