@@ -33,12 +33,13 @@ class Engine:
                  entrypoints: bool = True, builtins: Iterable[str] = DEFAULT_PLUGINS,
                  plugins: Iterable[object] = (), progress: bool = True,
                  encode_on_arrival: bool = True) -> None:
+        self.device = resolve_device(device)
+        # plugins first: a built-in that fails to load raises before any database is opened
+        self.plugins = PluginHost(builtins=builtins, entrypoints=entrypoints, extra=plugins)
         self.store = Store(url)
         #: encode items written by add_items in the background (engine/encode/on_arrival.py)
         self.encode_on_arrival = encode_on_arrival
-        self.device = resolve_device(device)
         self.progress = progress
-        self.plugins = PluginHost(builtins=builtins, entrypoints=entrypoints, extra=plugins)
         self._encoders: dict = {}  # prepared encoders by configuration (engine/encode/pipeline.py)
         self.services = Services(self)  # recommender, feedback hub, searcher: made once, under a lock
 

@@ -127,6 +127,7 @@ def test_missing_builtin_raises_naming_the_module(tmp_path):
     message = str(err.value)
     assert "built-in plugin module 'polyrec.plugins.not_shipped_yet'" in message
     assert "ModuleNotFoundError" in message and "not_shipped_yet" in message
+    assert not (tmp_path / "m.db").exists()  # raised before any database was opened
 
 
 @pytest.mark.parametrize("module, source, expected", [
