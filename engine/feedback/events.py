@@ -230,6 +230,9 @@ class ItemSpace:
     index: dict[int, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.vectors.ndim == 2 and self.vectors.shape[0] != len(self.item_ids):
+            raise ValueError(f"item space '{self.name}': {self.vectors.shape[0]} vectors for "
+                             f"{len(self.item_ids)} item ids")
         if not self.index:
             self.index = {item: i for i, item in enumerate(self.item_ids)}
 
@@ -256,13 +259,15 @@ def model_space(engine: "Engine", rec: Any) -> ItemSpace | None:
     over its item index, named by pipeline version; the cutoff is the last event the
     pipeline was trained on (polyrec.feedback.retrain.model_marker)."""
     from polyrec.feedback import retrain
-    vectors = rec.vectors()
+    with rec.pinned() as snap:  # vectors and item ids from one data snapshot: a refresh
+        vectors = rec.vectors()  # on another thread must not pair old vectors with new ids
+        item_ids = list(snap.data.item_ids)
     if vectors is None:
         return None
     name = PIPELINE_ARTIFACT
     marker = retrain.model_marker(engine, {"name": name, "version": int(rec.version),
                                            "meta": dict(rec.meta or {}), "created_at": None})
-    return ItemSpace(name=f"{name}:v{rec.version}", item_ids=list(rec.data.item_ids),
+    return ItemSpace(name=f"{name}:v{rec.version}", item_ids=item_ids,
                      vectors=vectors.detach().float().cpu(), cutoff=int(marker["max_event_id"]))
 
 
