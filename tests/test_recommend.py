@@ -191,3 +191,27 @@ def test_errors_are_clear(eng, engine):
         eng.recommend(USER, diversity=1.5)
     with pytest.raises(ModelNotTrainedError, match="polyrec train"):
         engine.recommend("anyone")
+
+
+def test_the_online_item_space_pairs_vectors_and_ids_of_one_snapshot(trained, tmp_path):
+    """The online learner's model space is built while other threads refresh the data:
+    its vectors and item ids come from one snapshot even when a refresh with new items
+    lands in between (under live writes this paired 1,932 vectors with more ids)."""
+    from conftest import copy_db
+
+    from polyrec.feedback.events import model_space
+    with _open(copy_db(trained[0], tmp_path)) as e:
+        rec = e.services.recommender()
+        real = rec.vectors
+
+        def vectors_then_a_refresh():
+            out = real()
+            e.add_items([{"external_id": "late-arrival", "title": "A film added meanwhile"}])
+            rec.refresh(force=True)  # swapped in while the space is being built
+            return out
+
+        rec.vectors = vectors_then_a_refresh
+        space = model_space(e, rec)
+        rec.vectors = real
+        assert space is not None and space.vectors.shape[0] == len(space.item_ids)
+        assert len(rec.data.item_ids) == len(space.item_ids) + 1  # the refresh did land
