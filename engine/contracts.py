@@ -418,6 +418,14 @@ class Ranker(ABC):
         diversity use them); None (the default): the stored encoder vectors stand in."""
         return None
 
+    def warm_start(self, state: dict[str, Any]) -> bool:
+        """Called before ``fit`` with what ``state()`` returned for the live version when
+        the core retrains it (``polyrec retrain``, ``Engine.train(warm_start=VERSION)``):
+        start from those weights instead of from scratch. The catalogue and the users may
+        have grown since, so map anything indexed by item or user through the stored ids.
+        Returns True when the state will be used; False (the default): fit from scratch."""
+        return False
+
 
 def _nothing(*_args: Any, **_kwargs: Any) -> Any:
     return None

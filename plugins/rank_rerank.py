@@ -324,6 +324,17 @@ class RerankRanker(Ranker):
         x = (feats.reshape(-1, f) - self.mean) / self.std
         return (self._design(x) @ self.theta).reshape(b, c)
 
+    def warm_start(self, state: dict[str, Any]) -> bool:
+        """Hand the stored state's parts to the retrieval ranker and the scorers (by
+        position, when the stored scorers are the same rankers); True when any takes it.
+        The click model itself is refitted (it is small)."""
+        used = bool(state.get("base") is not None and self.base.warm_start(state["base"]))
+        stored = state.get("scorers") or []
+        if [s.get("name") for s in stored] == [s["name"] for s in self.scorer_specs]:
+            for ranker, st in zip(self.scorers, stored):
+                used = ranker.warm_start(st["state"]) or used
+        return used
+
     def components(self) -> list[tuple[str, Ranker]]:
         """The retrieval ranker, then the scorers whose scores are click-model features."""
         return [(self.base.name, self.base)] + [(r.name, r) for r in self.scorers]

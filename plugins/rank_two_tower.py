@@ -178,6 +178,8 @@ class TwoTowerRanker(Ranker):
         self.warm = torch.zeros(0, dtype=torch.bool)
         self.info: dict[str, Any] = {}
         self._cache: dict[str, Any] = {}
+        self._warm_state: dict[str, Any] | None = None  # see warm_start
+        self.info_warm: dict[str, Any] = {}
 
     # -- setup ---------------------------------------------------------------------------
     def _fuser_class(self) -> type[Fuser]:
@@ -202,6 +204,46 @@ class TwoTowerRanker(Ranker):
                               f"(available: {', '.join(available) or 'none'}; run `polyrec encode`)")
         return {m: available[m] for m in wanted}
 
+    def warm_start(self, state: dict[str, Any]) -> bool:
+        """Start the next ``fit`` from a stored state of this ranker (the live version,
+        for a retrain): the fuser, the projections and the content bias are copied when
+        their shapes match, and the ID embeddings and biases of items and users found in
+        both by id. Items and users new since are initialised as usual. The ID biases of
+        new items still start from their popularity."""
+        self._warm_state = state
+        return True
+
+    def _apply_warm_start(self) -> None:
+        state, model = self._warm_state, self.model
+        if state is None or model is None:
+            return
+        if dict(state.get("dims") or {}) != self.dims:
+            self.info_warm = {"used": False, "reason": "other modalities or widths"}
+            return
+        weights = torch.load(io.BytesIO(state["model"]), map_location="cpu", weights_only=True)
+        mine = model.state_dict()
+        by_id = {"item_id.weight": (list(state["item_ids"]), self.item_ids),
+                 "id_bias.weight": (list(state["item_ids"]), self.item_ids),
+                 "user_id.weight": (list(state["user_ids"]), self.user_ids)}
+        copied, mapped = 0, 0
+        with torch.no_grad():
+            for key, value in weights.items():
+                if key not in mine:
+                    continue
+                if key in by_id:
+                    old_ids, new_ids = by_id[key]
+                    old = {i: n for n, i in enumerate(old_ids)}
+                    pairs = [(n, old[i]) for n, i in enumerate(new_ids) if i in old]
+                    if pairs and value.shape[1:] == mine[key].shape[1:]:
+                        dst, src = (torch.tensor(x) for x in zip(*pairs))
+                        mine[key][dst] = value[src].to(mine[key].dtype)
+                        mapped += len(pairs)
+                elif value.shape == mine[key].shape:
+                    mine[key].copy_(value)
+                    copied += 1
+        model.load_state_dict(mine)
+        self.info_warm = {"used": True, "tensors": copied, "id_rows": mapped}
+
     def _build(self, data: TrainingData) -> None:
         o = self.options
         self.dims = self._choose_dims(data)
@@ -215,6 +257,7 @@ class TwoTowerRanker(Ranker):
                                    self._fuser_class() if self.dims else None, fuser_options,
                                    bool(o["use_item_id"]), bool(o["use_user_id"])).to(self.device)
         self._fuser_options = fuser_options
+        self._apply_warm_start()
 
     # -- data views ----------------------------------------------------------------------
     def _tokens(self, data: TrainingData) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -364,6 +407,7 @@ class TwoTowerRanker(Ranker):
 
     def _finish(self, data: TrainingData, epochs: int, history: list[float]) -> None:
         self.info = {"epochs": epochs, "device": str(self.device), "modalities": list(self.dims),
+                     "warm_start": dict(self.info_warm) if self._warm_state is not None else None,
                      "validation": [round(h, 5) for h in history],
                      "throughput": self._throughput}
         self._cache = {}
@@ -390,8 +434,12 @@ class TwoTowerRanker(Ranker):
         item_counts = torch.bincount(pair_i, minlength=n_items).float()
         self._item_share = (item_counts / item_counts.sum()).clamp(min=1e-12)
         if model.id_bias is not None:  # start from popularity: log(1 + positives)
-            with torch.no_grad():
-                model.id_bias.weight.copy_(torch.log1p(item_counts)[:, None])
+            with torch.no_grad():  # (a warm start keeps the biases it brought)
+                fresh = torch.ones(n_items, dtype=torch.bool, device=self.device)
+                if self._warm_state is not None and self.info_warm.get("used"):
+                    old = set(self._warm_state["item_ids"])
+                    fresh = torch.tensor([i not in old for i in self.item_ids], device=self.device)
+                model.id_bias.weight[fresh] = torch.log1p(item_counts)[fresh][:, None]
         opt = torch.optim.AdamW(model.parameters(), lr=float(o["lr"]),
                                 weight_decay=float(o["weight_decay"]))
         epochs = int(epochs or o["epochs"])

@@ -219,7 +219,7 @@ def test_retrain_refits_the_live_ranker_with_its_options(db):
         new = eng.model(3)
         assert new["ranker"] == "ease" and new["options"] == EASE and new["live"]
         assert new["warm_start"] == {"from": 2, "used": False,
-                                     "reason": "ranker 'ease' has no warm_start(state): "
+                                     "reason": "ranker 'ease' does not warm-start: "
                                                "fitted from scratch"}
         metric = new["gate"]["checks"]["metric"]
         assert metric["passed"] and metric["new"] == pytest.approx(metric["live"])

@@ -215,3 +215,17 @@ def test_the_online_item_space_pairs_vectors_and_ids_of_one_snapshot(trained, tm
         rec.vectors = real
         assert space is not None and space.vectors.shape[0] == len(space.item_ids)
         assert len(rec.data.item_ids) == len(space.item_ids) + 1  # the refresh did land
+
+
+def test_a_retrain_of_the_default_pipeline_warm_starts_its_two_tower(trained, tmp_path):
+    """Engine.train(warm_start=live version) hands the stored state to the hybrid, which
+    passes its two_tower part on; the version records that the warm start was used."""
+    from conftest import copy_db
+    db, first = trained
+    options = {"base_options": {"l2": 500.0},
+               "scorers": [{"name": "two_tower", "options": {"dim": 32, "validation": False}}]}
+    with _open(copy_db(db, tmp_path)) as e:
+        report = e.train(epochs=1, seed=0, options=options, warm_start=first.version, force=True)
+        assert report.warm_start == {"from": first.version, "used": True}
+        assert e.model(report.version)["warm_start"]["used"] is True
+        assert len(e.recommend(USER, k=5)) == 5

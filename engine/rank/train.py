@@ -216,10 +216,6 @@ def _warm_start(engine: "Engine", model: Ranker, name: str, version: int | None
     warm start was asked for)."""
     if version is None:
         return None
-    hook = getattr(model, "warm_start", None)
-    if not callable(hook):
-        return {"from": version, "used": False,
-                "reason": f"ranker '{name}' has no warm_start(state): fitted from scratch"}
     with engine.store.session() as s:
         stored = load_artifact(s, PIPELINE_ARTIFACT, version)
     payload = from_bytes(stored.data)
@@ -227,9 +223,12 @@ def _warm_start(engine: "Engine", model: Ranker, name: str, version: int | None
         return {"from": version, "used": False,
                 "reason": f"version {version} holds ranker '{payload.get('ranker')}', not '{name}'"}
     try:
-        hook(payload["state"])
+        used = bool(model.warm_start(payload["state"]))
     except Exception as exc:  # noqa: BLE001 - a failed warm start falls back to a cold one
         return {"from": version, "used": False, "reason": f"warm_start raised {type(exc).__name__}: {exc}"}
+    if not used:
+        return {"from": version, "used": False,
+                "reason": f"ranker '{name}' does not warm-start: fitted from scratch"}
     return {"from": version, "used": True}
 
 
