@@ -240,3 +240,36 @@ def test_a_live_model_from_before_the_registry(db):
         metric = report.gate["checks"]["metric"]
         assert metric["passed"] is None and "trained before the gate" in metric["reason"]
         assert report.activated and report.live_version == 3
+
+
+def test_one_failure_moves_one_version_back_however_many_requests_saw_it(db):
+    """Requests that saw the same broken ranker report it after the first one already
+    fell back: the fallback stands (v2), it does not cascade to v1 or popularity."""
+    import threading
+    with _open(db, BrokenPlugin()) as eng:
+        eng.train("broken", force=True)  # v3: live and broken
+        rec = eng.services.recommender()
+        broken = rec.ranker
+        assert rec.version == 3
+        rec._fail("score_users", "first report", broken)
+        assert rec.version == 2
+        for _ in range(5):  # late reports of the same failure
+            rec._fail("score_users", "late report", broken)
+        assert rec.version == 2 and rec.ranker is not broken
+    with _open(db, BrokenPlugin()) as eng:  # and with requests racing for real
+        answers: list[int] = []
+        threads = [threading.Thread(target=lambda: answers.append(len(eng.recommend(USER, k=5))))
+                   for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert answers == [5] * 8 and eng.services.recommender().version == 2
+
+
+def test_a_bad_gate_setting_fails_before_anything_is_stored(db):
+    with _open(db) as eng:
+        before = [m["version"] for m in eng.models()]
+        with pytest.raises(Exception, match="tolerance"):
+            eng.train("popular", gate={"tolerance": "x"})
+        assert [m["version"] for m in eng.models()] == before

@@ -186,6 +186,7 @@ class Recommender:
         self._snap: DataSnapshot | None = None
         self._load(self.live)
         self._refresh_lock = threading.Lock()  # one refresh at a time
+        self._refresh_queued = False  # a background refresh waits behind the running one
         self._items_generation = 0  # bumped by invalidate_items(): vectors rewritten in place
         self._graph: Any = None
         self._graph_loaded = False
@@ -266,9 +267,13 @@ class Recommender:
         self.fallback = {"from": self.live, "to": "popularity", "reason": reason}
         self._model_changed(None)
 
-    def _fail(self, stage: str, error: str) -> None:
-        """The served ranker failed at ``stage``: record it and fall back."""
+    def _fail(self, stage: str, error: str, ranker: Any) -> None:
+        """``ranker`` (the one this thread used) failed at ``stage``: record it and fall
+        back, unless another thread already replaced it (then its fallback stands: one
+        failure moves one version back, however many requests saw it)."""
         with self._model_lock:
+            if self.ranker is not ranker:
+                return
             self._record(self.version, self.ranker_name, stage, error)
             self._failed.add(self.version)
             self._fall_back(self.version, error)
@@ -300,7 +305,8 @@ class Recommender:
     # a refresh on another thread never shows it half-updated attributes.
     def _current_keys(self, session: Any = None) -> tuple[tuple, tuple]:
         """(interactions key, items-and-vectors key): they change when the store does."""
-        with ExitStack() as stack:
+        generation = self._items_generation  # read first: a bump after the snapshot's
+        with ExitStack() as stack:              # first SELECT must not hide older vectors
             s = session if session is not None else stack.enter_context(
                 self.engine.store.snapshot())
             inter = s.execute(select(func.count(), func.max(Interaction.id))).one()
@@ -310,7 +316,7 @@ class Recommender:
             vecs = s.execute(select(func.count(), func.max(ItemVector.id))
                              .select_from(ItemVector)).one()
         return (tuple(inter) + tuple(users),
-                tuple(items) + tuple(vecs) + (self._items_generation,))
+                tuple(items) + tuple(vecs) + (generation,))
 
     def snapshot(self) -> "DataSnapshot":
         """The data snapshot this thread's request pinned, else the latest one."""
@@ -419,14 +425,23 @@ class Recommender:
         return user_id, snap
 
     def _refresh_in_background(self) -> None:
-        """Start one refresh on a daemon thread unless one is running already."""
-        if self._refresh_lock.locked():
-            return
+        """Queue one refresh on a daemon thread: it waits for the refresh running now
+        (which may have read the store before the new user existed), then refreshes
+        again. At most one is queued at a time."""
+        with self._model_lock:
+            if self._refresh_queued:
+                return
+            self._refresh_queued = True
 
         def run() -> None:
             try:
-                self.refresh(wait=True)
+                with self._refresh_lock:
+                    with self._model_lock:
+                        self._refresh_queued = False
+                    self._refresh_locked(force=False)
             except Exception as exc:  # noqa: BLE001 - the next request retries
+                with self._model_lock:
+                    self._refresh_queued = False
                 log.warning("background refresh failed: %s", exc)
 
         threading.Thread(target=run, name="polyrec-refresh", daemon=True).start()
@@ -443,13 +458,28 @@ class Recommender:
         return self._graph
 
     def vectors(self) -> torch.Tensor | None:
+        """Item vectors [n_items, D] of the served ranker over the pinned snapshot (cached
+        with the ranker that made them); None for the popularity fallback or when the
+        ranker's ``item_vectors`` fails (recorded; MMR and online blending then go without)."""
         from polyrec.rank.explain import item_vectors
         snap = self.snapshot()
-        if self.ranker is None:  # popularity fallback: no model vectors
+        ranker = self.ranker  # read once: another thread may swap it meanwhile
+        if ranker is None:  # popularity fallback: no model vectors
             return None
-        if "vectors" not in snap.cache or snap.cache["vectors"] is None:
-            snap.cache["vectors"] = item_vectors(self.ranker, snap.data)
-        return snap.cache["vectors"]
+        cached = snap.cache.get("vectors")
+        if isinstance(cached, tuple) and cached[0] is ranker:
+            return cached[1]
+        try:
+            vectors = item_vectors(ranker, snap.data)
+        except Exception as exc:  # noqa: BLE001 - a plugin bug must not fail the request
+            if self.strict:
+                raise
+            self._record(self.version, self.ranker_name, "item_vectors",
+                         f"{ranker_label(self.engine, self.ranker_name)} raised "
+                         f"{type(exc).__name__}: {exc}")
+            return None
+        snap.cache["vectors"] = (ranker, vectors)
+        return vectors
 
     def _seen(self, user_id: int) -> torch.Tensor:
         """Item indices the user has any stored interaction with (ratings below the
@@ -491,8 +521,7 @@ class Recommender:
             message = f"{ranker_label(self.engine, name)} {problem}"
             if self.strict:
                 raise ConfigError(message)
-            if self.ranker is ranker:  # another thread may have fallen back already
-                self._fail("score_users", message)
+            self._fail("score_users", message, ranker)
         return torch.log1p(snap.popularity)[None, :].expand(len(users), -1).clone()
 
     def top_k(self, users: torch.Tensor, k: int, exclude_seen: bool = True
@@ -559,8 +588,9 @@ class Recommender:
         # list keeps the ranking order: online blending, MMR and exploration may move it)
         clicks = self._click_probabilities(u, picked) if u is not None else None
         explainer, member_z = None, {}
-        if explain and (self.ranker is None or u is None):  # popularity: say why
-            note = ({"fallback": self.fallback} if self.ranker is None
+        served = self.ranker  # read once: a fallback on another thread may swap it
+        if explain and (served is None or u is None):  # popularity: say why
+            note = ({"fallback": self.fallback} if served is None
                     else {"guest": "a new user, served before the data snapshot includes them"})
             return [Recommendation(item=self.external[self.data.item_ids[i]],
                                    score=float(scores[i]), title=self.titles.get(self.data.item_ids[i]),
@@ -568,8 +598,8 @@ class Recommender:
                     for i in picked]
         if explain:
             from polyrec.rank.explain import Explainer
-            explainer = Explainer(self.ranker, self.data, self.titles, self.external, self.graph)
-            member_z = self._member_scores(u)
+            explainer = Explainer(served, self.data, self.titles, self.external, self.graph)
+            member_z = self._member_scores(u, served)
         out = []
         for i in picked:
             ident = self.data.item_ids[i]
@@ -603,14 +633,20 @@ class Recommender:
             return None
         return {i: float(p) for i, p in zip(items, probs)}
 
-    def _member_scores(self, u: int) -> dict[str, torch.Tensor]:
-        """Per-user z-scores of every item by each ranker the pipeline combines (ensemble
-        members, a re-ranker's retrieval ranker and scorers), for explanations."""
+    def _member_scores(self, u: int, served: Any) -> dict[str, torch.Tensor]:
+        """Per-user z-scores of every item by each ranker the pipeline ``served`` combines
+        (ensemble members, a re-ranker's retrieval ranker and scorers), for explanations;
+        a component that fails is left out (recorded)."""
         from polyrec.rank.explain import components
         out = {}
-        for name, ranker in components(self.ranker):
-            with torch.no_grad():
-                raw = ranker.score_users(torch.tensor([u]), self.data).float().cpu()[0]
+        for name, ranker in components(served):
+            try:
+                with torch.no_grad():
+                    raw = ranker.score_users(torch.tensor([u]), self.data).float().cpu()[0]
+            except Exception as exc:  # noqa: BLE001 - an explanation part, not the answer
+                self._record(self.version, name, "explain", f"component '{name}' raised "
+                                                            f"{type(exc).__name__}: {exc}")
+                continue
             finite = torch.isfinite(raw)
             vals = raw[finite]
             z = (raw - vals.mean()) / vals.std().clamp(min=1e-12) if len(vals) > 1 else raw

@@ -157,8 +157,16 @@ def _set_setting(engine: "Engine", key: str, value: dict[str, Any]) -> None:
 def gate_config(engine: "Engine", overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """GATE_DEFAULTS, then the setting ``models.gate``, then ``overrides``."""
     config = {**GATE_DEFAULTS, **(_get_setting(engine, GATE_KEY) or {}), **dict(overrides or {})}
-    config["tolerance"] = float(config["tolerance"])
-    config["sample_users"] = int(config["sample_users"])
+    unknown = set(config) - set(GATE_DEFAULTS)
+    if unknown:
+        raise ConfigError(f"unknown gate setting(s) {', '.join(sorted(unknown))} "
+                          f"(known: {', '.join(sorted(GATE_DEFAULTS))})")
+    for key, kind in (("tolerance", float), ("sample_users", int)):
+        try:
+            config[key] = kind(config[key])
+        except (TypeError, ValueError):
+            raise ConfigError(f"gate setting '{key}' must be a {kind.__name__} number, "
+                              f"not {config[key]!r}") from None
     return config
 
 

@@ -158,11 +158,13 @@ def train(engine: "Engine", ranker: str | None = None, *, options: Mapping[str, 
     for key, value in (("epochs", epochs), ("seed", seed)):
         if value is not None:
             opts = with_option(engine, name, opts, key, value)
-    with engine.store.session() as s:  # what the store held: the online learners start after it
-        seen_up_to = {"max_interaction_id": int(s.execute(select(func.max(Interaction.id))).scalar() or 0),
-                      "max_item_id": int(s.execute(select(func.max(Item.id))).scalar() or 0)}
-    if data is None:
-        data = build_training_data(engine, min_rating=min_rating)
+    gate_settings = registry.gate_config(engine, gate)  # a bad setting fails before any work
+    with engine.store.snapshot() as s:  # the data and what the store held, in one snapshot:
+        seen_up_to = {  # the online learners start after it
+            "max_interaction_id": int(s.execute(select(func.max(Interaction.id))).scalar() or 0),
+            "max_item_id": int(s.execute(select(func.max(Item.id))).scalar() or 0)}
+        if data is None:
+            data = build_training_data(engine, min_rating=min_rating, session=s)
     if len(data.users) == 0:
         raise ConfigError("no positive interactions to train on; ingest interactions first")
     fit_data, test, held = registry.split_holdout(engine, data, holdout)
@@ -185,17 +187,22 @@ def train(engine: "Engine", ranker: str | None = None, *, options: Mapping[str, 
             "users": data.n_users, "items": data.n_items, "interactions": int(len(fit_data.users)),
             "modalities": list(data.item_features), "seconds": round(seconds, 2),
             "info": _jsonable(info), "holdout": held, "metrics": metrics, "warm_start": warm,
+            # until the gate has run the version is not good (an interrupted gate leaves
+            # it so: never a fallback or rollback target)
+            "gate": {"passed": False, "pending": True, "reasons": ["the gate has not run"]},
             **seen_up_to}
     live = registry.live_version(engine)
-    if live is not None and not registry.has_pointer(engine):
-        registry.pin_live(engine, live, "registry")  # storing a version must not make it live
+    if not registry.has_pointer(engine):  # storing a version must not make it live, not
+        registry.pin_live(engine, live, "registry")  # even for a moment (live may be None)
     with engine.store.session() as s:
         version = save_artifact(s, PIPELINE_ARTIFACT, "pipeline", to_bytes(payload), meta)
-    if live is None and not registry.has_pointer(engine):
-        registry.pin_live(engine, None, "registry")  # live only once it passes
-    verdict = registry.run_gate(engine, name=name, model=model, version=version, live=live,
-                                train=fit_data, test=test, holdout=held, metrics=metrics,
-                                config=registry.gate_config(engine, gate), per_user=per_user)
+    try:
+        verdict = registry.run_gate(engine, name=name, model=model, version=version, live=live,
+                                    train=fit_data, test=test, holdout=held, metrics=metrics,
+                                    config=gate_settings, per_user=per_user)
+    except Exception as exc:  # noqa: BLE001 - a gate that cannot run is a failed gate
+        verdict = {"passed": False, "checks": {},
+                   "reasons": [f"the gate could not run: {type(exc).__name__}: {exc}"]}
     activated = bool(verdict["passed"] or force)
     forced = bool(force and not verdict["passed"])
     registry.update_meta(engine, version, gate=_jsonable(verdict), forced=forced)
