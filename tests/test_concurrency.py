@@ -187,7 +187,7 @@ def test_mixed_http_load_from_new_users_and_new_items_has_no_errors(tmp_path, tr
         # the new items were encoded in the background and the recommender serves them
         assert eng.wait_for_encoding(180)
         assert eng.services.arrivals().status()["errors"] == []
-        snap = eng.services.recommender().refresh()
+        snap = eng.services.recommender().refresh(wait=True)  # after any running refresh
         assert snap.data.n_items == 1682 + REQUESTS // 10
         present = snap.data.item_features["text"][1]
         assert bool(present.all())

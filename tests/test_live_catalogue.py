@@ -92,7 +92,7 @@ def test_put_items_are_encoded_on_arrival_and_every_user_is_served(tmp_path, tra
         assert any(i.startswith("live-") for i in dense), body["results"]
         # the recommender's snapshot has the new items and their vectors
         rec = eng.services.recommender()
-        snap = rec.refresh()
+        snap = rec.refresh(wait=True)  # not the snapshot of a refresh still running
         assert snap.data.n_items == 1682 + N_NEW
         index = snap.data.item_index()
         new_rows = [index[v.id] for v in snap.views if v.external_id.startswith("live-")]

@@ -30,7 +30,7 @@ import traceback
 from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, select, update
 
 from polyrec.errors import ConfigError, NotFoundError
 from polyrec.store.models import Artifact, Item, Setting, User
@@ -201,15 +201,41 @@ def pin_live(engine: "Engine", version: int | None, by: str) -> None:
                                     "at": time.time()})
 
 
+def _lock_pointer(session: Any) -> None:
+    """Begin the session's transaction with a write to the pointer row, so that what it
+    reads next (the pointer, the versions) cannot change before it commits: SQLite takes
+    its write lock here, PostgreSQL locks the row. Activate, rollback and prune run
+    their read-check-write under it, so they never leave the pointer on a deleted version."""
+    session.execute(update(Setting).where(Setting.key == LIVE_KEY).values(key=LIVE_KEY))
+
+
+def _live_in(session: Any) -> int | None:
+    row = session.get(Setting, LIVE_KEY)
+    if row is not None and row.value and "version" in row.value:
+        return int(row.value["version"]) if row.value["version"] is not None else None
+    latest = session.execute(select(func.max(Artifact.version))
+                             .where(Artifact.name == PIPELINE_ARTIFACT)).scalar()
+    return int(latest) if latest is not None else None
+
+
 def set_live(engine: "Engine", version: int, by: str) -> dict[str, Any]:
     """Point ``models.live`` at ``version`` (which must exist); resets the loaded
     recommender of this engine (other processes notice the pointer within a second)."""
-    if version not in _versions(engine):
-        raise NotFoundError(f"no version {version} of the model '{PIPELINE_ARTIFACT}' "
-                            f"(run `polyrec models list`)")
-    previous = live_version(engine)
-    pointer = {"version": int(version), "previous": previous, "by": by, "at": time.time()}
-    _set_setting(engine, LIVE_KEY, pointer)
+    with engine.store.session() as s:
+        _lock_pointer(s)
+        exists = s.execute(select(func.count()).select_from(Artifact)
+                           .where(Artifact.name == PIPELINE_ARTIFACT)
+                           .where(Artifact.version == int(version))).scalar_one()
+        if not exists:
+            raise NotFoundError(f"no version {version} of the model '{PIPELINE_ARTIFACT}' "
+                                f"(run `polyrec models list`)")
+        previous = _live_in(s)
+        pointer = {"version": int(version), "previous": previous, "by": by, "at": time.time()}
+        row = s.get(Setting, LIVE_KEY)
+        if row is None:
+            s.add(Setting(key=LIVE_KEY, value=pointer))
+        else:
+            row.value = pointer
     engine.services.reset_recommender()
     log.info("model %s v%s is live (%s; previous: v%s)", PIPELINE_ARTIFACT, version, by, previous)
     return pointer
@@ -299,21 +325,25 @@ def prune(engine: "Engine", keep: int) -> dict[str, Any]:
     """Delete all but the ``keep`` newest versions; the live version is always kept."""
     if keep < 1:
         raise ConfigError(f"--keep must be at least 1, not {keep}")
-    live = live_version(engine)
-    versions = sorted(_versions(engine), reverse=True)
-    kept = set(versions[:keep]) | ({live} if live is not None else set())
-    gone = sorted(v for v in versions if v not in kept)
-    if gone:
-        with engine.store.session() as s:
+    freed = 0
+    with engine.store.session() as s:  # the pointer cannot move until the deletes commit
+        _lock_pointer(s)
+        live = _live_in(s)
+        versions = sorted(s.execute(select(Artifact.version)
+                                    .where(Artifact.name == PIPELINE_ARTIFACT)).scalars(),
+                          reverse=True)
+        kept = set(versions[:keep]) | ({live} if live is not None else set())
+        gone = sorted(v for v in versions if v not in kept)
+        if gone:
             freed = int(s.execute(select(func.coalesce(func.sum(func.length(Artifact.data)), 0))
                                   .where(Artifact.name == PIPELINE_ARTIFACT)
                                   .where(Artifact.version.in_(gone))).scalar() or 0)
             s.execute(delete(Artifact).where(Artifact.name == PIPELINE_ARTIFACT)
                       .where(Artifact.version.in_(gone)))
-    else:
-        freed = 0
-    if live is not None and not has_pointer(engine):
-        pin_live(engine, live, "prune")  # with no pointer, "latest" must not change meaning
+        if live is not None and s.get(Setting, LIVE_KEY) is None:
+            # with no pointer, "latest" must not change meaning
+            s.add(Setting(key=LIVE_KEY, value={"version": live, "previous": None,
+                                               "by": "prune", "at": time.time()}))
     return {"deleted": gone, "kept": sorted(kept), "live": live, "bytes_freed": freed}
 
 
