@@ -18,23 +18,23 @@ import json
 import logging
 import math
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
-from sqlalchemy import Connection, Text, bindparam, func, select, type_coerce
+from sqlalchemy import Connection, Text, func, select, type_coerce
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from polyrec.store import catalog
 from polyrec.store.catalog import DEFAULT_KIND_WEIGHTS, dialect_insert  # noqa: F401 - re-exported
 from polyrec.ingest import interactions
-from polyrec.errors import ConfigError, ModelNotTrainedError, NotFoundError, ValidationError
+from polyrec.errors import ConfigError, ModelNotTrainedError
 from polyrec.rank.train import PIPELINE_ARTIFACT
 from polyrec.contracts import LearnerContext
-from polyrec.store.models import (Interaction, Item, ItemVector, LearnerState, Setting, User,
+from polyrec.store.models import (Interaction, Item, ItemVector, LearnerState, User,
                                   UserState)
+from polyrec.store.settings import get_setting, put_setting
 from polyrec.store.vectors import load_vectors
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -94,8 +94,7 @@ def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _stored_overrides(session: Session) -> dict[str, Any]:
-    row = session.get(Setting, SETTINGS_KEY)
-    return dict(row.value or {}) if row is not None else {}
+    return dict(get_setting(session, SETTINGS_KEY) or {})
 
 
 def load_config(engine: "Engine") -> dict[str, Any]:
@@ -150,11 +149,7 @@ def set_config(engine: "Engine", assignments: Mapping[str, Any]) -> dict[str, An
                                   merged[name], None)
                 except (TypeError, ValueError) as exc:
                     raise ConfigError(f"feedback setting for '{name}': {exc}") from None
-        row = s.get(Setting, SETTINGS_KEY)
-        if row is None:
-            s.add(Setting(key=SETTINGS_KEY, value=overrides))
-        else:
-            row.value = overrides
+        put_setting(s, SETTINGS_KEY, overrides)
     running = engine.services.started("feedback")
     if running is not None:
         running.reconfigure(merged)

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select
 
-from polyrec.store.models import Artifact, Interaction, Item, Setting
+from polyrec.store.models import Artifact, Interaction, Item
+from polyrec.store.settings import get_setting, put_setting
 
 if TYPE_CHECKING:  # pragma: no cover
     from polyrec.engine import Engine
@@ -50,17 +51,13 @@ def latest_model(engine: "Engine") -> dict[str, Any] | None:
 
 def _marker(engine: "Engine") -> dict[str, Any] | None:
     with engine.store.session() as s:
-        row = s.get(Setting, MARKER_KEY)
-        return dict(row.value) if row is not None else None
+        value = get_setting(s, MARKER_KEY)
+    return dict(value) if value is not None else None
 
 
 def _save_marker(engine: "Engine", marker: dict[str, Any]) -> None:
     with engine.store.session() as s:
-        row = s.get(Setting, MARKER_KEY)
-        if row is None:
-            s.add(Setting(key=MARKER_KEY, value=marker))
-        else:
-            row.value = marker
+        put_setting(s, MARKER_KEY, marker)
 
 
 def _store_ids(engine: "Engine") -> tuple[int, int]:

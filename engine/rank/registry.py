@@ -34,6 +34,7 @@ from sqlalchemy import delete, func, select, update
 
 from polyrec.errors import ConfigError, NotFoundError
 from polyrec.store.models import Artifact, Item, Setting, User
+from polyrec.store.settings import get_setting, put_setting
 from polyrec.training_data import TrainingData
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -141,17 +142,13 @@ def holdout_metrics(ranker: "Ranker", train: TrainingData, test: list[torch.Tens
 # -- settings --------------------------------------------------------------------------------
 def _get_setting(engine: "Engine", key: str) -> dict[str, Any] | None:
     with engine.store.session() as s:
-        row = s.get(Setting, key)
-        return dict(row.value) if row is not None and row.value is not None else None
+        value = get_setting(s, key)
+    return dict(value) if value is not None else None
 
 
 def _set_setting(engine: "Engine", key: str, value: dict[str, Any]) -> None:
     with engine.store.session() as s:
-        row = s.get(Setting, key)
-        if row is None:
-            s.add(Setting(key=key, value=value))
-        else:
-            row.value = value
+        put_setting(s, key, value)
 
 
 def gate_config(engine: "Engine", overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -181,13 +178,7 @@ def live_version(engine: "Engine") -> int | None:
     """The live version: the pointer's, else (no pointer: an older database) the latest;
     None when nothing is trained. One or two small queries (cheap enough per request)."""
     with engine.store.session() as s:
-        row = s.get(Setting, LIVE_KEY)
-        if row is not None and row.value and "version" in row.value:
-            version = row.value["version"]  # None: nothing is live (no model passed the gate)
-            return int(version) if version is not None else None
-        latest = s.execute(select(func.max(Artifact.version))
-                           .where(Artifact.name == PIPELINE_ARTIFACT)).scalar()
-    return int(latest) if latest is not None else None
+        return _live_in(s)
 
 
 def has_pointer(engine: "Engine") -> bool:
@@ -210,9 +201,10 @@ def _lock_pointer(session: Any) -> None:
 
 
 def _live_in(session: Any) -> int | None:
-    row = session.get(Setting, LIVE_KEY)
-    if row is not None and row.value and "version" in row.value:
-        return int(row.value["version"]) if row.value["version"] is not None else None
+    """``live_version`` inside the caller's session."""
+    pointer = get_setting(session, LIVE_KEY)
+    if pointer and "version" in pointer:  # None: nothing is live (no model passed the gate)
+        return int(pointer["version"]) if pointer["version"] is not None else None
     latest = session.execute(select(func.max(Artifact.version))
                              .where(Artifact.name == PIPELINE_ARTIFACT)).scalar()
     return int(latest) if latest is not None else None
@@ -231,11 +223,7 @@ def set_live(engine: "Engine", version: int, by: str) -> dict[str, Any]:
                                 f"(run `polyrec models list`)")
         previous = _live_in(s)
         pointer = {"version": int(version), "previous": previous, "by": by, "at": time.time()}
-        row = s.get(Setting, LIVE_KEY)
-        if row is None:
-            s.add(Setting(key=LIVE_KEY, value=pointer))
-        else:
-            row.value = pointer
+        put_setting(s, LIVE_KEY, pointer)
     engine.services.reset_recommender()
     log.info("model %s v%s is live (%s; previous: v%s)", PIPELINE_ARTIFACT, version, by, previous)
     return pointer
@@ -340,10 +328,10 @@ def prune(engine: "Engine", keep: int) -> dict[str, Any]:
                                   .where(Artifact.version.in_(gone))).scalar() or 0)
             s.execute(delete(Artifact).where(Artifact.name == PIPELINE_ARTIFACT)
                       .where(Artifact.version.in_(gone)))
-        if live is not None and s.get(Setting, LIVE_KEY) is None:
+        if live is not None and get_setting(s, LIVE_KEY) is None:
             # with no pointer, "latest" must not change meaning
-            s.add(Setting(key=LIVE_KEY, value={"version": live, "previous": None,
-                                               "by": "prune", "at": time.time()}))
+            put_setting(s, LIVE_KEY, {"version": live, "previous": None, "by": "prune",
+                                      "at": time.time()})
     return {"deleted": gone, "kept": sorted(kept), "live": live, "bytes_freed": freed}
 
 
