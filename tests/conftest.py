@@ -142,6 +142,27 @@ def ml100k_encoded_db(tmp_path_factory, ml100k_db) -> Path:
     return db
 
 
+#: The default pipeline trained fast (the tests' setting): the two-tower trains 2 epochs
+#: without its own early stopping, EASE gets a fixed l2 instead of its validation grid.
+FAST_DEFAULT_PIPELINE = {"epochs": 2, "seed": 0,
+                         "options": {"base_options": {"l2": 500.0},
+                                     "scorers": [{"name": "two_tower",
+                                                  "options": {"dim": 32, "validation": False}}]}}
+
+
+@pytest.fixture(scope="session")
+def ml100k_default_db(tmp_path_factory, ml100k_encoded_db):
+    """ml100k_encoded_db with the default pipeline trained once with
+    FAST_DEFAULT_PIPELINE (version 1, live), and its TrainReport: (path, report).
+    Read-only: a test or module copies it (``copy_db``) before using it."""
+    from polyrec import Engine
+    db = copy_db(ml100k_encoded_db, tmp_path_factory.mktemp("ml100k_default"))
+    with torch_threads(1), Engine(db, device="cpu", entrypoints=False, progress=False) as eng:
+        report = eng.train(**FAST_DEFAULT_PIPELINE)
+    _checkpoint(db)
+    return db, report
+
+
 def copy_db(src: Path, dst_dir: Path) -> Path:
     """Copy a SQLite database (checkpointed, so the copy is complete) for a test to write."""
     dst = dst_dir / src.name

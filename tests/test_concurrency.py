@@ -85,20 +85,11 @@ def test_snapshot_sees_one_state_of_the_store(tmp_path):
 
 # -- the HTTP mix --------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def trained_db(tmp_path_factory, ml100k_encoded_db):
-    """The encoded ml-100k store with the default pipeline trained fast (as in
-    tests/test_recommend.py)."""
-    from conftest import _checkpoint, copy_db
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    db = copy_db(ml100k_encoded_db, tmp_path_factory.mktemp("concurrency"))
-    options = {"base_options": {"l2": 500.0},
-               "scorers": [{"name": "two_tower", "options": {"dim": 32, "validation": False}}]}
-    with _open(db) as eng:
-        eng.train(epochs=2, seed=0, options=options)
-    _checkpoint(db)
-    torch.set_num_threads(before)
-    return db
+def trained_db(tmp_path_factory, ml100k_default_db):
+    """A copy of the encoded ml-100k store with the default pipeline trained fast
+    (conftest.FAST_DEFAULT_PIPELINE)."""
+    from conftest import copy_db
+    return copy_db(ml100k_default_db[0], tmp_path_factory.mktemp("concurrency"))
 
 
 QUERIES = ["star wars", "toy story", "comedy about a wedding", "space adventure",

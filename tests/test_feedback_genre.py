@@ -212,22 +212,10 @@ def test_serving_an_experiment_records_impressions_per_variant(trained_db, tmp_p
 
 
 #: The default pipeline (two-tower + EASE hybrid) with the fast options of
-#: tests/test_recommend.py: the two-tower trains 2 epochs, EASE gets a fixed l2.
-DEFAULT_FAST = {"epochs": 2, "seed": 0,
-                "options": {"base_options": {"l2": 500.0},
-                            "scorers": [{"name": "two_tower",
-                                         "options": {"dim": 32, "validation": False}}]}}
-
-
 @pytest.fixture(scope="module")
-def default_db(tmp_path_factory, ml100k_encoded_db):
-    from conftest import _checkpoint, copy_db
-    torch.set_num_threads(1)
-    db = copy_db(ml100k_encoded_db, tmp_path_factory.mktemp("genre_default"))
-    with _open(db) as eng:
-        eng.train(**DEFAULT_FAST)
-    _checkpoint(db)
-    return db
+def default_db(tmp_path_factory, ml100k_default_db):
+    from conftest import copy_db
+    return copy_db(ml100k_default_db[0], tmp_path_factory.mktemp("genre_default"))
 
 
 def _session_module():

@@ -279,13 +279,9 @@ def test_hybrid_scores_a_grown_catalogue_and_rescores_new_items(grown):
 
 # -- end to end: Engine.add_items + Engine.encode, then recommend with no retrain -------
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, ml100k_encoded_db):
-    from conftest import _checkpoint, copy_db
-    db = copy_db(ml100k_encoded_db, tmp_path_factory.mktemp("living"))
-    with _open(db) as eng:
-        eng.train(epochs=2, seed=0, options=FAST["hybrid"])
-    _checkpoint(db)
-    return db
+def trained(tmp_path_factory, ml100k_default_db):
+    from conftest import copy_db
+    return copy_db(ml100k_default_db[0], tmp_path_factory.mktemp("living"))
 
 
 @pytest.mark.slow

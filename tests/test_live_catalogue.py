@@ -19,12 +19,7 @@ NEW = [{"external_id": f"live-{n}", "title": f"Zebra Planet {n} (2031)",
         "attributes": {"release_year": 2031, "class": "Documentary"}} for n in range(N_NEW)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _open(path, **kw) -> Engine:
@@ -32,19 +27,11 @@ def _open(path, **kw) -> Engine:
 
 
 @pytest.fixture(scope="module")
-def trained_db(tmp_path_factory, ml100k_encoded_db):
-    """The encoded ml-100k store (bert + kg vectors) with the default pipeline trained
-    fast, as tests/test_recommend.py does: two_tower dim 32, 2 epochs, no validation;
-    EASE with a fixed l2."""
-    from conftest import _checkpoint, copy_db
-    torch.set_num_threads(1)
-    db = copy_db(ml100k_encoded_db, tmp_path_factory.mktemp("live"))
-    options = {"base_options": {"l2": 500.0},
-               "scorers": [{"name": "two_tower", "options": {"dim": 32, "validation": False}}]}
-    with _open(db) as eng:
-        eng.train(epochs=2, seed=0, options=options)
-    _checkpoint(db)
-    return db
+def trained_db(tmp_path_factory, ml100k_default_db):
+    """A copy of the encoded ml-100k store with the default pipeline trained fast
+    (conftest.FAST_DEFAULT_PIPELINE)."""
+    from conftest import copy_db
+    return copy_db(ml100k_default_db[0], tmp_path_factory.mktemp("live"))
 
 
 def _vectors_of(eng: Engine, external_ids: list[str]) -> dict[str, set[str]]:

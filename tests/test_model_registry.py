@@ -15,18 +15,13 @@ from polyrec import Engine, Ranker, hookimpl
 from polyrec.cli.main import cli
 from polyrec.errors import NotFoundError
 
-pytestmark = pytest.mark.slow  # every test here is over ~5 s (make test-fast skips them)
+pytestmark = [pytest.mark.slow,  # every test here is over ~5 s (make test-fast skips them)
+              pytest.mark.usefixtures("one_thread")]  # tests/conftest.py
 
 USER = "1"
 EASE = {"l2": 500.0}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class BrokenRanker(Ranker):

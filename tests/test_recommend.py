@@ -3,7 +3,6 @@ pipeline (two_tower + EASE ensemble), artifacts, filters, exclude-seen, MMR, exp
 from __future__ import annotations
 
 import pytest
-import torch
 
 from polyrec import Engine
 from polyrec.errors import ConfigError, ModelNotTrainedError, NotFoundError
@@ -19,20 +18,12 @@ def _open(path) -> Engine:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, ml100k_encoded_db):
-    """A copy of the encoded ml-100k store with the default pipeline trained (the
-    two_tower + EASE ensemble, weights chosen on validation) and its TrainReport. To stay
-    fast the two-tower trains 2 epochs without its own early stopping and EASE gets a
-    fixed l2 instead of its validation grid."""
-    from conftest import _checkpoint, copy_db
-    torch.set_num_threads(1)
-    db = copy_db(ml100k_encoded_db, tmp_path_factory.mktemp("recommend"))
-    options = {"base_options": {"l2": 500.0},
-               "scorers": [{"name": "two_tower", "options": {"dim": 32, "validation": False}}]}
-    with _open(db) as eng:
-        report = eng.train(epochs=2, seed=0, options=options)
-    _checkpoint(db)
-    return db, report
+def trained(tmp_path_factory, ml100k_default_db):
+    """A copy of the encoded ml-100k store with the default pipeline trained fast
+    (conftest.FAST_DEFAULT_PIPELINE) and its TrainReport."""
+    from conftest import copy_db
+    db, report = ml100k_default_db
+    return copy_db(db, tmp_path_factory.mktemp("recommend")), report
 
 
 @pytest.fixture(scope="module")
