@@ -38,7 +38,6 @@ import os
 import platform
 import random
 import shutil
-import sqlite3
 import tempfile
 import threading
 import time
@@ -76,14 +75,6 @@ def pseudo_word(seed: int, batch: int) -> str:
     return "zq" + "".join(letters)
 
 
-def checkpoint(db: Path) -> None:
-    con = sqlite3.connect(db)
-    try:
-        con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    finally:
-        con.close()
-
-
 def open_engine(db: Path, device: str) -> Any:
     from polyrec import Engine
     return Engine(db, device=device, entrypoints=False, progress=False)
@@ -108,6 +99,7 @@ def prepare(db: Path, data: Path, ranker: str, device: str) -> dict[str, Any]:
         else:
             eng.train(ranker, seed=0)
         out["train_s"] = round(time.perf_counter() - t, 1)
+    from polyrec.store.sqlite import checkpoint
     checkpoint(db)
     return out
 
