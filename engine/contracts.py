@@ -484,6 +484,10 @@ class FeedbackLearner(ABC):
     """
 
     name: ClassVar[str]
+    #: Event kinds this learner adds, with their default weights (the feedback setting
+    #: ``kind_weights``): once the plugin is loaded, every write path (files, the Python
+    #: API, HTTP) accepts them; a stored ``kind_weights`` setting overrides the weight.
+    kinds: ClassVar[Mapping[str, float]] = {}
 
     def __init__(self, context: LearnerContext | None = None, **options: Any) -> None:
         self.context = context if context is not None else LearnerContext(name=getattr(self, "name", ""))

@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 
 from polyrec.store import catalog
 from polyrec.device import resolve_device
-from polyrec.errors import ValidationError
+from polyrec.ingest.records import check_records
 from polyrec.plugin_host import DEFAULT_PLUGINS, PluginHost, Registry
 from polyrec.services import Services
 from polyrec.store import Store
@@ -78,9 +78,7 @@ class Engine:
         With ``encode_on_arrival`` (the default) the written items are then encoded in
         the background by the encoders that already have stored vectors
         (:meth:`wait_for_encoding` waits for it)."""
-        for n, rec in enumerate(items, start=1):
-            if not str(rec.get("external_id") or "").strip():
-                raise ValidationError("missing item id", file="add_items", row=n, field="external_id")
+        items = check_records(items, "add_items", "item")
         with self.store.session() as s:
             written = catalog.upsert_items(s, items)
             ids = (catalog.item_ids(s, (str(r["external_id"]) for r in items))
@@ -96,9 +94,7 @@ class Engine:
 
     def add_users(self, users: Sequence[Mapping[str, Any]]) -> int:
         """Insert or update users (dicts with ``external_id`` and optional attributes)."""
-        for n, rec in enumerate(users, start=1):
-            if not str(rec.get("external_id") or "").strip():
-                raise ValidationError("missing user id", file="add_users", row=n, field="external_id")
+        users = check_records(users, "add_users", "user")
         with self.store.session() as s:
             return catalog.upsert_users(s, users)
 

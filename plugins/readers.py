@@ -14,37 +14,115 @@ from typing import Any, Callable, Iterator
 
 from polyrec import Reader, Row, ValidationError, hookimpl
 
-_EXTRA = "\x00extra"  # csv.DictReader restkey for values beyond the header
+#: The csv module's own limit on one field, raised from its default (131,072): longer
+#: cells are read and then refused by ingestion with their row and column; only a cell
+#: over this is refused by the reader (with its row).
+CSV_FIELD_LIMIT = 64 << 20
 
 
 def _open_text(path: Path):  # type: ignore[no-untyped-def]
+    """UTF-8 text; a byte-order mark at the start is not part of the first column."""
     try:
-        return open(path, newline="", encoding="utf-8")
+        return open(path, newline="", encoding="utf-8-sig")
     except OSError as exc:
         raise ValidationError(f"cannot open: {exc.strerror or exc}", file=str(path)) from exc
 
 
+class _Lines:
+    """The physical lines of a file for csv.reader, keeping those of the record being
+    parsed so that a record the parser gives up on can be re-read from its second line
+    (an unterminated quote would otherwise swallow every row after it)."""
+
+    def __init__(self, fh: Any) -> None:
+        self.fh, self.pending, self.current = fh, [], []  # type: ignore[var-annotated]
+
+    def __iter__(self) -> "_Lines":
+        return self
+
+    def __next__(self) -> str:
+        line = self.pending.pop() if self.pending else next(self.fh)
+        self.current.append(line)
+        return line
+
+    def start_record(self) -> None:
+        self.current = []
+
+    def replay_after_first(self) -> str:
+        """Give back all but the first line of the failed record; return the first."""
+        first, rest = self.current[0], self.current[1:]
+        self.pending.extend(reversed(rest))
+        self.current = []
+        return first
+
+
+def _csv_options(delimiter: str) -> dict[str, Any]:
+    quoting = csv.QUOTE_MINIMAL if delimiter == "," else csv.QUOTE_NONE
+    return {"delimiter": delimiter, "quoting": quoting, "strict": delimiter == ","}
+
+
+def _open_field(line: str, delimiter: str, header: list[str]) -> str | None:
+    """The column whose quoted value starts on ``line`` and is never closed."""
+    values = next(csv.reader([line], delimiter=delimiter), [])
+    return header[len(values) - 1] if 0 < len(values) <= len(header) else None
+
+
 def _delimited_rows(path: Path, delimiter: str) -> Iterator[Row]:
-    """Rows of a delimited text file with a header line; '' becomes None."""
+    """Rows of a delimited text file with a header line; '' becomes None. A record the
+    csv parser refuses (an unterminated or stray quote, a cell over CSV_FIELD_LIMIT) is
+    one bad row, and parsing resumes at the line after the one it started on."""
+    options = _csv_options(delimiter)
+    if csv.field_size_limit() < CSV_FIELD_LIMIT:
+        csv.field_size_limit(CSV_FIELD_LIMIT)
     with _open_text(path) as fh:
-        reader = csv.DictReader(fh, delimiter=delimiter, restkey=_EXTRA,
-                                quoting=csv.QUOTE_MINIMAL if delimiter == "," else csv.QUOTE_NONE)
-        header = reader.fieldnames or []
-        for number, raw in enumerate(reader, start=1):
+        lines = _Lines(fh)
+        reader = csv.reader(lines, **options)
+        try:
+            header = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            raise ValidationError(f"unreadable header: {exc}", file=str(path), row=None) from None
+        number = 0
+        while True:
+            lines.start_record()
+            try:
+                values = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:
+                number += 1
+                first = lines.replay_after_first()
+                reason = str(exc)
+                column = None
+                if "unexpected end of data" in reason or "expected after" in reason:
+                    column = _open_field(first, delimiter, header)
+                    reason = ("unterminated quoted value" if "end of data" in reason
+                              else f"malformed quoting ({reason})")
+                elif "field limit" in reason:
+                    reason = f"a value over {CSV_FIELD_LIMIT:,} characters"
+                yield Row(number, {None: ValidationError(reason, field=column)})
+                reader = csv.reader(lines, **options)
+                continue
+            if not values:
+                continue  # a blank line
+            number += 1
             fields: dict[Any, Any] = {}
-            for key, value in raw.items():
-                if key == _EXTRA:
-                    fields[None] = (f"{len(value)} more value(s) than the {len(header)} "
-                                    f"columns of the header")
-                    continue
-                fields[key] = None if value is None or value.strip() == "" else value
+            for key, value in zip(header, values):
+                fields[key] = None if value.strip() == "" else value
+            for key in header[len(values):]:
+                fields[key] = None
+            if len(values) > len(header):
+                fields[None] = (f"{len(values) - len(header)} more value(s) than the "
+                                f"{len(header)} columns of the header")
             yield Row(number, fields)
 
 
 def _header(path: Path, delimiter: str) -> list[str]:
     with _open_text(path) as fh:
-        line = fh.readline().rstrip("\r\n")
-    return next(csv.reader([line], delimiter=delimiter)) if line else []
+        try:
+            return next(csv.reader(fh, **_csv_options(delimiter)), [])
+        except csv.Error as exc:
+            raise ValidationError(f"unreadable header: {exc}", file=str(path)) from None
 
 
 class CsvReader(Reader):

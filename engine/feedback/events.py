@@ -97,10 +97,20 @@ def _stored_overrides(session: Session) -> dict[str, Any]:
     return dict(get_setting(session, SETTINGS_KEY) or {})
 
 
+def defaults(engine: "Engine") -> dict[str, Any]:
+    """DEFAULT_CONFIG plus the event kinds the registered learners add
+    (``FeedbackLearner.kinds``) under ``kind_weights``."""
+    out = copy.deepcopy(DEFAULT_CONFIG)
+    for _, cls in engine.registry("feedback_learners").items():
+        for kind, weight in (getattr(cls, "kinds", None) or {}).items():
+            out["kind_weights"].setdefault(str(kind).strip().lower(), float(weight))
+    return out
+
+
 def load_config(engine: "Engine") -> dict[str, Any]:
     """The feedback settings of this database: stored overrides merged over the defaults."""
     with engine.store.session() as s:
-        return _merge(DEFAULT_CONFIG, _stored_overrides(s))
+        return _merge(defaults(engine), _stored_overrides(s))
 
 
 def _parse_value(raw: str) -> Any:
@@ -114,12 +124,13 @@ def set_config(engine: "Engine", assignments: Mapping[str, Any]) -> dict[str, An
     """Store settings given as dotted paths (``{"online.decay": 0.8}``); strings are read
     as JSON. Unknown paths are refused, except new event kinds under ``kind_weights``.
     Returns the merged settings."""
+    base = defaults(engine)
     with engine.store.session() as s:
         overrides = _stored_overrides(s)
         for path, raw in assignments.items():
             value = _parse_value(raw) if isinstance(raw, str) else raw
             keys = path.split(".")
-            default: Any = DEFAULT_CONFIG
+            default: Any = base
             for depth, key in enumerate(keys):
                 if not isinstance(default, dict) or (key not in default and not (
                         depth == 1 and keys[0] == "kind_weights")):
@@ -136,7 +147,7 @@ def set_config(engine: "Engine", assignments: Mapping[str, Any]) -> dict[str, An
             for key in keys[:-1]:
                 node = node.setdefault(key, {})
             node[keys[-1]] = value
-        merged = _merge(DEFAULT_CONFIG, overrides)
+        merged = _merge(base, overrides)
         registered = engine.registry("feedback_learners")
         for role, name in merged["roles"].items():
             if name is not None and name not in registered.names():

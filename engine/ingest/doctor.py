@@ -1,7 +1,7 @@
 """``polyrec doctor``: a data quality report over the store.
 
-Checks: items missing text, missing images and image references whose local file does
-not exist, duplicate titles, orphan interactions (user or item row gone), users and items
+Checks: items missing text, missing images, image references whose local file does
+not exist or is not an image, duplicate titles, orphan interactions (user or item row gone), users and items
 with fewer than N interactions, sparsity of the user x item matrix, items not linked to
 the knowledge graph. Every check gives a count and a few example external ids.
 """
@@ -26,6 +26,19 @@ def _is_local(ref: str) -> bool:
     return "://" not in ref and not ref.startswith("data:")
 
 
+def is_image_file(path: str) -> bool:
+    """Whether Pillow recognises the file as an image (it reads the header only)."""
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path) as img:
+            img.verify()
+        return True
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        return False
+    except Exception:  # noqa: BLE001 - a decoder bug on a hostile file is "not an image"
+        return False
+
+
 def doctor(engine: "Engine", *, min_interactions: int = 5, examples: int = 5) -> dict[str, Any]:
     """The report as a dict: ``counts``, ``checks`` (name -> count and examples),
     ``sparsity`` and ``warnings`` (one human-readable line per failed check)."""
@@ -43,13 +56,20 @@ def doctor(engine: "Engine", *, min_interactions: int = 5, examples: int = 5) ->
         no_image = ids(select(Item.external_id).where(or_(Item.image.is_(None), Item.image == ""))
                        .order_by(Item.id))
         broken: list[str] = []
-        n_broken = 0
+        not_images: list[str] = []
+        n_broken = n_not_images = 0
         for ext, ref in s.execute(select(Item.external_id, Item.image)
                                   .where(Item.image.is_not(None), Item.image != "").order_by(Item.id)):
-            if _is_local(ref) and not os.path.isfile(ref):
+            if not _is_local(ref):
+                continue
+            if not os.path.isfile(ref):
                 n_broken += 1
                 if len(broken) < examples:
                     broken.append(ext)
+            elif not is_image_file(ref):
+                n_not_images += 1
+                if len(not_images) < examples:
+                    not_images.append(ext)
 
         title = func.lower(func.trim(Item.title))
         dup_q = (select(Item.title, func.count().label("n")).where(Item.title.is_not(None))
@@ -88,6 +108,7 @@ def doctor(engine: "Engine", *, min_interactions: int = 5, examples: int = 5) ->
         "items_missing_text": _check(*no_text),
         "items_missing_image": _check(*no_image),
         "image_files_missing": _check(n_broken, broken),
+        "image_files_not_images": _check(n_not_images, not_images),
         "duplicate_titles": {"count": len(dups), "items": int(dup_items),
                              "examples": [t for t, _ in dups[:examples]]},
         "orphan_interactions": _check(*orphans),
@@ -126,6 +147,8 @@ def _warnings(report: dict[str, Any]) -> list[str]:
         "items_missing_text": ("items have no text", "items"),
         "items_missing_image": ("items have no image", "items"),
         "image_files_missing": ("items reference an image file that does not exist", "items"),
+        "image_files_not_images": ("items reference a file that is not an image Pillow can "
+                                   "read", "items"),
         "orphan_interactions": ("interactions point to a missing user or item", "interactions"),
         "ratings_without_value": ("rating interactions have no or a negative value",
                                   "interactions"),

@@ -30,6 +30,7 @@ from polyrec.contracts import Reader, Row
 from polyrec.errors import ConfigError, NotFoundError, ValidationError
 from polyrec.ingest import interactions
 from polyrec.ingest.interactions import BadValue, is_blank, to_id, to_number, to_timestamp  # noqa: F401
+from polyrec.store.ids import is_missing_id
 from polyrec.knowledge_graph import store as kg_store
 from polyrec.store import catalog
 from polyrec.store.models import Entity, Item, Triple, User
@@ -72,6 +73,8 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "kg": ("head", "relation", "tail"), "links": ("item", "entity"),
 }
 DEFAULT_BATCH = 5000
+#: The longest text a cell may hold, in every format (a longer one is a bad row).
+MAX_FIELD_CHARS = 1_000_000
 
 
 @dataclass
@@ -166,6 +169,31 @@ def _missing(value: Any) -> bool:
         (isinstance(value, list) and not value)
 
 
+def _is_nan(value: Any) -> bool:
+    return isinstance(value, float) and math.isnan(value)
+
+
+def check_value(value: Any, error: Any) -> None:
+    """The rules every cell of every reader obeys, whatever its field: text of at most
+    MAX_FIELD_CHARS characters and no infinite number (anywhere in a nested value).
+    ``error(message)`` builds the ValidationError to raise. NaN is a missing value in
+    attributes and context (as pandas writes one) and refused in ``value``/``ts``."""
+    if isinstance(value, str):
+        if len(value) > MAX_FIELD_CHARS:
+            raise error(f"a value of {len(value):,} characters, over the limit of "
+                        f"{MAX_FIELD_CHARS:,}")
+    elif isinstance(value, float):
+        if math.isinf(value):
+            raise error(f"not a finite number: {str(value)!r}")
+    elif isinstance(value, dict):
+        for key, inner in value.items():
+            check_value(key, error)
+            check_value(inner, error)
+    elif isinstance(value, (list, tuple)):
+        for inner in value:
+            check_value(inner, error)
+
+
 def to_text(value: Any) -> str | None:
     if _missing(value):
         return None
@@ -200,11 +228,19 @@ def _is_url(ref: str) -> bool:
 
 
 def resolve_image(ref: str, root: Path) -> str:
-    """A URL unchanged; a local path made absolute against ``root`` when relative."""
+    """A URL unchanged; a local path made absolute against ``root`` when relative. A
+    local path must lie under ``root`` (symbolic links followed): one that escapes it
+    (``../../etc/shadow``, ``/etc/shadow``) is a BadValue."""
     if _is_url(ref):
         return ref
     p = Path(ref).expanduser()
-    return os.path.abspath(p if p.is_absolute() else root / p)
+    resolved = os.path.abspath(p if p.is_absolute() else root / p)
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(resolved)
+    if os.path.commonpath([real_root, real]) != real_root:
+        raise _Bad(f"image path {ref!r} is outside the image root {str(root)!r} "
+                   "(choose the root with --image-root)")
+    return resolved
 
 
 class _ImageTemplate:
@@ -262,14 +298,17 @@ class _Parser:
         return ValidationError(message, file=self.file, row=row.number, field=fld)
 
     def required_id(self, row: Row, fld: str) -> str:
+        """The id in ``fld`` by the one id rule (engine/store/ids.py)."""
         col = self.mapping[fld]
         value = row.fields.get(col)
-        ident = "" if value is None else (value.strip() if type(value) is str else to_id(value))
-        if not ident or ident.lower() == "nan":
+        if is_missing_id(value):
             what = {"items": "item id", "users": "user id"}.get(self.kind, fld) \
                 if fld == "external_id" else fld
             raise self.error(row, col, f"missing {what}")
-        return ident
+        try:
+            return to_id(value)
+        except _Bad as exc:
+            raise self.error(row, col, str(exc)) from None
 
     def convert(self, row: Row, fld: str, fn: Any) -> Any:
         col = self.mapping.get(fld)
@@ -284,8 +323,13 @@ class _Parser:
             raise self.error(row, col, str(exc)) from None
 
     def parse(self, row: Row) -> dict[str, Any]:
-        if None in row.fields:
-            raise ValidationError(str(row.fields[None]), file=self.file, row=row.number)
+        if None in row.fields:  # the reader could not parse it: a str or ValidationError
+            bad = row.fields[None]
+            reason, fld = ((bad.reason, bad.field) if isinstance(bad, ValidationError)
+                           else (str(bad), None))
+            raise ValidationError(reason, file=self.file, row=row.number, field=fld)
+        for col, value in row.fields.items():
+            check_value(value, lambda message: self.error(row, str(col), message))
         return getattr(self, f"_{self.kind}")(row)
 
     def _items(self, row: Row) -> dict[str, Any]:
@@ -297,14 +341,17 @@ class _Parser:
         image = None
         if "image" in self.mapping:
             ref = to_text(row.fields.get(self.mapping["image"]))
-            image = resolve_image(ref.strip(), self.opts.image_root) if ref else None
+            try:
+                image = resolve_image(ref.strip(), self.opts.image_root) if ref else None
+            except _Bad as exc:
+                raise self.error(row, self.mapping["image"], str(exc)) from None
         if image is None and self.template is not None:
             try:
                 ref = self.template.render(row.fields)
+                resolved = resolve_image(ref, self.opts.image_root) if ref else None
             except _Bad as exc:
                 raise self.error(row, "image", str(exc)) from None
-            if ref:
-                resolved = resolve_image(ref, self.opts.image_root)
+            if resolved:
                 # a template is a guess at a path: keep it only where the file exists
                 image = resolved if _is_url(resolved) or os.path.isfile(resolved) else None
         if "image" in self.mapping or self.template is not None:
@@ -317,7 +364,8 @@ class _Parser:
 
     def _interactions(self, row: Row) -> interactions.CheckedEvent:
         raw = {fld: row.fields.get(col) for fld, col in self.mapping.items()}
-        raw = {fld: None if _missing(v) else v for fld, v in raw.items()}
+        # an empty cell is missing; a NaN is a number that is not finite (refused)
+        raw = {fld: None if _missing(v) and not _is_nan(v) else v for fld, v in raw.items()}
         raw["context"] = _attributes(row.fields, self.mapped) or None
         return interactions.check_event(raw, row=row.number, kinds=self.opts.kinds,
                                         source=self.file, fields=self.mapping,

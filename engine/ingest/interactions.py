@@ -40,6 +40,7 @@ from sqlalchemy import Connection, bindparam, select
 
 from polyrec.errors import NotFoundError, ValidationError
 from polyrec.store import catalog
+from polyrec.store.ids import BadId, check_id, is_missing_id, shown as shown_id
 from polyrec.store.models import Interaction, Item, User
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -64,12 +65,12 @@ def is_blank(value: Any) -> bool:
 
 
 def to_id(value: Any) -> str:
-    """An external id as a string; integral floats lose their '.0'."""
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    if isinstance(value, list):
-        return " ".join(str(v) for v in value)
-    return str(value).strip()
+    """An external id by the one rule of engine/store/ids.py (integral floats lose their
+    '.0'); BadValue saying why otherwise."""
+    try:
+        return check_id(value)
+    except BadId as exc:
+        raise BadValue(str(exc)) from None
 
 
 def _shown(value: Any) -> str:
@@ -163,15 +164,17 @@ def check_event(event: Mapping[str, Any], *, row: int, kinds: Iterable[str], sou
     ids = {}
     for name in ("user", "item"):
         raw = event.get(name)
-        ident = "" if raw is None else to_id(raw)
-        if not ident or ident.lower() == "nan":
+        if is_missing_id(raw):
             raise bad(name, f"missing {name} id")
-        ids[name] = ident
+        try:
+            ids[name] = to_id(raw)
+        except BadValue as exc:
+            raise bad(name, str(exc)) from None
     raw_kind = event.get("kind")
     kind = default_kind if is_blank(raw_kind) else str(raw_kind).strip().lower()
     known = list(kinds)
     if kind not in known:
-        raise bad("kind", f"unknown event kind '{kind}' (known: {', '.join(known)})")
+        raise bad("kind", f"unknown event kind {shown_id(kind)} (known: {', '.join(known)})")
     value = convert("value", to_number)
     ts = convert("ts", to_timestamp)
     if ts is None:
@@ -208,7 +211,7 @@ def dedup_keys(events: Sequence[CheckedEvent]) -> list[str]:
 
 def unknown_items_error(unknown: Sequence[str]) -> NotFoundError:
     """The error of the live paths for events naming items that are not in the catalogue."""
-    shown = ", ".join(repr(u) for u in list(unknown)[:5])
+    shown = ", ".join(shown_id(u) for u in list(unknown)[:5])
     return NotFoundError(f"unknown item {shown}: events must name items of the catalogue "
                          "(add them first with add_items or `polyrec ingest items`); "
                          "nothing was stored")

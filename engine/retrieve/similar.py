@@ -19,6 +19,7 @@ import torch
 
 from polyrec.errors import ConfigError, NotFoundError
 from polyrec.retrieve.search import VectorSpace, model_space, searcher, validate_k
+from polyrec.store.ids import shown
 
 if TYPE_CHECKING:  # pragma: no cover
     from polyrec.engine import Engine
@@ -85,7 +86,7 @@ def similar(engine: "Engine", item: str, k: int = 10, *,
         snap = srch.catalog(s, state)
         target = snap.internal.get(str(item))
         if target is None:
-            raise NotFoundError(f"unknown item '{item}'")
+            raise NotFoundError(f"unknown item {shown(item)}")
         allowed = snap.allowed(filters)
         spaces: dict[str, VectorSpace] = {}
         used = basis

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from polyrec.contracts import ItemView
 from polyrec.errors import NotFoundError
+from polyrec.store.ids import shown
 from polyrec.store.models import Entity, Item, User
 
 #: Interaction kinds the engine knows, with their default weight as implicit feedback.
@@ -144,7 +145,7 @@ def get_item_id(session: Session, external_id: str) -> int:
     """Internal id of one item; NotFoundError naming it when unknown."""
     found = item_ids(session, [external_id])
     if not found:
-        raise NotFoundError(f"unknown item '{external_id}'")
+        raise NotFoundError(f"unknown item {shown(external_id)}")
     return found[str(external_id)]
 
 
@@ -152,5 +153,5 @@ def get_user_id(session: Session, external_id: str) -> int:
     """Internal id of one user; NotFoundError naming it when unknown."""
     found = user_ids(session, [external_id])
     if not found:
-        raise NotFoundError(f"unknown user '{external_id}'")
+        raise NotFoundError(f"unknown user {shown(external_id)}")
     return found[str(external_id)]
