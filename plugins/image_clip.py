@@ -17,10 +17,7 @@ Options:
 """
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
-import io
 import json
 import logging
 import os
@@ -34,6 +31,8 @@ import torch
 
 from polyrec import (ConfigError, EncodeResult, Encoder, EncoderContext, EncodingError, ItemView,
                      autocast, hookimpl)
+from polyrec.plugins.image_io import (ImageSource, image_batches, image_content, load_image,
+                                      resolve_path)
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +42,7 @@ NO_WEIGHTS = ("none", "random", "")
 RANDOM_SEED = 0
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 
-ImageSource = str | Path | bytes
+__all__ = ["ClipEncoder", "NoPretrainedWeightsWarning", "load_image", "resolve_path"]
 
 
 class NoPretrainedWeightsWarning(UserWarning):
@@ -126,75 +125,6 @@ def _tag_preprocess(cfg: dict[str, Any]) -> dict[str, Any]:
         if cfg.get(key) is not None:
             out[arg] = cfg[key]
     return out
-
-
-def load_image(source: ImageSource, root: Path | None = None, draft: int | None = None) -> Any:
-    """Decode one image to an RGB PIL image; raise ValueError with a short reason.
-
-    ``draft`` lets the JPEG decoder scale down by a power of two while both sides stay
-    at least ``draft`` pixels (much faster for large photos that get resized anyway)."""
-    from PIL import Image, UnidentifiedImageError
-
-    if isinstance(source, bytes):
-        stream: Any = io.BytesIO(source)
-    else:
-        ref = str(source)
-        if ref.startswith("data:"):
-            try:
-                stream = io.BytesIO(base64.b64decode(ref.split(",", 1)[1], validate=True))
-            except (IndexError, binascii.Error):
-                raise ValueError("malformed data: URI") from None
-        elif "://" in ref:
-            raise ValueError(f"remote image {ref} is not fetched; store a local path")
-        else:
-            path = resolve_path(ref, root)
-            if not path.is_file():
-                raise ValueError(f"image file not found: {path}")
-            stream = path
-    try:
-        with Image.open(stream) as img:
-            if draft:
-                img.draft("RGB", (draft, draft))
-            img.load()
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise ValueError(f"cannot decode image: {exc}") from None
-
-
-def resolve_path(ref: str, root: Path | None) -> Path:
-    """A local image path: absolute as given, relative ones against ``root`` (or the cwd)."""
-    p = Path(ref).expanduser()
-    if p.is_absolute() or root is None:
-        return p
-    return root / p
-
-
-class _Images(torch.utils.data.Dataset):
-    """Decodes and preprocesses image k; failures come back as (k, None, reason)."""
-
-    def __init__(self, sources: Sequence[ImageSource], root: Path | None, preprocess: Any,
-                 draft: int | None = None) -> None:
-        self.sources, self.root, self.preprocess = list(sources), root, preprocess
-        self.draft = draft
-
-    def __len__(self) -> int:
-        return len(self.sources)
-
-    def __getitem__(self, k: int) -> tuple[int, torch.Tensor | None, str | None]:
-        try:
-            return k, self.preprocess(load_image(self.sources[k], self.root, self.draft)), None
-        except ValueError as exc:
-            return k, None, str(exc)
-        except Exception as exc:  # noqa: BLE001 - one bad image must not stop the batch
-            return k, None, f"cannot read image: {type(exc).__name__}: {exc}"
-
-
-def _collate(rows: list[tuple[int, torch.Tensor | None, str | None]]) -> tuple[
-        list[int], torch.Tensor | None, dict[int, str]]:
-    good = [(k, t) for k, t, _ in rows if t is not None]
-    errors = {k: e or "unreadable image" for k, t, e in rows if t is None}
-    pixels = torch.stack([t for _, t in good]) if good else None
-    return [k for k, _ in good], pixels, errors
 
 
 class ClipEncoder(Encoder):
@@ -345,19 +275,7 @@ class ClipEncoder(Encoder):
 
     def content(self, item: ItemView) -> str | None:
         """The image reference plus the file's size and mtime (so an edited file re-encodes)."""
-        ref = (item.image or "").strip()
-        if not ref:
-            return None
-        if ref.startswith("data:"):
-            return "data:sha256=" + hashlib.sha256(ref.encode()).hexdigest()
-        if "://" in ref:
-            return ref
-        path = resolve_path(ref, self.image_root)
-        try:
-            st = os.stat(path)
-        except OSError:
-            return f"{path}|missing"
-        return f"{path}|{st.st_size}|{st.st_mtime_ns}"
+        return image_content(item.image, self.image_root)
 
     def encode(self, items: Sequence[ItemView], ctx: EncoderContext) -> EncodeResult:
         sources = [(item.image or "").strip() for item in items]
@@ -387,16 +305,13 @@ class ClipEncoder(Encoder):
         ``sources``, position -> reason for the others)."""
         self.prepare(ctx)
         batch = ctx.batch_size or self.batch_size or (256 if ctx.device.type == "cuda" else 32)
-        workers = min(self.num_workers, max(1, len(sources) // batch)) if self.num_workers > 0 else 0
-        loader = torch.utils.data.DataLoader(
-            _Images(sources, self.image_root, self._preprocess, self._draft_size()), batch_size=batch,
-            num_workers=workers, collate_fn=_collate, pin_memory=ctx.device.type == "cuda",
-            prefetch_factor=2 if workers else None)
         done: list[int] = []
         chunks: list[torch.Tensor] = []
         errors: dict[int, str] = {}
         with torch.inference_mode(), autocast(ctx.device):
-            for positions, pixels, bad in loader:
+            for positions, pixels, bad in image_batches(
+                    sources, self.image_root, self._preprocess, draft=self._draft_size(),
+                    batch=batch, num_workers=self.num_workers, device=ctx.device):
                 errors.update(bad)
                 if pixels is None:
                     continue
