@@ -32,11 +32,13 @@ class Engine:
     def __init__(self, url: str | Path | None = None, *, device: str | torch.device = "auto",
                  entrypoints: bool = True, builtins: Iterable[str] = DEFAULT_PLUGINS,
                  plugins: Iterable[object] = (), progress: bool = True,
-                 encode_on_arrival: bool = True) -> None:
+                 encode_on_arrival: bool = True, lock_timeout: float | None = None) -> None:
+        """``lock_timeout``: seconds to keep retrying a database locked by another
+        process before "database is locked" (default 30; engine/store/__init__.py)."""
         self.device = resolve_device(device)
         # plugins first: a built-in that fails to load raises before any database is opened
         self.plugins = PluginHost(builtins=builtins, entrypoints=entrypoints, extra=plugins)
-        self.store = Store(url)
+        self.store = Store(url) if lock_timeout is None else Store(url, lock_timeout=lock_timeout)
         #: encode items written by add_items in the background (engine/encode/on_arrival.py)
         self.encode_on_arrival = encode_on_arrival
         self.progress = progress

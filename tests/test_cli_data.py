@@ -59,6 +59,7 @@ def test_ml100k_stats_and_reingestion_through_the_cli(tmp_path, ml100k_db, ml100
 
 def test_malformed_csv_fails_with_one_line_and_changes_nothing(tmp_path):
     db = tmp_path / "t.db"
+    ok(db, "init")
     items = tmp_path / "items.csv"
     items.write_text("item_id,title\na,Alpha\nb,Beta\n")
     ok(db, "ingest", "items", str(items))
@@ -78,6 +79,7 @@ def test_malformed_csv_fails_with_one_line_and_changes_nothing(tmp_path):
 
 def test_skip_map_kind_and_json(tmp_path):
     db = tmp_path / "t.db"
+    ok(db, "init")
     items = tmp_path / "items.tsv"
     items.write_text("sku\tname\nA\tAlpha\nB\tBeta\n")
     ok(db, "ingest", "items", str(items), "--map", "external_id=sku")
@@ -104,6 +106,7 @@ def test_skip_map_kind_and_json(tmp_path):
 ])
 def test_cli_errors_are_one_line(tmp_path, args, message):
     (tmp_path / "items.txt").write_text("item_id,title\na,Alpha\n")
+    ok(tmp_path / "t.db", "init")
     result = run(tmp_path / "t.db", *[a.format(tmp=tmp_path) for a in args])
     assert result.exit_code == 1
     lines = result.stderr.strip().splitlines()
@@ -137,6 +140,7 @@ def test_doctor_on_hm(hm_db):
 
 def test_doctor_finds_broken_images_and_orphans(tmp_path):
     db = tmp_path / "t.db"
+    ok(db, "init")
     img = tmp_path / "a.jpg"
     img.write_bytes(b"x")
     items = tmp_path / "items.csv"

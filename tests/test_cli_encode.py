@@ -69,6 +69,7 @@ def test_force_batch_size_and_settings(tmp_path):
     (["-e", "bert", "--device", "cuda:7"], "CUDA"),
 ])
 def test_errors_are_one_line(tmp_path, args, message):
+    Engine(tmp_path / "e.db", device="cpu", entrypoints=False, progress=False).close()
     result = run(tmp_path / "e.db", *args)
     if "cuda" in args[-1] and "Error" not in result.stderr:
         pytest.skip("this machine has CUDA")

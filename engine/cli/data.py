@@ -14,7 +14,7 @@ from polyrec.errors import ConfigError
 @click.pass_obj
 def init_command(state: CliState) -> None:
     """Create (or upgrade) the database at --db."""
-    eng = state.engine()
+    eng = state.engine(create=True)
     click.echo(f"Database ready: {eng.url} (schema version {eng.store_schema_version})")
 
 

@@ -13,8 +13,9 @@ from typing import Any
 
 import click
 
+from polyrec.cli.errors import check_database, fail
 from polyrec.errors import PolyrecError
-from polyrec.store import DEFAULT_URL
+from polyrec.store import DEFAULT_LOCK_TIMEOUT, DEFAULT_URL, normalize_url
 
 #: Modules under engine/cli (the package polyrec.cli) whose COMMANDS join the group, in help order.
 COMMAND_MODULES: tuple[str, ...] = (
@@ -33,18 +34,25 @@ COMMAND_MODULES: tuple[str, ...] = (
 class CliState:
     """What the group's options decided; commands open the Engine through it, lazily."""
 
-    def __init__(self, db: str, device: str, debug: bool, quiet: bool) -> None:
+    def __init__(self, db: str, device: str, debug: bool, quiet: bool,
+                 lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> None:
         self.db, self.device, self.debug, self.quiet = db, device, debug, quiet
+        self.lock_timeout = lock_timeout
         self._engine: Any = None
 
     @property
     def progress(self) -> bool:
         return not self.quiet and sys.stderr.isatty()
 
-    def engine(self) -> Any:
+    def engine(self, create: bool = False) -> Any:
+        """The Engine over --db. Only ``create=True`` (``polyrec init``) may make a new
+        database; otherwise a --db that is not a polyrec database is a ConfigError."""
         if self._engine is None:
             from polyrec.engine import Engine
-            self._engine = Engine(self.db, device=self.device, progress=self.progress)
+            if not create:
+                check_database(normalize_url(self.db))
+            self._engine = Engine(self.db, device=self.device, progress=self.progress,
+                                  lock_timeout=self.lock_timeout)
         return self._engine
 
     def close(self) -> None:
@@ -58,17 +66,19 @@ def echo_json(data: Any) -> None:
 
 
 class PolyrecGroup(click.Group):
-    """Turns PolyrecError into one line on stderr and exit status 1 (traceback with --debug)."""
+    """Turns every failure into one line ``Error: ...`` (with a hint) on stderr and exit
+    status 1; ``--debug`` shows the traceback instead (engine/cli/errors.py)."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except PolyrecError as exc:
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the CLI's one error boundary
             state = ctx.obj if isinstance(ctx.obj, CliState) else None
             if (state and state.debug) or "--debug" in sys.argv:
                 raise
-            click.echo(f"Error: {exc}", err=True)
-            ctx.exit(1)
+            fail(ctx, exc)
 
     # Plugin commands are added on first need, not at import (no side effects at import).
     _plugin_commands_added = False
@@ -95,11 +105,16 @@ class PolyrecGroup(click.Group):
               help="Where models run: auto (CUDA when present), cpu, cuda, cuda:N.")
 @click.option("--debug", is_flag=True, help="Show the full traceback on errors.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@click.option("--lock-timeout", type=click.FloatRange(min=0), envvar="POLYREC_LOCK_TIMEOUT",
+              default=DEFAULT_LOCK_TIMEOUT, show_default=True, metavar="SECONDS",
+              help="How long to keep retrying a database locked by another process "
+              "(env POLYREC_LOCK_TIMEOUT).")
 @click.version_option(package_name="polyrec", prog_name="polyrec")
 @click.pass_context
-def cli(ctx: click.Context, db: str, device: str, debug: bool, quiet: bool) -> None:
+def cli(ctx: click.Context, db: str, device: str, debug: bool, quiet: bool,
+        lock_timeout: float) -> None:
     """polyrec: a plugin-based multimodal recommendation engine."""
-    state = CliState(db, device, debug, quiet)
+    state = CliState(db, device, debug, quiet, lock_timeout)
     ctx.obj = state
     ctx.call_on_close(state.close)
 

@@ -18,7 +18,8 @@ def plugins_command(state: CliState, as_json: bool) -> None:
     Built-in plugins come first, then installed ones (entry-point group 'polyrec'),
     limited by the POLYREC_LOAD_PLUGINS environment variable (comma list; empty: none).
     """
-    records = [r.as_dict() for r in state.engine().plugins.describe()]
+    from polyrec.plugin_host import PluginHost
+    records = [r.as_dict() for r in PluginHost().describe()]  # no database needed
     if as_json:
         echo_json(records)
         return

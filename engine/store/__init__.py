@@ -15,8 +15,11 @@ from polyrec.store import models
 from polyrec.store.migrations import SCHEMA_VERSION, upgrade
 
 DEFAULT_URL = "sqlite:///polyrec.db"
+#: Seconds a SQLite connection keeps retrying a locked database (SQLite's busy handler
+#: sleeps with growing delays between tries) before "database is locked" is raised.
+DEFAULT_LOCK_TIMEOUT = 30.0
 
-__all__ = ["Store", "DEFAULT_URL", "SCHEMA_VERSION", "models", "normalize_url"]
+__all__ = ["Store", "DEFAULT_URL", "DEFAULT_LOCK_TIMEOUT", "SCHEMA_VERSION", "models", "normalize_url"]
 
 
 def normalize_url(url: str | Path | None) -> str:
@@ -29,25 +32,31 @@ def normalize_url(url: str | Path | None) -> str:
     return f"sqlite:///{Path(text).expanduser()}"
 
 
-def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
-    cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA foreign_keys=ON")
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA synchronous=NORMAL")
-    cur.execute("PRAGMA busy_timeout=30000")
-    cur.close()
+def _sqlite_pragmas(lock_timeout: float):  # type: ignore[no-untyped-def]
+    def on_connect(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
+        cur = dbapi_conn.cursor()
+        cur.execute(f"PRAGMA busy_timeout={int(lock_timeout * 1000)}")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.close()
+    return on_connect
 
 
 class Store:
     """Owns one SQLAlchemy engine and session factory; upgrades the schema on open."""
 
-    def __init__(self, url: str | Path | None = None) -> None:
+    def __init__(self, url: str | Path | None = None, *,
+                 lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> None:
+        """``lock_timeout``: seconds to keep retrying a database another process holds
+        locked (SQLite), then "database is locked"."""
         self.url = normalize_url(url)
+        self.lock_timeout = float(lock_timeout)
         parsed = make_url(self.url)
         self.is_sqlite = parsed.get_backend_name() == "sqlite"
         kwargs: dict = {}
         if self.is_sqlite:
-            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+            kwargs["connect_args"] = {"check_same_thread": False, "timeout": self.lock_timeout}
             if parsed.database and parsed.database != ":memory:":
                 Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
             else:  # one shared connection, or every session would see a new empty database
@@ -56,7 +65,7 @@ class Store:
         self.shared_connection = kwargs.get("poolclass") is StaticPool
         self.engine: SAEngine = create_engine(self.url, **kwargs)
         if self.is_sqlite:
-            event.listen(self.engine, "connect", _sqlite_pragmas)
+            event.listen(self.engine, "connect", _sqlite_pragmas(self.lock_timeout))
         self.previous_version = upgrade(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
