@@ -65,13 +65,13 @@ class Encoder(ABC):
     #: Name of another encoder of the same modality that this one stands in for where
     #: that one has no pretrained weights (image_cnn stands in for clip). The default
     #: encoder set, the fused item tower and similar items then use exactly one of the
-    #: two: the other one when its :meth:`pretrained` is True, else this one.
+    #: two: the other one when its :meth:`has_pretrained_weights` is True, else this one.
     stands_in_for: ClassVar[str | None] = None
 
     def __init__(self, **options: Any) -> None:
         self.options = options
 
-    def pretrained(self) -> bool | None:
+    def has_pretrained_weights(self) -> bool | None:
         """Whether this encoder, as configured, encodes with pretrained weights that are
         available on this machine, told without loading the model (after ``prepare``:
         what it loaded). None when the question does not apply (nothing pretrained, such

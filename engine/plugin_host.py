@@ -42,6 +42,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "polyrec.plugins.readers",
     "polyrec.plugins.text_bert",
     "polyrec.plugins.image_clip",
+    "polyrec.plugins.image_cnn",
     "polyrec.plugins.kg_entity",
     "polyrec.plugins.fuse_attention",
     "polyrec.plugins.rank_two_tower",

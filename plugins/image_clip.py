@@ -117,6 +117,14 @@ def _cached_tag_file(cfg: dict[str, Any]) -> Path | None:
     return None
 
 
+def _any_downloads() -> bool:
+    """Whether the Hugging Face hub cache or open_clip's URL cache holds anything at all."""
+    from huggingface_hub import constants
+    hub = Path(constants.HF_HUB_CACHE)
+    clip = Path("~/.cache/clip").expanduser()
+    return (hub.is_dir() and any(hub.glob("models--*"))) or (clip.is_dir() and any(clip.iterdir()))
+
+
 def _tag_preprocess(cfg: dict[str, Any]) -> dict[str, Any]:
     """create_model_and_transforms arguments that a tag would have set (loading its file)."""
     out: dict[str, Any] = {"force_quick_gelu": bool(cfg.get("quick_gelu", False))}
@@ -262,6 +270,28 @@ class ClipEncoder(Encoder):
     @property
     def dim(self) -> int:
         return int(self._config()["embed_dim"])
+
+    def has_pretrained_weights(self) -> bool:
+        """Whether real weights are here without downloading: a checkpoint file, a model
+        directory holding one, an hf-hub model, or a tag whose download is cached (once
+        prepared: whether it loaded real weights). A tag that would still have to be
+        downloaded counts as no weights: use ``--encoder clip`` to download it."""
+        if self._model is not None:
+            return not self.random_weights
+        if self.model_name.startswith("hf-hub:"):
+            return True
+        if self.pretrained.lower() in NO_WEIGHTS:
+            return False
+        if Path(self.pretrained).expanduser().is_file():
+            return True
+        folder = _local_dir(self.model_name)
+        if folder is not None:
+            return folder.is_dir() and _dir_checkpoint(folder) is not None
+        if not _any_downloads():
+            return False  # nothing was ever downloaded: no need to import open_clip
+        import open_clip
+        cfg = open_clip.get_pretrained_cfg(self.model_name, self.pretrained)
+        return bool(cfg) and _cached_tag_file(cfg) is not None
 
     def fingerprint(self) -> str:
         if self._model is None:

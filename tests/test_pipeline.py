@@ -108,13 +108,14 @@ def test_float32_storage_and_batch_size(db):
 
 
 def test_default_set_skips_image_encoder_without_images(db):
-    """CLIP's default weights cannot be loaded offline; with no images it is never loaded."""
+    """CLIP's default weights cannot be loaded offline, so the default set has image_cnn
+    instead of clip (engine/encode/selection.py); with no images it is never loaded."""
     with open_engine(db) as eng:
         report = eng.encode()
         names = [r.encoder for r in report.encoders]
-        assert names[:2] == ["bert", "clip"]
-        clip = report["clip"]
-        assert (clip.no_content, clip.encoded, clip.loaded, clip.error) == (N, 0, False, None)
+        assert names[:2] == ["bert", "image_cnn"] and "clip" not in names
+        image = report["image_cnn"]
+        assert (image.no_content, image.encoded, image.loaded, image.error) == (N, 0, False, None)
         assert report["bert"].encoded == N and not report.errors
 
 

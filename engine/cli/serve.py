@@ -76,7 +76,8 @@ def search_command(state: CliState, query: str, k: int, user: str | None,
 @click.option("--filter", "filters", multiple=True, metavar="FIELD=VALUE",
               help="Only items whose attribute (or slot) has this value; repeatable.")
 @click.option("--basis", default="auto", show_default=True,
-              help="auto (trained model, else encoders), model, encoders, or an encoder name.")
+              help="auto (trained model, else encoders), model, encoders, a modality (text, "
+                   "image, kg: its encoder in use) or an encoder name.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_obj
 def similar_command(state: CliState, item: str, k: int, filters: tuple[str, ...], basis: str,

@@ -141,22 +141,29 @@ def get_encoder(engine: "Engine", name: str) -> Encoder:
 
 
 # -- encoding ----------------------------------------------------------------------------
-def _names(engine: "Engine", encoders: str | Iterable[str] | None) -> list[str]:
+def _names(engine: "Engine", encoders: str | Iterable[str] | None,
+           options: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """The encoders to run: the named ones, or by default every registered encoder but
+    the one of a stand-in pair that is not in use (engine/encode/selection.py), unless
+    options are given for it."""
     registry = engine.registry("encoders")
     if encoders is None:
-        return registry.names()
+        from polyrec.encode.selection import passed_over
+        skip = passed_over(engine, options) - set(options)
+        return [n for n in registry.names() if n not in skip]
     if isinstance(encoders, str):
         encoders = encoders.split(",")
     names = list(dict.fromkeys(n.strip() for n in encoders if n and n.strip()))
     for n in names:
         registry.get(n)  # NotFoundError naming the known encoders
-    return names or registry.names()
+    return names or _names(engine, None, options)
 
 
 def encode(engine: "Engine", encoders: str | Iterable[str] | None = None, *, force: bool = False,
            batch_size: int | None = None, options: Mapping[str, Mapping[str, Any]] | None = None,
            dtype: str = "float16") -> EncodeReport:
-    """Encode the catalogue with the named encoders (all registered ones by default).
+    """Encode the catalogue with the named encoders (by default all registered ones, of
+    a stand-in pair such as clip / image_cnn only the one in use).
 
     ``options`` maps encoder name -> keyword options; an encoder given none reuses the
     options of its last run. Errors of one encoder (it cannot load its model) are recorded
@@ -165,8 +172,8 @@ def encode(engine: "Engine", encoders: str | Iterable[str] | None = None, *, for
         raise ConfigError(f"vector dtype must be one of {sorted(vectors.DTYPES)}, not '{dtype}'")
     if batch_size is not None and batch_size < 1:
         raise ConfigError(f"batch size must be positive, not {batch_size}")
-    names = _names(engine, encoders)
     options = dict(options or {})
+    names = _names(engine, encoders, options)
     unknown = sorted(set(options) - set(names))
     if unknown:
         raise ConfigError(f"options given for encoder(s) not being run: {', '.join(unknown)}")

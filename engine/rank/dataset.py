@@ -111,13 +111,14 @@ def _positives(rows: list, user_ids: list[int], item_ids: list[int],
 def _item_features(engine: "Engine", session, item_ids: list[int],
                    encoders: Iterable[str] | None
                    ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, str]]:
-    """modality -> (vectors, present) for the encoders with stored vectors, and
-    modality -> encoder name. A second encoder of an already-used modality is keyed by
-    its own name."""
+    """modality -> (vectors, present) for the encoders with stored vectors (of a
+    stand-in pair only the one in use), and modality -> encoder name. A second encoder
+    of an already-used modality is keyed by its own name."""
     registry = engine.registry("encoders")
     stored = set(session.execute(select(ItemVector.encoder).distinct()).scalars())
-    if encoders is None:
-        names = [n for n in registry.names() if n in stored]
+    if encoders is None:  # of a stand-in pair (clip / image_cnn) only the one in use
+        from polyrec.encode.selection import in_use
+        names = in_use(engine, [n for n in registry.names() if n in stored])
     else:
         names = list(encoders)
         for n in names:

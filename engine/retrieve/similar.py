@@ -4,8 +4,12 @@ The basis is, in order of preference (``basis="auto"``):
 
 1. ``model``: the trained default model's fused item vectors (attention over text,
    image and graph vectors, trained on interactions), when a model is trained;
-2. ``encoders``: the stored encoder vectors (bert, clip, kg, ...): for each candidate the
-   mean of its cosine similarities to the item over the encoders both have a vector for.
+2. ``encoders``: the stored encoder vectors (bert, image_cnn, kg, ...): for each candidate
+   the mean of its cosine similarities to the item over the encoders both have a vector
+   for. Of a stand-in pair (clip / image_cnn) only the one in use counts
+   (engine/encode/selection.py).
+
+A modality ("image") as the basis compares that modality's vectors only.
 
 The response says which basis was used. Vector matrices come from the Engine's
 :class:`~polyrec.retrieve.search.Searcher` snapshots, so repeated calls do not reload them.
@@ -17,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
+from polyrec.encode.selection import passed_over
 from polyrec.errors import ConfigError, NotFoundError
 from polyrec.retrieve.search import VectorSpace, model_space, searcher, validate_k
 from polyrec.store.ids import shown
@@ -70,14 +75,36 @@ def _align(space: VectorSpace, pos: dict[int, int]) -> tuple[torch.Tensor, torch
     return where, keep
 
 
+def _basis_encoders(basis: str, stored: list[str], modalities: Mapping[str, str],
+                    skip: set[str]) -> list[str]:
+    """The encoders whose vectors a non-model basis compares: all stored ones in use
+    ("auto", "encoders"), one encoder by name, or the stored ones in use of a modality
+    ("image": image_cnn, or clip where it has pretrained weights)."""
+    if basis in ("auto", "encoders"):
+        return [n for n in stored if n not in skip]
+    if basis in stored:
+        return [basis]
+    if basis in modalities.values():
+        names = [n for n in stored if modalities.get(n) == basis and n not in skip]
+        if names:
+            return names
+        raise ConfigError(f"no vectors stored for the {basis} modality by the encoder in use; "
+                          "run `polyrec encode`")
+    raise ConfigError(f"no vectors stored for encoder '{basis}' "
+                      f"(have: {', '.join(sorted(stored)) or 'none'})")
+
+
 def similar(engine: "Engine", item: str, k: int = 10, *,
             filters: Mapping[str, Any] | None = None, basis: str = "auto") -> SimilarResponse:
     """The ``k`` items most similar to ``item`` (external id), passing ``filters``.
 
-    ``basis``: "auto" (trained model, else encoders), "model", "encoders", or one
-    encoder name ("bert", "clip", "kg")."""
+    ``basis``: "auto" (trained model, else encoders), "model", "encoders", a modality
+    ("text", "image", "kg": its encoder in use) or one encoder name ("bert", "image_cnn")."""
     k = validate_k(k)
     srch = searcher(engine)
+    registry = engine.registry("encoders")
+    modalities = {name: str(cls.modality) for name, cls in registry.items()}
+    skip = passed_over(engine) if basis != "model" else set()
     notes: list[str] = []
     # the trained model loads (and may record things) through sessions of its own
     model = model_space(engine) if basis in ("auto", "model") else None
@@ -103,10 +130,7 @@ def similar(engine: "Engine", item: str, k: int = 10, *,
                 notes.append("the trained model has no vector for this item (new since "
                              "training?): similarity from the stored encoder vectors")
         if not spaces:
-            names = list(state.vectors) if basis in ("auto", "encoders") else [basis]
-            if basis not in ("auto", "encoders") and basis not in state.vectors:
-                raise ConfigError(f"no vectors stored for encoder '{basis}' "
-                                  f"(have: {', '.join(sorted(state.vectors)) or 'none'})")
+            names = _basis_encoders(basis, list(state.vectors), modalities, skip)
             for name in names:
                 space = srch.space(s, name, state)
                 if space is not None and space.has(target):
