@@ -121,9 +121,13 @@ class Engine:
                       **options)
 
     def doctor(self, **options: Any) -> dict[str, Any]:
-        """A data quality report (engine/ingest/doctor.py)."""
+        """A data quality report (engine/ingest/doctor.py) and the encoders in use, with
+        whether their weights are pretrained (engine/encode/selection.py)."""
+        from polyrec.encode.selection import doctor_section
         from polyrec.ingest.doctor import doctor
-        return doctor(self, **options)
+        report = doctor(self, **options)
+        doctor_section(self, report)
+        return report
 
     # -- feedback (engine/feedback/events.py, engine/feedback/experiments.py, engine/feedback/retrain.py) ------------
     def feedback(self, user: str, item: str, kind: str = "click", value: float | None = None,

@@ -123,6 +123,11 @@ def doctor_command(state: CliState, min_interactions: int, examples: int, as_jso
     for name, check in report["checks"].items():
         shown = ", ".join(str(e) for e in check["examples"])
         click.echo(f"  {name:<30} {check['count']:>8,}" + (f"  e.g. {shown}" if shown else ""))
+    for enc in report.get("encoders", []):
+        weights = {True: ", pretrained weights", False: ", NO pretrained weights",
+                   None: ""}[enc["pretrained"]]
+        chosen = f" (instead of {enc['instead_of']}: {enc['reason']})" if enc["instead_of"] else ""
+        click.echo(f"{enc['modality']} encoder: {enc['encoder']}{weights}{chosen}")
     if report["warnings"]:
         click.echo("warnings:")
         for line in report["warnings"]:

@@ -24,7 +24,7 @@ def parse_settings(settings: tuple[str, ...]) -> dict[str, dict[str, str]]:
 
 
 def _line(rep: Any) -> str:
-    text = (f"{rep.encoder:<8} {rep.modality:<6} encoded {rep.encoded:>7,}  "
+    text = (f"{rep.encoder:<9} {rep.modality:<6} encoded {rep.encoded:>7,}  "
             f"unchanged {rep.cached:>7,}  no content {rep.no_content:>7,}  "
             f"failed {len(rep.failed):>5,}  {rep.seconds:7.1f} s")
     if rep.encoded:

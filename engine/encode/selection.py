@@ -111,3 +111,19 @@ def report(engine: "Engine") -> list[dict[str, Any]]:
                     "instead_of": choice.passed_over if choice else None,
                     "reason": choice.reason if choice else None})
     return out
+
+
+def doctor_section(engine: "Engine", doctor_report: dict[str, Any]) -> None:
+    """Add the encoders in use to a ``polyrec doctor`` report (key ``encoders``), with a
+    warning when the catalogue has images and the image encoder in use has no
+    pretrained weights (its vectors would be noise)."""
+    rows = report(engine)
+    doctor_report["encoders"] = rows
+    checks = doctor_report.get("checks", {})
+    with_images = (doctor_report.get("counts", {}).get("items", 0)
+                   - checks.get("items_missing_image", {}).get("count", 0))
+    for row in rows:
+        if row["modality"] == "image" and row["pretrained"] is False and with_images > 0:
+            doctor_report.setdefault("warnings", []).append(
+                f"the image encoder in use ({row['encoder']}) has no pretrained weights here: "
+                f"the images of {with_images:,} items would be encoded as noise")
