@@ -284,8 +284,8 @@ def _refusals(engine, tmp_path, event):
             call()
         out.append((name, err.value.reason, err.value.field, err.value.row))
     body = {k: (float(v) if k in ("value", "ts") and v == "nan" else v) for k, v in event.items()}
-    if isinstance(body.get("ts"), str):
-        response = None  # HTTP's own schema (ts: a number) refuses it before polyrec sees it
+    if isinstance(body.get("ts"), str) or not str(body.get("user")).strip():
+        response = None  # HTTP's own schema (ts: a number; ids: not blank) refuses it first
     else:
         response = TestClient(create_app(engine)).post(  # json.dumps: NaN as clients send it
             "/feedback", content=json.dumps(body), headers={"content-type": "application/json"})
@@ -311,7 +311,7 @@ def event_field(message: str) -> str:
 def test_the_same_bad_event_is_refused_alike_by_every_path(engine, tmp_path, event, field, reason):
     engine.ingest(write(tmp_path / "items.csv", ITEMS_CSV), "items")
     refusals = _refusals(engine, tmp_path, event)
-    http = set() if isinstance(event.get("ts"), str) else {"http"}
+    http = set() if isinstance(event.get("ts"), str) or not event["user"].strip() else {"http"}
     assert {p for p, *_ in refusals} == {"add_interactions", "feedback_many", "file"} | http
     for path, got, got_field, row in refusals:
         assert got.startswith(reason), (path, got)

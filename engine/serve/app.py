@@ -25,6 +25,7 @@ reference; see engine/retrieve/search.py).
 """
 
 import hmac
+import logging
 import socket
 import threading
 import time
@@ -34,22 +35,29 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from polyrec.errors import (ConfigError, ModelNotTrainedError, NotFoundError, PolyrecError,
                            ValidationError)
 from polyrec.retrieve.search import MAX_K, MAX_QUERY_CHARS, searcher
+from polyrec.store.ids import ID_CHARS, ID_PATTERN, shown
 
 if TYPE_CHECKING:  # pragma: no cover
     from fastapi import FastAPI
 
     from polyrec.engine import Engine
 
+log = logging.getLogger("polyrec.serve")
+
 MAX_BODY_BYTES = 1 << 20  # 1 MiB
 MAX_BATCH = 10_000
-ID_CHARS = 255
+MAX_VERSION = 2**31 - 1
+#: what a refused id is told (the only pattern in the schema is the id's)
+ID_RULE = (f"not an id (1..{ID_CHARS} characters, no control characters, not only spaces)")
 
 
 def _models() -> dict[str, Any]:
     """The pydantic request models (built lazily: fastapi is an optional dependency)."""
     from pydantic import BaseModel, ConfigDict, Field
 
-    Id = Annotated[str, Field(min_length=1, max_length=ID_CHARS)]
+    Id = Annotated[str, Field(min_length=1, max_length=ID_CHARS, pattern=ID_PATTERN,
+                              description=f"an id: 1..{ID_CHARS} characters, no control "
+                                          "characters, not only spaces")]
     K = Annotated[int, Field(ge=1, le=MAX_K, description=f"how many results (1..{MAX_K})")]
     FilterValue = str | int | float | list[str | int | float]
     Filters = Annotated[dict[str, FilterValue] | None,
@@ -108,8 +116,18 @@ def _models() -> dict[str, Any]:
     class EventsIn(Strict):
         events: Annotated[list[EventIn], Field(min_length=1, max_length=MAX_BATCH)]
 
+    class ErrorBody(BaseModel):
+        """Every error answer, whatever its status."""
+
+        error: str = Field(description="a stable code: invalid_request, bad_request, "
+                                       "unauthorized, not_found, method_not_allowed, "
+                                       "conflict, payload_too_large, internal_error, ...")
+        message: str = Field(description="one line for people")
+        details: Any = Field(default=None, description="structured detail (the field "
+                                                       "errors of a 422), else null")
+
     return {m.__name__: m for m in (SearchRequest, RecommendRequest, SimilarRequest, ItemsIn,
-                                    UsersIn, EventIn, EventsIn)}
+                                    UsersIn, EventIn, EventsIn, ErrorBody)}
 
 
 class BodyLimit:
@@ -156,22 +174,47 @@ class BodyLimit:
 
 async def _reject(send: Any, limit: int) -> None:
     import json
-    body = json.dumps({"error": "payload_too_large",
-                       "message": f"request body over {limit:,} bytes"}).encode()
+    body = json.dumps(error_body("payload_too_large", f"request body over {limit:,} bytes "
+                                 "(send less, or in batches)")).encode()
     await send({"type": "http.response.start", "status": 413,
                 "headers": [(b"content-type", b"application/json"),
                             (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
 
 
-def _status(exc: PolyrecError) -> int:
-    if isinstance(exc, NotFoundError):
-        return 404
-    if isinstance(exc, (ValidationError, ConfigError)):
-        return 422
-    if isinstance(exc, ModelNotTrainedError):
-        return 409
-    return 400
+#: status -> the ``error`` code of answers that carry no code of their own.
+CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+         405: "method_not_allowed", 409: "conflict", 413: "payload_too_large",
+         415: "unsupported_media_type", 422: "invalid_request", 500: "internal_error"}
+#: polyrec error class -> (status, code)
+_POLYREC = ((NotFoundError, 404, "not_found"), (ValidationError, 422, "validation_error"),
+            (ConfigError, 422, "config_error"), (ModelNotTrainedError, 409, "model_not_trained"))
+
+
+def error_body(code: str, message: str, details: Any = None) -> dict[str, Any]:
+    """The one error schema of every status: ``{"error", "message", "details"}``."""
+    return {"error": code, "message": message, "details": details}
+
+
+def _status(exc: PolyrecError) -> tuple[int, str]:
+    for cls, status, code in _POLYREC:
+        if isinstance(exc, cls):
+            return status, code
+    return 400, "bad_request"
+
+
+#: the error statuses every endpoint with a body may answer; writes add 401
+READ = (400, 404, 409, 413, 422, 500)
+WRITE = (400, 401, 404, 409, 413, 422, 500)
+
+
+def _responses(M: dict[str, Any], *statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` declaring the error schema for ``statuses``."""
+    text = {400: "malformed request body", 401: "bearer token missing or wrong",
+            404: "unknown item, user or model version", 409: "no trained model",
+            413: "request body over the limit", 422: "request or data refused by validation",
+            500: "internal error (logged; never a traceback)"}
+    return {s: {"model": M["ErrorBody"], "description": text[s]} for s in statuses}
 
 
 def create_app(engine: "Engine", *, token: str | None = None,
@@ -184,6 +227,7 @@ def create_app(engine: "Engine", *, token: str | None = None,
     engine's option (items written by ``PUT /items`` are encoded in the background);
     None keeps the engine's own setting."""
     from fastapi import Depends, FastAPI, Header, HTTPException, Request
+    from fastapi import Path as FPath
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
 
@@ -198,18 +242,36 @@ def create_app(engine: "Engine", *, token: str | None = None,
                   description="Multimodal recommendations, search and similar items.")
     app.state.engine = engine
 
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
     @app.exception_handler(PolyrecError)
     async def polyrec_error(_: Request, exc: PolyrecError) -> JSONResponse:
-        return JSONResponse(status_code=_status(exc),
-                            content={"error": type(exc).__name__, "message": str(exc)})
+        status, code = _status(exc)
+        details = ({"file": exc.file, "row": exc.row, "field": exc.field}
+                   if isinstance(exc, ValidationError) else None)
+        return JSONResponse(status_code=status, content=error_body(code, str(exc), details))
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+        errors = [{"loc": list(e.get("loc", ())), "type": e.get("type", ""),
+                   "msg": ID_RULE if e.get("type") == "string_pattern_mismatch" else e.get("msg", "")}
                   for e in exc.errors()]
         message = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors[:5])
-        return JSONResponse(status_code=422, content={"error": "invalid_request",
-                                                      "message": message, "detail": errors})
+        return JSONResponse(status_code=422, content=error_body("invalid_request", message[:1000],
+                                                                errors[:50]))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = CODES.get(exc.status_code, f"http_{exc.status_code}")
+        message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
+        return JSONResponse(status_code=exc.status_code, content=error_body(code, message),
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, exc: Exception) -> JSONResponse:
+        log.error("internal error", exc_info=(type(exc), exc, exc.__traceback__))
+        return JSONResponse(status_code=500, content=error_body(
+            "internal_error", "internal error; the server logged it"))
 
     def writer(authorization: str | None = Header(default=None)) -> None:
         if token is None:
@@ -220,7 +282,7 @@ def create_app(engine: "Engine", *, token: str | None = None,
             raise HTTPException(401, "a valid bearer token is required for write endpoints",
                                 headers={"WWW-Authenticate": "Bearer"})
 
-    @app.get("/health")
+    @app.get("/health", responses=_responses(M, 500))
     def health() -> dict[str, Any]:
         """Liveness plus catalogue counts."""
         stats = engine.stats()
@@ -228,7 +290,7 @@ def create_app(engine: "Engine", *, token: str | None = None,
                 "users": stats["users"], "interactions": stats["interactions"],
                 "vectors": stats["vectors_by_encoder"], "artifacts": stats["artifacts"]}
 
-    @app.post("/search")
+    @app.post("/search", responses=_responses(M, *READ))
     def search(req: M["SearchRequest"]) -> dict[str, Any]:  # type: ignore[valid-type]
         """Hybrid search with query understanding; personalised with ``user``."""
         options: dict[str, Any] = {"understanding": req.understanding}
@@ -237,18 +299,18 @@ def create_app(engine: "Engine", *, token: str | None = None,
         return engine.search(req.query, req.k, user=req.user, filters=req.filters,
                              **options).as_dict()
 
-    @app.post("/similar")
+    @app.post("/similar", responses=_responses(M, *READ))
     def similar(req: M["SimilarRequest"]) -> dict[str, Any]:  # type: ignore[valid-type]
         """Items similar to ``item``."""
         return engine.similar(req.item, req.k, filters=req.filters, basis=req.basis).as_dict()
 
-    @app.post("/recommend")
+    @app.post("/recommend", responses=_responses(M, *READ))
     def recommend(req: M["RecommendRequest"]) -> dict[str, Any]:  # type: ignore[valid-type]
         """Recommendations for ``user``; popular items for users the model does not know."""
         return recommend_or_popular(engine, req.user, req.k, filters=req.filters,
                                     exclude_seen=req.exclude_seen, explain=req.explain)
 
-    @app.get("/models")
+    @app.get("/models", responses=_responses(M, 500))
     def list_models() -> dict[str, Any]:
         """The stored versions of the pipeline (oldest first), the live one, and what this
         process serves (its fallback and ranker errors, when it loaded a model)."""
@@ -260,13 +322,14 @@ def create_app(engine: "Engine", *, token: str | None = None,
             "errors": list(getattr(rec, "errors", []))[-10:]}
         return {"live": registry.live_version(engine), "models": models, "serving": serving}
 
-    @app.get("/models/{version}")
-    def get_model(version: int) -> dict[str, Any]:
+    @app.get("/models/{version}", responses=_responses(M, 404, 422, 500))
+    def get_model(version: Annotated[int, FPath(ge=1, le=MAX_VERSION)]) -> dict[str, Any]:
         """One stored version of the pipeline (404 when absent)."""
         return engine.model(version)
 
-    @app.get("/items/{item}")
-    def get_item(item: str) -> dict[str, Any]:
+    @app.get("/items/{item}", responses=_responses(M, 404, 422, 500))
+    def get_item(item: Annotated[str, FPath(min_length=1, max_length=ID_CHARS,
+                                            pattern=ID_PATTERN)]) -> dict[str, Any]:
         """One item as stored."""
         from polyrec.store import catalog
         with engine.store.session() as s:
@@ -275,7 +338,7 @@ def create_app(engine: "Engine", *, token: str | None = None,
         return {"item": view.external_id, "title": view.title, "text": view.text,
                 "image": view.image, "attributes": view.attributes, "entity": view.entity}
 
-    @app.put("/items", dependencies=[Depends(writer)])
+    @app.put("/items", dependencies=[Depends(writer)], responses=_responses(M, *WRITE))
     def put_items(req: M["ItemsIn"]) -> dict[str, Any]:  # type: ignore[valid-type]
         """Insert or update items (fields left out are kept); they are encoded in the
         background when the engine's ``encode_on_arrival`` is on."""
@@ -284,21 +347,21 @@ def create_app(engine: "Engine", *, token: str | None = None,
         srch.invalidate()
         return {"written": n}
 
-    @app.put("/users", dependencies=[Depends(writer)])
+    @app.put("/users", dependencies=[Depends(writer)], responses=_responses(M, *WRITE))
     def put_users(req: M["UsersIn"]) -> dict[str, Any]:  # type: ignore[valid-type]
         """Insert or update users."""
         n = engine.add_users([u.model_dump(exclude_unset=True) for u in req.users])
         srch.invalidate()
         return {"written": n}
 
-    @app.post("/feedback", dependencies=[Depends(writer)])
+    @app.post("/feedback", dependencies=[Depends(writer)], responses=_responses(M, *WRITE))
     def feedback(req: M["EventIn"]) -> dict[str, Any]:  # type: ignore[valid-type]
         """Store one event and hand it to the feedback learners."""
         event = engine.feedback(req.user, req.item, req.kind, value=req.value, ts=req.ts,
                                 context=req.context)
         return {"stored": 1, "event": _event_dict(event)}
 
-    @app.post("/feedback/batch", dependencies=[Depends(writer)])
+    @app.post("/feedback/batch", dependencies=[Depends(writer)], responses=_responses(M, *WRITE))
     def feedback_batch(req: M["EventsIn"]) -> dict[str, Any]:  # type: ignore[valid-type]
         """Store a batch of events in one transaction."""
         events = engine.feedback_many([e.model_dump() for e in req.events])
@@ -318,11 +381,13 @@ def recommend_or_popular(engine: "Engine", user: str, k: int, *, filters: Any = 
     user is unknown or no model is trained, with the reason in ``notes``."""
     from polyrec.store import catalog
     notes: list[str] = []
+    if filters:  # an unknown filter field is refused as /search refuses it
+        searcher(engine).popular(1, filters)
     recommend = getattr(engine, "recommend", None)
     with engine.store.session() as s:
         known = bool(catalog.user_ids(s, [user]))
     if not known:
-        notes.append(f"unknown user '{user}': popular items")
+        notes.append(f"unknown user {shown(user)}: popular items")
     elif recommend is None:
         notes.append("no recommender is installed: popular items")
     else:
@@ -336,7 +401,7 @@ def recommend_or_popular(engine: "Engine", user: str, k: int, *, filters: Any = 
         except NotFoundError as exc:
             if "user" not in str(exc).lower():
                 raise
-            notes.append(f"unknown user '{user}': popular items")
+            notes.append(f"unknown user {shown(user)}: popular items")
     popular = searcher(engine).popular(k, filters)
     return {"user": user, "basis": "popular", "notes": notes,
             "results": [{"item": i, "score": share, "explanation": {"popularity": share}}
