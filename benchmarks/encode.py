@@ -9,11 +9,15 @@
   one process) on the H&M sample images, with the very same model object. ViT-B-32 with
   random weights by default (the compute of the real model; no weights exist offline),
   or ``--clip-model tiny``, or any open_clip name with ``--clip-pretrained``.
+* image_cnn: the engine's ImageCnnEncoder (EfficientNet-Lite0, ImageNet weights;
+  DataLoader workers, JPEG draft decoding) vs a bare torch loop (PIL open at full size,
+  the same preprocessing, stack, forward) with the very same network, same images.
 
 Runs alternate (ours, peer, ours, peer, ...) and the best of ``--repeat`` is reported.
 Prints a table and writes benchmarks/results/encode.json. Usage:
     .venv/bin/python benchmarks/encode.py [--device auto|cpu|cuda] [--repeat 3]
         [--batch-size 64] [--clip-model ViT-B-32|tiny] [--image-repeat 1] [--skip-clip]
+        [--cnn-batch-size 32] [--skip-image-cnn] [--skip-bert]
 """
 from __future__ import annotations
 
@@ -156,6 +160,45 @@ def bench_clip(args: argparse.Namespace, device: torch.device) -> list[dict[str,
              "ours_runs": a["runs"], "peer_runs": b["runs"]}]
 
 
+def bench_image_cnn(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    """image_cnn (DataLoader workers, JPEG draft decoding) vs a bare torch loop (PIL open
+    at full size, the same preprocessing, stack, forward, one batch after another in one
+    process) with the very same network, on the H&M photos."""
+    from PIL import Image
+
+    from polyrec.plugins.image_cnn import ImageCnnEncoder
+    images = sorted((args.data / "hm-sample" / "images").glob("*.jpg")) * args.image_repeat
+    enc = ImageCnnEncoder(num_workers=args.num_workers)
+    batch = args.cnn_batch_size
+    ctx = EncoderContext(engine=None, device=device, batch_size=batch,  # type: ignore[arg-type]
+                         progress=False)
+    enc.prepare(ctx)
+    net, preprocess = enc._model, enc._preprocess
+
+    def bare_loop() -> torch.Tensor:
+        out = []
+        with torch.inference_mode(), autocast(device):
+            for lo in range(0, len(images), batch):
+                pixels = torch.stack([preprocess(Image.open(p).convert("RGB"))
+                                      for p in images[lo:lo + batch]])
+                feats = net.forward_head(net.forward_features(pixels.to(device)), pre_logits=True)
+                out.append(torch.nn.functional.normalize(feats.float(), dim=-1).cpu())
+        return torch.cat(out)
+
+    enc.encode_images(images[:batch], ctx)  # warm-up (kernels, allocator)
+    res = best_of(args.repeat, {"polyrec image_cnn": lambda: enc.encode_images(images, ctx)[0],
+                                "bare torch loop": bare_loop}, device, len(images))
+    a, b = res["polyrec image_cnn"], res["bare torch loop"]
+    cosine = torch.nn.functional.cosine_similarity(a["result"], b["result"], dim=1)
+    return [{"encoder": "image_cnn", "workload": f"H&M images x{args.image_repeat}",
+             "model": "EfficientNet-Lite0 (ImageNet)", "items": len(images),
+             "batch_size": batch, "num_workers": args.num_workers,
+             "ours_items_per_s": round(a["best"], 1), "peer": "bare torch loop",
+             "peer_items_per_s": round(b["best"], 1), "ratio": round(a["best"] / b["best"], 2),
+             "min_cosine": round(float(cosine.min()), 4),
+             "ours_runs": a["runs"], "peer_runs": b["runs"]}]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "datasets")
@@ -169,18 +212,21 @@ def main() -> None:
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--image-repeat", type=int, default=1,
                         help="encode the 100 images this many times per run")
+    parser.add_argument("--cnn-batch-size", type=int, default=32, help="image_cnn batch")
     parser.add_argument("--skip-clip", action="store_true")
+    parser.add_argument("--skip-image-cnn", action="store_true")
     parser.add_argument("--skip-bert", action="store_true")
     args = parser.parse_args()
     device = resolve_device(args.device)
     rows = ([] if args.skip_bert else bench_bert(args, device)) + \
-        ([] if args.skip_clip else bench_clip(args, device))
+        ([] if args.skip_clip else bench_clip(args, device)) + \
+        ([] if args.skip_image_cnn else bench_image_cnn(args, device))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     print(f"device: {device} ({name}), torch {torch.__version__}, threads {torch.get_num_threads()}")
-    print(f"{'encoder':<6} {'workload':<18} {'items':>6} {'ours/s':>9} {'peer':<22} "
+    print(f"{'encoder':<9} {'workload':<18} {'items':>6} {'ours/s':>9} {'peer':<22} "
           f"{'peer/s':>9} {'ratio':>6} {'min cos':>8}")
     for r in rows:
-        print(f"{r['encoder']:<6} {r['workload']:<18} {r['items']:>6} {r['ours_items_per_s']:>9,.1f} "
+        print(f"{r['encoder']:<9} {r['workload']:<18} {r['items']:>6} {r['ours_items_per_s']:>9,.1f} "
               f"{r['peer']:<22} {r['peer_items_per_s']:>9,.1f} {r['ratio']:>6.2f} {r['min_cosine']:>8.4f}")
     result = {"benchmark": "encode", "device": str(device), "device_name": name,
               "torch": torch.__version__, "threads": torch.get_num_threads(),
