@@ -72,7 +72,7 @@ MALFORMED = [
     ({"query": "dress", "filters": {"nope": "x"}}, 422, "unknown filter field 'nope'"),
     ({"query": "dress", "filters": "colour=Black"}, 422, "valid dictionary"),
     ({"query": "dress", "understanding": "always"}, 422, "'boost', 'filter' or 'off'"),
-    ({"query": "dress", "weights": {"bm42": 1.0}}, 422, "unknown fusion weight"),
+    ({"query": "dress", "weights": {"bm42": 1.0}}, 422, "weights.bm42: Extra inputs are not permitted"),
     ({"query": "dress", "weights": {"lexical": -1.0}}, 422, "greater than or equal to 0"),
     ([1, 2, 3], 422, "valid dictionary"),
 ]

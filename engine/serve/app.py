@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from polyrec.errors import (ConfigError, ModelNotTrainedError, NotFoundError, PolyrecError,
                            ValidationError)
-from polyrec.retrieve.search import MAX_K, MAX_QUERY_CHARS, searcher
+from polyrec.retrieve.search import DEFAULT_WEIGHTS, MAX_K, MAX_QUERY_CHARS, searcher
 from polyrec.store.ids import ID_CHARS, ID_PATTERN, shown
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -47,18 +47,35 @@ log = logging.getLogger("polyrec.serve")
 MAX_BODY_BYTES = 1 << 20  # 1 MiB
 MAX_BATCH = 10_000
 MAX_VERSION = 2**31 - 1
-#: what a refused id is told (the only pattern in the schema is the id's)
+#: what a refused id is told (ids and the search query are the schema's only patterns)
 ID_RULE = (f"not an id (1..{ID_CHARS} characters, no control characters, not only spaces)")
+
+
+def _message(error: dict[str, Any]) -> str:
+    """A pydantic error's message, in words rather than a regular expression."""
+    if error.get("type") != "string_pattern_mismatch":
+        return str(error.get("msg", ""))
+    loc = list(error.get("loc", ()))
+    return "the query is empty (only spaces)" if loc[-1:] == ["query"] else ID_RULE
+
+
+def _integral(value: Any) -> Any:
+    """An integral float (``10.0``, an integer by JSON Schema) as an int; anything else as is."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
 
 
 def _models() -> dict[str, Any]:
     """The pydantic request models (built lazily: fastapi is an optional dependency)."""
-    from pydantic import BaseModel, ConfigDict, Field
+    from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
 
     Id = Annotated[str, Field(min_length=1, max_length=ID_CHARS, pattern=ID_PATTERN,
                               description=f"an id: 1..{ID_CHARS} characters, no control "
                                           "characters, not only spaces")]
-    K = Annotated[int, Field(ge=1, le=MAX_K, description=f"how many results (1..{MAX_K})")]
+    # JSON Schema's "integer" includes 10.0: an integral float is taken, "10" and 2.5 are not
+    K = Annotated[int, Field(ge=1, le=MAX_K, description=f"how many results (1..{MAX_K})"),
+                  BeforeValidator(_integral)]
     FilterValue = str | int | float | list[str | int | float]
     Filters = Annotated[dict[str, FilterValue] | None,
                         Field(description="attribute field or slot -> value(s), e.g. "
@@ -67,13 +84,18 @@ def _models() -> dict[str, Any]:
     class Strict(BaseModel):
         model_config = ConfigDict(strict=True, extra="forbid")
 
+    Weights = create_model(  # the fusion weights search knows, each optional
+        "Weights", __config__=ConfigDict(strict=True, extra="forbid"),
+        **{name: (Annotated[float, Field(ge=0)] | None, None) for name in DEFAULT_WEIGHTS})
+
     class SearchRequest(Strict):
-        query: Annotated[str, Field(min_length=1, max_length=MAX_QUERY_CHARS)]
+        query: Annotated[str, Field(min_length=1, max_length=MAX_QUERY_CHARS, pattern=r"[^\s\x1c-\x1f]",
+                                    description="text with at least one non-space character")]
         k: K = 10
         user: Id | None = None
         filters: Filters = None
         understanding: Literal["boost", "filter", "off"] = "boost"
-        weights: dict[str, Annotated[float, Field(ge=0)]] | None = None
+        weights: Weights | None = None
 
     class RecommendRequest(Strict):
         user: Id
@@ -253,8 +275,7 @@ def create_app(engine: "Engine", *, token: str | None = None,
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [{"loc": list(e.get("loc", ())), "type": e.get("type", ""),
-                   "msg": ID_RULE if e.get("type") == "string_pattern_mismatch" else e.get("msg", "")}
+        errors = [{"loc": list(e.get("loc", ())), "type": e.get("type", ""), "msg": _message(e)}
                   for e in exc.errors()]
         message = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors[:5])
         return JSONResponse(status_code=422, content=error_body("invalid_request", message[:1000],
@@ -295,7 +316,7 @@ def create_app(engine: "Engine", *, token: str | None = None,
         """Hybrid search with query understanding; personalised with ``user``."""
         options: dict[str, Any] = {"understanding": req.understanding}
         if req.weights is not None:
-            options["weights"] = req.weights
+            options["weights"] = req.weights.model_dump(exclude_none=True)
         return engine.search(req.query, req.k, user=req.user, filters=req.filters,
                              **options).as_dict()
 
