@@ -84,7 +84,7 @@ def _basis_encoders(basis: str, stored: list[str], modalities: Mapping[str, str]
         return [n for n in stored if n not in skip]
     if basis in stored:
         return [basis]
-    if basis in modalities.values():
+    if basis in modalities.values() and basis not in modalities:  # kg: the encoder's name
         names = [n for n in stored if modalities.get(n) == basis and n not in skip]
         if names:
             return names
