@@ -513,6 +513,11 @@ class FeedbackLearner(ABC):
         """Kinds to read back after a bulk ingestion; None for all, an empty set for none."""
         return None
 
+    def forget_user(self, user_id: int) -> None:
+        """Drop everything held in memory about a user who was just forgotten (their
+        rows in ``user_states`` are already deleted; the learner is then rebuilt from
+        the store). Default: nothing."""
+
     # -- role "user_state" ---------------------------------------------------------------
     def user_state(self, user_id: int) -> torch.Tensor | None:
         """The learner's current vector for a user (in ``context.item_space()``), if any."""

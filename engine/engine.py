@@ -142,6 +142,14 @@ class Engine:
         from polyrec.feedback import events as _events
         return _events.feedback_many(self, events)
 
+    def forget_user(self, user: str, *, tombstone: bool = True) -> dict[str, Any]:
+        """Remove a user, their interactions, online state and experiment assignments in
+        one transaction, drop them from the live model's serving state at once, and
+        record a tombstone so re-ingesting an old file does not bring them back
+        (engine/feedback/forget.py). Returns the counts removed."""
+        from polyrec.feedback.forget import forget_user
+        return forget_user(self, user, tombstone=tombstone)
+
     def user_state(self, user: str) -> torch.Tensor | None:
         """The online learner's current vector of a user (None when it has none)."""
         from polyrec.feedback import events

@@ -1,4 +1,4 @@
-"""Data commands: init, ingest, stats, doctor."""
+"""Data commands: init, ingest, stats, doctor, forget-user."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -66,14 +66,19 @@ def _parse_map(pairs: tuple[str, ...]) -> dict[str, str]:
               help="kg: also ingest this item->entity link file (RecBole .link).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=5000, show_default=True,
               help="Rows per INSERT batch (all batches share one transaction).")
+@click.option("--include-forgotten", is_flag=True,
+              help="users/interactions: also restore rows of users removed by forget-user "
+              "(left out by default).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.pass_obj
 def ingest_command(state: CliState, kind: str, path: Path, fmt: str | None, maps: tuple[str, ...],
                    on_error: str, event_kind: str | None, image_template: str | None,
                    image_root: Path | None, links: Path | None, batch_size: int,
-                   as_json: bool) -> None:
+                   include_forgotten: bool, as_json: bool) -> None:
     """Load KIND (items, users, interactions, kg or links) from the file PATH."""
     options: dict[str, Any] = {"batch_size": batch_size}
+    if include_forgotten:
+        options["include_forgotten"] = True
     if event_kind:
         options["interaction_kind"] = event_kind
     if image_template:
@@ -136,4 +141,23 @@ def doctor_command(state: CliState, min_interactions: int, examples: int, as_jso
         click.echo("no problems found")
 
 
-COMMANDS = [init_command, ingest_command, stats_command, doctor_command]
+@click.command("forget-user")
+@click.argument("user")
+@click.option("--no-tombstone", is_flag=True,
+              help="Record no tombstone: a later ingestion of an old file brings them back.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_obj
+def forget_user_command(state: CliState, user: str, no_tombstone: bool, as_json: bool) -> None:
+    """Remove USER: their interactions, online state and experiment assignments, in one
+    transaction; a tombstone keeps old files from bringing them back."""
+    report = state.engine().forget_user(user, tombstone=not no_tombstone)
+    if as_json:
+        echo_json(report)
+        return
+    click.echo(f"Forgot user {user!r}: {report['interactions']:,} interactions, "
+               f"{report['user_states']:,} online states, {report['experiment_assignments']:,} "
+               "experiment assignments removed" + ("; tombstone recorded" if report["tombstone"]
+                                                   else ""))
+
+
+COMMANDS = [init_command, ingest_command, stats_command, doctor_command, forget_user_command]

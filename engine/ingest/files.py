@@ -33,7 +33,8 @@ from polyrec.ingest.interactions import BadValue, is_blank, to_id, to_number, to
 from polyrec.store.ids import is_missing_id
 from polyrec.knowledge_graph import store as kg_store
 from polyrec.store import catalog
-from polyrec.store.models import Entity, Item, Triple, User
+from polyrec.store import tombstones
+from polyrec.store.models import Entity, ForgottenUser, Item, Triple, User
 
 if TYPE_CHECKING:  # pragma: no cover
     from polyrec.engine import Engine
@@ -90,6 +91,9 @@ class IngestReport:
     written: int = 0
     new: int = 0
     skipped: int = 0
+    #: rows of forgotten users left out (engine/feedback/forget.py); restored instead
+    #: with ``include_forgotten=True``. rows = written + skipped + forgotten.
+    forgotten: int = 0
     errors: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     links: "IngestReport | None" = None
@@ -104,6 +108,9 @@ class IngestReport:
         noun = {"kg": "triples", "links": "item links"}.get(self.kind, self.kind)
         line = (f"Ingested {self.written:,} {noun} from {Path(self.file).name} ({self.format}): "
                 f"{self.new:,} new, {self.skipped:,} bad rows skipped, {self.seconds:.1f} s")
+        if self.forgotten:
+            line += (f"; {self.forgotten:,} rows of forgotten users left out "
+                     "(--include-forgotten restores them)")
         if self.links is not None:
             line += f"; {self.links.summary()[0].lower()}{self.links.summary()[1:]}"
         return line
@@ -476,11 +483,29 @@ def _error_dict(exc: ValidationError) -> dict[str, Any]:
     return {"file": exc.file, "row": exc.row, "field": exc.field, "message": exc.reason}
 
 
+def _without_forgotten(session: Any, kind: str, records: list[Any], report: IngestReport,
+                       restore: bool) -> list[Any]:
+    """``records`` less those of forgotten users (counted in ``report.forgotten``); with
+    ``restore`` they are all kept and their tombstones lifted."""
+    if session.execute(select(ForgottenUser.id_hash).limit(1)).first() is None:
+        return records  # nobody was ever forgotten here
+    key = "user" if kind == "interactions" else "external_id"
+    gone = tombstones.forgotten(session, {_get(r, key) for r in records})
+    if not gone:
+        return records
+    if restore:
+        tombstones.lift(session, gone)
+        return records
+    kept = [r for r in records if _get(r, key) not in gone]
+    report.forgotten = len(records) - len(kept)
+    return kept
+
+
 def ingest_file(engine: "Engine", path: str | Path, kind: str, *, format: str | None = None,
                 mapping: Mapping[str, str | None] | None = None, on_error: str = "fail",
                 interaction_kind: str | None = None, image_template: str | None = None,
                 image_root: str | Path | None = None, batch_size: int = DEFAULT_BATCH,
-                max_errors: int = 20) -> IngestReport:
+                max_errors: int = 20, include_forgotten: bool = False) -> IngestReport:
     """Ingest one file of ``kind``; see the module docstring for the guarantees."""
     path = Path(path).expanduser()
     if kind == "kg" and path.suffix.lower() == ".link":
@@ -523,6 +548,8 @@ def ingest_file(engine: "Engine", path: str | Path, kind: str, *, format: str | 
     with engine.store.session() as session:  # one transaction: all or (with fail) nothing
         writer = _Writer(session, parser, batch_size, source=path.name, tag=tag)
         lookups: dict[str, int] = {}
+        if kind in ("interactions", "users") and records:
+            records = _without_forgotten(session, kind, records, report, include_forgotten)
         if kind in ("interactions", "links") and records:
             lookups, unknown = writer.unknown_items(records)
             if unknown:

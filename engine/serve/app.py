@@ -11,6 +11,7 @@ Endpoints (JSON; the OpenAPI schema is at ``/openapi.json``, interactive docs at
     GET  /items/{item}                 one item
     PUT  /items            (write)     {items: [{external_id, title, text, image, attributes}]}
     PUT  /users            (write)     {users: [{external_id, attributes}]}
+    DELETE /users/{user}   (write)     forget a user (engine/feedback/forget.py)
     POST /feedback         (write)     {user, item, kind, value, ts, context}
     POST /feedback/batch   (write)     {events: [...]}
 
@@ -374,6 +375,16 @@ def create_app(engine: "Engine", *, token: str | None = None,
         n = engine.add_users([u.model_dump(exclude_unset=True) for u in req.users])
         srch.invalidate()
         return {"written": n}
+
+    @app.delete("/users/{user}", dependencies=[Depends(writer)], responses=_responses(M, *WRITE))
+    def delete_user(user: Annotated[str, FPath(min_length=1, max_length=ID_CHARS,
+                                               pattern=ID_PATTERN)]) -> dict[str, Any]:
+        """Forget a user: their interactions, online state and experiment assignments go
+        in one transaction, they leave the served model's data at once, and a tombstone
+        keeps old files from bringing them back (404 for an unknown user)."""
+        report = engine.forget_user(user)
+        srch.invalidate()
+        return report
 
     @app.post("/feedback", dependencies=[Depends(writer)], responses=_responses(M, *WRITE))
     def feedback(req: M["EventIn"]) -> dict[str, Any]:  # type: ignore[valid-type]

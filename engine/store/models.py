@@ -193,3 +193,13 @@ class ExperimentAssignment(Base):
 
 #: Tables introduced by schema version 2 (created for older databases by its migration).
 V2_TABLES = (Setting, UserState, LearnerState, Experiment, ExperimentAssignment)
+
+
+# -- added without a data step (created by the migrations' final create_all) ---------------
+class ForgottenUser(Base):
+    """A tombstone of a user removed by ``forget_user``: the SHA-256 of the external id
+    (never the id itself), so that re-ingesting an old file does not bring them back."""
+
+    __tablename__ = "forgotten_users"
+    id_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    forgotten_at: Mapped[float] = mapped_column(Float, default=now)
