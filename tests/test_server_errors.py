@@ -108,3 +108,17 @@ def test_recommend_refuses_an_unknown_filter_field_like_search(client):
     assert "unknown filter field 'nope'" in rec["message"]
     ok = client.post("/recommend", json={"user": "u1", "filters": {"genre": "comedy"}})
     assert ok.status_code == 200 and [r["item"] for r in ok.json()["results"]] in ([], ["i2"])
+
+
+def test_non_finite_numbers_are_refused(client):
+    body = '{"query": "alpha", "weights": {"dense": Infinity}}'
+    err = error_of(client.post("/search", content=body,
+                               headers={"content-type": "application/json"}), 422)
+    assert err["details"][0]["loc"] == ["body", "weights", "dense"]
+    body = '{"items": [{"external_id": "z", "attributes": {"w": NaN}}]}'
+    assert error_of(client.put("/items", content=body, headers={**AUTH, "content-type":
+                                                                "application/json"}), 422)
+    body = '{"user": "u1", "item": "i1", "value": -Infinity}'
+    err = error_of(client.post("/feedback", content=body,
+                               headers={**AUTH, "content-type": "application/json"}), 422)
+    assert "not a finite number" in err["message"]

@@ -42,7 +42,7 @@ def check_database(url: str) -> None:
         raise ConfigError(f"no polyrec database at {path}; run polyrec init "
                           f"(polyrec --db {path} init)")
     try:
-        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1)
+        con = sqlite3.connect(path, timeout=1)  # the file exists: nothing is created
         try:
             found = con.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' "
                                 "AND name = 'meta'").fetchone()

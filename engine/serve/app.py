@@ -86,7 +86,7 @@ def _models() -> dict[str, Any]:
         model_config = ConfigDict(strict=True, extra="forbid")
 
     Weights = create_model(  # the fusion weights search knows, each optional
-        "Weights", __config__=ConfigDict(strict=True, extra="forbid"),
+        "Weights", __config__=ConfigDict(strict=True, extra="forbid", allow_inf_nan=False),
         **{name: (Annotated[float, Field(ge=0)] | None, None) for name in DEFAULT_WEIGHTS})
 
     class SearchRequest(Strict):
