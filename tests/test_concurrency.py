@@ -6,10 +6,13 @@ The issue: 8 threads mixing /recommend, /search and /feedback from new users gav
 SELECTs)."""
 from __future__ import annotations
 
+import logging
 import random
 import sqlite3
 import threading
 import time
+import traceback
+from pathlib import Path
 
 import pytest
 import torch
@@ -92,6 +95,32 @@ def trained_db(tmp_path_factory, ml100k_default_db):
     return copy_db(ml100k_default_db[0], tmp_path_factory.mktemp("concurrency"))
 
 
+class _ServerErrors(logging.Handler):
+    """Collects the server's logged exceptions, each as its type, message and innermost
+    frames, so a failure says where the server failed (not only that a request did)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            frames = traceback.extract_tb(exc.__traceback__)[-4:]
+            where = " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}"
+                                for f in reversed(frames))
+            self.records.append(f"{type(exc).__name__}: {exc} at {where}")
+        else:
+            self.records.append(record.getMessage())
+
+    def __enter__(self) -> "_ServerErrors":
+        logging.getLogger("uvicorn.error").addHandler(self)
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        logging.getLogger("uvicorn.error").removeHandler(self)
+
+
 QUERIES = ["star wars", "toy story", "comedy about a wedding", "space adventure",
            "crime thriller", "zebra documentary", "romantic drama", "horror 1996"]
 THREADS = 8
@@ -106,7 +135,8 @@ def test_mixed_http_load_from_new_users_and_new_items_has_no_errors(tmp_path, tr
     from polyrec.serve.app import create_app, start_background
     db = copy_db(trained_db, tmp_path)
     torch.set_num_threads(1)
-    with _open(db) as eng, start_background(create_app(eng)) as server:
+    with _open(db) as eng, start_background(create_app(eng)) as server, \
+            _ServerErrors() as server_errors:
         with httpx.Client(base_url=server.url, timeout=120) as warm:  # load the pipeline once
             assert warm.post("/recommend", json={"user": "1"}).status_code == 200
         errors: list[str] = []
@@ -173,7 +203,8 @@ def test_mixed_http_load_from_new_users_and_new_items_has_no_errors(tmp_path, tr
         elapsed = time.monotonic() - start
         assert not any(th.is_alive() for th in threads), "clients did not finish"
         assert sum(counts.values()) == REQUESTS, counts
-        assert errors == [], f"{len(errors)} errors in {elapsed:.0f}s, e.g. {errors[:3]}"
+        assert errors == [], (f"{len(errors)} errors in {elapsed:.0f}s, e.g. {errors[:3]}; "
+                              f"server exceptions: {server_errors.records[:3]}")
         assert counts["items"] == REQUESTS // 10
         # the new items were encoded in the background and the recommender serves them
         assert eng.wait_for_encoding(180)

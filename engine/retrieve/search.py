@@ -692,16 +692,16 @@ def model_scores(engine: "Engine", user_id: int) -> tuple[str, list[int], torch.
     rec = trained_pipeline(engine)
     if rec is None:
         return None
-    data, index = rec.data, rec.user_index  # one snapshot of the pipeline's data
-    if user_id not in index:
-        return None
-    scores = rec.scores(torch.tensor([index[user_id]]))[0]
-    try:
-        from polyrec.feedback import events
-        scores = events.online_scores(engine, rec, user_id, scores)
-    except (ImportError, AttributeError):  # pragma: no cover - no feedback learners
-        pass
-    return f"pipeline:v{rec.version}", list(data.item_ids), scores
+    with rec.pinned() as snap:  # index, scores and the online blend from one snapshot
+        if user_id not in snap.user_index:
+            return None
+        scores = rec.scores(torch.tensor([snap.user_index[user_id]]))[0]
+        try:
+            from polyrec.feedback import events
+            scores = events.online_scores(engine, rec, user_id, scores)
+        except (ImportError, AttributeError):  # pragma: no cover - no feedback learners
+            pass
+        return f"pipeline:v{rec.version}", list(snap.data.item_ids), scores
 
 
 def model_space(engine: "Engine") -> VectorSpace | None:
@@ -710,11 +710,12 @@ def model_space(engine: "Engine") -> VectorSpace | None:
     rec = trained_pipeline(engine)
     if rec is None:
         return None
-    data = rec.data
-    vectors = rec.vectors()
-    if vectors is None or vectors.shape[0] != len(data.item_ids):
-        return None
-    return searcher(engine).model_space(f"pipeline:v{rec.version}", data.item_ids, vectors)
+    with rec.pinned() as snap:  # vectors and item ids from one data snapshot
+        vectors = rec.vectors()
+        if vectors is None or vectors.shape[0] != len(snap.data.item_ids):
+            return None
+        return searcher(engine).model_space(f"pipeline:v{rec.version}", snap.data.item_ids,
+                                            vectors)
 
 
 def validate_query(query: Any) -> str:
