@@ -395,6 +395,15 @@ class Ranker(ABC):
         current catalogue correctly.
         """
 
+    def refit(self, data: TrainingData) -> None:
+        """Fit again on ``data`` (usually more data than the last ``fit`` saw) with the
+        hyper-parameters that fit chose (a tuned grid point, an early-stopped epoch
+        count) instead of choosing them again. A composite ranker that tunes on a
+        validation split calls it to train its parts on all the data afterwards. The
+        default calls ``fit``; override it when ``fit`` tunes, so the work is not
+        repeated."""
+        self.fit(data)
+
     def state(self) -> dict[str, Any]:
         """Everything needed to restore the fitted ranker, stored with the model version:
         plain containers, numbers, strings and tensors only (loaded with torch's

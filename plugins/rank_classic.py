@@ -66,6 +66,17 @@ class _IdRanker(Ranker):
         self.item_ids = list(data.item_ids)
         self._fit(data, chosen)
 
+    def refit(self, data: TrainingData) -> None:
+        """Fit on ``data`` with the parameters the last ``fit`` chose (no tuning)."""
+        chosen = getattr(self, "chosen", None)
+        if chosen is None:
+            self.fit(data)
+            return
+        self.known = data.item_counts() > 0
+        self.item_ids = list(data.item_ids)
+        self._fit(data, chosen)
+        self.info = {**self.info, "refit": True}
+
     def _fit(self, data: TrainingData, params: dict[str, Any]) -> None:
         raise NotImplementedError
 

@@ -108,7 +108,7 @@ class EnsembleRanker(Ranker):
         self.fixed = [float(w) for w in fixed] if fixed is not None else None
         self.grid = [float(g) for g in options.get("grid", WEIGHT_GRID)]
         self.metric = str(options.get("metric", "ndcg@20"))
-        self.refit = bool(options.get("refit", True))
+        self.refit_members = bool(options.get("refit", True))
         self.weights: list[float] | None = None
         self.info: dict[str, Any] = {}
 
@@ -131,14 +131,22 @@ class EnsembleRanker(Ranker):
         best = max(range(len(candidates)), key=lambda c: (results[c], -c))
         self.weights = list(candidates[best])
         member_info = [dict(getattr(m, "info", {}) or {}) for m in self.members]
-        if self.refit:
+        if self.refit_members:  # on all the data, with what validation chose
             for m in self.members:
-                m.fit(data)
+                m.refit(data)
             member_info = [dict(getattr(m, "info", {}) or {}) for m in self.members]
         self.info = {"tuned_on": "validation", "metric": self.metric,
                      "weights": dict(zip(self._labels(), self.weights)),
                      "grid": [{"weights": list(c), self.metric: r} for c, r in zip(candidates, results)],
                      "members": dict(zip(self._labels(), member_info))}
+
+    def refit(self, data: TrainingData) -> None:
+        """Refit every member on ``data`` with what it chose; the weights stay."""
+        if self.weights is None:
+            self.fit(data)
+            return
+        for m in self.members:
+            m.refit(data)
 
     def _validate(self, val: Any, candidates: list[tuple[float, ...]]) -> list[float]:
         """Mean validation ``metric`` of every weight vector, scoring members once per batch."""

@@ -27,10 +27,9 @@ from typing import Any, Callable, ClassVar, Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from polyrec import (ConfigError, Fuser, ModelNotTrainedError, Ranker, TrainingData, hookimpl,
-                     resolve_device)
+                     progress_bar, resolve_device)
 
 DEFAULTS: dict[str, Any] = {
     "dim": 64, "fuser": "attention", "heads": 4, "dropout": 0.1, "modalities": None,
@@ -400,10 +399,25 @@ class TwoTowerRanker(Ranker):
                     if not o["refit"]:
                         self._finish(val.train, best_epochs, history)
                         return
-            torch.manual_seed(int(o["seed"]))
-            self._build(data)
-            self._train(data, None, epochs=best_epochs)
-            self._finish(data, best_epochs, history)
+            self._fit_epochs(data, best_epochs, history)
+
+    def refit(self, data: TrainingData) -> None:
+        """Train afresh on ``data`` for the epoch count the last ``fit`` chose (no
+        validation run); a plain ``fit`` when the ranker was never fitted."""
+        if not self.info:
+            self.fit(data)
+            return
+        o = self.options
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), cpu_threads(self.device, o["threads"]):
+            self._fit_epochs(data, int(self.info["epochs"]), list(self.info.get("validation") or []))
+
+    def _fit_epochs(self, data: TrainingData, epochs: int, history: list[float]) -> None:
+        """A fresh model trained on all of ``data`` for ``epochs`` epochs."""
+        torch.manual_seed(int(self.options["seed"]))
+        self._build(data)
+        self._train(data, None, epochs=epochs)
+        self._finish(data, epochs, history)
 
     def _finish(self, data: TrainingData, epochs: int, history: list[float]) -> None:
         self.info = {"epochs": epochs, "device": str(self.device), "modalities": list(self.dims),
@@ -447,7 +461,8 @@ class TwoTowerRanker(Ranker):
         best, best_epoch, best_state, patience, history = -math.inf, 0, None, 0, []
         bs, temp = int(o["batch_size"]), float(o["temperature"])
         seen, train_seconds = 0, 0.0
-        bar = tqdm(range(epochs), desc="two_tower", disable=not o["progress"], leave=False)
+        bar = progress_bar(range(epochs), desc="two_tower epoch", unit="epochs",
+                           enabled=bool(o["progress"]), interval=0)
         for epoch in bar:
             model.train()
             started = time.perf_counter()
@@ -471,10 +486,11 @@ class TwoTowerRanker(Ranker):
                 torch.cuda.synchronize(self.device)
             train_seconds += time.perf_counter() - started  # steps only, not validation
             self._cache = {}
+            bar.set_postfix(loss=f"{loss.item():.4f}")
             if val is not None:
                 score = evaluate_ranker(self, val, ks=(int(o["metric"].split("@")[1]),))[o["metric"]]
                 history.append(score)
-                bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{score:.4f}")
+                bar.set_postfix({"loss": f"{loss.item():.4f}", f"validation {o['metric']}": f"{score:.4f}"})
                 if score > best:
                     best, best_epoch, patience = score, epoch + 1, 0
                     best_state = copy.deepcopy(model.state_dict())
