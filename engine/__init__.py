@@ -22,6 +22,8 @@ __version__ = "0.1.0"
 _LAZY: dict[str, str] = {
     # devices: "auto" picks CUDA when present; bf16 autocast on the GPU
     "resolve_device": "polyrec.device", "autocast": "polyrec.device",
+    # progress of long work: tqdm on a terminal, log lines elsewhere
+    "progress_bar": "polyrec.progress", "stage": "polyrec.progress",
     # rankers: validation splits, metrics and tuning on the training data they are given
     "validation_split": "polyrec.rank.evaluation", "user_metrics": "polyrec.rank.evaluation",
     "mask_scores": "polyrec.rank.evaluation", "evaluate_ranker": "polyrec.rank.evaluation",
@@ -36,6 +38,7 @@ _LAZY: dict[str, str] = {
 
 if TYPE_CHECKING:  # pragma: no cover - what type checkers see of the names above
     from polyrec.device import autocast, resolve_device
+    from polyrec.progress import progress_bar, stage
     from polyrec.feedback.events import Event, ItemSpace
     from polyrec.rank.evaluation import (evaluate_ranker, mask_scores, tune_on_validation,
                                          user_metrics, validation_split)

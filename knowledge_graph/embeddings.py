@@ -20,9 +20,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from polyrec.errors import ConfigError
+from polyrec.progress import LINE_INTERVAL, progress_bar
 from polyrec.knowledge_graph.graph import GraphTables
 
 METHODS = ("transe", "rotate")
@@ -295,7 +295,8 @@ def _train(tables: GraphTables, config: KGEConfig, device: torch.device,
         head_prob.fill_(0.5)
     n, k, chunk = triples.shape[0], config.negatives, config.chunk
     losses: list[float] = []
-    bar = tqdm(range(config.epochs), desc=f"kg {config.method}", unit="epoch", disable=not progress)
+    bar = progress_bar(range(config.epochs), desc=f"kg {config.method}", unit="epoch",
+                       enabled=bool(progress), interval=0 if config.epochs <= 50 else LINE_INTERVAL)
     for _ in bar:
         order = torch.randperm(n, generator=cpu_gen).to(device)
         total = torch.zeros((), device=device)

@@ -19,7 +19,7 @@ ENGINE = ROOT / "engine"
 
 #: Layer of each top-level name under ``polyrec`` (a module of engine/ or a sub-package).
 ORDER: list[tuple[str, ...]] = [
-    ("errors", "hookspecs", "contracts", "device", "training_data", "plugin_host"),
+    ("errors", "hookspecs", "contracts", "device", "training_data", "plugin_host", "progress"),
     ("store",),
     ("knowledge_graph",),
     ("ingest",),

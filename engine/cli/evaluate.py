@@ -23,7 +23,8 @@ def _parse_ks(raw: str) -> list[int]:
               help="Comma list of ranker names; LABEL=NAME evaluates a ranker under a label "
                    "(e.g. text=two_tower).")
 @click.option("--split", "split", type=click.Choice(SPLITS), default="random", show_default=True,
-              help="random: per-user 80/20; time: leave-last-out; cold: cold-start items.")
+              help="random: per-user 80/20; time: leave-last-out (or each user's latest "
+                   "--test-share); cold: cold-start items.")
 @click.option("--k", "ks", default=",".join(map(str, DEFAULT_KS)), show_default=True,
               help="Cut-offs K, comma separated.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the split.")
@@ -33,8 +34,10 @@ def _parse_ks(raw: str) -> list[int]:
                    "declares none); repeatable.")
 @click.option("--min-rating", default=4.0, show_default=True, type=float,
               help="Ratings at least this count as positives.")
-@click.option("--test-share", default=0.2, show_default=True, type=float,
-              help="random split: share of each user's positives held out.")
+@click.option("--test-share", default=None, type=float,
+              help="random split: share of each user's positives held out (default 0.2); "
+                   "time split: hold out each user's latest share by time instead of the "
+                   "last one.")
 @click.option("--min-positives", default=5, show_default=True, type=int,
               help="random/time split: users with fewer positives stay in training.")
 @click.option("--item-share", default=0.2, show_default=True, type=float,
@@ -44,14 +47,16 @@ def _parse_ks(raw: str) -> list[int]:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_obj
 def evaluate_command(state: CliState, models: str, split: str, ks: str, seed: int,
-                     options: tuple[str, ...], min_rating: float, test_share: float,
+                     options: tuple[str, ...], min_rating: float, test_share: float | None,
                      min_positives: int, item_share: float, candidates: str,
                      as_json: bool) -> None:
     """Fit rankers on a training split (tuning on validation carved from it) and report
     Recall, NDCG, HitRate, MRR and coverage with full ranking, training items masked."""
     split_options: dict[str, object] = {
-        "random": {"test_share": test_share, "min_positives": min_positives},
-        "time": {"min_positives": min_positives},
+        "random": {"test_share": 0.2 if test_share is None else test_share,
+                   "min_positives": min_positives},
+        "time": {"min_positives": min_positives,
+                 **({} if test_share is None else {"test_share": test_share})},
         "cold": {"item_share": item_share, "candidates": candidates},
     }[split]
     report = state.engine().evaluate(models, split=split, ks=_parse_ks(ks), seed=seed,

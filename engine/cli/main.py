@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import os
 import sys
 from typing import Any
@@ -42,7 +43,8 @@ class CliState:
 
     @property
     def progress(self) -> bool:
-        return not self.quiet and sys.stderr.isatty()
+        """Progress is shown unless --quiet: bars on a terminal, log lines elsewhere."""
+        return not self.quiet
 
     def engine(self, create: bool = False) -> Any:
         """The Engine over --db. Only ``create=True`` (``polyrec init``) may make a new
@@ -117,6 +119,22 @@ def cli(ctx: click.Context, db: str, device: str, debug: bool, quiet: bool,
     state = CliState(db, device, debug, quiet, lock_timeout)
     ctx.obj = state
     ctx.call_on_close(state.close)
+    if not quiet:  # progress lines (polyrec.progress) on stderr when it is not a terminal
+        handler = _StderrLines()
+        logger = logging.getLogger("polyrec.progress")
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        ctx.call_on_close(lambda: logger.removeHandler(handler))
+
+
+class _StderrLines(logging.Handler):
+    """Writes each record's message as one line to the current stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            click.echo(record.getMessage(), err=True)
+        except Exception:  # noqa: BLE001 - progress output must never fail a command
+            self.handleError(record)
 
 
 def _add_builtin_commands(group: click.Group) -> None:

@@ -21,11 +21,11 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 from sqlalchemy import delete, func, select
-from tqdm.auto import tqdm
 
 from polyrec.store import vectors
 from polyrec.contracts import Encoder, EncoderContext, ItemView
 from polyrec.errors import ConfigError, EncodingError, PolyrecError
+from polyrec.progress import progress_bar
 from polyrec.store.models import ItemVector, Meta
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -247,8 +247,8 @@ def _run(engine: "Engine", name: str, enc: Encoder, ctx: EncoderContext,
         return
     external = {it.id: it.external_id for it in todo}
     chunk = max(CHUNK_ITEMS, 8 * (ctx.batch_size or 0))
-    bar = tqdm(total=len(todo), desc=f"encode {name}", unit="item", disable=not ctx.progress,
-               dynamic_ncols=True)
+    bar = progress_bar(total=len(todo), desc=f"encode {name}", unit="item",
+                       enabled=bool(ctx.progress))
     try:
         for lo in range(0, len(todo), chunk):
             part = todo[lo:lo + chunk]

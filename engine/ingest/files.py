@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
 
 from sqlalchemy import func, select
-from tqdm.auto import tqdm
 
 from polyrec.contracts import Reader, Row
+from polyrec.progress import progress_bar
 from polyrec.errors import ConfigError, NotFoundError, ValidationError
 from polyrec.ingest import interactions
 from polyrec.ingest.interactions import BadValue, is_blank, to_id, to_number, to_timestamp  # noqa: F401
@@ -501,6 +501,31 @@ def _without_forgotten(session: Any, kind: str, records: list[Any], report: Inge
     return kept
 
 
+#: Text files up to this size have their lines counted for the progress total.
+COUNT_LINES_BYTES = 1 << 30
+
+
+def _row_estimate(path: Path, reader: str) -> int | None:
+    """About how many rows the file holds, for the progress bar's total and ETA: the
+    line count of a text file up to :data:`COUNT_LINES_BYTES` (less a header line for
+    delimited formats), the row count a Parquet file records; None when unknown."""
+    try:
+        if reader == "parquet":
+            import pyarrow.parquet as pq
+            return int(pq.ParquetFile(path).metadata.num_rows)
+        if path.stat().st_size > COUNT_LINES_BYTES or path.suffix.lower() in (".gz", ".bz2", ".xz", ".zip"):
+            return None
+        lines, last = 0, b"\n"
+        with path.open("rb") as fh:
+            while chunk := fh.read(1 << 20):
+                lines += chunk.count(b"\n")
+                last = chunk[-1:]
+        lines += last != b"\n"  # a last line without a newline
+        return max(0, lines - (reader in ("csv", "tsv", "recbole")))
+    except (OSError, ValueError, ImportError):
+        return None
+
+
 def ingest_file(engine: "Engine", path: str | Path, kind: str, *, format: str | None = None,
                 mapping: Mapping[str, str | None] | None = None, on_error: str = "fail",
                 interaction_kind: str | None = None, image_template: str | None = None,
@@ -532,8 +557,9 @@ def ingest_file(engine: "Engine", path: str | Path, kind: str, *, format: str | 
 
     records: list[dict[str, Any]] = []
     errors: list[ValidationError] = []
-    bar = tqdm(rows, desc=f"{kind} {path.name}", unit=" rows", disable=not engine.progress,
-               leave=False)
+    bar = progress_bar(rows, total=_row_estimate(path, reader.name) if engine.progress else None,
+                       desc=f"{kind} {path.name}", unit="rows", enabled=bool(engine.progress),
+                       leave=False)
     try:
         for row in bar:
             report.rows += 1

@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from polyrec.contracts import Ranker
 from polyrec.errors import ConfigError, PluginError
+from polyrec.progress import progress_bar, stage
 from polyrec.training_data import TrainingData
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -113,11 +113,15 @@ def random_split(data: TrainingData, *, test_share: float = 0.2, min_positives: 
 
 
 def time_split(data: TrainingData, *, n_last: int = 1, min_positives: int = 5,
-               seed: int = 0) -> Split:
+               seed: int = 0, test_share: float | None = None) -> Split:
     """Leave-last-out: each user's ``n_last`` latest positives are held out (ties broken
-    by item index); users with fewer than ``min_positives`` stay in training."""
+    by item index); with ``test_share`` the latest share of each user's positives
+    (rounded, at least one) instead. Users with fewer than ``min_positives`` stay in
+    training."""
     if n_last < 1:
         raise ConfigError(f"n_last must be at least 1, not {n_last}")
+    if test_share is not None and not 0 < test_share < 1:
+        raise ConfigError(f"test share must be between 0 and 1, not {test_share}")
     order = torch.argsort(data.items, descending=True, stable=True)
     order = order[torch.argsort(data.ts[order], descending=True, stable=True)]
     keys = torch.empty_like(order)
@@ -125,8 +129,13 @@ def time_split(data: TrainingData, *, n_last: int = 1, min_positives: int = 5,
     pos = _rank_within_user(data.users, keys, data.n_users)
     counts = torch.bincount(data.users, minlength=data.n_users)
     eligible = counts >= min_positives
-    held = (pos < n_last) & eligible[data.users]
-    params = {"n_last": n_last, "min_positives": min_positives, "seed": seed}
+    if test_share is None:
+        n_test = torch.full_like(counts, n_last)
+        params: dict[str, Any] = {"n_last": n_last, "min_positives": min_positives, "seed": seed}
+    else:
+        n_test = torch.clamp(torch.floor(counts * test_share + 0.5), min=1).long()
+        params = {"test_share": test_share, "min_positives": min_positives, "seed": seed}
+    held = (pos < n_test[data.users]) & eligible[data.users]
     return Split("time", data.subset(~held, split="time", **params), _per_user(data, held),
                  params=params)
 
@@ -265,8 +274,8 @@ def evaluate_ranker(ranker: Ranker, split: Split, *, ks: Sequence[int] = DEFAULT
     sums: dict[str, float] = {}
     seen = {k: torch.zeros(n_items, dtype=torch.bool) for k in ks}
     batches = range(0, len(users), batch_size)
-    for start in tqdm(batches, desc=desc or f"evaluate {getattr(ranker, 'name', '')}",
-                      disable=not progress, leave=False):
+    for start in progress_bar(batches, desc=desc or f"evaluate {getattr(ranker, 'name', '')}",
+                              unit="batch", enabled=progress, leave=False):
         batch = users[start:start + batch_size]
         with torch.no_grad():
             raw = checked_scores(ranker, ranker.score_users(batch, split.train), len(batch),
@@ -422,11 +431,16 @@ def run_evaluation(engine: "Engine", models: str | Iterable[str | ModelSpec] = "
     the_split = make_split(data, split, seed=seed, **dict(split_options or {}))
     progress = bool(getattr(engine, "progress", False))
     rows = []
-    for spec in specs:
+    for n, spec in enumerate(specs, start=1):
         ranker = make_ranker(registry, spec.name, spec.options)
+        if "progress" in getattr(ranker, "options", {}):
+            ranker.options["progress"] = progress
+        stage(f"evaluate: fitting {spec.label} ({n}/{len(specs)}) on "
+              f"{len(the_split.train.users):,} interactions", progress)
         start = time.perf_counter()
         ranker.fit(the_split.train)
         fit_seconds = time.perf_counter() - start
+        stage(f"evaluate: {spec.label} fitted in {fit_seconds:.1f}s", progress)
         start = time.perf_counter()
         metrics = evaluate_ranker(ranker, the_split, ks=ks, batch_size=batch_size,
                                   progress=progress, desc=f"evaluate {spec.label}")

@@ -18,6 +18,7 @@ from sqlalchemy import func, select
 
 from polyrec.contracts import Ranker
 from polyrec.errors import ConfigError
+from polyrec.progress import stage
 from polyrec.rank import registry
 from polyrec.rank.registry import HOLDOUT_SHARE
 from polyrec.store.artifacts import from_bytes, load_artifact, save_artifact, to_bytes
@@ -159,6 +160,8 @@ def train(engine: "Engine", ranker: str | None = None, *, options: Mapping[str, 
         if value is not None:
             opts = with_option(engine, name, opts, key, value)
     gate_settings = registry.gate_config(engine, gate)  # a bad setting fails before any work
+    show = bool(engine.progress)
+    stage("train: reading the positive interactions", show)
     with engine.store.snapshot() as s:  # the data and what the store held, in one snapshot:
         seen_up_to = {  # the online learners start after it
             "max_interaction_id": int(s.execute(select(func.max(Interaction.id))).scalar() or 0),
@@ -170,9 +173,12 @@ def train(engine: "Engine", ranker: str | None = None, *, options: Mapping[str, 
     fit_data, test, held = registry.split_holdout(engine, data, holdout)
     model = build_ranker(engine, name, opts)
     warm = _warm_start(engine, model, name, warm_start)
+    stage(f"train: fitting {name} on {len(fit_data.users):,} positives of {data.n_users:,} users "
+          f"over {data.n_items:,} items ({held['pairs']:,} held out for the gate)", show)
     start = time.perf_counter()
     model.fit(fit_data)
     seconds = time.perf_counter() - start
+    stage(f"train: {name} fitted in {seconds:.1f}s; measuring it on the holdout", show)
     per_user: dict[str, torch.Tensor] = {}
     try:
         per_user = registry.per_user_metrics(model, fit_data, test)
@@ -196,6 +202,7 @@ def train(engine: "Engine", ranker: str | None = None, *, options: Mapping[str, 
         registry.pin_live(engine, live, "registry")  # even for a moment (live may be None)
     with engine.store.session() as s:
         version = save_artifact(s, PIPELINE_ARTIFACT, "pipeline", to_bytes(payload), meta)
+    stage(f"train: stored as version {version}; running the gate", show)
     try:
         verdict = registry.run_gate(engine, name=name, model=model, version=version, live=live,
                                     train=fit_data, test=test, holdout=held, metrics=metrics,
