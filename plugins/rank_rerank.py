@@ -29,12 +29,13 @@ from typing import Any, Callable, ClassVar
 import torch
 import torch.nn.functional as F
 
-from polyrec import ConfigError, ModelNotTrainedError, Ranker, TrainingData, hookimpl
+from polyrec import (ConfigError, ModelNotTrainedError, Ranker, TrainingData, hookimpl,
+                     progress_bar, stage)
 
 DEFAULTS: dict[str, Any] = {
     "base": "two_tower", "base_options": {}, "scorers": [], "candidates": 100, "l2": 1e-3,
     "max_iter": 200, "center": True, "refit": True, "seed": 0, "factory": None,
-    "new_candidates": 20,
+    "new_candidates": 20, "recent": 5, "recent_retrieval": False, "progress": False,
 }
 #: Offset that puts every re-scored candidate above every other item.
 CANDIDATE_OFFSET = 1e4
@@ -49,6 +50,51 @@ def _zscore(scores: torch.Tensor) -> torch.Tensor:
     var = (torch.where(finite, vals - mean, torch.zeros_like(vals)) ** 2).sum(1, keepdim=True) / n
     z = (vals - mean) / var.sqrt().clamp(min=1e-12)
     return torch.where(finite, z, torch.full_like(z, -math.inf))
+
+
+def _history_similarity(unit: torch.Tensor, present: torch.Tensor, cand: torch.Tensor,
+                        histories: list[torch.Tensor], budget: int = 1 << 24,
+                        centroid: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The largest and the mean cosine similarity [b, C] between each row's candidates
+    ``cand`` [b, C] and the items of its history that have a vector (``unit``: unit
+    item vectors, ``present``: which items have one); 0 for a row with no such item.
+
+    The mean is one dot product with the history's summed vector; the max a batched
+    matrix product over histories padded to the longest, in chunks of rows that keep
+    the similarity block under ``budget`` entries."""
+    b, c = cand.shape
+    mx, mean = torch.zeros(b, c), torch.zeros(b, c)
+    hist = [h[present[h]] if len(h) else h for h in histories]
+    if centroid:  # cosine to the normalised mean of the history instead (first result)
+        for r, h in enumerate(hist):
+            if len(h):
+                mx[r] = unit[cand[r]] @ F.normalize(unit[h].mean(0), dim=0)
+        return mx, mean
+    lengths = torch.tensor([len(h) for h in hist], dtype=torch.long)
+    rows = torch.nonzero(lengths > 0).flatten()
+    if len(rows) == 0:
+        return mx, mean
+    cand_vecs = unit[cand]  # [b, C, D]
+    order = rows[torch.argsort(lengths[rows])]  # similar lengths share a chunk: less padding
+    start = 0
+    while start < len(order):
+        longest = int(lengths[order[start]])
+        end = start + 1
+        while end < len(order) and (end - start + 1) * c * max(longest, int(lengths[order[end]])) <= budget:
+            longest = max(longest, int(lengths[order[end]]))
+            end += 1
+        chunk = order[start:end].tolist()
+        padded = torch.zeros(len(chunk), longest, dtype=torch.long)
+        valid = torch.zeros(len(chunk), longest, dtype=torch.bool)
+        for j, r in enumerate(chunk):
+            padded[j, :len(hist[r])] = hist[r]
+            valid[j, :len(hist[r])] = True
+        hv = unit[padded] * valid[..., None]  # [n, H, D]
+        sims = torch.bmm(cand_vecs[chunk], hv.transpose(1, 2))  # [n, C, H]
+        mx[chunk] = sims.masked_fill(~valid[:, None, :], -math.inf).max(2).values
+        mean[chunk] = sims.sum(2) / lengths[chunk].float()[:, None]
+        start = end
+    return mx, mean
 
 
 class RerankRanker(Ranker):
@@ -122,7 +168,14 @@ class RerankRanker(Ranker):
         finite = torch.isfinite(age_days)
         cap = float(age_days[finite].max()) + 1.0 if bool(finite.any()) else 1.0
         age_days = torch.where(finite, age_days, torch.full_like(age_days, cap))
+        recent = torch.zeros(data.n_items)
+        if len(data.ts):  # positives in the latest tenth of the interactions: the trend
+            cut = torch.quantile(data.ts.double()[-1_000_000:], 0.9) if len(data.ts) > 1 \
+                else data.ts.double().max()
+            late = data.ts.double() >= cut
+            recent = torch.bincount(data.items[late], minlength=data.n_items).float()
         stats = {"log_popularity": torch.log1p(counts),
+                 "log_recent_popularity": torch.log1p(recent),
                  "log_age_days": torch.log1p(age_days.clamp(min=0)).float()}
         cmap = self._catalogue(data)
         if cmap is not None and len(cmap.unseen):
@@ -165,8 +218,10 @@ class RerankRanker(Ranker):
         ranks = torch.searchsorted(descending.contiguous(),
                                    (-torch.gather(base, 1, cand)).contiguous()).float()
         cols = [cz.clamp(min=-10), 1.0 / torch.log2(ranks + 2.0),
-                stats["log_popularity"][cand], stats["log_age_days"][cand]]
-        names = ["retrieval_z", "retrieval_rank", "log_popularity", "log_age_days"]
+                stats["log_popularity"][cand], stats["log_recent_popularity"][cand],
+                stats["log_age_days"][cand]]
+        names = ["retrieval_z", "retrieval_rank", "log_popularity", "log_recent_popularity",
+                 "log_age_days"]
         if scorer_z is None:
             scorer_z = self._scorer_z(users, data)
         for spec, sz in zip(self.scorer_specs, scorer_z):
@@ -174,24 +229,58 @@ class RerankRanker(Ranker):
             sz = torch.where(torch.isfinite(sz), sz, torch.full_like(sz, -10.0))
             cols.append(sz.clamp(min=-10))
             names.append(f"{spec['name']}_z")
+        if self.options.get("recent_retrieval") and int(self.options.get("recent", 0) or 0):
+            # the retrieval ranker's scores from the user's latest items alone
+            with torch.no_grad():
+                rz = _zscore(self.base.score_users(users, self._recent_data(data)).detach().float().cpu())
+            rz = torch.gather(rz, 1, cand)
+            cols.append(torch.where(torch.isfinite(rz), rz, torch.full_like(rz, -10.0)).clamp(min=-10))
+            names.append("retrieval_recent_z")
+        recent = self._recent(data)
         for m, (vec, present) in sorted(data.item_features.items()):
-            unit = F.normalize(vec.float(), dim=-1) * present[:, None]
-            mx = torch.zeros_like(cz)
-            mean = torch.zeros_like(cz)
-            for r, u in enumerate(users.tolist()):
-                h = history[u]
-                h = h[present[h]] if len(h) else h
-                if len(h) == 0:
-                    continue
-                sims = unit[cand[r]] @ unit[h].T  # [C, |h|]
-                mx[r] = sims.max(1).values
-                mean[r] = sims.mean(1)
-            cols += [mx, mean]
-            names += [f"{m}_similarity_max", f"{m}_similarity_mean"]
+            unit = F.normalize(vec.float(), dim=-1)
+            mx, mean = _history_similarity(unit, present, cand,
+                                           [history[u] for u in users.tolist()])
+            last, _ = _history_similarity(unit, present, cand,
+                                          [recent[u] for u in users.tolist()], centroid=True)
+            cols += [mx, mean, last]
+            names += [f"{m}_similarity_max", f"{m}_similarity_mean", f"{m}_similarity_recent"]
         feats = torch.stack(cols, dim=-1)
         if self.options["center"]:  # relative to the user's other candidates
             feats = feats - feats.mean(dim=1, keepdim=True)
         return feats, names
+
+    def _recent_data(self, data: TrainingData) -> TrainingData:
+        """``data`` with only each user's ``recent`` latest interactions (cached)."""
+        key = (id(data), len(data.users))
+        cached = getattr(self, "_recent_data_cache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        n = int(self.options.get("recent", 5) or 0)
+        order = torch.argsort(data.ts, stable=True)
+        order = order[torch.argsort(data.users[order], stable=True)]
+        counts = torch.bincount(data.users, minlength=data.n_users)
+        ends = torch.cumsum(counts, 0)
+        rank_from_end = ends[data.users[order]] - torch.arange(len(order)) - 1
+        keep = torch.zeros(len(order), dtype=torch.bool)
+        keep[order[rank_from_end < n]] = True
+        out = data.subset(keep)
+        self._recent_data_cache = (key, out)
+        return out
+
+    def _recent(self, data: TrainingData) -> list[torch.Tensor]:
+        """Each user's ``recent`` latest items by time (cached per data object)."""
+        key = (id(data), len(data.users))
+        cached = getattr(self, "_recent_cache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        n = int(self.options.get("recent", 5) or 0)
+        order = torch.argsort(data.ts, stable=True)
+        order = order[torch.argsort(data.users[order], stable=True)]  # by user, then time
+        counts = torch.bincount(data.users, minlength=data.n_users).tolist()
+        out = [h[-n:] if n else h[:0] for h in torch.split(data.items[order], counts)]
+        self._recent_cache = (key, out)
+        return out
 
     def _scorer_z(self, users: torch.Tensor, data: TrainingData) -> list[torch.Tensor]:
         """Per-user z-scores [b, n] of every scorer (-inf where a scorer cannot score)."""
@@ -234,13 +323,18 @@ class RerankRanker(Ranker):
         val = validation_split(data, seed=int(self.options["seed"]) + 7)
         if val.n_test == 0:
             raise ConfigError("rerank: not enough interactions to carve validation data")
+        show = bool(self.options.get("progress"))
         for ranker in [self.base, *self.scorers]:
+            stage(f"{self.name}: fitting {ranker.name} on {len(val.train.users):,} interactions "
+                  "(validation held out)", show)
             ranker.fit(val.train)
         history = val.train.user_items()
         stats = self._item_stats(val.train)
         xs, ys = [], []
         users = val.eval_users
-        for start in range(0, len(users), 256):
+        batches = progress_bar(range(0, len(users), 256), desc=f"{self.name}: click-model features",
+                               unit="batches", enabled=show, leave=False)
+        for start in batches:
             batch = users[start:start + 256]
             _, base, cand, valid, feats, extras = self._tiers(batch, val.train, history, stats)
             finite = valid
@@ -258,9 +352,13 @@ class RerankRanker(Ranker):
         with torch.no_grad():
             p = torch.sigmoid(self._design((x - self.mean) / self.std) @ self.theta)
             loss = float(F.binary_cross_entropy(p.clamp(1e-7, 1 - 1e-7), y))
-        if self.options["refit"]:
+        stage(f"{self.name}: click model learned on {len(y):,} candidates "
+              f"({int(y.sum()):,} held-out positives), log loss {loss:.4f}", show)
+        if self.options["refit"]:  # on all the data, with what validation chose
             for ranker in [self.base, *self.scorers]:
-                ranker.fit(data)
+                stage(f"{self.name}: refitting {ranker.name} on all {len(data.users):,} "
+                      "interactions", show)
+                ranker.refit(data)
         self.info = {"features": self.feature_names, "examples": int(len(y)),
                      "positives": int(y.sum()), "log_loss": round(loss, 5),
                      "theta": {n: round(float(t), 4) for n, t in
@@ -268,6 +366,16 @@ class RerankRanker(Ranker):
                      "base": dict(getattr(self.base, "info", {}) or {}),
                      "scorers": {spec["name"]: dict(getattr(r, "info", {}) or {})
                                  for spec, r in zip(self.scorer_specs, self.scorers)}}
+
+    def refit(self, data: TrainingData) -> None:
+        """Refit the retrieval ranker and the scorers on ``data`` with what they chose;
+        the click model stays (it was learned on validation data)."""
+        if self.theta is None:
+            self.fit(data)
+            return
+        self.item_ids = list(data.item_ids)
+        for ranker in [self.base, *self.scorers]:
+            ranker.refit(data)
 
     @staticmethod
     def _design(x: torch.Tensor) -> torch.Tensor:
@@ -393,15 +501,19 @@ class RerankRanker(Ranker):
 
 class HybridRanker(RerankRanker):
     """The default pipeline: EASE retrieves, and the click model re-scores its top 100
-    with the two-tower score (fused text + KG + ID), content similarity to the history,
-    popularity and recency as features; items EASE cannot score (cold items) are ranked
-    by the same model from the two-tower and content features."""
+    from the content similarity of each candidate to the user's history and latest items
+    in every modality (text, KG, image vectors), popularity, recent popularity and
+    recency. Items EASE never saw get its content-neighbour cold score and are re-scored
+    by the same model (``new_candidates``).
+
+    The two-tower model is not a default scorer: on MovieLens-100k its score added
+    nothing to the click model (docs/evaluation.md) while costing most of the training
+    time; ``-o scorers=two_tower`` puts it back."""
 
     name = "hybrid"
-    # scorers as {"name", "options"} specs: a list of dicts declares the option as a list
-    # (of names or specs), not a grid of names
-    defaults: ClassVar[dict[str, Any]] = {**DEFAULTS, "base": "ease",
-                                          "scorers": [{"name": "two_tower", "options": {}}]}
+    # scorers: none (an empty list is "any value": a name, names joined by "+" or ",",
+    # or a JSON list of names or {"name", "options"} specs)
+    defaults: ClassVar[dict[str, Any]] = {**DEFAULTS, "base": "ease", "scorers": []}
 
 
 @hookimpl

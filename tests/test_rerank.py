@@ -31,8 +31,9 @@ def fitted(split):
 def test_fit_learns_a_weight_per_feature(fitted):
     info = fitted.info
     names = info["features"]
-    assert names[:4] == ["retrieval_z", "retrieval_rank", "log_popularity", "log_age_days"]
-    assert {"genre_similarity_max", "kg_similarity_mean"} <= set(names)
+    assert names[:5] == ["retrieval_z", "retrieval_rank", "log_popularity",
+                         "log_recent_popularity", "log_age_days"]
+    assert {"genre_similarity_max", "kg_similarity_mean", "kg_similarity_recent"} <= set(names)
     assert set(info["theta"]) == {"bias", *names}
     assert info["examples"] > 10_000 and 0 < info["positives"] < info["examples"]
     # a higher retrieval score must mean a likelier click
@@ -107,3 +108,39 @@ def test_scorers_become_features_and_items_only_they_score_come_second(split):
     other = RerankRanker(base=PopularRanker(), scorers=[RandomRanker(seed=1)], candidates=20)
     other.load_state(from_bytes(to_bytes(ranker.state())))
     assert torch.allclose(other.score_users(torch.arange(3), data), scores)
+
+
+def test_history_similarity_equals_the_per_user_loop():
+    """The batched max/mean cosine to the history matches the plain per-user products,
+    for empty, short and long histories and items without a vector, across chunks."""
+    import torch.nn.functional as F
+
+    from polyrec.plugins.rank_rerank import _history_similarity
+    gen = torch.Generator().manual_seed(0)
+    unit = F.normalize(torch.randn(300, 16, generator=gen), dim=-1)
+    present = torch.rand(300, generator=gen) > 0.2
+    unit = unit * present[:, None]
+    cand = torch.randint(0, 300, (7, 12), generator=gen)
+    hists = [torch.randperm(300, generator=gen)[:n] for n in (0, 1, 5, 40, 3, 200, 17)]
+    mx, mean = _history_similarity(unit, present, cand, hists, budget=12 * 60)  # many chunks
+    for r, h in enumerate(hists):
+        h = h[present[h]]
+        if len(h) == 0:
+            assert torch.equal(mx[r], torch.zeros(12)) and torch.equal(mean[r], torch.zeros(12))
+            continue
+        sims = unit[cand[r]] @ unit[h].T
+        assert torch.allclose(mx[r], sims.max(1).values, atol=1e-5)
+        assert torch.allclose(mean[r], sims.mean(1), atol=1e-5)
+
+
+def test_refit_keeps_what_validation_chose(split):
+    """refit trains the parts on more data without tuning again: EASE keeps its l2, the
+    click model keeps its weights."""
+    from conftest import torch_threads
+    with torch_threads(1):
+        ranker = RerankRanker(base=EASERanker(l2=[100.0, 500.0]), candidates=C, refit=False)
+        ranker.fit(split.train)
+        l2, theta = ranker.base.l2, ranker.theta.clone()
+        ranker.refit(split.train)
+    assert ranker.base.l2 == l2 and ranker.base.info.get("refit") is True
+    assert torch.equal(ranker.theta, theta)
