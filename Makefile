@@ -20,20 +20,31 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q -e ".[serve,test,bench]"
 	touch $(STAMP)
 
+# Each demo step runs through $(call step,NAME,COMMAND): its wall time goes to $(STEPS),
+# printed as a table at the end.
+STEPS   := $(DEMO_DB).steps
+comma   := ,
+define step
+	@echo "+ $(2)"; start=$$(date +%s%N); $(2) || exit $$?; \
+	  printf '  %-34s %7.1f s\n' "$(1)" "$$(( ($$(date +%s%N) - start) / 1000000 ))e-3" >> $(STEPS)
+endef
+
 demo: $(STAMP)
-	rm -f $(DEMO_DB) $(DEMO_DB)-wal $(DEMO_DB)-shm
-	$(POLYREC) init
-	$(POLYREC) ingest items $(DATA)/ml-100k/ml-100k.item
-	$(POLYREC) ingest users $(DATA)/ml-100k/ml-100k.user
-	$(POLYREC) ingest interactions $(DATA)/ml-100k/ml-100k.inter
-	$(POLYREC) ingest kg $(DATA)/ml-100k/ml-100k.kg --links $(DATA)/ml-100k/ml-100k.link
-	$(POLYREC) stats
-	$(POLYREC) encode --encoder bert --encoder kg
-	$(POLYREC) train
-	$(POLYREC) recommend 1 -k 5 --explain
-	$(POLYREC) recommend 42 -k 5 --explain --diversity 0.3
-	$(POLYREC) recommend 405 -k 5 --explain --filter class=Comedy
-	$(POLYREC) evaluate --models popular,itemknn,ease,hybrid
+	@rm -f $(DEMO_DB) $(DEMO_DB)-wal $(DEMO_DB)-shm $(STEPS)
+	$(call step,init,$(POLYREC) init)
+	$(call step,ingest items,$(POLYREC) ingest items $(DATA)/ml-100k/ml-100k.item)
+	$(call step,ingest users,$(POLYREC) ingest users $(DATA)/ml-100k/ml-100k.user)
+	$(call step,ingest interactions,$(POLYREC) ingest interactions $(DATA)/ml-100k/ml-100k.inter)
+	$(call step,ingest kg + links,$(POLYREC) ingest kg $(DATA)/ml-100k/ml-100k.kg --links $(DATA)/ml-100k/ml-100k.link)
+	$(call step,stats,$(POLYREC) stats)
+	$(call step,encode bert + kg,$(POLYREC) encode --encoder bert --encoder kg)
+	$(call step,train (default hybrid),$(POLYREC) train)
+	$(call step,recommend 1,$(POLYREC) recommend 1 -k 5 --explain)
+	$(call step,recommend 42 (diversity),$(POLYREC) recommend 42 -k 5 --explain --diversity 0.3)
+	$(call step,recommend 405 (filter),$(POLYREC) recommend 405 -k 5 --explain --filter class=Comedy)
+	$(call step,evaluate 4 models,$(POLYREC) evaluate --models popular$(comma)itemknn$(comma)ease$(comma)hybrid)
+	@echo; echo "Step times (make demo):"; cat $(STEPS); \
+	  awk '{ total += $$(NF-1) } END { printf "  %-34s %7.1f s\n", "total", total }' $(STEPS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
@@ -47,4 +58,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/train.py $(if $(wildcard $(DEMO_DB)),--db $(DEMO_DB))
 
 clean:
-	rm -rf $(VENV) $(DEMO_DB) $(DEMO_DB)-wal $(DEMO_DB)-shm .pytest_cache
+	rm -rf $(VENV) $(DEMO_DB) $(DEMO_DB)-wal $(DEMO_DB)-shm $(STEPS) .pytest_cache
