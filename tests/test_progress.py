@@ -1,0 +1,84 @@
+"""Progress of long work off a terminal: plain log lines (polyrec.progress), one per
+epoch for training, throttled for row loops, none with --quiet."""
+from __future__ import annotations
+
+import logging
+import random
+
+import pytest
+from click.testing import CliRunner
+
+from polyrec import Engine
+from polyrec.cli.main import cli
+from polyrec.progress import LineProgress, progress_bar, stage
+
+
+@pytest.fixture
+def lines(caplog):
+    caplog.set_level(logging.INFO, logger="polyrec.progress")
+    return lambda: [r.getMessage() for r in caplog.records if r.name == "polyrec.progress"]
+
+
+def test_a_line_per_update_with_count_eta_and_postfix(lines):
+    bar = LineProgress(range(4), desc="two_tower epoch", unit="epochs", interval=0)
+    for n in bar:
+        bar.set_postfix(loss=f"{1.0 / (n + 1):.3f}")
+    out = lines()
+    assert len(out) == 4
+    assert out[0].startswith("two_tower epoch: 1/4 epochs (25%)") and "ETA" in out[0]
+    assert out[0].endswith("loss=1.000")
+    assert out[-1].startswith("two_tower epoch: 4/4 epochs (100%)") and "ETA" not in out[-1]
+
+
+def test_throttled_lines_still_end_with_the_total(lines):
+    bar = LineProgress(total=1000, desc="items x.csv", unit="rows", interval=3600)
+    for _ in range(1000):
+        bar.update(1)
+    bar.close()
+    assert lines() == [lines()[0]] and lines()[0].startswith("items x.csv: 1,000/1,000 rows (100%)")
+
+
+def test_disabled_progress_and_stages_say_nothing(lines):
+    for _ in progress_bar(range(3), desc="quiet", enabled=False):
+        pass
+    stage("not shown", enabled=False)
+    assert lines() == []
+    stage("shown")  # off a terminal (pytest captures stderr): a log line
+    assert lines() == ["shown"]
+
+
+@pytest.fixture
+def small_db(tmp_path):
+    """60 items, 40 users and their clicks: enough to train a small two-tower."""
+    db = tmp_path / "small.db"
+    rnd = random.Random(0)
+    with Engine(db, device="cpu", entrypoints=False, progress=False,
+                encode_on_arrival=False) as eng:
+        eng.add_items([{"external_id": f"i{n}", "title": f"item {n}"} for n in range(60)])
+        eng.add_interactions([{"user": f"u{u}", "item": f"i{rnd.randrange(60)}", "kind": "click",
+                               "ts": 1_000 + n} for n, u in enumerate(list(range(40)) * 8)])
+    return db
+
+
+def _train(db, *extra):
+    return CliRunner().invoke(cli, ["--db", str(db), "--device", "cpu", *extra, "train",
+                                    "--ranker", "two_tower", "--epochs", "3", "--set",
+                                    "validation=false", "--set", "modalities=none",
+                                    "--set", "dim=8"])
+
+
+def test_train_off_a_terminal_logs_a_line_per_epoch(small_db):
+    result = _train(small_db)
+    assert result.exit_code == 0, result.output
+    epochs = [ln for ln in result.stderr.splitlines() if ln.startswith("two_tower epoch:")]
+    assert [ln.split(" epochs")[0] for ln in epochs] == [
+        "two_tower epoch: 1/3", "two_tower epoch: 2/3", "two_tower epoch: 3/3"]
+    assert all("loss=" in ln for ln in epochs)
+    assert "train: fitting two_tower on" in result.stderr  # the stages too
+    assert "two_tower epoch" not in result.stdout  # the report stays clean on stdout
+
+
+def test_quiet_train_prints_no_progress(small_db):
+    result = _train(small_db, "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "epoch" not in result.stderr and "train:" not in result.stderr
