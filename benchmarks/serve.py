@@ -308,6 +308,70 @@ def exact_vs_faiss(matrix: torch.Tensor, n_queries: int, clients: Sequence[int],
     return rows
 
 
+# -- recommend retrieval at scale: exact vs HNSW, first request of a fresh process ---------
+FRESH_PROCESS = """
+import sys, time, torch
+start = time.perf_counter()
+from polyrec import Engine
+from polyrec.retrieve.search import searcher
+from polyrec.retrieve.vector_index import IndexSettings
+eng = Engine(sys.argv[1], device="cpu", entrypoints=False, progress=False)
+srch = searcher(eng)
+srch.index_settings = IndexSettings(backend=sys.argv[2])
+with eng.store.snapshot() as s:
+    space = srch.space(s, "bert")
+q = torch.nn.functional.normalize(torch.randn(space.matrix.shape[1]), dim=0)
+space.search(q, 10)
+print(round(time.perf_counter() - start, 2), space.index.kind)
+"""
+
+
+def fresh_process_first_request(db: Path, backend: str, runs: int = 3) -> list[dict[str, Any]]:
+    """Seconds from interpreter start to the first top-10 over the store's bert vectors
+    in a new process (imports, Engine, the vector matrix, its index), ``runs`` times."""
+    import subprocess
+    import sys
+    out = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        done = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(db), backend], check=True,
+                              capture_output=True, text=True)
+        inner, kind = done.stdout.split()[-2:]
+        out.append({"process_s": round(time.perf_counter() - start, 2), "inner_s": float(inner),
+                    "index": kind})
+    return out
+
+
+def recommend_at_scale(n_items: int, dim: int, n_queries: int, directory: Path,
+                       settings: Any, seed: int = 4) -> dict[str, Any]:
+    """Top-10 of a user vector over ``n_items`` unit item vectors of width ``dim`` (a
+    vector model's retrieval step, e.g. the two-tower's item tower: dim 64): exact
+    (torch) against the HNSW index (built once, persisted under ``directory``),
+    latency of both and recall@10 of HNSW against exact."""
+    from polyrec.retrieve.search import VectorSpace
+    gen = torch.Generator().manual_seed(seed)
+    items = torch.nn.functional.normalize(torch.randn(n_items, dim, generator=gen), dim=1)
+    users = torch.nn.functional.normalize(torch.randn(n_queries, dim, generator=gen), dim=1)
+    space = VectorSpace.of(f"bench-model-{dim}d", ("bench",), range(n_items), items,
+                           normalised=True)
+    start = time.perf_counter()
+    space = space.indexed(settings, directory)
+    space.index.wait()
+    build = round(time.perf_counter() - start, 1)
+    exact = [[i for i, _ in space.top(space.scores(u), K)] for u in users]
+    approx = [[i for i, _ in space.search(u, K)] for u in users]
+    recall = float(np.mean([len(set(a) & set(e)) / K for a, e in zip(approx, exact)]))
+    rows = []
+    for label, call in (("exact (torch)", lambda _, i: space.top(space.scores(users[i]), K)),
+                        (f"{space.index.kind} (faiss)", lambda _, i: space.search(users[i], K))):
+        for rep in range(3):
+            rows.append({"method": label, "items": n_items, "dim": dim, "repeat": rep,
+                         **run_load(call, list(range(n_queries)), 1)})
+    return {"rows": rows, "recall_at_10": round(recall, 4), "index_s": build,
+            "index": space.index.kind, "ef_search": getattr(settings, "ef_search", None),
+            "m": getattr(settings, "m", None)}
+
+
 # -- output -------------------------------------------------------------------------------
 def print_rows(rows: Sequence[dict[str, Any]]) -> None:
     for r in rows:
@@ -331,6 +395,13 @@ def main() -> None:
                         help="Epochs of the ml-100k model (default: the rankers' own).")
     parser.add_argument("--skip-ml100k", action="store_true")
     parser.add_argument("--skip-synthetic", action="store_true")
+    parser.add_argument("--skip-search", action="store_true",
+                        help="At --items: only recommend retrieval, fresh processes, exact vs HNSW.")
+    parser.add_argument("--search-index", default="exact", choices=["exact", "auto", "faiss"],
+                        help="Index of the stored bert vectors in search (default exact: an HNSW "
+                             "over 1M x 384 takes long to build).")
+    parser.add_argument("--scale-dims", default="64",
+                        help="Widths of the item vectors for exact vs HNSW retrieval at --items.")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     clients = [int(c) for c in args.clients.split(",")]
@@ -376,7 +447,9 @@ def main() -> None:
         if not db.exists():
             print(f"building a synthetic catalogue of {args.items:,} items ...", flush=True)
             result["prepare"]["synthetic"] = prepare_synthetic(db, args.items, args.device)
+        from polyrec.retrieve.vector_index import IndexSettings
         with Engine(db, device=args.device, entrypoints=False, progress=False) as eng:
+            searcher(eng).index_settings = IndexSettings(backend=args.search_index)
             start = time.perf_counter()
             eng.search("warm black coat", K)  # loads the snapshots: catalogue, vectors, FTS5
             result["prepare"]["synthetic_first_search_s"] = round(time.perf_counter() - start, 1)
@@ -387,14 +460,34 @@ def main() -> None:
                                                                   generator=gen), dim=1)
 
             def retrieve(_: Any, i: int) -> None:
-                space.top(space.matrix @ user_vecs[i], K)
+                space.search(user_vecs[i], K)
 
-            result["serving"] += bench_engine(
-                eng, f"synthetic-{args.items // 1000}k", synthetic_queries(args.requests), None,
-                clients, recommend_inprocess=retrieve, recommend_payloads=list(range(args.requests)))
-            print("exact top-k vs FAISS ...", flush=True)
-            result["topk"] = exact_vs_faiss(space.matrix, args.requests, clients)
-            print_rows(result["topk"])
+            if args.skip_search:
+                for rep in range(3):
+                    result["serving"].append({
+                        "catalogue": f"synthetic-{args.items // 1000}k", "repeat": rep,
+                        "op": f"recommend (retrieval, {space.matrix.shape[1]}d, {space.index.kind})",
+                        "via": "in-process", **run_load(retrieve, list(range(args.requests)), 1)})
+                print_rows(result["serving"])
+            else:
+                result["serving"] += bench_engine(
+                    eng, f"synthetic-{args.items // 1000}k", synthetic_queries(args.requests),
+                    None, clients, recommend_inprocess=retrieve,
+                    recommend_payloads=list(range(args.requests)))
+                print("exact top-k vs FAISS ...", flush=True)
+                result["topk"] = exact_vs_faiss(space.matrix, args.requests, clients)
+                print_rows(result["topk"])
+        print("first request of a fresh process ...", flush=True)
+        result["fresh_process"] = fresh_process_first_request(db, args.search_index)
+        print(result["fresh_process"], flush=True)
+        result["scale"] = []
+        for dim in [int(d) for d in args.scale_dims.split(",") if d]:
+            print(f"exact vs HNSW, {args.items:,} x {dim} ...", flush=True)
+            found = recommend_at_scale(args.items, dim, args.requests, workdir / "index",
+                                       IndexSettings(backend="faiss"))
+            result["scale"].append(found)
+            print_rows(found["rows"])
+            print(f"  recall@10 {found['recall_at_10']}  index {found['index_s']} s", flush=True)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))

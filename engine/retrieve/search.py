@@ -23,7 +23,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
@@ -34,6 +34,7 @@ from polyrec.contracts import EncoderContext
 from polyrec.errors import (ConfigError, ModelNotTrainedError, PolyrecError,
                            ValidationError)
 from polyrec.retrieve.lexical import LexicalIndex, Signature, _attributes, make_index
+from polyrec.retrieve.vector_index import IndexSettings, IndexSlot
 from polyrec.retrieve.query_understanding import (IntentClassifier, Understanding, Vocabulary,
                                         intent_slot)
 from polyrec.store.models import Interaction, Item, ItemVector
@@ -228,16 +229,54 @@ class VectorSpace:
     row: dict[int, int] = field(default_factory=dict)
     #: rows with a zero vector (items a model cannot score) never match; None: all valid
     invalid: torch.Tensor | None = None
+    #: the top-k index used by :meth:`search` (exact, or HNSW on large spaces)
+    index: IndexSlot | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def of(cls, name: str, signature: tuple[Any, ...], item_ids: Sequence[int],
-           vectors: torch.Tensor, fingerprint: str | None = None) -> "VectorSpace":
+           vectors: torch.Tensor, fingerprint: str | None = None, *,
+           normalised: bool = False) -> "VectorSpace":
+        """``normalised``: the rows are unit length (or zero) already."""
         vectors = vectors.detach().float().cpu()
         zero = vectors.norm(dim=1) == 0
-        matrix = torch.nn.functional.normalize(vectors, dim=1).contiguous()
+        matrix = (vectors if normalised else torch.nn.functional.normalize(vectors, dim=1)
+                  ).contiguous()
         ids = [int(i) for i in item_ids]
         return cls(name, signature, ids, matrix, fingerprint, {i: k for k, i in enumerate(ids)},
                    zero if bool(zero.any()) else None)
+
+    def indexed(self, settings: IndexSettings | None = None, directory: Any = None,
+                fingerprint: str | None = None) -> "VectorSpace":
+        """This space with its index (see polyrec.retrieve.vector_index.IndexSlot):
+        persisted under ``directory`` keyed by this space's name and ``fingerprint``
+        (the vectors' digest when None)."""
+        slot = IndexSlot(self.matrix, name=self.name, settings=settings, directory=directory,
+                         fingerprint=fingerprint)
+        return replace(self, index=slot)
+
+    def search(self, query: torch.Tensor, n: int, allowed: set[int] | None = None,
+               exclude: set[int] | None = None) -> list[tuple[int, float]]:
+        """The ``n`` best (item id, cosine) for ``query``: through the approximate index
+        when the space has one and nothing restricts the answer to ``allowed`` items
+        (it is asked for enough extra rows to drop ``exclude`` and invalid rows), else
+        exactly (:meth:`top` over :meth:`scores`)."""
+        slot = self.index
+        if slot is None or slot.kind == "exact" or allowed is not None:
+            return self.top(self.scores(query), n, allowed, exclude)
+        q = torch.nn.functional.normalize(query.detach().float().cpu().flatten(), dim=0)
+        extra = len(exclude or ()) + (int(self.invalid.sum()) if self.invalid is not None else 0)
+        vals, rows = slot.current.search(q, n + extra)
+        out = []
+        for v, j in zip(vals.tolist(), rows.tolist()):
+            if self.invalid is not None and bool(self.invalid[j]):
+                continue
+            item = self.item_ids[j]
+            if exclude and item in exclude:
+                continue
+            out.append((item, v))
+            if len(out) >= n:
+                break
+        return out
 
     def has(self, item: int) -> bool:
         """Whether the item has a (non-zero) vector here."""
@@ -323,6 +362,9 @@ class Searcher:
         self._memo: dict[Any, Any] = {}
         #: seconds a signature check stays valid (0: check the store on every request).
         self.check_interval = 0.0
+        #: how vector spaces are indexed for top-k (exact below a size threshold or
+        #: without FAISS; see polyrec.retrieve.vector_index)
+        self.index_settings = IndexSettings()
 
     # -- snapshots -----------------------------------------------------------------------
     def state(self, session: Any) -> StoreState:
@@ -378,11 +420,30 @@ class Searcher:
         with self._lock:
             found = self._spaces.get(encoder)
             if found is None or found.signature != sig:
-                from polyrec.store.vectors import load_vectors
-                ids, vectors = load_vectors(session, encoder)
-                found = VectorSpace.of(encoder, sig, ids, vectors, fingerprint=sig[2])
+                found = self._load_space(session, encoder, sig)
                 self._spaces = {**self._spaces, encoder: found}  # atomic swap
             return found
+
+    def _load_space(self, session: Any, encoder: str, sig: tuple[Any, ...]) -> VectorSpace:
+        """The encoder's vectors as a space: from the persisted matrix of the same
+        vectors when there is one (polyrec.retrieve.vector_cache), else read from the
+        store and persisted; with its top-k index (exact or HNSW, vector_index)."""
+        from polyrec.retrieve import vector_cache
+        directory = vector_cache.index_directory(self.engine.store.url)
+        key = None
+        if directory is not None:
+            key = vector_cache.cache_key(encoder, sig, vector_cache.newest_write(session, encoder))
+            cached = vector_cache.load_matrix(directory, encoder, key)
+            if cached is not None:
+                ids, matrix = cached
+                return VectorSpace.of(encoder, sig, ids, matrix, fingerprint=sig[2],
+                                      normalised=True).indexed(self.index_settings, directory, key)
+        from polyrec.store.vectors import load_vectors
+        ids, vectors = load_vectors(session, encoder)
+        space = VectorSpace.of(encoder, sig, ids, vectors, fingerprint=sig[2])
+        if directory is not None and key is not None and ids:
+            vector_cache.save_matrix(directory, encoder, key, ids, space.matrix)
+        return space.indexed(self.index_settings, directory, key)
 
     def model_space(self, name: str, item_ids: Sequence[int], vectors: torch.Tensor) -> VectorSpace:
         """A trained model's item vectors as a space, normalised once per model version
@@ -395,7 +456,9 @@ class Searcher:
         with self._lock:
             found = self._spaces.get(key)
             if found is None or found.signature != sig:
-                found = VectorSpace.of(key, sig, item_ids, vectors)
+                from polyrec.retrieve.vector_cache import index_directory
+                found = VectorSpace.of(key, sig, item_ids, vectors).indexed(
+                    self.index_settings, index_directory(self.engine.store.url))
                 self._spaces = {**self._spaces, key: found}
             return found
 
@@ -539,11 +602,10 @@ class Searcher:
                     notes.append("clip: the CLIP model has no pretrained weights (none exist "
                                  "offline); cross-modal retrieval skipped")
                     continue
-                scores = space.scores(vec)
-                top = space.top(scores, pool, allowed)
+                top = space.search(vec, pool, allowed)
                 rankings[ranking] = [i for i, _ in top]
                 if ranking == "dense":
-                    dense = (space, scores)
+                    dense = (space, vec)
                     if opts.understanding != "off":
                         clf = self.intent_classifier(snap, space)
                         und.intent = clf.classify(vec) if clf is not None and len(clf) else None
@@ -561,7 +623,7 @@ class Searcher:
             if allowed is not None:
                 full &= allowed
             if full and opts.understanding != "off":  # matches of every facet join the pool
-                ranked = ([i for i, _ in dense[0].top(dense[1], pool, full)] if dense is not None
+                ranked = ([i for i, _ in dense[0].search(dense[1], pool, full)] if dense is not None
                           else sorted(full)[:pool])
                 if len(ranked) < pool:  # full matches without a vector
                     ranked += sorted(full - set(ranked))[:pool - len(ranked)]

@@ -1,0 +1,268 @@
+"""Top-k over unit item vectors: exact by default, an approximate HNSW index for large
+catalogues, persisted on disk so a fresh process loads it instead of building it.
+
+``exact`` is ``torch.topk(matrix @ query)``: the answer, and fast enough below
+``APPROX_THRESHOLD`` rows (~40 ms for 1M x 64 on two CPU cores, ~180 ms for 1M x 384).
+Above it, and only when FAISS is installed (``pip install 'polyrec[bench]'`` or
+``faiss-cpu``), :func:`open_index` builds a FAISS ``IndexHNSWFlat`` (inner product) over
+the matrix, or loads the one a previous process saved under ``directory``. Index files
+are named by a key made of the caller's name (e.g. the model version) and a fingerprint
+of the vectors themselves (:func:`matrix_fingerprint`), so an index is never used for
+other vectors: new vectors give a new key and a new index. Without FAISS, below the
+threshold, or with ``backend="exact"``, search stays exact.
+
+An approximate index may miss some of the true top-k; its recall@10 against exact on
+the benchmark's vectors is in docs/benchmarks.md (benchmarks/serve.py measures it).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+log = logging.getLogger("polyrec.search")
+
+#: rows from which an approximate index is used (when FAISS is installed)
+APPROX_THRESHOLD = 200_000
+BACKENDS = ("auto", "exact", "faiss")
+
+
+@dataclass(frozen=True)
+class IndexSettings:
+    """How :func:`open_index` chooses and builds an index.
+
+    ``backend``: "auto" (HNSW from ``threshold`` rows when FAISS is installed, else
+    exact), "exact" (always exact) or "faiss" (HNSW whatever the size; exact when FAISS
+    is missing). ``m`` and ``ef_construction`` shape the HNSW graph (more: better recall,
+    slower build), ``ef_search`` is the search breadth (more: better recall, slower
+    queries)."""
+
+    backend: str = "auto"
+    threshold: int = APPROX_THRESHOLD
+    m: int = 32
+    ef_construction: int = 40
+    ef_search: int = 512
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"index backend must be one of {BACKENDS}, not '{self.backend}'")
+
+
+class VectorIndex(Protocol):
+    """Top-k rows of a matrix of unit vectors by inner product with a query."""
+
+    kind: str
+
+    def search(self, query: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scores [k'], rows [k']) best first, k' <= k, for one query vector [dim]."""
+
+
+class ExactIndex:
+    """Exact top-k: one matrix-vector product and ``torch.topk``."""
+
+    kind = "exact"
+
+    def __init__(self, matrix: torch.Tensor) -> None:
+        self.matrix = matrix
+
+    def search(self, query: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = self.matrix @ query.float().flatten()
+        return torch.topk(scores, min(k, scores.shape[0]))
+
+
+class HnswIndex:
+    """A FAISS HNSW graph over the matrix (inner product); approximate."""
+
+    kind = "hnsw"
+
+    def __init__(self, index: Any, ef_search: int) -> None:
+        self.index = index
+        self.ef_search = ef_search
+        index.hnsw.efSearch = ef_search
+
+    @classmethod
+    def build(cls, matrix: torch.Tensor, settings: IndexSettings) -> "HnswIndex":
+        import faiss
+        x = np.ascontiguousarray(matrix.detach().float().cpu().numpy())
+        index = faiss.IndexHNSWFlat(x.shape[1], settings.m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = settings.ef_construction
+        index.add(x)
+        return cls(index, settings.ef_search)
+
+    def search(self, query: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        q = np.ascontiguousarray(query.detach().float().cpu().numpy().reshape(1, -1))
+        k = min(k, self.index.ntotal)
+        # a wider search than k keeps recall when k exceeds efSearch
+        params = None
+        if k > self.ef_search:
+            import faiss
+            params = faiss.SearchParametersHNSW(efSearch=k)
+        scores, rows = self.index.search(q, k, params=params)
+        keep = rows[0] >= 0  # fewer than k reachable: FAISS pads with -1
+        return torch.from_numpy(scores[0][keep]), torch.from_numpy(rows[0][keep].astype(np.int64))
+
+    def save(self, path: Path) -> None:
+        import faiss
+        faiss.write_index(self.index, str(path))
+
+    @classmethod
+    def load(cls, path: Path, ef_search: int) -> "HnswIndex":
+        import faiss
+        return cls(faiss.read_index(str(path)), ef_search)
+
+
+def faiss_available() -> bool:
+    """True when FAISS can be imported."""
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def matrix_fingerprint(matrix: torch.Tensor) -> str:
+    """A digest of the matrix's shape and bytes (BLAKE2b, 16 bytes, hex): changes with
+    any change of any vector."""
+    array = np.ascontiguousarray(matrix.detach().float().cpu().numpy())
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(repr(array.shape).encode())
+    digest.update(memoryview(array).cast("B"))
+    return digest.hexdigest()
+
+
+def index_key(name: str, fingerprint: str, settings: IndexSettings) -> str:
+    """The file stem of a persisted index: a digest of what it was built from and how."""
+    text = f"{name}|{fingerprint}|hnsw|m={settings.m}|efc={settings.ef_construction}"
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+def wants_approximate(rows: int, settings: IndexSettings) -> bool:
+    """Whether :func:`open_index` would use an approximate index for ``rows`` rows."""
+    if settings.backend == "exact" or not faiss_available():
+        return False
+    return settings.backend == "faiss" or rows >= settings.threshold
+
+
+def index_path(directory: Path, name: str, fingerprint: str, settings: IndexSettings) -> Path:
+    return Path(directory) / f"hnsw-{index_key(name, fingerprint, settings)}.faiss"
+
+
+def load_saved(matrix: torch.Tensor, path: Path | None, settings: IndexSettings) -> HnswIndex | None:
+    """The index saved at ``path`` when it exists and fits the matrix's shape."""
+    if path is None or not path.exists():
+        return None
+    try:
+        found = HnswIndex.load(path, settings.ef_search)
+    except Exception as exc:  # noqa: BLE001 - a broken file is rebuilt
+        log.warning("index %s unreadable (%s): rebuilding it", path, exc)
+        return None
+    if found.index.ntotal != matrix.shape[0] or found.index.d != matrix.shape[1]:
+        return None
+    return found
+
+
+def build_and_save(matrix: torch.Tensor, name: str, path: Path | None,
+                   settings: IndexSettings) -> HnswIndex:
+    """Build the HNSW index and save it at ``path`` (when given; atomically)."""
+    log.info("building an HNSW index over %s x %s vectors (%s)", *matrix.shape, name)
+    index = HnswIndex.build(matrix, settings)
+    if path is not None:
+        try:
+            save_atomically(index, path)
+        except OSError as exc:  # a read-only place: serve from memory
+            log.warning("could not save the index to %s: %s", path, exc)
+    return index
+
+
+def open_index(matrix: torch.Tensor, *, name: str, settings: IndexSettings | None = None,
+               directory: Path | None = None, fingerprint: str | None = None) -> VectorIndex:
+    """The index to search ``matrix`` (unit rows) with: exact, or HNSW loaded from
+    ``directory`` when a previous process saved one for the same ``name`` and vectors,
+    else built now and saved there (atomically: a reader never sees half a file).
+
+    ``fingerprint`` identifies the vectors (computed from the matrix when None);
+    ``directory`` None keeps the index in memory only."""
+    settings = settings or IndexSettings()
+    if matrix.ndim != 2 or not wants_approximate(matrix.shape[0], settings):
+        return ExactIndex(matrix)
+    fingerprint = fingerprint or matrix_fingerprint(matrix)
+    path = index_path(directory, name, fingerprint, settings) if directory is not None else None
+    return load_saved(matrix, path, settings) or build_and_save(matrix, name, path, settings)
+
+
+class IndexSlot:
+    """The index a vector space searches with now. Exact until an approximate index is
+    ready: a saved one is loaded at once, a missing one is built on a background thread
+    (requests meanwhile are answered exactly), saved, then swapped in."""
+
+    def __init__(self, matrix: torch.Tensor, *, name: str, settings: IndexSettings | None = None,
+                 directory: Path | None = None, fingerprint: str | None = None,
+                 background: bool = True) -> None:
+        self.settings = settings or IndexSettings()
+        self.current: VectorIndex = ExactIndex(matrix)
+        self.error: str | None = None
+        self._done = threading.Event()
+        if matrix.ndim != 2 or not wants_approximate(matrix.shape[0], self.settings):
+            self._done.set()
+            return
+        path = (index_path(directory, name, fingerprint, self.settings)
+                if directory is not None and fingerprint is not None else None)
+        saved = load_saved(matrix, path, self.settings)
+        if saved is not None:
+            self.current = saved
+            self._done.set()
+            return
+
+        def build() -> None:
+            try:
+                where = path
+                if where is None and directory is not None:
+                    where = index_path(directory, name, matrix_fingerprint(matrix), self.settings)
+                    found = load_saved(matrix, where, self.settings)
+                    if found is not None:
+                        self.current = found
+                        return
+                self.current = build_and_save(matrix, name, where, self.settings)
+            except Exception as exc:  # noqa: BLE001 - exact search goes on
+                self.error = f"{type(exc).__name__}: {exc}"
+                log.warning("HNSW index for %s failed: %s; searching exactly", name, self.error)
+            finally:
+                self._done.set()
+
+        if background:
+            threading.Thread(target=build, name=f"polyrec-index-{name}", daemon=True).start()
+        else:
+            build()
+
+    @property
+    def kind(self) -> str:
+        return self.current.kind
+
+    def ready(self) -> bool:
+        """True when no build is running (the index in use is the final one)."""
+        return self._done.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for a background build; True when it finished."""
+        return self._done.wait(timeout)
+
+
+def save_atomically(index: HnswIndex, path: Path) -> None:
+    """Write to a temporary file beside ``path``, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        index.save(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
