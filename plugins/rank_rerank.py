@@ -52,6 +52,23 @@ def _zscore(scores: torch.Tensor) -> torch.Tensor:
     return torch.where(finite, z, torch.full_like(z, -math.inf))
 
 
+def _cold_filled(raw: torch.Tensor, data: TrainingData) -> tuple[torch.Tensor, torch.Tensor]:
+    """``raw`` retrieval scores [b, n] where the items the retrieval ranker scores for
+    nobody (an ID model's cold items: no training positive) get the weighted mean score
+    of their content neighbours, as an item added after fitting does
+    (TrainingData.catalogue_map); and the indices of the cold items that got a score.
+    Items without content vectors stay -inf."""
+    cold = ~torch.isfinite(raw).any(0)
+    none = torch.empty(0, dtype=torch.long)
+    if not bool(cold.any()) or not data.item_features or bool(cold.all()):
+        return raw, none
+    ids = [-(j + 1) if c else int(i) for j, (i, c) in enumerate(zip(data.item_ids, cold.tolist()))]
+    cmap = data.catalogue_map(ids, reference=~cold)  # cold items stand as never seen
+    filled = cmap.from_fitted(raw, cold="-inf")
+    scored = cold & torch.isfinite(filled).any(0)
+    return filled, torch.nonzero(scored).flatten()
+
+
 def _history_similarity(unit: torch.Tensor, present: torch.Tensor, cand: torch.Tensor,
                         histories: list[torch.Tensor], budget: int = 1 << 24,
                         centroid: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,27 +187,26 @@ class RerankRanker(Ranker):
         age_days = torch.where(finite, age_days, torch.full_like(age_days, cap))
         recent = torch.zeros(data.n_items)
         if len(data.ts):  # positives in the latest tenth of the interactions: the trend
-            cut = torch.quantile(data.ts.double()[-1_000_000:], 0.9) if len(data.ts) > 1 \
-                else data.ts.double().max()
-            late = data.ts.double() >= cut
+            ts = data.ts.double()
+            cut = torch.kthvalue(ts, max(1, math.ceil(0.9 * len(ts)))).values
+            late = ts >= cut
             recent = torch.bincount(data.items[late], minlength=data.n_items).float()
         stats = {"log_popularity": torch.log1p(counts),
                  "log_recent_popularity": torch.log1p(recent),
                  "log_age_days": torch.log1p(age_days.clamp(min=0)).float()}
-        cmap = self._catalogue(data)
-        if cmap is not None and len(cmap.unseen):
-            # unseen items with no interactions yet: their content neighbours' values
-            fresh = cmap.unseen[counts[cmap.unseen] == 0]
-            if len(fresh):
-                seen = cmap.seen
-                for name, values in stats.items():
-                    fitted = torch.full((1, cmap.n_fitted), math.nan)
-                    fitted[0, cmap.position[seen]] = values[seen].float()
-                    prior = cmap.from_fitted(fitted)[0]
-                    values = values.clone()
-                    values[fresh] = torch.where(torch.isfinite(prior[fresh]), prior[fresh],
-                                                values[fresh].float())
-                    stats[name] = values
+        zero = counts == 0
+        if bool(zero.any()) and bool((~zero).any()) and data.item_features:
+            # items with no positive yet (new or cold): their content neighbours' values
+            ids = [-(j + 1) if z else int(i)
+                   for j, (i, z) in enumerate(zip(data.item_ids, zero.tolist()))]
+            zmap = data.catalogue_map(ids, reference=~zero)  # they stand as never seen
+            for name, values in list(stats.items()):
+                known = values.float().clone()
+                known[zero] = math.nan
+                prior = zmap.from_fitted(known[None])[0]
+                values = values.float().clone()
+                values[zero] = torch.where(torch.isfinite(prior[zero]), prior[zero], values[zero])
+                stats[name] = values
         return stats
 
     def _catalogue(self, data: TrainingData) -> Any:
@@ -296,19 +312,27 @@ class RerankRanker(Ranker):
         first; ``valid`` marks the candidates to re-score (finite, not a filler)."""
         with torch.no_grad():
             raw = self.base.score_users(users, data).detach().float().cpu()
+        cold = torch.empty(0, dtype=torch.long)
+        if not any(getattr(r, "handles_cold_items", False) for r in self.scorers):
+            raw, cold = _cold_filled(raw, data)  # else a scorer ranks them (tier two)
         base = raw.clone()
         for r, u in enumerate(users.tolist()):
             if len(history[u]):
                 base[r, history[u]] = -math.inf
         c = min(int(self.options["candidates"]), data.n_items)
-        top = torch.topk(base, c, dim=1).indices
-        cand, valid = top, torch.isfinite(torch.gather(base, 1, top))
+        pick = base
+        if len(cold):  # cold items are not candidates: ordered by their filled score below them
+            pick = base.clone()
+            pick[:, cold] = -math.inf
+        top = torch.topk(pick, c, dim=1).indices
+        cand, valid = top, torch.isfinite(torch.gather(pick, 1, top))
         cmap = self._catalogue(data)
-        e = min(int(self.options.get("new_candidates", 0) or 0),
-                int(cmap.has_content.sum()) if cmap is not None else 0)
+        # items added after fitting that have content: up to E of them are re-scored too
+        # (no content: ranked last)
+        content = cmap.unseen[cmap.has_content] if cmap is not None else cold[:0]
+        e = min(int(self.options.get("new_candidates", 0) or 0), len(content))
         if e > 0:
             fresh = torch.full_like(base, -math.inf)
-            content = cmap.unseen[cmap.has_content]  # no content: ranked last, not re-scored
             fresh[:, content] = base[:, content]
             fresh.scatter_(1, top, -math.inf)  # already a candidate
             more = torch.topk(fresh, e, dim=1)

@@ -106,7 +106,9 @@ class PolyrecGroup(click.Group):
 @click.option("--device", default="auto", show_default=True,
               help="Where models run: auto (CUDA when present), cpu, cuda, cuda:N.")
 @click.option("--debug", is_flag=True, help="Show the full traceback on errors.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@click.option("--quiet", "-q", is_flag=True,
+              help="No progress output (bars on a terminal, a line per epoch or per 10 s "
+                   "in logs and pipes).")
 @click.option("--lock-timeout", type=click.FloatRange(min=0), envvar="POLYREC_LOCK_TIMEOUT",
               default=DEFAULT_LOCK_TIMEOUT, show_default=True, metavar="SECONDS",
               help="How long to keep retrying a database locked by another process "

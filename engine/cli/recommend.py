@@ -39,8 +39,9 @@ def _parse_filters(pairs: tuple[str, ...]) -> dict[str, Any]:
 
 @click.command("train")
 @click.option("--ranker", default=None,
-              help="Ranker to fit (default: hybrid, EASE re-ranked by a click model over the "
-                   "two-tower score and content features).")
+              help="Ranker to fit (default: hybrid, EASE re-ranked by a click model over "
+                   "content similarity, popularity and recency features; --set "
+                   "scorers=two_tower adds the two-tower score).")
 @click.option("--epochs", type=int, default=None, help="Maximum epochs of neural rankers.")
 @click.option("--seed", type=int, default=None, help="Seed of neural rankers and validation.")
 @click.option("--set", "settings", multiple=True, metavar="OPTION=VALUE",

@@ -31,8 +31,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 #: The default pipeline ("hybrid", plugins/rank_rerank.py): EASE retrieves, and a click
-#: model learned on validation data re-scores its top candidates with the two-tower score
-#: (fused text + KG + ID), content similarity, popularity and recency as features.
+#: model learned on validation data re-scores its top candidates from content similarity
+#: (text, KG, image vectors) to the history and the latest items, popularity and recency.
 DEFAULT_RANKER = "hybrid"
 DEFAULT_OPTIONS: dict[str, Any] = {}
 PIPELINE_ARTIFACT = registry.PIPELINE_ARTIFACT  # "pipeline"
