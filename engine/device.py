@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import ContextManager
 
 import torch
@@ -24,8 +25,17 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
         raise ConfigError(f"unknown device '{spec}' (use auto, cpu, cuda or cuda:N)") from exc
 
 
+#: Set to 1 to run bf16 autocast on the CPU too (off by default: most CPUs compute bf16
+#: slower than float32). The test suite sets it to check, on every CI run, the dtype
+#: handling of the CUDA path (encoders, fusers, a training step and scoring).
+CPU_AUTOCAST_ENV = "POLYREC_CPU_AUTOCAST"
+
+
 def autocast(device: torch.device, enabled: bool = True) -> ContextManager[object]:
-    """bf16 autocast on CUDA; a no-op elsewhere."""
+    """bf16 autocast on CUDA (and on the CPU when ``POLYREC_CPU_AUTOCAST=1``); a no-op
+    elsewhere."""
     if enabled and device.type == "cuda":
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    if enabled and device.type == "cpu" and os.environ.get(CPU_AUTOCAST_ENV) == "1":
+        return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
