@@ -262,6 +262,15 @@ class RerankRanker(Ranker):
             cols += [mx, mean, last]
             names += [f"{m}_similarity_max", f"{m}_similarity_mean", f"{m}_similarity_recent"]
         feats = torch.stack(cols, dim=-1)
+        if self.theta is not None and self.feature_names and names != self.feature_names:
+            # a click model fitted by another version of this code: its own features, in
+            # its own order (features added since are left out; one it lacks is an error)
+            index = {n: j for j, n in enumerate(names)}
+            missing = [n for n in self.feature_names if n not in index]
+            if missing:
+                raise ConfigError(f"{self.name}: the stored click model uses features this "
+                                  f"version does not compute ({', '.join(missing)}); train again")
+            feats, names = feats[..., [index[n] for n in self.feature_names]], list(self.feature_names)
         if self.options["center"]:  # relative to the user's other candidates
             feats = feats - feats.mean(dim=1, keepdim=True)
         return feats, names
@@ -436,8 +445,9 @@ class RerankRanker(Ranker):
         [1, E, F])])."""
         raw, base, cand, valid = self._candidates(users, data, history)
         scorer_z = self._scorer_z(users, data)
-        feats, self.feature_names = self._features(users, cand, base, data, history, stats,
-                                                   scorer_z)
+        feats, names = self._features(users, cand, base, data, history, stats, scorer_z)
+        if self.theta is None:  # fitting: these are the click model's features
+            self.feature_names = names
         extras = []
         if scorer_z:
             only = ~torch.isfinite(base) & torch.stack([torch.isfinite(z) for z in scorer_z]).any(0)

@@ -171,3 +171,24 @@ def test_items_the_retrieval_ranker_cannot_score_get_their_content_neighbours_sc
     # this data's only content is genres (and KG): weak neighbours, still above chance
     # (with BERT text + KG, docs/evaluation.md: 0.19 against 0.08)
     assert ours > 1.1 * chance, (ours, chance)
+
+
+def test_a_click_model_stored_with_fewer_features_still_scores(split, fitted):
+    """A state saved by an earlier version (without the features added since) is scored
+    with its own features in its own order; a feature it needs that no longer exists
+    is one ConfigError saying to train again."""
+    state = fitted.state()
+    names = list(state["features"])
+    keep = [j for j, n in enumerate(names) if "recent" not in n]  # as before they existed
+    old = {**state, "features": [names[j] for j in keep], "theta": state["theta"][[0] + [j + 1 for j in keep]],
+           "mean": state["mean"][keep], "std": state["std"][keep]}
+    other = RerankRanker(base=EASERanker(l2=200.0), candidates=C)
+    other.load_state(from_bytes(to_bytes(old)))
+    scores = other.score_users(torch.arange(5), split.train)
+    assert scores.shape == (5, split.train.n_items) and bool(torch.isfinite(scores).any(1).all())
+    assert other.feature_names == old["features"]
+    gone = {**old, "features": old["features"][:-1] + ["a_feature_that_is_gone"]}
+    broken = RerankRanker(base=EASERanker(l2=200.0), candidates=C)
+    broken.load_state(from_bytes(to_bytes(gone)))
+    with pytest.raises(ConfigError, match="train again"):
+        broken.score_users(torch.arange(2), split.train)
