@@ -13,6 +13,10 @@ Options:
     max_length  tokens per text (default: the model's sentence-transformers max length,
                 else the tokenizer's, at most 512).
     batch_size  texts per forward pass (default 64 on CPU, 256 on CUDA).
+    quantize    "none" (default: the fp32 model in torch; bf16 autocast on CUDA) or "int8":
+                an int8 graph run by ONNX Runtime on the CPU, built locally from the
+                installed weights at first use and cached (plugins/text_bert_quant.py;
+                needs ``pip install "polyrec[quant]"``). Part of the fingerprint.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ import torch
 
 from polyrec import (ConfigError, EncodeResult, Encoder, EncoderContext, EncodingError, ItemView,
                      autocast, hookimpl)
+from polyrec.plugins.text_bert_quant import QUANTIZE_MODES, RECIPE, Int8Bert, int8_model_path
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 #: transformers resolves its names lazily and that is not thread-safe: two threads that
@@ -131,12 +136,18 @@ class BertEncoder(Encoder):
 
     def __init__(self, model: str = DEFAULT_MODEL, template: str = "auto",
                  max_length: int | str | None = None, batch_size: int | str | None = None,
-                 **options: Any) -> None:
+                 quantize: str | None = "none", **options: Any) -> None:
         if options:
             raise ConfigError(f"unknown bert option(s): {', '.join(sorted(options))} "
-                              "(known: model, template, max_length, batch_size)")
+                              "(known: model, template, max_length, batch_size, quantize)")
+        self.quantize = str(quantize or "none").lower()
+        if self.quantize in ("false", "no", "off", "fp32"):
+            self.quantize = "none"
+        if self.quantize not in QUANTIZE_MODES:
+            raise ConfigError(f"bert quantize must be one of {', '.join(QUANTIZE_MODES)}, "
+                              f"not {quantize!r}")
         super().__init__(model=model, template=template, max_length=max_length,
-                         batch_size=batch_size)
+                         batch_size=batch_size, quantize=self.quantize)
         self.model_name = str(model or DEFAULT_MODEL)
         self.template = str(template or "auto")
         try:
@@ -150,6 +161,7 @@ class BertEncoder(Encoder):
             except (ValueError, IndexError) as exc:
                 raise ConfigError(f"bad bert template {self.template!r}: {exc}") from None
         self._model: Any = None
+        self._int8: Int8Bert | None = None
         self._tokenizer: Any = None
         self._device = torch.device("cpu")
         self._revision = ""
@@ -187,12 +199,15 @@ class BertEncoder(Encoder):
             if quiet:
                 hf_logging.enable_progress_bar()
         self._tokenizer = tokenizer
-        self._model = model.eval().to(ctx.device)
+        # the int8 path runs on the CPU whatever the device; the torch model stays there too
+        self._model = model.eval().to(ctx.device if self.quantize == "none" else "cpu")
         self._device = ctx.device
         self._dim = int(model.config.hidden_size)
         if self.max_length is None:
             self.max_length = self._default_max_length(source, tokenizer)
         self._revision = self._weights_revision(source, model)
+        if self.quantize == "int8":
+            self._int8 = Int8Bert(int8_model_path(source, self._revision, self.model_name))
 
     @staticmethod
     def _default_max_length(source: str, tokenizer: Any) -> int:
@@ -227,7 +242,10 @@ class BertEncoder(Encoder):
             raise EncodingError("bert: fingerprint() needs prepare() first")
         settings = json.dumps({"model": self.model_name, "weights": self._revision,
                                "template": self.template, "max_length": self.max_length,
-                               "pooling": self.pooling, "normalize": "l2"}, sort_keys=True)
+                               "pooling": self.pooling, "normalize": "l2",
+                               # absent when off, so fp32 fingerprints stay as they were
+                               **({"quantize": RECIPE} if self.quantize == "int8" else {})},
+                              sort_keys=True)
         tail = Path(self.model_name).name[-40:]
         return f"bert/{tail}/{hashlib.sha256(settings.encode()).hexdigest()[:24]}"
 
@@ -261,10 +279,11 @@ class BertEncoder(Encoder):
                               padding=False, return_attention_mask=False,
                               return_token_type_ids=False)["input_ids"]
         order = sorted(range(len(tok)), key=lambda k: -len(tok[k]))
-        batch = ctx.batch_size or self.batch_size or (256 if ctx.device.type == "cuda" else 64)
+        device = torch.device("cpu") if self._int8 is not None else ctx.device
+        batch = ctx.batch_size or self.batch_size or (256 if device.type == "cuda" else 64)
         out = torch.empty(len(tok), self.dim, dtype=torch.float32)
         pad = self._tokenizer.pad_token_id or 0
-        with torch.inference_mode(), autocast(ctx.device):
+        with torch.inference_mode(), autocast(device):
             for start in range(0, len(order), batch):
                 idx = order[start:start + batch]
                 width = len(tok[idx[0]])
@@ -274,8 +293,11 @@ class BertEncoder(Encoder):
                     seq = tok[k]
                     ids[row, :len(seq)] = torch.tensor(seq)
                     mask[row, :len(seq)] = 1
-                ids, mask = ids.to(ctx.device), mask.to(ctx.device)
-                hidden = self._model(input_ids=ids, attention_mask=mask).last_hidden_state
+                if self._int8 is not None:  # ONNX Runtime, on the CPU
+                    hidden = self._int8(ids, mask)
+                else:
+                    ids, mask = ids.to(device), mask.to(device)
+                    hidden = self._model(input_ids=ids, attention_mask=mask).last_hidden_state
                 out[idx] = mean_pool(hidden, mask).cpu()
         return out
 

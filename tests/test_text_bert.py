@@ -125,3 +125,24 @@ def test_encode_keeps_item_order_and_fingerprint_tracks_settings(bert):
     assert again.fingerprint() == bert.fingerprint()
     assert len(bert.fingerprint()) <= 128
     assert json.dumps(bert.options)  # options are JSON-storable
+
+
+def test_encoding_under_bf16_autocast_on_the_cpu(bert, ml100k_titles):
+    """The CUDA path encodes under bf16 autocast; the same dtype handling runs here on
+    the CPU: the linear layers compute in bf16 (LayerNorm stays float32 under autocast),
+    the pooled vectors come back float32, normalised, close to the fp32 ones."""
+    titles = ml100k_titles[:48]
+    ref = bert.encode_texts(titles, CPU)
+    seen: list[torch.dtype] = []
+    linear = [m for m in bert._model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    hook = linear.register_forward_hook(lambda module, args, output: seen.append(output.dtype))
+    try:
+        with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+            out = bert.encode_texts(titles, CPU)
+    finally:
+        hook.remove()
+    assert seen and set(seen) == {torch.bfloat16}
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    assert torch.allclose(out.norm(dim=1), torch.ones(len(titles)), atol=1e-3)
+    cosine = (out * ref).sum(dim=1)
+    assert cosine.min().item() > 0.98
