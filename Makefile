@@ -58,4 +58,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/train.py $(if $(wildcard $(DEMO_DB)),--db $(DEMO_DB))
 
 clean:
-	rm -rf $(VENV) $(DEMO_DB) $(DEMO_DB)-wal $(DEMO_DB)-shm $(STEPS) .pytest_cache
+	rm -rf $(VENV) $(DEMO_DB) $(DEMO_DB)-wal $(DEMO_DB)-shm $(DEMO_DB).polyrec-index $(STEPS) .pytest_cache

@@ -252,9 +252,11 @@ def test_a_deleted_item_is_mapped_by_id_not_position(grown, fitted, name):
 
 
 @pytest.mark.slow
-def test_hybrid_scores_a_grown_catalogue_and_rescores_new_items(grown):
+@pytest.mark.parametrize("options", [FAST["hybrid"], {"base_options": {"l2": 500.0}}],
+                         ids=["with_two_tower", "default_no_scorer"])
+def test_hybrid_scores_a_grown_catalogue_and_rescores_new_items(grown, options):
     eng, before, after = grown
-    ranker = build_ranker(eng, "hybrid", FAST["hybrid"])
+    ranker = build_ranker(eng, "hybrid", options)
     ranker.fit(before)
     scores, idx, users = _check_grown_scores("hybrid", ranker, eng, before, after)
     from polyrec.plugins.rank_rerank import CANDIDATE_OFFSET
@@ -269,7 +271,7 @@ def test_hybrid_scores_a_grown_catalogue_and_rescores_new_items(grown):
     assert bool((scores[:, idx[BARE]] < CANDIDATE_OFFSET / 2).all())
     state = ranker.state()
     assert state["item_ids"] == before.item_ids
-    legacy = build_ranker(eng, "hybrid", FAST["hybrid"])
+    legacy = build_ranker(eng, "hybrid", options)
     legacy.load_state({k: v for k, v in state.items() if k != "item_ids"})
     again = legacy.score_users(users, after)
     # the same ranking (scores sit near the 1e4 candidate offset: float32 steps of 1e-3)
