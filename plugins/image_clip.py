@@ -29,10 +29,9 @@ from urllib.parse import urlparse
 
 import torch
 
-from polyrec import (ConfigError, EncodeResult, Encoder, EncoderContext, EncodingError, ItemView,
-                     autocast, hookimpl)
-from polyrec.plugins.image_io import (ImageSource, image_batches, image_content, load_image,
-                                      resolve_path)
+from polyrec import (ConfigError, Encoder, EncoderContext, EncodingError, autocast, hookimpl)
+from polyrec.plugins.image_io import (ImageFilesEncoder, ImageSource, file_digest,
+                                       image_batches, load_image, resolve_path)
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +53,6 @@ def _fix_hint(model: str) -> str:
             "the clip option 'pretrained' at a local checkpoint file (e.g. --set "
             "clip.pretrained=/path/to/open_clip_pytorch_model.bin), or use "
             "--set clip.pretrained=none to encode with random weights (testing only)")
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _local_dir(model: str) -> Path | None:
@@ -135,7 +126,7 @@ def _tag_preprocess(cfg: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-class ClipEncoder(Encoder):
+class ClipEncoder(ImageFilesEncoder, Encoder):
     """Image vectors from an open_clip CLIP model; queries through its text tower."""
 
     name = "clip"
@@ -248,7 +239,7 @@ class ClipEncoder(Encoder):
             reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
             raise EncodingError(f"clip: {_fix_hint(self.model_name)} ({reason})") from exc
         if checkpoint is not None:
-            self._weights = f"file:{_file_digest(checkpoint)[:16]}"
+            self._weights = f"file:{file_digest(checkpoint)[:16]}"
         elif tag is not None:
             self._weights = f"tag:{tag}"
         elif hub:
@@ -302,16 +293,6 @@ class ClipEncoder(Encoder):
                               sort_keys=True)
         tail = Path(self.model_name).name[-40:]
         return f"clip/{tail}/{hashlib.sha256(settings.encode()).hexdigest()[:24]}"
-
-    def content(self, item: ItemView) -> str | None:
-        """The image reference plus the file's size and mtime (so an edited file re-encodes)."""
-        return image_content(item.image, self.image_root)
-
-    def encode(self, items: Sequence[ItemView], ctx: EncoderContext) -> EncodeResult:
-        sources = [(item.image or "").strip() for item in items]
-        vectors, ok, errors = self.encode_images(sources, ctx)
-        return EncodeResult(vectors=vectors, item_ids=[items[k].id for k in ok],
-                            failed={items[k].id: reason for k, reason in errors.items()})
 
     def encode_query(self, text: str, ctx: EncoderContext) -> torch.Tensor:
         """CLIP text-tower embedding of ``text`` (L2-normalised), comparable to image vectors."""

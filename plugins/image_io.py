@@ -20,8 +20,8 @@ import torch
 
 ImageSource = str | Path | bytes
 
-__all__ = ["ImageSource", "ImageDataset", "collate_images", "image_batches", "image_content",
-           "load_image", "resolve_path"]
+__all__ = ["ImageSource", "ImageDataset", "ImageFilesEncoder", "collate_images", "file_digest",
+           "image_batches", "image_content", "load_image", "resolve_path"]
 
 
 def resolve_path(ref: str, root: Path | None) -> Path:
@@ -126,3 +126,32 @@ def image_batches(sources: Sequence[ImageSource], root: Path | None,
         collate_fn=collate_images, pin_memory=device.type == "cuda",
         prefetch_factor=2 if workers else None)
     yield from loader
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes (hex), read in 1 MiB blocks: names weights in fingerprints."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class ImageFilesEncoder:
+    """What the image encoders share, mixed in before ``Encoder``: an item's content is
+    its image reference plus the file's size and mtime (an edited file re-encodes), and
+    ``encode`` hands the items' image references to the encoder's ``encode_images``
+    (which needs ``image_root`` and returns vectors, readable positions, reasons)."""
+
+    image_root: Path | None
+
+    def content(self, item: Any) -> str | None:
+        """The image reference plus the file's size and mtime (so an edited file re-encodes)."""
+        return image_content(item.image, self.image_root)
+
+    def encode(self, items: Sequence[Any], ctx: Any) -> Any:
+        from polyrec import EncodeResult
+        sources = [(item.image or "").strip() for item in items]
+        vectors, ok, errors = self.encode_images(sources, ctx)  # type: ignore[attr-defined]
+        return EncodeResult(vectors=vectors, item_ids=[items[k].id for k in ok],
+                            failed={items[k].id: reason for k, reason in errors.items()})
