@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sqlite3
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -168,3 +169,15 @@ def copy_db(src: Path, dst_dir: Path) -> Path:
     dst = dst_dir / src.name
     shutil.copyfile(src, dst)
     return dst
+
+
+def dump(db: "Path | str | object") -> list[str]:
+    """Every row of every table of a SQLite database, as SQL (its full content), for
+    "nothing changed" checks; ``db`` is a path or an Engine over a SQLite file."""
+    url = getattr(db, "url", None)
+    path = url.removeprefix("sqlite:///") if isinstance(url, str) else db
+    con = sqlite3.connect(path)
+    try:
+        return list(con.iterdump())
+    finally:
+        con.close()

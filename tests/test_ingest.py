@@ -13,20 +13,12 @@ from polyrec import Engine, ValidationError
 from polyrec.errors import ConfigError, NotFoundError
 from polyrec.ingest.files import pick_reader, resolve_mapping, to_timestamp
 from polyrec.plugins.readers import CsvReader, JsonLinesReader, ParquetReader, RecBoleReader
+from conftest import dump
 
 
 def write(path: Path, text: str) -> Path:
     path.write_text(text, encoding="utf-8")
     return path
-
-
-def dump(db: Path) -> list[str]:
-    """Every row of every table, as SQL (the database's full content)."""
-    con = sqlite3.connect(db)
-    try:
-        return list(con.iterdump())
-    finally:
-        con.close()
 
 
 def db_file(eng: Engine) -> Path:

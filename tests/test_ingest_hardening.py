@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import sqlite3
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ import pytest
 from polyrec import Engine, FeedbackLearner, ValidationError, hookimpl
 from polyrec.errors import NotFoundError
 from polyrec.store.ids import ID_CHARS
+from conftest import dump
 
 ITEMS_CSV = "item_id,title\ni1,Alpha\ni2,Beta\n"
 
@@ -23,14 +23,6 @@ def write(path: Path, text: str | bytes) -> Path:
     else:
         path.write_text(text, encoding="utf-8")
     return path
-
-
-def dump(eng: Engine) -> list[str]:
-    con = sqlite3.connect(eng.url.removeprefix("sqlite:///"))
-    try:
-        return list(con.iterdump())
-    finally:
-        con.close()
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ import csv
 import io
 import json
 import math
-import sqlite3
 from pathlib import Path
 
 import pyarrow as pa
@@ -19,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from polyrec import Engine, ValidationError
+from conftest import dump
 
 SETTINGS = settings(max_examples=40, deadline=None, derandomize=True, database=None,
                     suppress_health_check=list(HealthCheck))
@@ -36,14 +36,6 @@ numbers = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(
                     st.sampled_from(["5", "x", "", None]))
 rows = st.lists(st.fixed_dictionaries({"user": ids, "item": ids, "rating": numbers,
                                        "note": cells}), min_size=1, max_size=6)
-
-
-def dump(eng: Engine) -> list[str]:
-    con = sqlite3.connect(eng.url.removeprefix("sqlite:///"))
-    try:
-        return list(con.iterdump())
-    finally:
-        con.close()
 
 
 @pytest.fixture(scope="module")
