@@ -52,6 +52,14 @@ def _zscore(scores: torch.Tensor) -> torch.Tensor:
     return torch.where(finite, z, torch.full_like(z, -math.inf))
 
 
+def _as_unseen(data: TrainingData, mask: torch.Tensor) -> Any:
+    """``data``'s catalogue mapped onto itself with the ``mask`` items standing as never
+    seen (TrainingData.catalogue_map): each gets its content neighbours among the others,
+    whose values ``from_fitted`` then mixes for it."""
+    ids = [-(j + 1) if m else int(i) for j, (i, m) in enumerate(zip(data.item_ids, mask.tolist()))]
+    return data.catalogue_map(ids, reference=~mask)
+
+
 def _cold_filled(raw: torch.Tensor, data: TrainingData) -> tuple[torch.Tensor, torch.Tensor]:
     """``raw`` retrieval scores [b, n] where the items the retrieval ranker scores for
     nobody (an ID model's cold items: no training positive) get the weighted mean score
@@ -62,16 +70,26 @@ def _cold_filled(raw: torch.Tensor, data: TrainingData) -> tuple[torch.Tensor, t
     none = torch.empty(0, dtype=torch.long)
     if not bool(cold.any()) or not data.item_features or bool(cold.all()):
         return raw, none
-    ids = [-(j + 1) if c else int(i) for j, (i, c) in enumerate(zip(data.item_ids, cold.tolist()))]
-    cmap = data.catalogue_map(ids, reference=~cold)  # cold items stand as never seen
-    filled = cmap.from_fitted(raw, cold="-inf")
+    filled = _as_unseen(data, cold).from_fitted(raw, cold="-inf")
     scored = cold & torch.isfinite(filled).any(0)
     return filled, torch.nonzero(scored).flatten()
 
 
+def _centroid_similarity(unit: torch.Tensor, present: torch.Tensor, cand: torch.Tensor,
+                         histories: list[torch.Tensor]) -> torch.Tensor:
+    """The cosine [b, C] between each row's candidates and the normalised mean of the
+    unit vectors of its history items that have one (0 for a row with none)."""
+    centroids = torch.zeros(len(histories), unit.shape[1])
+    for r, h in enumerate(histories):
+        h = h[present[h]] if len(h) else h
+        if len(h):
+            centroids[r] = F.normalize(unit[h].mean(0), dim=0)
+    return torch.bmm(unit[cand], centroids[:, :, None]).squeeze(-1)
+
+
 def _history_similarity(unit: torch.Tensor, present: torch.Tensor, cand: torch.Tensor,
-                        histories: list[torch.Tensor], budget: int = 1 << 24,
-                        centroid: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                        histories: list[torch.Tensor], budget: int = 1 << 24
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """The largest and the mean cosine similarity [b, C] between each row's candidates
     ``cand`` [b, C] and the items of its history that have a vector (``unit``: unit
     item vectors, ``present``: which items have one); 0 for a row with no such item.
@@ -82,11 +100,6 @@ def _history_similarity(unit: torch.Tensor, present: torch.Tensor, cand: torch.T
     b, c = cand.shape
     mx, mean = torch.zeros(b, c), torch.zeros(b, c)
     hist = [h[present[h]] if len(h) else h for h in histories]
-    if centroid:  # cosine to the normalised mean of the history instead (first result)
-        for r, h in enumerate(hist):
-            if len(h):
-                mx[r] = unit[cand[r]] @ F.normalize(unit[h].mean(0), dim=0)
-        return mx, mean
     lengths = torch.tensor([len(h) for h in hist], dtype=torch.long)
     rows = torch.nonzero(lengths > 0).flatten()
     if len(rows) == 0:
@@ -197,9 +210,7 @@ class RerankRanker(Ranker):
         zero = counts == 0
         if bool(zero.any()) and bool((~zero).any()) and data.item_features:
             # items with no positive yet (new or cold): their content neighbours' values
-            ids = [-(j + 1) if z else int(i)
-                   for j, (i, z) in enumerate(zip(data.item_ids, zero.tolist()))]
-            zmap = data.catalogue_map(ids, reference=~zero)  # they stand as never seen
+            zmap = _as_unseen(data, zero)
             for name, values in list(stats.items()):
                 known = values.float().clone()
                 known[zero] = math.nan
@@ -248,17 +259,16 @@ class RerankRanker(Ranker):
         if self.options.get("recent_retrieval") and int(self.options.get("recent", 0) or 0):
             # the retrieval ranker's scores from the user's latest items alone
             with torch.no_grad():
-                rz = _zscore(self.base.score_users(users, self._recent_data(data)).detach().float().cpu())
+                rz = _zscore(self.base.score_users(users, self._recent(data)[0]).detach().float().cpu())
             rz = torch.gather(rz, 1, cand)
             cols.append(torch.where(torch.isfinite(rz), rz, torch.full_like(rz, -10.0)).clamp(min=-10))
             names.append("retrieval_recent_z")
-        recent = self._recent(data)
+        recent = self._recent(data)[1]
         for m, (vec, present) in sorted(data.item_features.items()):
             unit = F.normalize(vec.float(), dim=-1)
             mx, mean = _history_similarity(unit, present, cand,
                                            [history[u] for u in users.tolist()])
-            last, _ = _history_similarity(unit, present, cand,
-                                          [recent[u] for u in users.tolist()], centroid=True)
+            last = _centroid_similarity(unit, present, cand, [recent[u] for u in users.tolist()])
             cols += [mx, mean, last]
             names += [f"{m}_similarity_max", f"{m}_similarity_mean", f"{m}_similarity_recent"]
         feats = torch.stack(cols, dim=-1)
@@ -275,26 +285,9 @@ class RerankRanker(Ranker):
             feats = feats - feats.mean(dim=1, keepdim=True)
         return feats, names
 
-    def _recent_data(self, data: TrainingData) -> TrainingData:
-        """``data`` with only each user's ``recent`` latest interactions (cached)."""
-        key = (id(data), len(data.users))
-        cached = getattr(self, "_recent_data_cache", None)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        n = int(self.options.get("recent", 5) or 0)
-        order = torch.argsort(data.ts, stable=True)
-        order = order[torch.argsort(data.users[order], stable=True)]
-        counts = torch.bincount(data.users, minlength=data.n_users)
-        ends = torch.cumsum(counts, 0)
-        rank_from_end = ends[data.users[order]] - torch.arange(len(order)) - 1
-        keep = torch.zeros(len(order), dtype=torch.bool)
-        keep[order[rank_from_end < n]] = True
-        out = data.subset(keep)
-        self._recent_data_cache = (key, out)
-        return out
-
-    def _recent(self, data: TrainingData) -> list[torch.Tensor]:
-        """Each user's ``recent`` latest items by time (cached per data object)."""
+    def _recent(self, data: TrainingData) -> tuple[TrainingData, list[torch.Tensor]]:
+        """``data`` with only each user's ``recent`` latest interactions by time, and
+        those items per user (cached per data object)."""
         key = (id(data), len(data.users))
         cached = getattr(self, "_recent_cache", None)
         if cached is not None and cached[0] == key:
@@ -302,10 +295,13 @@ class RerankRanker(Ranker):
         n = int(self.options.get("recent", 5) or 0)
         order = torch.argsort(data.ts, stable=True)
         order = order[torch.argsort(data.users[order], stable=True)]  # by user, then time
-        counts = torch.bincount(data.users, minlength=data.n_users).tolist()
-        out = [h[-n:] if n else h[:0] for h in torch.split(data.items[order], counts)]
-        self._recent_cache = (key, out)
-        return out
+        ends = torch.cumsum(torch.bincount(data.users, minlength=data.n_users), 0)
+        from_end = ends[data.users[order]] - torch.arange(len(order)) - 1  # 0: the latest
+        keep = torch.zeros(len(order), dtype=torch.bool)
+        keep[order[from_end < n]] = True
+        latest = data.subset(keep)
+        self._recent_cache = (key, (latest, latest.user_items()))
+        return self._recent_cache[1]
 
     def _scorer_z(self, users: torch.Tensor, data: TrainingData) -> list[torch.Tensor]:
         """Per-user z-scores [b, n] of every scorer (-inf where a scorer cannot score)."""
