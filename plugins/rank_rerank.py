@@ -185,6 +185,16 @@ class RerankRanker(Ranker):
 
     # -- features ------------------------------------------------------------------------
     def _item_stats(self, data: TrainingData) -> dict[str, torch.Tensor]:
+        """Per-item popularity, recent popularity and age features of ``data`` (cached
+        per data object: serving scores many requests against one snapshot)."""
+        cached = getattr(self, "_stats_cache", None)  # (data, its length, stats)
+        if cached is not None and cached[0] is data and cached[1] == len(data.users):
+            return cached[2]
+        stats = self._compute_item_stats(data)
+        self._stats_cache = (data, len(data.users), stats)  # the reference keeps id() unique
+        return stats
+
+    def _compute_item_stats(self, data: TrainingData) -> dict[str, torch.Tensor]:
         counts = data.item_counts().float()
         last = torch.full((data.n_items,), -math.inf, dtype=torch.float64)
         if len(data.ts):
@@ -288,10 +298,9 @@ class RerankRanker(Ranker):
     def _recent(self, data: TrainingData) -> tuple[TrainingData, list[torch.Tensor]]:
         """``data`` with only each user's ``recent`` latest interactions by time, and
         those items per user (cached per data object)."""
-        key = (id(data), len(data.users))
-        cached = getattr(self, "_recent_cache", None)
-        if cached is not None and cached[0] == key:
-            return cached[1]
+        cached = getattr(self, "_recent_cache", None)  # (data, its length, result)
+        if cached is not None and cached[0] is data and cached[1] == len(data.users):
+            return cached[2]
         n = int(self.options.get("recent", 5) or 0)
         order = torch.argsort(data.ts, stable=True)
         order = order[torch.argsort(data.users[order], stable=True)]  # by user, then time
@@ -300,8 +309,8 @@ class RerankRanker(Ranker):
         keep = torch.zeros(len(order), dtype=torch.bool)
         keep[order[from_end < n]] = True
         latest = data.subset(keep)
-        self._recent_cache = (key, (latest, latest.user_items()))
-        return self._recent_cache[1]
+        self._recent_cache = (data, len(data.users), (latest, latest.user_items()))
+        return self._recent_cache[2]
 
     def _scorer_z(self, users: torch.Tensor, data: TrainingData) -> list[torch.Tensor]:
         """Per-user z-scores [b, n] of every scorer (-inf where a scorer cannot score)."""
