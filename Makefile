@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e ".[serve,test,bench,quant]"
+	$(BIN)/pip install -q -e ".[serve,test,bench,quant,postgres,ray]"
 	touch $(STAMP)
 
 # Each demo step runs through $(call step,NAME,COMMAND): its wall time goes to $(STEPS),
