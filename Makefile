@@ -7,7 +7,7 @@ DATA    ?= ../shared/datasets
 DEMO_DB ?= demo.db
 POLYREC := $(BIN)/polyrec --db $(DEMO_DB)
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install chromium demo test test-fast bench clean
 
 install: $(STAMP)
 
@@ -19,6 +19,14 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install -q -e ".[serve,test,bench,quant,postgres,ray]"
 	touch $(STAMP)
+
+# The browser tests (tests/test_browser*.py) drive Debian's Chromium through Playwright
+# (never `playwright install`: it downloads a browser build). Installed once, as root.
+CHROMIUM ?= /usr/bin/chromium
+chromium: $(CHROMIUM)
+
+$(CHROMIUM):
+	$(if $(filter 0,$(shell id -u)),,sudo) sh -c 'apt-get update && apt-get install -y --no-install-recommends chromium'
 
 # Each demo step runs through $(call step,NAME,COMMAND): its wall time goes to $(STEPS),
 # printed as a table at the end.
@@ -46,11 +54,11 @@ demo: $(STAMP)
 	@echo; echo "Step times (make demo):"; cat $(STEPS); \
 	  awk '{ total += $$(NF-1) } END { printf "  %-34s %7.1f s\n", "total", total }' $(STEPS)
 
-test: $(STAMP)
+test: $(STAMP) $(CHROMIUM)
 	$(BIN)/python -m pytest -q
 
 # the fast loop: everything but the tests marked slow (over ~5 s each)
-test-fast: $(STAMP)
+test-fast: $(STAMP) $(CHROMIUM)
 	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: $(STAMP)
