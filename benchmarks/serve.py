@@ -314,7 +314,7 @@ import sys, time, torch
 start = time.perf_counter()
 from polyrec import Engine
 from polyrec.retrieve.search import searcher
-from polyrec.retrieve.vector_index import IndexSettings
+from polyrec.rank.vector_index import IndexSettings
 eng = Engine(sys.argv[1], device="cpu", entrypoints=False, progress=False)
 srch = searcher(eng)
 srch.index_settings = IndexSettings(backend=sys.argv[2])
@@ -447,7 +447,7 @@ def main() -> None:
         if not db.exists():
             print(f"building a synthetic catalogue of {args.items:,} items ...", flush=True)
             result["prepare"]["synthetic"] = prepare_synthetic(db, args.items, args.device)
-        from polyrec.retrieve.vector_index import IndexSettings
+        from polyrec.rank.vector_index import IndexSettings
         with Engine(db, device=args.device, entrypoints=False, progress=False) as eng:
             searcher(eng).index_settings = IndexSettings(backend=args.search_index)
             start = time.perf_counter()

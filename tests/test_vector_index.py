@@ -1,4 +1,4 @@
-"""The top-k index of vector spaces (polyrec.retrieve.vector_index) and the persisted
+"""The top-k index of vector spaces (polyrec.rank.vector_index) and the persisted
 vector matrix (polyrec.retrieve.vector_cache): recall of HNSW against exact, exact
 below the threshold, persistence across processes, never stale."""
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from polyrec.retrieve.search import VectorSpace
-from polyrec.retrieve.vector_index import (ExactIndex, IndexSettings, IndexSlot, index_path,
+from polyrec.rank.vector_index import (ExactIndex, IndexSettings, IndexSlot, index_path,
                                            matrix_fingerprint, open_index)
 
 faiss = pytest.importorskip("faiss")
@@ -61,7 +61,7 @@ def test_exact_below_threshold_or_when_asked() -> None:
 
 BUILD = """
 import sys, torch
-from polyrec.retrieve.vector_index import IndexSettings, open_index
+from polyrec.rank.vector_index import IndexSettings, open_index
 gen = torch.Generator().manual_seed(5)
 m = torch.nn.functional.normalize(torch.randn(3000, 24, generator=gen), dim=1)
 open_index(m, name=sys.argv[2], settings=IndexSettings(backend="faiss", m=16),

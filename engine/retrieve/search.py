@@ -33,8 +33,8 @@ from polyrec.store import catalog
 from polyrec.contracts import EncoderContext
 from polyrec.errors import (ConfigError, ModelNotTrainedError, PolyrecError,
                            ValidationError)
+from polyrec.rank.vector_index import IndexSettings, IndexSlot, index_directory
 from polyrec.retrieve.lexical import LexicalIndex, Signature, _attributes, make_index
-from polyrec.retrieve.vector_index import IndexSettings, IndexSlot
 from polyrec.retrieve.query_understanding import (IntentClassifier, Understanding, Vocabulary,
                                         intent_slot)
 from polyrec.store.models import Interaction, Item, ItemVector
@@ -247,7 +247,7 @@ class VectorSpace:
 
     def indexed(self, settings: IndexSettings | None = None, directory: Any = None,
                 fingerprint: str | None = None) -> "VectorSpace":
-        """This space with its index (see polyrec.retrieve.vector_index.IndexSlot):
+        """This space with its index (see polyrec.rank.vector_index.IndexSlot):
         persisted under ``directory`` keyed by this space's name and ``fingerprint``
         (the vectors' digest when None)."""
         slot = IndexSlot(self.matrix, name=self.name, settings=settings, directory=directory,
@@ -363,7 +363,7 @@ class Searcher:
         #: seconds a signature check stays valid (0: check the store on every request).
         self.check_interval = 0.0
         #: how vector spaces are indexed for top-k (exact below a size threshold or
-        #: without FAISS; see polyrec.retrieve.vector_index)
+        #: without FAISS; see polyrec.rank.vector_index)
         self.index_settings = IndexSettings()
 
     # -- snapshots -----------------------------------------------------------------------
@@ -429,7 +429,7 @@ class Searcher:
         vectors when there is one (polyrec.retrieve.vector_cache), else read from the
         store and persisted; with its top-k index (exact or HNSW, vector_index)."""
         from polyrec.retrieve import vector_cache
-        directory = vector_cache.index_directory(self.engine.store.url)
+        directory = index_directory(self.engine.store.url)
         key = None
         if directory is not None:
             key = vector_cache.cache_key(encoder, sig, vector_cache.newest_write(session, encoder))
@@ -456,7 +456,6 @@ class Searcher:
         with self._lock:
             found = self._spaces.get(key)
             if found is None or found.signature != sig:
-                from polyrec.retrieve.vector_cache import index_directory
                 found = VectorSpace.of(key, sig, item_ids, vectors).indexed(
                     self.index_settings, index_directory(self.engine.store.url))
                 self._spaces = {**self._spaces, key: found}
