@@ -28,6 +28,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "polyrec.cli.models",
     "polyrec.cli.feedback",
     "polyrec.cli.serve",
+    "polyrec.cli.search_eval",
     "polyrec.cli.kg",
 )
 
