@@ -262,6 +262,18 @@ def _convert(value: Any, kind: type | None, text: bool, inferred: bool) -> Any:
     raise ValueError(value)
 
 
+@dataclass(frozen=True)
+class RetrievalKeys:
+    """The item side of a ranker whose scores are inner products (see
+    :meth:`Ranker.retrieval_keys`): ``keys`` [n_items, D] (float32, CPU) and ``valid``
+    (bool [n_items]): the items whose score is ``query @ keys[i]``. Other items are
+    never retrieved this way (the ranker gives them ``-inf``, or a score it cannot
+    express as a product, e.g. "after every scored item")."""
+
+    keys: torch.Tensor
+    valid: torch.Tensor
+
+
 class Ranker(ABC):
     """Scores catalogue items for users; trained by ``polyrec train`` / ``Engine.train``,
     compared by ``polyrec evaluate``, served by ``polyrec recommend``.
@@ -438,6 +450,34 @@ class Ranker(ABC):
         """Learned item vectors [data.n_items, D] (similar items in explanations and MMR
         diversity use them); None (the default): the stored encoder vectors stand in."""
         return None
+
+    # -- serving (optional) --------------------------------------------------------------
+    def click_probability(self, user_index: torch.Tensor, items: torch.Tensor,
+                          data: TrainingData) -> torch.Tensor | None:
+        """For a ranker with a click model: the probability [b, c] that each user of
+        ``user_index`` [b] clicks each of the items ``items`` [b, c] (dense item indices:
+        the items recommended to that user, best first), reported as the score of the
+        recommendations. ``Engine.recommend`` asks for one user, ``recommend_many`` for a
+        block of users at once. None (the default): the ranker's scores are reported."""
+        return None
+
+    # -- retrieval in large catalogues (optional) ----------------------------------------
+    def retrieval_keys(self, data: TrainingData) -> RetrievalKeys | None:
+        """When every score this ranker gives is an inner product of a user vector and an
+        item vector (a two-tower model, matrix factorisation): the item side, so the core
+        can find a user's best items in a large catalogue with a vector index (HNSW)
+        instead of scoring every item (see docs/serving.md, "Recommend at scale"). The
+        contract: for the users the ranker knows (a history in ``data``) and every valid
+        item ``i``, ``score_users(users, data)[:, i] == retrieval_queries(users, data) @
+        keys[i]`` up to float rounding. Called once per data snapshot and cached. None
+        (the default): the core calls ``score_users`` for every item."""
+        return None
+
+    def retrieval_queries(self, user_index: torch.Tensor, data: TrainingData) -> torch.Tensor:
+        """The user side [len(user_index), D] (float32, CPU) matching
+        :meth:`retrieval_keys`. Required when ``retrieval_keys`` returns keys."""
+        raise NotImplementedError(f"{type(self).__name__} returns retrieval_keys but does not "
+                                  f"implement retrieval_queries")
 
     def warm_start(self, state: dict[str, Any]) -> bool:
         """Called before ``fit`` with what ``state()`` returned for the live version when

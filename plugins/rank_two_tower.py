@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from polyrec import (ConfigError, Fuser, ModelNotTrainedError, Ranker, TrainingData, hookimpl,
-                     progress_bar, resolve_device)
+from polyrec import (ConfigError, Fuser, ModelNotTrainedError, Ranker, RetrievalKeys,
+                     TrainingData, hookimpl, progress_bar, resolve_device)
 
 DEFAULTS: dict[str, Any] = {
     "dim": 64, "fuser": "attention", "heads": 4, "dropout": 0.1, "modalities": None,
@@ -367,6 +367,18 @@ class TwoTowerRanker(Ranker):
         fit_users = prep["user_index"][users]
         with torch.no_grad():
             return self.model.users(prep["history"][users], fit_users, fit_users >= 0).cpu()
+
+    def retrieval_keys(self, data: TrainingData) -> RetrievalKeys:
+        """Scores are ``user @ item / temperature + bias``: keys [item / temperature, bias]
+        against queries [user, 1]; valid = the items the model scores."""
+        prep = self._prepared(data)
+        keys = torch.cat([prep["vectors"] / float(self.options["temperature"]),
+                          prep["bias"].reshape(-1, 1)], dim=1)
+        return RetrievalKeys(keys=keys.float().cpu(), valid=prep["scorable"].cpu())
+
+    def retrieval_queries(self, user_index: torch.Tensor, data: TrainingData) -> torch.Tensor:
+        uvec = self.user_vectors(user_index, data)
+        return torch.cat([uvec, torch.ones(len(uvec), 1)], dim=1).float()
 
     def item_vectors(self, data: TrainingData) -> torch.Tensor:
         """Item-tower vectors [n_items, D] (unit length, zero where unscorable; CPU)."""

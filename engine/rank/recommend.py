@@ -24,7 +24,9 @@ from polyrec.errors import ConfigError, ModelNotTrainedError, NotFoundError
 from polyrec.rank.dataset import build_training_data
 from polyrec.rank.registry import (check_scores, good_before, live_version, ranker_label,
                                    show_model)
+from polyrec.rank.retrieval import Retrieval, open_retrieval
 from polyrec.rank.train import PIPELINE_ARTIFACT, build_ranker
+from polyrec.rank.vector_index import IndexSettings, index_directory
 from polyrec.store.artifacts import from_bytes, load_artifact
 from polyrec.store.catalog import get_user_id
 from polyrec.store.catalog import item_views as catalog_item_views
@@ -164,6 +166,10 @@ class Recommender:
     #: feedback learners already know of them) while the refresh finishes in the
     #: background: under a stream of writes a new user never queues behind refreshes.
     new_user_wait = 1.0
+    #: When a ranker's scores are inner products (``Ranker.retrieval_keys``), catalogues
+    #: from ``index_settings.threshold`` items get each user's candidates from a vector
+    #: index instead of scoring every item (polyrec.rank.retrieval); FAISS needed.
+    index_settings = IndexSettings()
 
     def __init__(self, engine: "Engine", version: int | None = None, *,
                  online_hook: OnlineHook | None = None,
@@ -190,6 +196,7 @@ class Recommender:
         self._items_generation = 0  # bumped by invalidate_items(): vectors rewritten in place
         self._graph: Any = None
         self._graph_loaded = False
+        self._retrieval_lock = threading.Lock()  # one index opening at a time
         self.refresh()
 
     # -- loading, the live pointer and fallbacks -------------------------------------------
@@ -395,8 +402,9 @@ class Recommender:
         snap = DataSnapshot(key=key, data=data, user_index=data.user_index(),
                             history=data.user_items(), popularity=data.item_counts().float(),
                             views=snap_views, external=external, titles=titles)
-        if not items_changed:
+        if not items_changed:  # both depend on the items only (Ranker.retrieval_keys)
             snap.cache["vectors"] = previous.cache.get("vectors")
+            snap.cache["retrieval"] = previous.cache.get("retrieval")
         self._snap = snap  # the atomic swap
         return snap
 
@@ -481,6 +489,62 @@ class Recommender:
         snap.cache["vectors"] = (ranker, vectors)
         return vectors
 
+    def _retrieval(self) -> Retrieval | None:
+        """The served ranker's candidate retrieval over the pinned snapshot (opened once
+        per ranker and catalogue state); None: score every item. A ranker whose
+        retrieval keys fail is recorded and scored in full."""
+        snap, ranker = self.snapshot(), self.ranker
+        cached = snap.cache.get("retrieval")
+        if isinstance(cached, tuple) and cached[0] is ranker:
+            return cached[1]
+        with self._retrieval_lock:
+            cached = snap.cache.get("retrieval")
+            if isinstance(cached, tuple) and cached[0] is ranker:
+                return cached[1]
+            try:
+                found = open_retrieval(ranker, snap.data, name=f"recommend:v{self.version}",
+                                       settings=self.index_settings,
+                                       directory=index_directory(self.engine.store.url))
+            except Exception as exc:  # noqa: BLE001 - a plugin bug must not fail the request
+                if self.strict:
+                    raise
+                self._record(self.version, self.ranker_name, "retrieval_keys",
+                             f"{ranker_label(self.engine, self.ranker_name)} raised "
+                             f"{type(exc).__name__}: {exc}; scoring every item instead")
+                found = None
+            snap.cache["retrieval"] = (ranker, found)
+            return found
+
+    def _candidate_scores(self, u: int, retrieval: Retrieval, pool: int) -> torch.Tensor | None:
+        """Scores [n_items] of user ``u``'s ``pool`` best candidates (-inf elsewhere);
+        None when the ranker's query failed (recorded; its retrieval is dropped)."""
+        try:
+            with torch.no_grad():
+                query = retrieval.ranker.retrieval_queries(torch.tensor([u]), self.data)
+            if not isinstance(query, torch.Tensor) or query.ndim != 2 or query.shape[0] != 1:
+                raise ValueError(f"retrieval_queries gave shape "
+                                 f"{tuple(getattr(query, 'shape', ()))}, not [1, D]")
+            return retrieval.scores(query[0].float().cpu(), pool, self.data.n_items)
+        except Exception as exc:  # noqa: BLE001 - a plugin bug must not fail the request
+            if self.strict:
+                raise
+            self._record(self.version, self.ranker_name, "retrieval_queries",
+                         f"{ranker_label(self.engine, self.ranker_name)} raised "
+                         f"{type(exc).__name__}: {exc}; scoring every item instead")
+            self.snapshot().cache["retrieval"] = (retrieval.ranker, None)
+            return None
+
+    def _base_scores(self, u: int | None, retrieval: Retrieval | None, pool: int | None
+                     ) -> tuple[torch.Tensor, bool]:
+        """(scores [n_items], whether only a candidate pool was scored)."""
+        if u is None:
+            return torch.log1p(self.popularity).clone(), False
+        if retrieval is not None and pool is not None:
+            found = self._candidate_scores(u, retrieval, pool)
+            if found is not None:
+                return found, True
+        return self.scores(torch.tensor([u]))[0], False
+
     def _seen(self, user_id: int) -> torch.Tensor:
         """Item indices the user has any stored interaction with (ratings below the
         positive threshold included; an impression alone does not count as seen)."""
@@ -560,20 +624,29 @@ class Recommender:
         """``u`` is the user's dense index in the pinned snapshot; None for a guest (a user
         newer than the snapshot): scored like a user with no history (popularity), then
         the online hook blends in what the feedback learners know of them already."""
-        if u is None:
-            scores = torch.log1p(self.popularity).clone()
-        else:
-            scores = self.scores(torch.tensor([u]))[0]
-        if self.online_hook is not None:  # the feedback learners' online user state
-            scores = self.online_hook(self, user_id, scores, online)
-        if exclude_seen:
-            scores[self._seen(user_id)] = -math.inf
-            if u is not None:
+        seen = self._seen(user_id) if exclude_seen else torch.zeros(0, dtype=torch.long)
+        # a large catalogue and a dot-product ranker: score a candidate pool from the
+        # vector index, widened when seen items and filters leave fewer than k
+        retrieval = self._retrieval() if u is not None and len(self.history[u]) else None
+        pool = (max(10 * k, 100) + len(self.history[u]) + len(seen)
+                if retrieval is not None else None)
+        while True:
+            scores, partial = self._base_scores(u, retrieval, pool)
+            if self.online_hook is not None:  # the feedback learners' online user state
+                scores = self.online_hook(self, user_id, scores, online)
+            scores[seen] = -math.inf
+            if exclude_seen and u is not None:
                 scores[self.history[u]] = -math.inf
-        if filters:
-            keep = torch.tensor([matches(v.attributes, filters) for v in self.views])
-            scores[~keep] = -math.inf
-        finite = int(torch.isfinite(scores).sum())
+            if filters:  # only items still in the running are checked
+                views = self.views
+                drop = [i for i in torch.isfinite(scores).nonzero().flatten().tolist()
+                        if not matches(views[i].attributes, filters)]
+                scores[drop] = -math.inf
+            finite = int(torch.isfinite(scores).sum())
+            if not partial or finite >= k:
+                break
+            assert retrieval is not None and pool is not None
+            pool = pool * 8 if pool * 8 < retrieval.size // 4 else None
         if finite == 0:
             return []
         vectors = self.vectors() if diversity > 0 else None

@@ -1,0 +1,88 @@
+"""A user's best items in a large catalogue without scoring every item.
+
+A ranker whose scores are inner products (``Ranker.retrieval_keys`` /
+``retrieval_queries``, e.g. the two-tower model) gives the item side once per catalogue
+state; the Recommender then asks a vector index (``polyrec.rank.vector_index``: exact,
+or FAISS HNSW from ``IndexSettings.threshold`` items) for the top candidates of one
+user's query vector, and only those candidates get a score. Everything after that
+(online blending, seen items, filters, diversity, exploration) runs as before over the
+candidates, with the other items at ``-inf``.
+
+Below the index threshold, without FAISS, or for a ranker without retrieval keys, the
+Recommender scores every item with ``score_users`` as it always did.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from polyrec.rank.vector_index import (IndexSettings, IndexSlot, matrix_fingerprint,
+                                       wants_approximate)
+
+log = logging.getLogger("polyrec.models")
+
+
+@dataclass
+class Retrieval:
+    """The item side of one ranker over one catalogue state, with its index. Row ``r``
+    of the index is item ``items[r]`` (a dense item index of the data snapshot)."""
+
+    ranker: Any
+    items: torch.Tensor
+    slot: IndexSlot
+
+    @property
+    def size(self) -> int:
+        """How many items can be retrieved (the ranker's valid items)."""
+        return len(self.items)
+
+    def scores(self, query: torch.Tensor, n: int, n_items: int) -> torch.Tensor:
+        """Scores [n_items] of the ``n`` best candidates for ``query`` [D] (their inner
+        products), ``-inf`` for every other item."""
+        values, rows = self.slot.current.search(query, n)
+        out = torch.full((n_items,), -math.inf)
+        out[self.items[rows]] = values.float()
+        return out
+
+
+def _overrides(ranker: Any, name: str) -> bool:
+    from polyrec.contracts import Ranker
+    method = getattr(type(ranker), name, None)
+    return method is not None and method is not getattr(Ranker, name)
+
+
+def open_retrieval(ranker: Any, data: Any, *, name: str, settings: IndexSettings,
+                   directory: Path | None) -> Retrieval | None:
+    """The ranker's retrieval over ``data``, or None when the Recommender should score
+    every item: a small catalogue (below ``settings.threshold``, or FAISS missing, or
+    ``backend="exact"``), or a ranker without retrieval keys. Raises ValueError when the
+    ranker's keys break the contract (wrong shape or type). The index is HNSW, loaded
+    from ``directory`` when a previous process saved one for the same vectors, else
+    built on a background thread (exact top-k over the keys meanwhile)."""
+    if ranker is None or not _overrides(ranker, "retrieval_keys"):
+        return None
+    if not wants_approximate(data.n_items, settings):
+        return None
+    found = ranker.retrieval_keys(data)
+    if found is None:
+        return None
+    keys, valid = found.keys, found.valid
+    if not isinstance(keys, torch.Tensor) or keys.ndim != 2 or keys.shape[0] != data.n_items:
+        raise ValueError(f"retrieval_keys gave keys of shape {tuple(getattr(keys, 'shape', ()))}"
+                         f", not [{data.n_items}, D]")
+    if not isinstance(valid, torch.Tensor) or valid.shape != (data.n_items,):
+        raise ValueError(f"retrieval_keys gave a valid mask of shape "
+                         f"{tuple(getattr(valid, 'shape', ()))}, not [{data.n_items}]")
+    items = valid.bool().cpu().nonzero().flatten()
+    matrix = keys.detach().float().cpu()[items].contiguous()
+    if not bool(torch.isfinite(matrix).all()):
+        raise ValueError("retrieval_keys gave non-finite keys for valid items")
+    slot = IndexSlot(matrix, name=name, settings=settings, directory=directory,
+                     fingerprint=matrix_fingerprint(matrix))
+    log.info("recommend retrieval for %s: %s items, %s index", name, len(items), slot.kind)
+    return Retrieval(ranker=ranker, items=items, slot=slot)
