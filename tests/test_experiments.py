@@ -11,6 +11,12 @@ from polyrec.feedback.experiments import (assign, bucket, choose, create, list_e
                                 two_proportion_p, wilson)
 
 
+@pytest.fixture
+def engine(store_engine):
+    """The tests taking ``engine`` run on SQLite and on PostgreSQL (tests/conftest.py)."""
+    return store_engine
+
+
 def _items(eng: Engine) -> None:
     eng.add_items([{"external_id": f"i{i}"} for i in range(10)])
 

@@ -2,17 +2,18 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from sqlalchemy import select
 
 from polyrec import Engine, ValidationError
 from polyrec.errors import ConfigError, NotFoundError
 from polyrec.ingest.files import pick_reader, resolve_mapping, to_timestamp
 from polyrec.plugins.readers import CsvReader, JsonLinesReader, ParquetReader, RecBoleReader
+from polyrec.store.models import Interaction
 from conftest import dump
 
 
@@ -21,8 +22,10 @@ def write(path: Path, text: str) -> Path:
     return path
 
 
-def db_file(eng: Engine) -> Path:
-    return Path(eng.url.removeprefix("sqlite:///"))
+@pytest.fixture
+def engine(store_engine):
+    """Every test here runs on SQLite and on PostgreSQL (tests/conftest.py)."""
+    return store_engine
 
 
 ITEMS_CSV = "item_id,title,description,genre\ni1,Alpha,first item,drama\ni2,Beta,,comedy\n"
@@ -175,10 +178,10 @@ def test_interactions_kinds_values_and_context(engine, tmp_path):
     h = write(tmp_path / "buys.csv", "customer_id,article_id,t_dat\nu3,i1,2020-01-01\n")
     engine.ingest(h, "interactions", interaction_kind="purchase")
     assert engine.stats()["interactions_by_kind"] == {"rating": 2, "click": 2, "purchase": 1}
-    con = sqlite3.connect(db_file(engine))
-    ctx, ts = con.execute("SELECT context, ts FROM interactions WHERE value = 5").fetchone()
-    con.close()
-    assert json.loads(ctx) == {"shop": "app"} and ts == 1591920000.0
+    with engine.store.session() as s:
+        ctx, ts = s.execute(select(Interaction.context, Interaction.ts)
+                            .where(Interaction.value == 5)).one()
+    assert ctx == {"shop": "app"} and ts == 1591920000.0
 
 
 @pytest.mark.parametrize("rows, row, field, message", [
@@ -202,14 +205,14 @@ def test_validation_names_file_row_field(engine, tmp_path, rows, row, field, mes
 def test_on_error_fail_leaves_database_unchanged(engine, tmp_path):
     engine.ingest(write(tmp_path / "items.csv", ITEMS_CSV), "items")
     engine.ingest(write(tmp_path / "ok.csv", "user_id,item_id,rating\nu1,i1,4\n"), "interactions")
-    before = dump(db_file(engine))
+    before = dump(engine)
     bad_items = write(tmp_path / "bad_items.csv", "item_id,title\ni1,Changed\ni3,New\n,Nameless\n")
     bad_events = write(tmp_path / "bad.csv", "user_id,item_id,rating\nu9,i2,5\nu9,i2,x\nu9,zz,1\n")
     with pytest.raises(ValidationError, match="3 bad rows|2 bad rows"):
         engine.ingest(bad_events, "interactions")
     with pytest.raises(ValidationError, match="row 3"):
         engine.ingest(bad_items, "items")
-    assert dump(db_file(engine)) == before  # not even the new user u9 or item i3
+    assert dump(engine) == before  # not even the new user u9 or item i3
 
 
 def test_on_error_skip_keeps_good_rows(engine, tmp_path):

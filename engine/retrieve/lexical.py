@@ -1,12 +1,14 @@
 """Lexical retrieval: BM25 over item title, text and attribute values.
 
-Two backends answer the same question, "which items match these words, best first":
+Three backends answer the same question, "which items match these words, best first":
 
 - :class:`Fts5Index` (SQLite): an FTS5 virtual table ``polyrec_items_fts`` in the store
   itself, ranked by FTS5's ``bm25()`` with per-column weights. It is kept in sync lazily:
   before a search the items table's signature (row count and latest ``updated_at``) is
   compared with the one recorded at the last sync; changed rows are re-indexed, and a
   row-count mismatch (deleted items) rebuilds the table.
+- :class:`PostgresFtsIndex` (PostgreSQL): the server's full-text search over a generated,
+  GIN-indexed ``tsvector`` column of ``items``, ranked by IDF-weighted ``ts_rank``.
 - :class:`MemoryBM25Index` (any SQLAlchemy database): the same BM25F-style scoring
   computed in Python over documents loaded from the items table, rebuilt when the
   signature changes and swapped in by one reference assignment.
@@ -299,6 +301,103 @@ class MemoryBM25Index:
         return self._postings(session, signature).search(query, limit, allowed)
 
 
+class PostgresFtsIndex:
+    """BM25 with PostgreSQL's own full-text search. The generated ``tsvector`` column of
+    ``items`` (GIN-indexed, kept in step by the server itself; polyrec.store.postgres)
+    finds the items matching any query word through the index; they are then scored by
+    BM25F in SQL from the column's positions and weights: a word's frequency counts each
+    occurrence with its field's weight (title 3, attributes 2, text 1, as
+    :data:`FIELD_WEIGHTS`), the document length likewise, with BM25's IDF from the
+    words' document frequencies (counted through the index). The words are stemmed by the
+    server's ``english`` configuration (Snowball) instead of :func:`stem`, so the two
+    rank alike but not identically (tests/test_lexical.py compares them)."""
+
+    backend = "postgres-fts"
+    #: Items sampled (pages, repeatably) to estimate the mean document length.
+    LENGTH_SAMPLE = 20_000
+
+    def __init__(self, k1: float = 1.2, b: float = 0.75) -> None:
+        self.k1, self.b = k1, b
+        self._avg: tuple[Signature, float] | None = None
+
+    def sync(self, session: Session, signature: Signature | None = None) -> bool:
+        """Nothing to do: the server keeps the generated column in step with ``items``."""
+        return False
+
+    @staticmethod
+    def _weight(column: str) -> str:
+        w = FIELD_WEIGHTS
+        return (f"CASE {column} WHEN 'A' THEN {w['title']!r} WHEN 'B' THEN {w['attributes']!r} "
+                f"WHEN 'D' THEN {w['text']!r} ELSE 0.0 END")
+
+    def _mean_length(self, session: Session, signature: Signature | None) -> float:
+        from polyrec.store.postgres import FTS_COLUMN
+        sig = signature or Signature.of(session)
+        cached = self._avg
+        if cached is not None and cached[0] == sig:
+            return cached[1]
+        pct = min(100.0, 100.0 * self.LENGTH_SAMPLE / max(sig.count, 1))
+        avg = session.execute(text(
+            f"SELECT avg(coalesce((SELECT sum({self._weight('w')}) FROM unnest(it.{FTS_COLUMN}) u, "
+            f"unnest(u.weights) w), 0)) FROM items it TABLESAMPLE SYSTEM (:pct) REPEATABLE (0)"),
+            {"pct": pct}).scalar()
+        value = float(avg) if avg else 1.0
+        self._avg = (sig, value)
+        return value
+
+    def search(self, session: Session, query: str, limit: int,
+               allowed: set[int] | None = None,
+               signature: Signature | None = None, *, sync: bool = True
+               ) -> list[tuple[int, float]]:
+        from polyrec.store.postgres import FTS_COLUMN, FTS_CONFIG
+        words = list(dict.fromkeys(tokens(query)))[:32]
+        if not words or limit <= 0:
+            return []
+        params: dict[str, Any] = {f"w{i}": w for i, w in enumerate(words)}
+        # each word's lexeme (none for a stop word) and its document frequency
+        rows = session.execute(text(" UNION ALL ".join(
+            f"SELECT lx, (SELECT count(*) FROM items WHERE {FTS_COLUMN} @@ to_tsquery("
+            f"'{FTS_CONFIG}', :w{i})) FROM unnest(tsvector_to_array(to_tsvector("
+            f"'{FTS_CONFIG}', :w{i}))) lx" for i in range(len(words)))), params).all()
+        found = {str(lx): int(df) for lx, df in rows if df}
+        if not found:
+            return []
+        n = max(session.execute(text("SELECT count(*) FROM items")).scalar_one(), 1)
+        lexemes = list(found)
+        idfs = [math.log(1.0 + (n - found[x] + 0.5) / (found[x] + 0.5)) for x in lexemes]
+        k1, b = self.k1, self.b
+        weight = self._weight("w")
+        sql = f"""
+        WITH cand AS (
+            SELECT id, {FTS_COLUMN} AS doc FROM items
+            WHERE {FTS_COLUMN} @@ CAST(:match AS tsquery)
+            {"AND id = ANY(:allowed)" if allowed is not None else ""}),
+        tf AS (
+            SELECT c.id, u.lexeme, sum({weight}) AS tf
+            FROM cand c, unnest(c.doc) u, unnest(u.weights) w
+            WHERE u.lexeme = ANY(CAST(:lexemes AS text[])) GROUP BY c.id, u.lexeme),
+        dl AS (
+            SELECT c.id, sum({weight}) AS dl
+            FROM cand c, unnest(c.doc) u, unnest(u.weights) w GROUP BY c.id)
+        SELECT tf.id, sum(q.idf * tf.tf * {k1 + 1.0!r}
+                          / (tf.tf + {k1!r} * (1 - {b!r} + {b!r} * dl.dl / :avg))) AS score
+        FROM tf JOIN dl ON dl.id = tf.id
+        JOIN unnest(CAST(:lexemes AS text[]), CAST(:idfs AS float8[])) AS q(lexeme, idf)
+          ON q.lexeme = tf.lexeme
+        GROUP BY tf.id ORDER BY score DESC, tf.id LIMIT :n"""
+        params = {"lexemes": lexemes, "idfs": idfs, "n": int(limit),
+                  "match": " | ".join(_tsquery_term(x) for x in lexemes),
+                  "avg": self._mean_length(session, signature)}
+        if allowed is not None:
+            params["allowed"] = sorted(int(i) for i in allowed)
+        return [(int(i), float(sc)) for i, sc in session.execute(text(sql), params)]
+
+
+def _tsquery_term(lexeme: str) -> str:
+    """A lexeme as a quoted tsquery term (taken as it is: no parsing, no stemming)."""
+    return "'" + lexeme.replace("\\", "\\\\").replace("'", "''") + "'"
+
+
 def fts5_available(session: Session) -> bool:
     """Whether the session's database is SQLite with the FTS5 extension compiled in."""
     if session.get_bind().dialect.name != "sqlite":
@@ -311,10 +410,14 @@ def fts5_available(session: Session) -> bool:
 
 
 def make_index(session: Session, backend: str = "auto") -> LexicalIndex:
-    """The lexical index for this database: FTS5 on SQLite when available, else memory BM25.
+    """The lexical index for this database: FTS5 on SQLite when available, PostgreSQL's
+    full-text search on PostgreSQL, else memory BM25.
 
-    ``backend`` may force ``"fts5"`` or ``"memory"``.
+    ``backend`` may force ``"fts5"``, ``"postgres"`` or ``"memory"``.
     """
+    dialect = session.get_bind().dialect.name
+    if backend == "postgres" or (backend == "auto" and dialect == "postgresql"):
+        return PostgresFtsIndex()
     if backend == "memory" or (backend == "auto" and not fts5_available(session)):
         return MemoryBM25Index()
     return Fts5Index()

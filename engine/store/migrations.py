@@ -7,6 +7,7 @@ from typing import Callable
 from sqlalchemy import Connection, inspect, select
 
 from polyrec.errors import PolyrecError
+from polyrec.store import postgres
 from polyrec.store.models import V2_TABLES, Base, Meta
 
 #: Upgrade steps: MIGRATIONS[v] takes a database from version v to v + 1.
@@ -48,13 +49,25 @@ def _set_version(conn: Connection, version: int) -> None:
         conn.execute(table.insert().values(key="schema_version", value=str(version)))
 
 
+def _dialect_extras(conn: Connection) -> None:
+    """Schema parts one backend has and the models do not declare (PostgreSQL: the
+    full-text column of items and its GIN index, polyrec.store.postgres)."""
+    if postgres.is_postgres(conn):
+        postgres.ensure_fulltext(conn)
+
+
 def upgrade(engine) -> int:  # type: ignore[no-untyped-def]
-    """Bring the database at ``engine`` to SCHEMA_VERSION; return the version it had."""
+    """Bring the database at ``engine`` to SCHEMA_VERSION; return the version it had.
+
+    On PostgreSQL each step holds an advisory lock, so processes opening one database at
+    the same time (``polyrec serve --workers N``) upgrade it once, one after the other."""
     latest = 1 + len(MIGRATIONS)
     with engine.begin() as conn:
+        postgres.lock_schema(conn)
         found = current_version(conn)
         if found is None:
             Base.metadata.create_all(conn)
+            _dialect_extras(conn)
             _set_version(conn, latest)
             return latest
     if found > latest:
@@ -62,8 +75,13 @@ def upgrade(engine) -> int:  # type: ignore[no-untyped-def]
                            f"understands ({latest}); upgrade polyrec")
     for version in range(found, latest):
         with engine.begin() as conn:
+            postgres.lock_schema(conn)
+            if current_version(conn) != version:  # another process did this step meanwhile
+                continue
             MIGRATIONS[version](conn)
             _set_version(conn, version + 1)
     with engine.begin() as conn:  # tables added by later versions that need no data step
+        postgres.lock_schema(conn)
         Base.metadata.create_all(conn)
+        _dialect_extras(conn)
     return found
