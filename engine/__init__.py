@@ -8,8 +8,8 @@ plugins import nothing else from polyrec (tests/test_public_api.py).
 from typing import TYPE_CHECKING
 
 from polyrec.contracts import (EncodeResult, Encoder, EncoderContext, FeedbackLearner, Fuser,
-                              ItemView, LearnerContext, Option, Ranker, Reader, RetrievalKeys,
-                              Row)
+                              IntentData, IntentModel, IntentPrediction, ItemView,
+                              LearnerContext, Option, Ranker, Reader, RetrievalKeys, Row)
 from polyrec.engine import Engine
 from polyrec.errors import (ConfigError, DuplicateNameError, EncodingError, ModelNotTrainedError,
                            NotFoundError, PluginError, PolyrecError, ValidationError)
@@ -65,6 +65,7 @@ __all__ = [
     "Engine", "hookimpl", "Encoder", "EncodeResult", "EncoderContext", "Fuser", "Ranker",
     "FeedbackLearner", "LearnerContext", "Reader", "Row", "ItemView", "PolyrecError", "ConfigError",
     "NotFoundError", "PluginError", "DuplicateNameError", "ValidationError", "EncodingError",
-    "ModelNotTrainedError", "Option", "TrainingData", "RetrievalKeys", "__version__",
+    "ModelNotTrainedError", "Option", "TrainingData", "RetrievalKeys",
+    "IntentModel", "IntentData", "IntentPrediction", "__version__",
     *_LAZY,
 ]

@@ -1,4 +1,5 @@
-"""The contracts a plugin implements: Encoder, Fuser, Ranker, FeedbackLearner, Reader.
+"""The contracts a plugin implements: Encoder, Fuser, Ranker, FeedbackLearner, Reader,
+IntentModel.
 
 A component is a class with a unique ``name``. The core instantiates it with keyword
 options (from the CLI or the Python API) and talks to it only through these methods.
@@ -636,3 +637,109 @@ class Reader(ABC):
     def columns(self, path: Path) -> list[str] | None:
         """Column names when the format has a header; None otherwise."""
         return None
+
+
+@dataclass
+class IntentData:
+    """What an intent model is fitted on, built by the core from the store
+    (``polyrec train-intent``). Rows of ``items``, ``vectors`` and ``demand`` are aligned.
+
+    - ``items``: the catalogue items (attributes included; the model picks its targets).
+    - ``vectors``: the text encoder's normalised item vectors [n, d] (the stored ones).
+    - ``demand``: distinct users per item [n] (0 for items nobody interacted with).
+    - ``histories``: per user, the rows of the items they interacted with, oldest first
+      (users with at least one interaction on these items).
+    - ``embed(texts) -> Tensor[len(texts), d]``: the same encoder on free text (queries),
+      normalised, in the space of ``vectors``.
+    - ``encoder`` / ``fingerprint``: which encoder made the space (stored with the model;
+      a model is refused once the encoder's fingerprint changes).
+    """
+
+    items: list[ItemView]
+    vectors: torch.Tensor
+    demand: torch.Tensor
+    histories: list[list[int]]
+    embed: Any
+    encoder: str
+    fingerprint: str
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    progress: bool = True
+    seed: int = 0
+
+
+@dataclass
+class IntentPrediction:
+    """What an intent model reads in one query (or item) vector.
+
+    ``facets``: attribute field -> [(value, probability)] best first (the model's
+    distribution over the field's values, its most likely values); ``demand``: the
+    predicted demand (popularity) of what the text describes, on the scale of
+    ``IntentModel.item_demand``.
+    """
+
+    facets: dict[str, list[tuple[str, float]]] = field(default_factory=dict)
+    demand: float = 0.0
+
+    def top(self, field_name: str) -> tuple[str, float] | None:
+        """The most likely value of ``field_name`` and its probability (None: no such head)."""
+        values = self.facets.get(field_name)
+        return values[0] if values else None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"facets": {f: [{"value": v, "p": round(float(p), 4)} for v, p in vals]
+                           for f, vals in self.facets.items()},
+                "demand": round(float(self.demand), 4)}
+
+
+class IntentModel(ABC):
+    """Reads a shopper's intent in the vector space of one text encoder: a distribution
+    over the values of the catalogue's categorical attributes (soft facets), a demand
+    score, and a match to a user's history. Trained by ``polyrec train-intent`` from the
+    catalogue itself, stored as an artifact with the encoder's fingerprint; search uses
+    the loaded model on the query vector it already has.
+
+    Required: ``name``, ``fit``, ``predict``, ``state`` and ``load_state``. Options come
+    from ``polyrec train-intent --set KEY=VALUE`` as strings or from Python as values;
+    the model converts and checks them (ConfigError for an unknown one).
+    """
+
+    name: ClassVar[str]
+    #: What ``fit`` learned worth showing (fields, losses, epochs): JSON-ready values.
+    info: dict[str, Any]
+
+    def __init__(self, **options: Any) -> None:
+        self.options = options
+        self.__dict__.setdefault("info", {})
+
+    @abstractmethod
+    def fit(self, data: IntentData) -> None:
+        """Learn from ``data``; fill ``self.info``."""
+
+    @abstractmethod
+    def predict(self, vectors: torch.Tensor, top: int = 5) -> list[IntentPrediction]:
+        """One prediction per row of ``vectors`` [b, d] (the encoder's normalised query
+        or item vectors), each facet with its ``top`` most likely values."""
+
+    def fields(self) -> list[str]:
+        """The attribute fields the model predicts."""
+        return []
+
+    def item_demand(self, vectors: torch.Tensor) -> torch.Tensor | None:
+        """Demand scores [n] of items from their vectors (higher: more wanted); None when
+        the model has no demand head."""
+        return None
+
+    def user_match(self, vectors: torch.Tensor, history: torch.Tensor) -> torch.Tensor | None:
+        """How well each row of ``vectors`` [b, d] matches a user whose history is the
+        item vectors ``history`` [h, d]: scores [b] (higher: better); None when the model
+        has no recommendation head."""
+        return None
+
+    @abstractmethod
+    def state(self) -> dict[str, Any]:
+        """Everything needed to restore the fitted model: plain containers, numbers,
+        strings and tensors only (loaded with torch's ``weights_only``)."""
+
+    @abstractmethod
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Restore what ``state()`` returned, on a model built with the same options."""

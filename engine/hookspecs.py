@@ -48,6 +48,12 @@ def register_readers(register: Callable[[type], None]) -> None:
 
 
 @hookspec
+def register_intent_models(register: Callable[[type], None]) -> None:
+    """Register IntentModel subclasses: soft facets, demand and user match read from a
+    text encoder's query vectors (``polyrec train-intent --model NAME``)."""
+
+
+@hookspec
 def register_commands(cli: Any) -> None:
     """Add click commands to the ``polyrec`` group: ``cli.add_command(cmd)``.
 

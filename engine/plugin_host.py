@@ -34,7 +34,7 @@ import click
 import pluggy
 
 from polyrec import hookspecs
-from polyrec.contracts import Encoder, FeedbackLearner, Fuser, Ranker, Reader
+from polyrec.contracts import Encoder, FeedbackLearner, Fuser, IntentModel, Ranker, Reader
 from polyrec.errors import DuplicateNameError, NotFoundError, PluginError
 
 #: Built-in plugins, registered through the same ``pm.register`` as third-party ones.
@@ -51,6 +51,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "polyrec.plugins.rank_rerank",
     "polyrec.plugins.feedback_online",
     "polyrec.plugins.feedback_bandit",
+    "polyrec.plugins.intent_multitask",
 )
 
 #: Registry kind -> (hook name, required base class).
@@ -60,6 +61,7 @@ REGISTRY_KINDS: dict[str, tuple[str, type]] = {
     "rankers": ("register_rankers", Ranker),
     "feedback_learners": ("register_feedback_learners", FeedbackLearner),
     "readers": ("register_readers", Reader),
+    "intent_models": ("register_intent_models", IntentModel),
 }
 
 #: Class attributes a component of a kind must set besides ``name`` (attribute -> type).
@@ -410,7 +412,8 @@ class PluginHost:
 
     # -- queries -------------------------------------------------------------------------
     def registry(self, kind: str) -> Registry:
-        """The registry of one kind: encoders, fusers, rankers, feedback_learners, readers."""
+        """The registry of one kind: encoders, fusers, rankers, feedback_learners, readers,
+        intent_models."""
         try:
             return self.registries[kind]
         except KeyError:

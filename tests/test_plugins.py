@@ -232,7 +232,7 @@ def test_plugin_commands_added_to_a_group_without_clobbering():
 def test_hook_names_are_the_specs():
     assert hook_names() == ["register_encoders", "register_fusers", "register_rankers",
                             "register_feedback_learners", "register_readers",
-                            "register_commands"]
+                            "register_intent_models", "register_commands"]
 
 
 # -- entry points -----------------------------------------------------------------------------
