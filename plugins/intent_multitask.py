@@ -302,7 +302,10 @@ class MultiTaskIntent(IntentModel):
                 texts.append(q)
                 owner.append(r)
         t0 = time.perf_counter()
-        qvec = data.embed(texts) if texts else torch.empty(0, data.vectors.shape[1])
+        unique = list(dict.fromkeys(texts))  # the same query from many items: embed once
+        where_text = {t: k for k, t in enumerate(unique)}
+        qvec = (data.embed(unique)[[where_text[t] for t in texts]] if texts
+                else torch.empty(0, data.vectors.shape[1]))
         embed_s = time.perf_counter() - t0
         ivec = data.vectors[rows].float()
         owner_t = torch.tensor(owner, dtype=torch.long)
@@ -385,13 +388,15 @@ class MultiTaskIntent(IntentModel):
         net.eval()
         self.info = {"fields": {f: len(v) for f, v in self.field_values.items()},
                      "items": len(items), "synthetic_queries": len(texts),
-                     "rec_pairs": len(pairs), "demand": has_demand, "rec": has_rec,
+                     "distinct_queries": len(unique), "rec_pairs": len(pairs), "demand": has_demand, "rec": has_rec,
                      "epochs": o["epochs"], "loss": history[-1] if history else {},
                      "embed_seconds": round(embed_s, 2),
                      "train_seconds": round(time.perf_counter() - started - embed_s, 2)}
-        if val_rows and len(owner):
-            self.info["validation"] = self._accuracy(qvec[~q_train], owner_t[~q_train],
-                                                     items, names)
+        if val_rows and len(owner):  # top-1 accuracy on items never trained on
+            self.info["validation_queries"] = self._accuracy(qvec[~q_train], owner_t[~q_train],
+                                                             items, names)
+            held = torch.tensor(val_rows, dtype=torch.long)
+            self.info["validation_item_text"] = self._accuracy(ivec[held], held, items, names)
 
     def _accuracy(self, x: torch.Tensor, owners: torch.Tensor, items: Sequence[ItemView],
                   names: list[str]) -> dict[str, Any]:

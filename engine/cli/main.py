@@ -25,6 +25,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "polyrec.cli.encode",
     "polyrec.cli.evaluate",
     "polyrec.cli.recommend",
+    "polyrec.cli.intent",
     "polyrec.cli.models",
     "polyrec.cli.feedback",
     "polyrec.cli.serve",
