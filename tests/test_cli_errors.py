@@ -101,11 +101,16 @@ def test_a_lock_released_within_the_timeout_is_waited_for(db):
     assert "2 new" in result.stdout
 
 
-@pytest.mark.skipif(importlib.util.find_spec("psycopg2") is not None
-                    or importlib.util.find_spec("psycopg") is not None,
-                    reason="a PostgreSQL driver is installed")
+@pytest.mark.skipif(importlib.util.find_spec("pg8000") is not None,
+                    reason="the pg8000 PostgreSQL driver is installed")
 def test_missing_database_driver():
-    one_line_error(run("postgresql://u@127.0.0.1:1/x", "stats"), "not installed", "pip install")
+    # psycopg (the extra postgres) is installed; a URL naming another driver still fails in one line
+    one_line_error(run("postgresql+pg8000://u@127.0.0.1:1/x", "stats"), "not installed",
+                   "pip install pg8000")
+
+
+def test_unreachable_postgresql_server():
+    one_line_error(run("postgresql://u@127.0.0.1:1/x", "stats"), "database error", "connection")
 
 
 def test_unknown_url_scheme():

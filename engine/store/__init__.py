@@ -12,7 +12,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
 from polyrec.store import models
-from polyrec.store.migrations import SCHEMA_VERSION, upgrade
+from polyrec.store.migrations import SCHEMA_VERSION, stored_version
+from polyrec.store.migrations import upgrade as run_upgrade
 
 DEFAULT_URL = "sqlite:///polyrec.db"
 #: Seconds a SQLite connection keeps retrying a locked database (SQLite's busy handler
@@ -23,13 +24,22 @@ __all__ = ["Store", "DEFAULT_URL", "DEFAULT_LOCK_TIMEOUT", "SCHEMA_VERSION", "mo
 
 
 def normalize_url(url: str | Path | None) -> str:
-    """Accept a SQLAlchemy URL or a plain file path (taken as a SQLite file)."""
+    """Accept a SQLAlchemy URL or a plain file path (taken as a SQLite file). A
+    ``postgresql://`` URL without a driver uses psycopg 3 (the extra ``postgres``) when
+    SQLAlchemy's default driver, psycopg2, is not installed."""
     if url is None:
         return DEFAULT_URL
     text = str(url)
+    if text.startswith(("postgresql://", "postgres://")) and _use_psycopg3():
+        return "postgresql+psycopg://" + text.split("://", 1)[1]
     if "://" in text:
         return text
     return f"sqlite:///{Path(text).expanduser()}"
+
+
+def _use_psycopg3() -> bool:
+    from importlib.util import find_spec
+    return find_spec("psycopg2") is None and find_spec("psycopg") is not None
 
 
 def _sqlite_pragmas(lock_timeout: float):  # type: ignore[no-untyped-def]
@@ -47,9 +57,10 @@ class Store:
     """Owns one SQLAlchemy engine and session factory; upgrades the schema on open."""
 
     def __init__(self, url: str | Path | None = None, *,
-                 lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> None:
+                 lock_timeout: float = DEFAULT_LOCK_TIMEOUT, upgrade: bool = True) -> None:
         """``lock_timeout``: seconds to keep retrying a database another process holds
-        locked (SQLite), then "database is locked"."""
+        locked (SQLite), then "database is locked". ``upgrade=False`` opens the database
+        as it is (``polyrec migrate --check``): ``previous_version`` is then its version."""
         self.url = normalize_url(url)
         self.lock_timeout = float(lock_timeout)
         parsed = make_url(self.url)
@@ -66,8 +77,13 @@ class Store:
         self.engine: SAEngine = create_engine(self.url, **kwargs)
         if self.is_sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas(self.lock_timeout))
-        self.previous_version = upgrade(self.engine)
+        self.previous_version = (run_upgrade(self.engine) if upgrade
+                                 else stored_version(self.engine))
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        #: committed write transactions through this Store (``session()``, ``written()``):
+        #: readers that cache what they read (the Recommender) check the database again
+        #: when it moved, so this process always reads its own writes at once
+        self.writes = 0
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -77,6 +93,12 @@ class Store:
         other writers; reads that must agree with each other use :meth:`snapshot`."""
         with self._sessions.begin() as session:
             yield session
+        self.written()
+
+    def written(self) -> None:
+        """Note a committed write (called by ``session()``; by code that writes through
+        ``engine.begin()`` itself after its commit)."""
+        self.writes += 1
 
     @contextmanager
     def snapshot(self) -> Iterator[Session]:

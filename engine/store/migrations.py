@@ -1,5 +1,6 @@
 """Schema versions. A new database is created at the latest version; an older one is
-upgraded step by step, each step in its own transaction."""
+upgraded step by step, each step in its own transaction (on PostgreSQL under an advisory
+lock, so processes opening one database at once upgrade it once)."""
 from __future__ import annotations
 
 from typing import Callable
@@ -8,7 +9,7 @@ from sqlalchemy import Connection, inspect, select
 
 from polyrec.errors import PolyrecError
 from polyrec.store import postgres
-from polyrec.store.models import V2_TABLES, Base, Meta
+from polyrec.store.models import V2_TABLES, Base, Item, Meta
 
 #: Upgrade steps: MIGRATIONS[v] takes a database from version v to v + 1.
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
@@ -22,12 +23,30 @@ def migration(from_version: int) -> Callable[[Callable[[Connection], None]], Cal
     return wrap
 
 
+def _dialect_extras(conn: Connection) -> None:
+    """Schema parts one backend has and the models do not declare (PostgreSQL: the
+    full-text column of items and its GIN index, polyrec.store.postgres)."""
+    if postgres.is_postgres(conn):
+        postgres.ensure_fulltext(conn)
+
+
 @migration(1)
 def _v1_to_v2(conn: Connection) -> None:
     """Version 2 adds the feedback tables: settings, user_states, learner_states,
     experiments, experiment_assignments. Existing tables and rows are untouched."""
     for model in V2_TABLES:
         model.__table__.create(conn, checkfirst=True)
+
+
+@migration(2)
+def _v2_to_v3(conn: Connection) -> None:
+    """Version 3: an index on ``items.updated_at`` (what changed since a time: the items'
+    signature that serving processes poll, the lexical index's incremental sync) and, on
+    PostgreSQL, the generated full-text column of items with its GIN index."""
+    for index in Item.__table__.indexes:
+        if index.name == "ix_items_updated_at":
+            index.create(conn, checkfirst=True)
+    _dialect_extras(conn)
 
 
 SCHEMA_VERSION = 1 + len(MIGRATIONS)
@@ -41,6 +60,12 @@ def current_version(conn: Connection) -> int | None:
     return int(row) if row is not None else None
 
 
+def stored_version(engine) -> int | None:  # type: ignore[no-untyped-def]
+    """The schema version of the database at ``engine``, read without changing anything."""
+    with engine.connect() as conn:
+        return current_version(conn)
+
+
 def _set_version(conn: Connection, version: int) -> None:
     table = Meta.__table__
     if conn.execute(select(Meta.key).where(Meta.key == "schema_version")).first():
@@ -49,19 +74,9 @@ def _set_version(conn: Connection, version: int) -> None:
         conn.execute(table.insert().values(key="schema_version", value=str(version)))
 
 
-def _dialect_extras(conn: Connection) -> None:
-    """Schema parts one backend has and the models do not declare (PostgreSQL: the
-    full-text column of items and its GIN index, polyrec.store.postgres)."""
-    if postgres.is_postgres(conn):
-        postgres.ensure_fulltext(conn)
-
-
 def upgrade(engine) -> int:  # type: ignore[no-untyped-def]
-    """Bring the database at ``engine`` to SCHEMA_VERSION; return the version it had.
-
-    On PostgreSQL each step holds an advisory lock, so processes opening one database at
-    the same time (``polyrec serve --workers N``) upgrade it once, one after the other."""
-    latest = 1 + len(MIGRATIONS)
+    """Bring the database at ``engine`` to SCHEMA_VERSION; return the version it had."""
+    latest = SCHEMA_VERSION
     with engine.begin() as conn:
         postgres.lock_schema(conn)
         found = current_version(conn)
@@ -83,5 +98,4 @@ def upgrade(engine) -> int:  # type: ignore[no-untyped-def]
     with engine.begin() as conn:  # tables added by later versions that need no data step
         postgres.lock_schema(conn)
         Base.metadata.create_all(conn)
-        _dialect_extras(conn)
     return found

@@ -36,6 +36,9 @@ class Item(Base):
     attributes: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[float] = mapped_column(Float, default=now)
     updated_at: Mapped[float] = mapped_column(Float, default=now, onupdate=now)
+    #: schema version 3: the items table's signature (count, newest updated_at) and the
+    #: lexical index's incremental sync read updated_at through this index
+    __table_args__ = (Index("ix_items_updated_at", "updated_at"),)
 
 
 class User(Base):
