@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from sqlalchemy import func, select
@@ -217,6 +217,21 @@ class Engine:
         from polyrec.rank.recommend import recommend
         return recommend(self, user, k, filters=filters, exclude_seen=exclude_seen,
                          diversity=diversity, explain=explain, online=online, explore=explore)
+
+    def recommend_many(self, users: Iterable[str] | None = None, k: int = 10, *,
+                       filters: Mapping[str, Any] | None = None, exclude_seen: bool = True,
+                       diversity: float = 0.0, online: bool | None = None,
+                       explore: bool | None = None, batch_size: int = 256,
+                       progress: bool | None = None) -> Iterator[tuple[str, list]]:
+        """Yield ``(user, recommendations)`` for each of ``users`` (external ids; every
+        stored user when None), in order: for each user the list ``recommend`` returns
+        with the same options (no explanations), scored ``batch_size`` users at a time
+        from one data snapshot. Users are checked first (NotFoundError naming unknown
+        ones); ``progress`` (default: the engine's setting) shows a bar."""
+        from polyrec.rank.batch import recommend_many
+        return recommend_many(self, users, k, filters=filters, exclude_seen=exclude_seen,
+                              diversity=diversity, online=online, explore=explore,
+                              batch_size=batch_size, progress=progress)
 
     # model registry (engine/rank/registry.py): versions of the pipeline, the live one
     def models(self) -> list[dict[str, Any]]:

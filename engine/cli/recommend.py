@@ -1,12 +1,14 @@
 """``polyrec train`` and ``polyrec recommend``: fit the pipeline, then ask it for items."""
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import click
 
 from polyrec.cli.main import CliState, echo_json
 from polyrec.errors import ConfigError
+from polyrec.rank.export import RecommendationWriter, export_format, read_user_file
 
 
 def _ranker_options(engine: Any, ranker: str | None, pairs: tuple[str, ...]) -> dict[str, Any]:
@@ -102,22 +104,51 @@ def train_command(ctx: click.Context, ranker: str | None, epochs: int | None, se
 
 
 @click.command("recommend")
-@click.argument("user")
+@click.argument("user", required=False)
+@click.option("--all", "all_users", is_flag=True,
+              help="Recommend to every stored user (a batch; see --out).")
+@click.option("--users", "users_file", type=click.Path(dir_okay=False), default=None,
+              metavar="FILE", help="Recommend to the users listed in FILE, one id per line "
+                                   "(a batch; see --out).")
 @click.option("-k", "k", default=10, show_default=True, type=int, help="How many items.")
-@click.option("--explain", is_flag=True, help="Say why each item is recommended.")
+@click.option("--explain", is_flag=True, help="Say why each item is recommended (one USER).")
 @click.option("--filter", "filters", multiple=True, metavar="ATTRIBUTE=VALUE",
               help="Only items whose attribute matches; repeatable.")
 @click.option("--diversity", default=0.0, show_default=True, type=click.FloatRange(0, 1),
               help="MMR trade-off: 0 = pure relevance, 1 = pure novelty.")
 @click.option("--include-seen", is_flag=True, help="Allow items the user already interacted with.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--out", "out", type=click.Path(dir_okay=False), default=None,
+              metavar="FILE.parquet|FILE.csv|FILE.jsonl",
+              help="Write the batch to FILE (format by suffix: .csv/.parquet one row per "
+                   "item: user, rank, item, score, title; .jsonl one line per user). "
+                   "Default for a batch: JSON lines on stdout.")
+@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1),
+              help="Users scored together in a batch.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (one USER).")
 @click.pass_obj
-def recommend_command(state: CliState, user: str, k: int, explain: bool, filters: tuple[str, ...],
-                      diversity: float, include_seen: bool, as_json: bool) -> None:
-    """Top-k items for USER (external id) from the trained pipeline."""
-    recs = state.engine().recommend(user, k, filters=_parse_filters(filters) or None,
-                                    exclude_seen=not include_seen, diversity=diversity,
-                                    explain=explain)
+def recommend_command(state: CliState, user: str | None, all_users: bool,
+                      users_file: str | None, k: int, explain: bool, filters: tuple[str, ...],
+                      diversity: float, include_seen: bool, out: str | None, batch_size: int,
+                      as_json: bool) -> None:
+    """Top-k items for USER (external id) from the trained pipeline; or, with --all or
+    --users FILE, for many users at once, scored in batches (with a progress bar) and
+    written to --out."""
+    given = [name for name, on in (("USER", user is not None), ("--all", all_users),
+                                   ("--users", users_file is not None)) if on]
+    if len(given) != 1:
+        raise ConfigError("give one of USER, --all or --users FILE"
+                          + (f", not {' and '.join(given)}" if given else ""))
+    parsed = _parse_filters(filters) or None
+    if user is None or out is not None:
+        if explain:
+            raise ConfigError("--explain is for one USER without --out; a batch export "
+                              "has no explanations")
+        _recommend_batch(state, [user] if user is not None else None if all_users
+                         else read_user_file(users_file or ""), k, parsed, not include_seen,
+                         diversity, out, batch_size)
+        return
+    recs = state.engine().recommend(user, k, filters=parsed, exclude_seen=not include_seen,
+                                    diversity=diversity, explain=explain)
     if as_json:
         echo_json([r.as_dict() for r in recs])
         return
@@ -129,6 +160,40 @@ def recommend_command(state: CliState, user: str, k: int, explain: bool, filters
         click.echo(f"{rank:>3}. {rec.item:<12}{title}  ({rec.score:.3f})")
         if explain and rec.explanation:
             click.echo(f"     why: {rec.explanation.get('text', '')}")
+
+
+class _Stdout:
+    """JSON lines of a batch without --out go to stdout through click.echo."""
+
+    def write(self, text: str) -> None:
+        click.echo(text, nl=False)
+
+
+def _rate(count: int, seconds: float) -> str:
+    rate = count / max(seconds, 1e-9)
+    return f"{rate:,.0f}" if rate >= 10 else f"{rate:.2g}"
+
+
+def _recommend_batch(state: CliState, users: list[str] | None, k: int,
+                     filters: dict[str, Any] | None, exclude_seen: bool, diversity: float,
+                     out: str | None, batch_size: int) -> None:
+    """Engine.recommend_many into a RecommendationWriter (--out, else JSON lines on
+    stdout); a summary line at the end (on stderr when the data goes to stdout)."""
+    if out is not None:
+        export_format(out)  # a bad suffix fails before any scoring
+    start = time.perf_counter()
+    results = state.engine().recommend_many(users, k, filters=filters,
+                                            exclude_seen=exclude_seen, diversity=diversity,
+                                            batch_size=batch_size)
+    stream = None if out is not None else _Stdout()
+    with RecommendationWriter(out, stream=stream) as writer:
+        for user, recs in results:
+            writer.write(user, recs)
+    seconds = time.perf_counter() - start
+    where = f" to {out}" if out is not None else ""
+    click.echo(f"Wrote {writer.rows:,} recommendations for {writer.users:,} users{where} in "
+               f"{seconds:.1f}s ({_rate(writer.users, seconds)} users/s)",
+               err=out is None)
 
 
 COMMANDS = [train_command, recommend_command]

@@ -690,13 +690,17 @@ class Recommender:
         return out
 
     def _click_probabilities(self, u: int, items: list[int]) -> dict[int, float] | None:
-        """The re-ranker's click probability of each item (None without a re-ranker)."""
+        """The ranker's click probability of each item (None when it has no click model,
+        Ranker.click_probability)."""
         if not hasattr(self.ranker, "click_probability") or not items:
             return None
         try:
             with torch.no_grad():
                 probs = self.ranker.click_probability(torch.tensor([u]), torch.tensor([items]),
-                                                      self.data)[0]
+                                                      self.data)
+            if probs is None:
+                return None
+            probs = probs[0]
         except Exception as exc:  # noqa: BLE001 - the scores stand; the probabilities not
             if self.strict:
                 raise
