@@ -26,7 +26,7 @@ CHROMIUM ?= /usr/bin/chromium
 chromium: $(CHROMIUM)
 
 $(CHROMIUM):
-	$(if $(filter 0,$(shell id -u)),,sudo) sh -c 'apt-get update && apt-get install -y --no-install-recommends chromium'
+	$(if $(filter 0,$(shell id -u)),,sudo) sh -c 'apt-get update && apt-get install -y --no-install-recommends chromium fonts-dejavu-core'
 
 # Each demo step runs through $(call step,NAME,COMMAND): its wall time goes to $(STEPS),
 # printed as a table at the end.

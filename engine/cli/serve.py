@@ -100,24 +100,44 @@ def similar_command(state: CliState, item: str, k: int, filters: tuple[str, ...]
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Interface to listen on (loopback by default).")
 @click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Serving processes (uvicorn workers), each with its own Engine over --db "
+                   "(PostgreSQL or a SQLite file); they see each other's writes and a newly "
+                   "live model within about a second (docs/storage.md).")
 @click.option("--token", envvar="POLYREC_TOKEN", default=None,
               help="Bearer token required by write endpoints (env POLYREC_TOKEN).")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
 @click.option("--encode-on-arrival/--no-encode-on-arrival", default=True, show_default=True,
               help="Encode items written by PUT /items in the background.")
+@click.option("--image-root", default=None, type=click.Path(file_okay=False, exists=True),
+              help="The admin pages serve item images only from under this folder "
+                   "(default: wherever the stored image paths point).")
 @click.pass_obj
-def serve_command(state: CliState, host: str, port: int, token: str | None, log_level: str,
-                  encode_on_arrival: bool) -> None:
-    """Serve recommend, search, similar, feedback and upserts over HTTP (FastAPI + uvicorn)."""
+def serve_command(state: CliState, host: str, port: int, workers: int, token: str | None,
+                  log_level: str,
+                  encode_on_arrival: bool, image_root: str | None) -> None:
+    """Serve recommend, search, similar, feedback and upserts over HTTP (FastAPI + uvicorn),
+    with the admin pages at / and the API docs at /docs and /redoc (all offline)."""
     try:
         from polyrec.serve.app import serve
     except ImportError as exc:  # pragma: no cover - the [serve] extra is missing
         raise ConfigError(f"serving needs fastapi and uvicorn: pip install 'polyrec[serve]' ({exc})")
+    if workers > 1:  # the database is opened (checked, upgraded) once here, then by each worker
+        from polyrec.serve.workers import serve_workers
+        url = state.engine().url
+        state.close()
+        click.echo(f"polyrec serving {url} on http://{host}:{port} with {workers} worker "
+                   f"processes (writes {'need a bearer token' if token else 'are open'})", err=True)
+        serve_workers(url, host, port, workers=workers, device=state.device,
+                      lock_timeout=state.lock_timeout, log_level=log_level, token=token,
+                      encode_on_arrival=encode_on_arrival)
+        return
     click.echo(f"polyrec serving {state.engine().url} on http://{host}:{port} "
-               f"(OpenAPI: /docs; writes {'need a bearer token' if token else 'are open'})", err=True)
+               f"(admin pages: /; API docs: /docs, /redoc; writes "
+               f"{'need a bearer token' if token else 'are open'})", err=True)
     serve(state.engine(), host, port, token=token, log_level=log_level,
-          encode_on_arrival=encode_on_arrival)
+          encode_on_arrival=encode_on_arrival, image_root=image_root)
 
 
 COMMANDS = [search_command, similar_command, serve_command]

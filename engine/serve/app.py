@@ -1,6 +1,8 @@
 """The HTTP API: a FastAPI app over one shared Engine, served by uvicorn.
 
-Endpoints (JSON; the OpenAPI schema is at ``/openapi.json``, interactive docs at ``/docs``):
+Endpoints (JSON; the OpenAPI schema is at ``/openapi.json``, interactive docs at ``/docs``
+and ``/redoc``, served from packaged files with no network: engine/serve/offline_docs.py;
+the admin pages at ``/``: engine/serve/admin/):
 
     GET  /health                       liveness and catalogue counts
     POST /recommend                    {user, k, filters, exclude_seen, explain}
@@ -27,6 +29,7 @@ reference; see engine/retrieve/search.py).
 
 import hmac
 import logging
+import os
 import socket
 import threading
 import time
@@ -242,13 +245,16 @@ def _responses(M: dict[str, Any], *statuses: int) -> dict[int | str, dict[str, A
 
 def create_app(engine: "Engine", *, token: str | None = None,
                max_body_bytes: int = MAX_BODY_BYTES, check_interval: float = 1.0,
-               encode_on_arrival: bool | None = None) -> "FastAPI":
+               encode_on_arrival: bool | None = None, admin: bool = True,
+               image_root: str | None = None) -> "FastAPI":
     """A FastAPI app serving ``engine``. ``token``: bearer token for write endpoints.
 
     ``check_interval``: seconds between checks of the store for changes made by other
     processes (writes through this app are seen at once). ``encode_on_arrival``: set the
     engine's option (items written by ``PUT /items`` are encoded in the background);
-    None keeps the engine's own setting."""
+    None keeps the engine's own setting. ``admin``: the admin pages at ``/``
+    (engine/serve/admin/); ``image_root``: the only folder they serve item images from
+    (None: wherever the stored paths point)."""
     from fastapi import Depends, FastAPI, Header, HTTPException, Request
     from fastapi import Path as FPath
     from fastapi.exceptions import RequestValidationError
@@ -262,8 +268,14 @@ def create_app(engine: "Engine", *, token: str | None = None,
     srch = searcher(engine)
     srch.check_interval = float(check_interval)
     app = FastAPI(title="polyrec", version=pkg.__version__,
-                  description="Multimodal recommendations, search and similar items.")
+                  description="Multimodal recommendations, search and similar items.",
+                  docs_url=None, redoc_url=None)  # served from local files below
     app.state.engine = engine
+    from polyrec.serve.offline_docs import add_offline_docs
+    add_offline_docs(app)
+    if admin:
+        from polyrec.serve.admin.routes import mount
+        mount(app, engine, token=token, image_root=image_root)
 
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -306,11 +318,18 @@ def create_app(engine: "Engine", *, token: str | None = None,
 
     @app.get("/health", responses=_responses(M, 500))
     def health() -> dict[str, Any]:
-        """Liveness plus catalogue counts."""
+        """Liveness plus catalogue counts; ``pid``: the process that answered (one of the
+        workers of ``polyrec serve --workers N``), ``model``: the version it serves (None
+        before its first recommendation), having followed the live pointer."""
         stats = engine.stats()
+        rec = engine.services.started("recommender")
+        if rec is not None:
+            rec.check_live()
         return {"status": "ok", "version": pkg.__version__, "items": stats["items"],
                 "users": stats["users"], "interactions": stats["interactions"],
-                "vectors": stats["vectors_by_encoder"], "artifacts": stats["artifacts"]}
+                "vectors": stats["vectors_by_encoder"], "artifacts": stats["artifacts"],
+                "pid": os.getpid(),
+                "model": None if rec is None else {"live": rec.live, "serving": rec.version}}
 
     @app.post("/search", responses=_responses(M, *READ))
     def search(req: M["SearchRequest"]) -> dict[str, Any]:  # type: ignore[valid-type]
