@@ -552,6 +552,7 @@ class FeedbackHub:
                     stored = interactions.store_events(conn, checked, now=time.time(),
                                                        cache=self.ids, tag=self.tag_experiments,
                                                        old_ids=True)
+                self.engine.store.written()
                 break
             except IntegrityError:
                 if attempt:

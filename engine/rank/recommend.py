@@ -52,6 +52,7 @@ class DataSnapshot:
     key: tuple
     data: "TrainingData"
     user_index: dict[int, int]
+    item_index: dict[int, int]
     history: list
     popularity: torch.Tensor
     views: list
@@ -166,6 +167,11 @@ class Recommender:
     #: feedback learners already know of them) while the refresh finishes in the
     #: background: under a stream of writes a new user never queues behind refreshes.
     new_user_wait = 1.0
+    #: A request compares the store's change keys (counts and newest ids) with the
+    #: snapshot's at most once per ``refresh_interval`` seconds, and at once after any
+    #: write through this Engine's store: other processes' writes show within this
+    #: delay, this process's own at the next request. 0 checks on every request.
+    refresh_interval = 0.5
     #: When a ranker's scores are inner products (``Ranker.retrieval_keys``), catalogues
     #: from ``index_settings.threshold`` items get each user's candidates from a vector
     #: index instead of scoring every item (polyrec.rank.retrieval); FAISS needed.
@@ -197,6 +203,7 @@ class Recommender:
         self._graph: Any = None
         self._graph_loaded = False
         self._retrieval_lock = threading.Lock()  # one index opening at a time
+        self._keys_read = (-1, 0.0)  # (store writes, monotonic time) of the last key check
         self.refresh()
 
     # -- loading, the live pointer and fallbacks -------------------------------------------
@@ -368,7 +375,13 @@ class Recommender:
         Returns the snapshot to serve from."""
         current = self._snap
         if current is not None and not force:
-            if self._current_keys() == current.key:
+            writes, now = self.engine.store.writes, time.monotonic()
+            last_writes, last_at = self._keys_read
+            if writes == last_writes and now - last_at < self.refresh_interval:
+                return current
+            keys = self._current_keys()
+            self._keys_read = (writes, now)  # writes read before the keys: none missed
+            if keys == current.key:
                 return current
             if not self._refresh_lock.acquire(blocking=wait):
                 return current  # another thread is refreshing: serve the previous one
@@ -400,6 +413,8 @@ class Recommender:
                 data.feature_encoders = previous.data.feature_encoders
                 snap_views, external, titles = previous.views, previous.external, previous.titles
         snap = DataSnapshot(key=key, data=data, user_index=data.user_index(),
+                            item_index=(data.item_index() if items_changed
+                                        else previous.item_index),
                             history=data.user_items(), popularity=data.item_counts().float(),
                             views=snap_views, external=external, titles=titles)
         if not items_changed:  # both depend on the items only (Ranker.retrieval_keys)
@@ -548,7 +563,7 @@ class Recommender:
     def _seen(self, user_id: int) -> torch.Tensor:
         """Item indices the user has any stored interaction with (ratings below the
         positive threshold included; an impression alone does not count as seen)."""
-        index = self.data.item_index()
+        index = self.snapshot().item_index
         with self.engine.store.snapshot() as s:
             items = s.execute(select(Interaction.item_id).where(Interaction.user_id == user_id)
                               .where(Interaction.kind != "impression")
