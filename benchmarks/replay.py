@@ -10,9 +10,24 @@ one at a time, and through ``Engine.feedback_many`` in batches, into a copy of t
 SQLite database with the learners on.
 
 Prints a table and writes benchmarks/results/replay.json (replay-<options>.json when
-``--train-option`` is given). Usage:
+``--train-option`` is given), with HitRate@k per window of ``--window`` events.
+``--plot FILE`` (.png/.svg/.html) draws it (polyrec.plots.replay_chart); ``--from-json
+PATH --plot FILE`` redraws a stored result without replaying.
+
+``--ab-events N`` also runs the replay as an A/B experiment on a fresh copy of the
+trained database: experiment ``replay-ab`` with variants ``online`` (the online learner
+blended in) and ``frozen`` (``online: false``), users assigned by the experiment's hash;
+for each of the first N events the user is served their variant's top k through
+``polyrec.feedback.experiments.serve`` (impressions recorded), a click is recorded when
+the event's item is in it, and a ``purchase`` (the report's conversion) when that item
+was also rated 4 or more; then the rating itself. The report (CTR and conversion per
+variant with Wilson intervals) goes into the JSON, and ``--plot-experiment FILE`` draws it
+(polyrec.plots.experiment_chart, what ``polyrec experiments report --plot`` draws).
+
+Usage:
     .venv/bin/python benchmarks/replay.py [--data ../shared/datasets] [--k 10]
         [--max-events N] [--workdir DIR (keeps the trained database between runs)]
+        [--window 1000] [--plot FILE] [--ab-events N --plot-experiment FILE]
 """
 from __future__ import annotations
 
@@ -54,6 +69,24 @@ class ReplayResult:
     holdout_hits: dict[str, int] = field(default_factory=dict)
     feedback_seconds: float = 0.0
     recommend_seconds: dict[str, float] = field(default_factory=dict)
+    window: int = 1000  # hits per window of this many events, in stream order
+    window_hits: dict[str, list[int]] = field(default_factory=dict)
+
+    def count(self, arm: str, hit: bool, n: int) -> None:
+        """Count event number ``n``'s hit (or miss) in its window."""
+        hits = self.window_hits.setdefault(arm, [])
+        while len(hits) <= n // self.window:
+            hits.append(0)
+        hits[n // self.window] += hit
+
+    def curve(self) -> dict[str, Any]:
+        """HitRate@k per window: the event count at each window's end and the rate."""
+        n_windows = -(-self.events // self.window) if self.events else 0
+        ends = [min((w + 1) * self.window, self.events) for w in range(n_windows)]
+        sizes = [end - w * self.window for w, end in enumerate(ends)]
+        return {"window": self.window, "ends": ends,
+                "hit_rate": {arm: [round(h / n, 4) for h, n in zip(hits, sizes)]
+                             for arm, hits in sorted(self.window_hits.items())}}
 
     def hit_rate(self, arm: str, cold: bool = False) -> float:
         n = self.cold_events if cold else self.events
@@ -71,7 +104,8 @@ class ReplayResult:
                 "feedback_events_per_s": round(self.events / self.feedback_seconds, 1)
                 if self.feedback_seconds else None,
                 "recommend_ms": {a: round(1000 * s / max(self.events, 1), 2)
-                                 for a, s in self.recommend_seconds.items()}}
+                                 for a, s in self.recommend_seconds.items()},
+                "curve": self.curve()}
 
 
 def read_interactions(path: Path) -> list[Event]:
@@ -93,7 +127,7 @@ def split_by_time(events: Sequence[Event], share: float) -> tuple[list[Event], l
 
 def replay(engine: Any, stream: Sequence[Event], *, k: int = 10,
            known_users: set[str] | None = None, progress: bool = True,
-           holdout_from: int = 0) -> ReplayResult:
+           holdout_from: int = 0, window: int = 1000) -> ReplayResult:
     """Stream ``stream`` through ``engine.feedback`` (kind 'rating'); before each event rank
     the catalogue for the event's user twice and count a hit when the event's item is in
     the top ``k``:
@@ -126,7 +160,7 @@ def replay(engine: Any, stream: Sequence[Event], *, k: int = 10,
     arms = ("frozen", "online")
     result = ReplayResult(k=k, hits={a: 0 for a in arms}, cold_hits={a: 0 for a in arms},
                           recommend_seconds={a: 0.0 for a in arms}, holdout_from=holdout_from,
-                          holdout_hits={a: 0 for a in arms})
+                          holdout_hits={a: 0 for a in arms}, window=window)
     for n, event in enumerate(tqdm(stream, desc="replay", unit=" events", disable=not progress)):
         cold = known_users is not None and event.user not in known_users
         uid = internal.get(event.user)
@@ -148,6 +182,7 @@ def replay(engine: Any, stream: Sequence[Event], *, k: int = 10,
             result.hits[arm] += hit
             result.cold_hits[arm] += hit and cold
             result.holdout_hits[arm] += hit and n >= holdout_from
+            result.count(arm, hit, n)
         start = time.perf_counter()
         stored = engine.feedback(event.user, event.item, "rating", value=event.value, ts=event.ts)
         result.feedback_seconds += time.perf_counter() - start
@@ -156,6 +191,30 @@ def replay(engine: Any, stream: Sequence[Event], *, k: int = 10,
         result.events += 1
         result.cold_events += cold
     return result
+
+
+AB_EXPERIMENT = "replay-ab"
+
+
+def ab_replay(engine: Any, stream: Sequence[Event], *, k: int = 10,
+              progress: bool = True) -> dict[str, Any]:
+    """The replay as an A/B experiment (see the module docstring): returns
+    ``polyrec.feedback.experiments.report`` of experiment ``replay-ab``."""
+    from tqdm.auto import tqdm
+
+    from polyrec.feedback import experiments
+    experiments.create(engine, AB_EXPERIMENT, {
+        "online": {"weight": 1.0, "options": {"online": True}},
+        "frozen": {"weight": 1.0, "options": {"online": False}}})
+    for event in tqdm(stream, desc="A/B replay", unit=" events", disable=not progress):
+        experiments.assign(engine, AB_EXPERIMENT, event.user)  # creates a new user
+        _, recs = experiments.serve(engine, event.user, k, experiment=AB_EXPERIMENT)
+        if event.item in {r.item for r in recs}:
+            engine.feedback(event.user, event.item, "click", ts=event.ts)
+            if event.value >= 4:
+                engine.feedback(event.user, event.item, "purchase", ts=event.ts)
+        engine.feedback(event.user, event.item, "rating", value=event.value, ts=event.ts)
+    return experiments.report(engine, AB_EXPERIMENT)
 
 
 def ingest_throughput(db: Path, stream: Sequence[Event], *, batch: int = 500) -> dict[str, Any]:
@@ -227,7 +286,34 @@ def main() -> None:
     parser.add_argument("--holdout-from", type=int, default=3000,
                         help="Also report the hit rate from this event on (the events before "
                              "it were used to choose the online.blend default).")
+    parser.add_argument("--window", type=int, default=1000,
+                        help="HitRate@k is also reported per window of this many events.")
+    parser.add_argument("--plot", type=Path, default=None, metavar="FILE",
+                        help="Draw the per-window and overall hit rates (.png, .svg, .html).")
+    parser.add_argument("--from-json", type=Path, default=None, metavar="PATH",
+                        help="With --plot (and/or --plot-experiment): redraw a stored result "
+                             "instead of replaying.")
+    parser.add_argument("--ab-events", type=int, default=0, metavar="N",
+                        help="Also replay the first N events as an A/B experiment "
+                             "(online vs frozen), reported with Wilson intervals.")
+    parser.add_argument("--plot-experiment", type=Path, default=None, metavar="FILE",
+                        help="Draw the A/B experiment's report (.png, .svg, .html).")
     args = parser.parse_args()
+    from polyrec.plots import check_plot_path, experiment_chart, replay_chart, save_chart
+    for target in (args.plot, args.plot_experiment):
+        if target is not None:
+            check_plot_path(target)  # before the work
+    if args.from_json is not None:
+        stored = json.loads(args.from_json.read_text())
+        if args.plot is not None:
+            print(f"wrote {save_chart(replay_chart(stored['replay']), args.plot)}")
+        if args.plot_experiment is not None:
+            if "experiment" not in stored:
+                parser.error(f"{args.from_json} has no A/B experiment (run with --ab-events)")
+            print(f"wrote {save_chart(experiment_chart(stored['experiment']), args.plot_experiment)}")
+        return
+    if args.plot_experiment is not None and args.ab_events <= 0:
+        parser.error("--plot-experiment needs --ab-events N")
     from polyrec import Engine
     data = args.data / "ml-100k"
     events = read_interactions(data / "ml-100k.inter")
@@ -264,7 +350,8 @@ def main() -> None:
     shutil.copyfile(base, run_db)
     with Engine(run_db, device="auto", entrypoints=False, progress=False) as eng:
         start = time.perf_counter()
-        result = replay(eng, stream, k=args.k, known_users=known, holdout_from=args.holdout_from)
+        result = replay(eng, stream, k=args.k, known_users=known, holdout_from=args.holdout_from,
+                        window=args.window)
         wall = time.perf_counter() - start
     res = result.as_dict()
     print(f"\nReplay of MovieLens-100k, last {1 - args.train_share:.0%} of time, HitRate@{args.k}")
@@ -280,14 +367,37 @@ def main() -> None:
     print(f"ingestion into SQLite: {throughput['single']['events_per_s']:,.0f} events/s one by one, "
           f"{throughput['batched']['events_per_s']:,.0f} events/s in batches of "
           f"{throughput['batch_size']}")
+    experiment = None
+    if args.ab_events > 0:
+        ab_db = workdir / "replay-ab.db"
+        for stale in (ab_db, ab_db.with_name(ab_db.name + "-wal"), ab_db.with_name(ab_db.name + "-shm")):
+            stale.unlink(missing_ok=True)
+        shutil.copyfile(base, ab_db)
+        with Engine(ab_db, device="auto", entrypoints=False, progress=False) as eng:
+            experiment = ab_replay(eng, stream[:args.ab_events], k=args.k)
+        print(f"\nA/B replay of the first {min(args.ab_events, len(stream)):,} events "
+              f"(experiment {AB_EXPERIMENT}):")
+        print(f"{'variant':<10}{'users':>7}{'impr.':>9}{'clicks':>8}{'CTR':>8}  {'95% CI':<18}"
+              f"{'conv.':>7}  {'95% CI':<18}")
+        for r in experiment["variants"]:
+            print(f"{r['variant']:<10}{r['users']:>7,}{r['impressions']:>9,}{r['clicks']:>8,}"
+                  f"{r['ctr']:>8.2%}  [{r['ctr_ci'][0]:.2%}, {r['ctr_ci'][1]:.2%}]"
+                  f"{'':<2}{r['conversion']:>7.2%}  [{r['conversion_ci'][0]:.2%}, "
+                  f"{r['conversion_ci'][1]:.2%}]")
     out = {"benchmark": "replay", "dataset": "ml-100k", "train_share": args.train_share,
            "train_events": len(train), "replay": res, "ingestion": throughput, "prepare": info,
            "train_options": train_options, "threads": args.threads, "machine": platform.platform(),
            "python": platform.python_version()}
+    if experiment is not None:
+        out["experiment"] = {**experiment, "events": min(args.ab_events, len(stream))}
     path = ROOT / "benchmarks" / "results" / ("replay.json" if tag == "default" else f"replay-{tag}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {path.relative_to(ROOT)}")
+    if args.plot is not None:
+        print(f"wrote {save_chart(replay_chart(res), args.plot)}")
+    if args.plot_experiment is not None and experiment is not None:
+        print(f"wrote {save_chart(experiment_chart(experiment), args.plot_experiment)}")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ ENGINE = ROOT / "engine"
 
 #: Layer of each top-level name under ``polyrec`` (a module of engine/ or a sub-package).
 ORDER: list[tuple[str, ...]] = [
-    ("errors", "hookspecs", "contracts", "device", "training_data", "plugin_host", "progress"),
+    ("errors", "hookspecs", "contracts", "device", "training_data", "plugin_host", "progress",
+     "plots"),
     ("store",),
     ("knowledge_graph",),
     ("ingest",),

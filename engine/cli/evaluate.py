@@ -5,6 +5,7 @@ import click
 
 from polyrec.cli.main import CliState, echo_json
 from polyrec.errors import ConfigError
+from polyrec.plots import check_plot_path, evaluation_chart, save_chart
 from polyrec.rank.evaluation import DEFAULT_KS, SPLITS
 
 
@@ -44,14 +45,20 @@ def _parse_ks(raw: str) -> list[int]:
               help="cold split: share of items made cold.")
 @click.option("--candidates", type=click.Choice(["cold", "all"]), default="cold", show_default=True,
               help="cold split: rank only the cold items, or the whole catalogue.")
+@click.option("--plot", "plot", type=click.Path(dir_okay=False), default=None,
+              metavar="FILE.png|FILE.svg|FILE.html",
+              help="Also draw Recall@K and NDCG@K per model and coverage to FILE (HTML: a "
+                   "self-contained page with the numbers); needs the plot extra.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_obj
 def evaluate_command(state: CliState, models: str, split: str, ks: str, seed: int,
                      options: tuple[str, ...], min_rating: float, test_share: float | None,
                      min_positives: int, item_share: float, candidates: str,
-                     as_json: bool) -> None:
+                     plot: str | None, as_json: bool) -> None:
     """Fit rankers on a training split (tuning on validation carved from it) and report
     Recall, NDCG, HitRate, MRR and coverage with full ranking, training items masked."""
+    if plot is not None:
+        check_plot_path(plot)  # before the work, not after it
     split_options: dict[str, object] = {
         "random": {"test_share": 0.2 if test_share is None else test_share,
                    "min_positives": min_positives},
@@ -62,6 +69,9 @@ def evaluate_command(state: CliState, models: str, split: str, ks: str, seed: in
     report = state.engine().evaluate(models, split=split, ks=_parse_ks(ks), seed=seed,
                                      options=options, min_rating=min_rating,
                                      split_options=split_options)
+    if plot is not None:
+        save_chart(evaluation_chart(report.as_dict()), plot)
+        click.echo(f"Plot written to {plot}", err=as_json)
     if as_json:
         echo_json(report.as_dict())
         return

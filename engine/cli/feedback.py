@@ -277,12 +277,24 @@ def experiments_assign(state: CliState, name: str, user: str) -> None:
 @experiments_group.command("report")
 @click.argument("name")
 @click.option("--confidence", type=float, default=0.95, show_default=True)
+@click.option("--plot", "plot", type=click.Path(dir_okay=False), default=None,
+              metavar="FILE.png|FILE.svg|FILE.html",
+              help="Also draw CTR and conversion per variant with their Wilson intervals "
+                   "to FILE (HTML: a self-contained page with the numbers); needs the plot "
+                   "extra.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_obj
-def experiments_report(state: CliState, name: str, confidence: float, as_json: bool) -> None:
+def experiments_report(state: CliState, name: str, confidence: float, plot: str | None,
+                       as_json: bool) -> None:
     """Click-through and conversion per variant, with Wilson confidence intervals."""
     from polyrec.feedback import experiments
+    from polyrec.plots import check_plot_path, experiment_chart, save_chart
+    if plot is not None:
+        check_plot_path(plot)
     rep = experiments.report(state.engine(), name, confidence=confidence)
+    if plot is not None:
+        save_chart(experiment_chart(rep), plot)
+        click.echo(f"Plot written to {plot}", err=as_json)
     if as_json:
         echo_json(rep)
         return
