@@ -29,6 +29,7 @@ ORDER: list[tuple[str, ...]] = [
     ("feedback",),
     ("retrieve",),
     ("engine", "services", "__init__"),
+    ("cluster",),  # Ray for the batch work: drives an Engine, used by the CLI
     ("serve",),
     ("cli",),
 ]

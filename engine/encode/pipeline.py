@@ -18,12 +18,12 @@ import json
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 from sqlalchemy import delete, func, select
 
 from polyrec.store import vectors
-from polyrec.contracts import Encoder, EncoderContext, ItemView
+from polyrec.contracts import EncodeResult, Encoder, EncoderContext, ItemView
 from polyrec.errors import ConfigError, EncodingError, PolyrecError
 from polyrec.progress import progress_bar
 from polyrec.store.models import ItemVector, Meta
@@ -161,13 +161,15 @@ def _names(engine: "Engine", encoders: str | Iterable[str] | None,
 
 def encode(engine: "Engine", encoders: str | Iterable[str] | None = None, *, force: bool = False,
            batch_size: int | None = None, options: Mapping[str, Mapping[str, Any]] | None = None,
-           dtype: str = "float16") -> EncodeReport:
+           dtype: str = "float16", runner: "Runner | None" = None) -> EncodeReport:
     """Encode the catalogue with the named encoders (by default all registered ones, of
     a stand-in pair such as clip / image_cnn only the one in use).
 
     ``options`` maps encoder name -> keyword options; an encoder given none reuses the
     options of its last run. Errors of one encoder (it cannot load its model) are recorded
-    in its report and the others still run."""
+    in its report and the others still run. ``runner`` encodes and stores the items that
+    need it (default :func:`run_locally`; polyrec.cluster.encode hands them to Ray): the
+    cache rules, which items are encoded, stay here."""
     if dtype not in vectors.DTYPES:
         raise ConfigError(f"vector dtype must be one of {sorted(vectors.DTYPES)}, not '{dtype}'")
     if batch_size is not None and batch_size < 1:
@@ -189,13 +191,14 @@ def encode(engine: "Engine", encoders: str | Iterable[str] | None = None, *, for
         report = EncodeReport()
         for name, enc, opts, previous in planned:
             report.encoders.append(_encode_one(engine, name, enc, opts, previous, items,
-                                               force=force, batch_size=batch_size, dtype=dtype))
+                                               force=force, batch_size=batch_size, dtype=dtype,
+                                               runner=runner or run_locally))
         return report
 
 
 def _encode_one(engine: "Engine", name: str, enc: Encoder, opts: dict[str, Any],
                 previous: dict[str, Any] | None, items: Sequence[ItemView], *, force: bool,
-                batch_size: int | None, dtype: str) -> EncoderReport:
+                batch_size: int | None, dtype: str, runner: "Runner") -> EncoderReport:
     start = time.perf_counter()
     rep = EncoderReport(encoder=name, modality=enc.modality, items=len(items), options=opts)
     ctx = EncoderContext(engine=engine, device=engine.device, batch_size=batch_size,
@@ -234,15 +237,22 @@ def _encode_one(engine: "Engine", name: str, enc: Encoder, opts: dict[str, Any],
     else:
         todo = []
     rep.cached = len(hashes) - len(todo)
-    _run(engine, name, enc, ctx, todo, hashes, rep, cached, dtype)
+    runner(engine, name, enc, ctx, todo, hashes, rep, cached, dtype)
     rep.seconds = time.perf_counter() - start
     return rep
 
 
-def _run(engine: "Engine", name: str, enc: Encoder, ctx: EncoderContext,
-         todo: Sequence[ItemView], hashes: Mapping[int, str], rep: EncoderReport,
-         cached: Mapping[int, Any], dtype: str) -> None:
-    """Encode ``todo`` chunk by chunk, writing each chunk's vectors in one transaction."""
+#: Encodes ``todo`` and stores the vectors: (engine, encoder name, prepared encoder,
+#: context, todo, content hashes by item id, report, cached keys, dtype) -> None.
+Runner = Callable[["Engine", str, Encoder, EncoderContext, Sequence[ItemView], Mapping[int, str],
+                   EncoderReport, Mapping[int, Any], str], None]
+
+
+def run_locally(engine: "Engine", name: str, enc: Encoder, ctx: EncoderContext,
+                todo: Sequence[ItemView], hashes: Mapping[int, str], rep: EncoderReport,
+                cached: Mapping[int, Any], dtype: str) -> None:
+    """Encode ``todo`` chunk by chunk in this process, writing each chunk's vectors in one
+    transaction (:func:`store_chunk`)."""
     if not todo:
         return
     external = {it.id: it.external_id for it in todo}
@@ -262,22 +272,32 @@ def _run(engine: "Engine", name: str, enc: Encoder, ctx: EncoderContext,
                 rep.error = f"encoder '{name}' failed while encoding: {type(exc).__name__}: {exc}"
                 return
             rep.encode_seconds += time.perf_counter() - t0
-            if result.vectors.shape[0] != len(result.item_ids):
-                raise EncodingError(f"encoder '{name}' returned {result.vectors.shape[0]} "
-                                    f"vectors for {len(result.item_ids)} items")
-            missing = {it.id for it in part} - set(result.item_ids) - set(result.failed)
-            failed = dict(result.failed) | {i: "the encoder returned no vector" for i in missing}
-            with engine.store.session() as s:
-                rep.encoded += vectors.save_vectors(
-                    s, name, rep.fingerprint or "", [(i, hashes[i]) for i in result.item_ids],
-                    result.vectors, dtype=dtype)
-                old = [i for i in failed if i in cached]
-                vectors.delete_vectors(s, name, old)  # never keep a vector of other content
-            rep.removed += len(old)
-            rep.failed.update({external[i]: reason for i, reason in failed.items()})
+            store_chunk(engine, name, [it.id for it in part], result, hashes, rep, cached,
+                        dtype, external)
             bar.update(len(part))
     finally:
         bar.close()
+
+
+
+def store_chunk(engine: "Engine", name: str, ids: Sequence[int], result: EncodeResult,
+                hashes: Mapping[int, str], rep: EncoderReport, cached: Mapping[int, Any],
+                dtype: str, external: Mapping[int, str]) -> None:
+    """Write the vectors ``result`` holds for the items ``ids`` in one transaction; items
+    it failed or left out lose any stored vector of this encoder (recorded in ``rep``)."""
+    if result.vectors.shape[0] != len(result.item_ids):
+        raise EncodingError(f"encoder '{name}' returned {result.vectors.shape[0]} "
+                            f"vectors for {len(result.item_ids)} items")
+    missing = set(ids) - set(result.item_ids) - set(result.failed)
+    failed = dict(result.failed) | {i: "the encoder returned no vector" for i in missing}
+    with engine.store.session() as s:
+        rep.encoded += vectors.save_vectors(
+            s, name, rep.fingerprint or "", [(i, hashes[i]) for i in result.item_ids],
+            result.vectors, dtype=dtype)
+        old = [i for i in failed if i in cached]
+        vectors.delete_vectors(s, name, old)  # never keep a vector of other content
+    rep.removed += len(old)
+    rep.failed.update({external[i]: reason for i, reason in failed.items()})
 
 
 # -- a few items at a time (encode on arrival) ----------------------------------------------
@@ -369,7 +389,7 @@ def _encode_items(engine: "Engine", ids: list[int], names: list[str], report: En
                     rep.error = (f"encoder '{name}' now gives fingerprint {rep.fingerprint}, the "
                                  f"stored vectors carry {stored_fp}; run `polyrec encode`")
                 else:
-                    _run(engine, name, enc, ctx, todo, hashes, rep, cached, dtype)
+                    run_locally(engine, name, enc, ctx, todo, hashes, rep, cached, dtype)
         except PolyrecError as exc:
             rep.error = str(exc)
         except Exception as exc:  # noqa: BLE001 - a plugin's own failure, reported
