@@ -1,5 +1,5 @@
 """The top-k index of vector spaces (polyrec.rank.vector_index) and the persisted
-vector matrix (polyrec.retrieve.vector_cache): recall of HNSW against exact, exact
+vector matrix (polyrec.store.vector_cache): recall of HNSW against exact, exact
 below the threshold, persistence across processes, never stale."""
 from __future__ import annotations
 

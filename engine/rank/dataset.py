@@ -21,6 +21,7 @@ from polyrec.store.catalog import DEFAULT_KIND_WEIGHTS
 from polyrec.errors import ConfigError, NotFoundError
 from polyrec.store.models import Interaction, Item, ItemVector, User
 from polyrec.training_data import TrainingData
+from polyrec.store.vector_cache import index_directory
 from polyrec.store.vectors import load_vectors
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -126,11 +127,12 @@ def _item_features(engine: "Engine", session, item_ids: list[int],
                 registry.get(n)  # raises NotFoundError listing the known encoders
             if n not in stored:
                 raise NotFoundError(f"encoder '{n}' has no stored vectors; run `polyrec encode` first")
+    directory = index_directory(engine.store.url)
     index = {it: i for i, it in enumerate(item_ids)}
     feats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     sources: dict[str, str] = {}
     for name in names:
-        ids, matrix = load_vectors(session, name)
+        ids, matrix = load_vectors(session, name, directory=directory)
         if not ids:
             continue
         keep = [k for k, i in enumerate(ids) if i in index]  # all of them, in one snapshot

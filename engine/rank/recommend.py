@@ -26,9 +26,10 @@ from polyrec.rank.registry import (check_scores, good_before, live_version, rank
                                    show_model)
 from polyrec.rank.retrieval import Retrieval, open_retrieval
 from polyrec.rank.train import PIPELINE_ARTIFACT, build_ranker
-from polyrec.rank.vector_index import IndexSettings, index_directory
+from polyrec.rank.vector_index import IndexSettings
 from polyrec.store.artifacts import from_bytes, load_artifact
 from polyrec.store.catalog import get_user_id
+from polyrec.store.vector_cache import index_directory
 from polyrec.store.catalog import item_views as catalog_item_views
 from polyrec.store.models import Interaction, Item, ItemVector, User
 

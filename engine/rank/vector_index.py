@@ -27,26 +27,8 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from sqlalchemy.engine import make_url
 
 log = logging.getLogger("polyrec.search")
-
-#: names a folder for persisted matrices and indexes (overrides the default place)
-ENV = "POLYREC_INDEX_DIR"
-
-
-def index_directory(url: str) -> Path | None:
-    """Where persisted matrices and indexes of the store at ``url`` live (None: nowhere)."""
-    env = os.environ.get(ENV)
-    if env:
-        return Path(env).expanduser()
-    parsed = make_url(url)
-    if parsed.get_backend_name() != "sqlite" or not parsed.database or \
-            parsed.database == ":memory:" or parsed.database.startswith("file:"):
-        return None
-    db = Path(parsed.database).expanduser()
-    return db.parent / f"{db.name}.polyrec-index"
-
 
 #: rows from which an approximate index is used (when FAISS is installed)
 APPROX_THRESHOLD = 200_000

@@ -33,11 +33,13 @@ from polyrec.store import catalog
 from polyrec.contracts import EncoderContext
 from polyrec.errors import (ConfigError, ModelNotTrainedError, PolyrecError,
                            ValidationError)
-from polyrec.rank.vector_index import IndexSettings, IndexSlot, index_directory
+from polyrec.rank.vector_index import IndexSettings, IndexSlot
 from polyrec.retrieve.lexical import LexicalIndex, Signature, _attributes, make_index
 from polyrec.retrieve.query_understanding import (IntentClassifier, Understanding, Vocabulary,
                                         intent_slot)
+from polyrec.store import vector_cache
 from polyrec.store.models import Interaction, Item, ItemVector
+from polyrec.store.vector_cache import index_directory
 
 if TYPE_CHECKING:  # pragma: no cover
     from polyrec.engine import Engine
@@ -426,9 +428,8 @@ class Searcher:
 
     def _load_space(self, session: Any, encoder: str, sig: tuple[Any, ...]) -> VectorSpace:
         """The encoder's vectors as a space: from the persisted matrix of the same
-        vectors when there is one (polyrec.retrieve.vector_cache), else read from the
+        vectors when there is one (polyrec.store.vector_cache), else read from the
         store and persisted; with its top-k index (exact or HNSW, vector_index)."""
-        from polyrec.retrieve import vector_cache
         directory = index_directory(self.engine.store.url)
         key = None
         if directory is not None:

@@ -23,10 +23,27 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from sqlalchemy import func, select
+from sqlalchemy.engine import make_url
 
 from polyrec.store.models import ItemVector
 
 log = logging.getLogger("polyrec.search")
+
+#: names a folder for persisted matrices and indexes (overrides the default place)
+ENV = "POLYREC_INDEX_DIR"
+
+
+def index_directory(url: str) -> Path | None:
+    """Where persisted matrices and indexes of the store at ``url`` live (None: nowhere)."""
+    env = os.environ.get(ENV)
+    if env:
+        return Path(env).expanduser()
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or \
+            parsed.database == ":memory:" or parsed.database.startswith("file:"):
+        return None
+    db = Path(parsed.database).expanduser()
+    return db.parent / f"{db.name}.polyrec-index"
 
 #: at most this many matrix files of one encoder are kept (older ones are removed)
 KEEP = 2

@@ -2,15 +2,17 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from polyrec.store.catalog import _insert
 from polyrec.errors import ConfigError
+from polyrec.store import vector_cache
 from polyrec.store.models import ItemVector
 
 DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -57,8 +59,34 @@ def delete_vectors(session: Session, encoder: str, item_ids: Sequence[int]) -> N
                         .where(ItemVector.item_id.in_(list(item_ids[start:start + 900]))))
 
 
-def load_vectors(session: Session, encoder: str) -> tuple[list[int], torch.Tensor]:
-    """(item ids ascending, float32 matrix [n, dim]) of everything stored for ``encoder``."""
+def load_vectors(session: Session, encoder: str, *, directory: Path | None = None
+                 ) -> tuple[list[int], torch.Tensor]:
+    """(item ids ascending, float32 matrix [n, dim]) of everything stored for ``encoder``.
+
+    With ``directory`` (``vector_cache.index_directory`` of the store) the matrix is
+    also saved there, and read from there while the encoder's rows are unchanged (their
+    count, newest id, newest write time and widths: a vector added, deleted or rewritten
+    in place gives a new file): a fresh process reads one file instead of a blob per
+    item (seconds instead of minutes at a million items)."""
+    if directory is None:
+        return _read_vectors(session, encoder)
+    stats = tuple(session.execute(
+        select(func.count(), func.max(ItemVector.id), func.max(ItemVector.created_at),
+               func.min(ItemVector.dim), func.max(ItemVector.dim))
+        .where(ItemVector.encoder == encoder)).one())
+    if not stats[0]:
+        return [], torch.empty(0, 0)
+    key = vector_cache.cache_key(f"stored:{encoder}", stats, None)
+    name = f"stored-{encoder}"
+    found = vector_cache.load_matrix(directory, name, key)
+    if found is not None:
+        return found
+    ids, matrix = _read_vectors(session, encoder)
+    vector_cache.save_matrix(directory, name, key, ids, matrix)
+    return ids, matrix
+
+
+def _read_vectors(session: Session, encoder: str) -> tuple[list[int], torch.Tensor]:
     rows = session.execute(select(ItemVector.item_id, ItemVector.dtype, ItemVector.dim,
                                   ItemVector.vector).where(ItemVector.encoder == encoder)
                            .order_by(ItemVector.item_id)).all()
