@@ -198,22 +198,56 @@ AB_EXPERIMENT = "replay-ab"
 
 def ab_replay(engine: Any, stream: Sequence[Event], *, k: int = 10,
               progress: bool = True) -> dict[str, Any]:
-    """The replay as an A/B experiment (see the module docstring): returns
+    """The replay as an A/B experiment (see the module docstring): each event's user is
+    assigned a variant, served that arm's top ``k`` as ``replay`` ranks it (the data
+    snapshot is not refreshed, so the arms differ by the online learner alone), and the
+    shown items, a click on a hit, a purchase on a hit rated 4+, and the rating are
+    stored (tagged with the variant by the interactions writer). Returns
     ``polyrec.feedback.experiments.report`` of experiment ``replay-ab``."""
+    import math
+
+    import torch
     from tqdm.auto import tqdm
 
-    from polyrec.feedback import experiments
+    from polyrec.feedback import events, experiments
+    from polyrec.store.models import User
     experiments.create(engine, AB_EXPERIMENT, {
         "online": {"weight": 1.0, "options": {"online": True}},
         "frozen": {"weight": 1.0, "options": {"online": False}}})
-    for event in tqdm(stream, desc="A/B replay", unit=" events", disable=not progress):
-        experiments.assign(engine, AB_EXPERIMENT, event.user)  # creates a new user
-        _, recs = experiments.serve(engine, event.user, k, experiment=AB_EXPERIMENT)
-        if event.item in {r.item for r in recs}:
-            engine.feedback(event.user, event.item, "click", ts=event.ts)
+    rec = engine.services.recommender()
+    hub = events.hub(engine)
+    data = rec.data
+    item_index = data.item_index()
+    with engine.store.session() as s:
+        internal = dict(s.execute(User.__table__.select().with_only_columns(User.external_id, User.id)).all())
+    seen = {data.user_ids[u]: set(items.tolist()) for u, items in enumerate(rec.history)}
+    popular = torch.log1p(rec.popularity.float())
+    for n, event in enumerate(tqdm(stream, desc="A/B replay", unit=" events",
+                                   disable=not progress)):
+        tag = f"{AB_EXPERIMENT}:{n}"  # event ids: a repeated impression is not a duplicate
+        variant = experiments.assign(engine, AB_EXPERIMENT, event.user)  # creates a new user
+        uid = internal.get(event.user)
+        u = rec.user_index.get(uid) if uid is not None else None
+        scores = rec.scores(torch.tensor([u]))[0] if u is not None else popular.clone()
+        if variant == "online" and uid is not None:
+            scores = events.online_scores(engine, rec, uid, scores, online=True)
+        scores[torch.tensor(sorted(seen.get(uid, ())), dtype=torch.long)] = -math.inf
+        shown = [data.item_ids[i] for i in torch.topk(scores, k).indices.tolist()]
+        external = [rec.external[i] for i in shown]
+        batch = [{"user": event.user, "item": item, "kind": "impression", "ts": event.ts,
+                  "context": {"rank": rank, "event_id": f"{tag}:shown:{rank}"}}
+                 for rank, item in enumerate(external)]
+        if event.item in external:
+            batch.append({"user": event.user, "item": event.item, "kind": "click", "ts": event.ts,
+                          "context": {"event_id": f"{tag}:click"}})
             if event.value >= 4:
-                engine.feedback(event.user, event.item, "purchase", ts=event.ts)
-        engine.feedback(event.user, event.item, "rating", value=event.value, ts=event.ts)
+                batch.append({"user": event.user, "item": event.item, "kind": "purchase",
+                              "ts": event.ts, "context": {"event_id": f"{tag}:purchase"}})
+        batch.append({"user": event.user, "item": event.item, "kind": "rating",
+                      "value": event.value, "ts": event.ts})
+        stored = engine.feedback_many(batch)
+        internal[event.user] = stored[-1].user_id
+        seen.setdefault(stored[-1].user_id, set()).add(item_index[hub.item_id(event.item)])
     return experiments.report(engine, AB_EXPERIMENT)
 
 
