@@ -41,6 +41,7 @@ from polyrec.errors import DuplicateNameError, NotFoundError, PluginError
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "polyrec.plugins.readers",
     "polyrec.plugins.text_bert",
+    "polyrec.plugins.text_bert_tuned",
     "polyrec.plugins.image_clip",
     "polyrec.plugins.image_cnn",
     "polyrec.plugins.kg_entity",

@@ -17,6 +17,9 @@ Options:
                 an int8 graph run by ONNX Runtime on the CPU, built locally from the
                 installed weights at first use and cached (plugins/text_bert_quant.py;
                 needs ``pip install "polyrec[quant]"``). Part of the fingerprint.
+    weights     None (default) or the name of tuned weights stored by ``polyrec
+                tune-encoder`` (plugins/text_bert_tuned.py), loaded over the model from
+                the engine's store; their digest is part of the fingerprint.
 """
 from __future__ import annotations
 
@@ -136,18 +139,25 @@ class BertEncoder(Encoder):
 
     def __init__(self, model: str = DEFAULT_MODEL, template: str = "auto",
                  max_length: int | str | None = None, batch_size: int | str | None = None,
-                 quantize: str | None = "none", **options: Any) -> None:
+                 quantize: str | None = "none", weights: str | None = None,
+                 **options: Any) -> None:
         if options:
             raise ConfigError(f"unknown bert option(s): {', '.join(sorted(options))} "
-                              "(known: model, template, max_length, batch_size, quantize)")
+                              "(known: model, template, max_length, batch_size, quantize, "
+                              "weights)")
         self.quantize = str(quantize or "none").lower()
         if self.quantize in ("false", "no", "off", "fp32"):
             self.quantize = "none"
         if self.quantize not in QUANTIZE_MODES:
             raise ConfigError(f"bert quantize must be one of {', '.join(QUANTIZE_MODES)}, "
                               f"not {quantize!r}")
+        self.weights = str(weights) if weights not in (None, "", "none") else None
+        if self.weights and self.quantize != "none":
+            raise ConfigError("bert: tuned weights run in torch only; drop quantize=int8 "
+                              "or weights")
         super().__init__(model=model, template=template, max_length=max_length,
-                         batch_size=batch_size, quantize=self.quantize)
+                         batch_size=batch_size, quantize=self.quantize,
+                         **({"weights": self.weights} if self.weights else {}))
         self.model_name = str(model or DEFAULT_MODEL)
         self.template = str(template or "auto")
         try:
@@ -206,6 +216,10 @@ class BertEncoder(Encoder):
         if self.max_length is None:
             self.max_length = self._default_max_length(source, tokenizer)
         self._revision = self._weights_revision(source, model)
+        if self.weights:  # fine-tuned parameters from the store, over the base model
+            from polyrec.plugins.text_bert_tuned import apply_tuned_weights
+            digest = apply_tuned_weights(model, ctx.engine, self.weights, self._revision)
+            self._revision = f"{self._revision}+{self.weights}:{digest}"
         if self.quantize == "int8":
             self._int8 = Int8Bert(int8_model_path(source, self._revision, self.model_name))
 
