@@ -360,23 +360,24 @@ def test_one_dedup_rule(engine, tmp_path):
     assert engine.stats()["interactions"] == 6
 
 
-def test_add_interactions_informs_the_learners(tmp_path):
+def test_add_interactions_informs_the_learners(tmp_path, store_url):
     from polyrec import Engine, FeedbackLearner, hookimpl
 
-    seen = []
+    seen, contexts = [], []
 
     class Witness(FeedbackLearner):
         name = "witness_ingest"
 
         def observe(self, events):
             seen.extend((e.user, e.item, e.kind, e.new) for e in events)
+            contexts.extend(e.context for e in events)
 
     class Plugin:
         @hookimpl
         def register_feedback_learners(self, register):
             register(Witness)
 
-    with Engine(tmp_path / "w.db", device="cpu", entrypoints=False, progress=False,
+    with Engine(store_url, device="cpu", entrypoints=False, progress=False,
                 plugins=[Plugin()]) as eng:
         eng.ingest(write(tmp_path / "items.csv", ITEMS_CSV), "items")
         assert eng.add_interactions([{"user": "a", "item": "i1", "ts": 1},
@@ -384,6 +385,6 @@ def test_add_interactions_informs_the_learners(tmp_path):
         assert seen == [("a", "i1", "click", True), ("b", "i2", "cart", True)]
         eng.add_interactions([{"user": "a", "item": "i1", "ts": 1}])  # stored before: not new
         assert len(seen) == 2
-        f = write(tmp_path / "ev.csv", "user,item,kind\nc,i1,view\n")
+        f = write(tmp_path / "ev.csv", "user,item,kind,page\nc,i1,view,home\n")
         eng.ingest(f, "interactions")  # files: after commit, through services.interactions_stored
-        assert seen[-1][:3] == ("c", "i1", "view")
+        assert seen[-1][:3] == ("c", "i1", "view") and contexts[-1] == {"page": "home"}

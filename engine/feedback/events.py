@@ -680,7 +680,9 @@ def stored_events(engine: "Engine", *, after_id: int = 0, user_id: int | None = 
         weight = weights.get(key)
         if weight is None:
             weight = weights[key] = event_weight(r[5], r[6], config)
-        context = json.loads(r[8]) if r[8] is not None and r[8] != "null" else None
+        raw = r[8]  # JSON text on SQLite; already decoded by the driver on PostgreSQL
+        context = (json.loads(raw) if isinstance(raw, str) else raw) \
+            if raw is not None and raw != "null" else None
         out.append(Event(id=r[0], user_id=r[1], item_id=r[2], user=r[3], item=r[4], kind=r[5],
                          value=r[6], ts=r[7], context=context, weight=weight))
     return out

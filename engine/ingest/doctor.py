@@ -72,7 +72,7 @@ def doctor(engine: "Engine", *, min_interactions: int = 5, examples: int = 5) ->
                     not_images.append(ext)
 
         title = func.lower(func.trim(Item.title))
-        dup_q = (select(Item.title, func.count().label("n")).where(Item.title.is_not(None))
+        dup_q = (select(func.min(Item.title), func.count().label("n")).where(Item.title.is_not(None))
                  .group_by(title).having(func.count() > 1).order_by(func.count().desc(), title))
         dups = s.execute(dup_q).all()
         dup_items = sum(n for _, n in dups)

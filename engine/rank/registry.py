@@ -34,6 +34,7 @@ from sqlalchemy import delete, func, select, update
 
 from polyrec.errors import ConfigError, NotFoundError
 from polyrec.store.models import Artifact, Item, Setting, User
+from polyrec.store.postgres import lock_named
 from polyrec.store.settings import get_setting, put_setting
 from polyrec.training_data import TrainingData
 
@@ -196,7 +197,10 @@ def _lock_pointer(session: Any) -> None:
     """Begin the session's transaction with a write to the pointer row, so that what it
     reads next (the pointer, the versions) cannot change before it commits: SQLite takes
     its write lock here, PostgreSQL locks the row. Activate, rollback and prune run
-    their read-check-write under it, so they never leave the pointer on a deleted version."""
+    their read-check-write under it, so they never leave the pointer on a deleted version.
+    On PostgreSQL an advisory lock comes first: before the first pointer is written there
+    is no row to lock."""
+    lock_named(session, LIVE_KEY)
     session.execute(update(Setting).where(Setting.key == LIVE_KEY).values(key=LIVE_KEY))
 
 

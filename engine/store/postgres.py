@@ -1,6 +1,7 @@
 """What the store does differently on PostgreSQL: the full-text column of ``items``, the
-advisory lock that serialises schema changes of processes opening one database at once,
-and whether the server has pgvector.
+advisory locks that serialise schema changes of processes opening one database at once
+(and other read-check-write steps, e.g. the live model pointer), and whether the server
+has pgvector.
 
 The full-text document is a stored generated column (``items.search_doc``, a
 ``tsvector`` with a GIN index): PostgreSQL keeps it in step with every insert and update
@@ -9,7 +10,10 @@ values B, text D (the weights of :data:`polyrec.retrieve.lexical.FIELD_WEIGHTS`)
 """
 from __future__ import annotations
 
+import hashlib
+
 from sqlalchemy import Connection, text
+from sqlalchemy.orm import Session
 
 #: The generated tsvector column of ``items`` and its text-search configuration.
 FTS_COLUMN = "search_doc"
@@ -36,6 +40,17 @@ def lock_schema(conn: Connection) -> None:
     SQLite serialises writers itself)."""
     if is_postgres(conn):
         conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": SCHEMA_LOCK})
+
+
+def lock_named(conn: Connection | Session, name: str) -> None:
+    """Hold an advisory lock named ``name`` until the transaction ends (PostgreSQL;
+    no-op elsewhere: SQLite's first write of a transaction locks the whole database).
+    For read-check-write sequences whose rows may not exist yet (row locks need a row)."""
+    bind = conn.get_bind() if isinstance(conn, Session) else conn
+    if bind.dialect.name == "postgresql":
+        key = int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big",
+                             signed=True)
+        conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
 
 
 def ensure_fulltext(conn: Connection) -> None:
