@@ -305,6 +305,9 @@ class Ranker(ABC):
     #: True for rankers built from other rankers: they receive ``factory(name, options)
     #: -> Ranker`` among their options, which builds a member the way the core does.
     composite: ClassVar[bool] = False
+    #: True when ``fit`` can run data-parallel over several worker processes
+    #: (``polyrec train --ray``): see :meth:`set_data_parallel`.
+    data_parallel: ClassVar[bool] = False
     #: What ``fit`` learned that is worth showing (chosen options, validation scores,
     #: epochs, modalities used): JSON-ready values. ``polyrec train`` prints and stores
     #: it with the model, ``polyrec evaluate`` reports it per model. Fill it in ``fit``
@@ -487,6 +490,16 @@ class Ranker(ABC):
         have grown since, so map anything indexed by item or user through the stored ids.
         Returns True when the state will be used; False (the default): fit from scratch."""
         return False
+
+    def set_data_parallel(self, rank: int, world: int) -> None:
+        """Called before ``fit`` in each of ``world`` worker processes of a data-parallel
+        training run (``polyrec train --ray``: Ray Train, torch.distributed initialised),
+        on rankers whose ``data_parallel`` is True. Each worker fits the same data: train
+        on this worker's share of every batch with the gradients averaged across the
+        workers (DistributedDataParallel) and take the same decisions everywhere (seed,
+        shuffling, early stopping), so that every worker ends with the same ``state()``;
+        the core keeps rank 0's."""
+        raise NotImplementedError(f"{type(self).__name__} does not train data-parallel")
 
 
 def _nothing(*_args: Any, **_kwargs: Any) -> Any:

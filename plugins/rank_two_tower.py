@@ -135,6 +135,19 @@ class TwoTowerModel(nn.Module):
         return F.normalize(vec.float(), dim=-1)
 
 
+class _Step(nn.Module):
+    """One training step's loss as the forward of a module that holds the model: the
+    unit DistributedDataParallel wraps when the ranker trains data-parallel."""
+
+    def __init__(self, model: TwoTowerModel, loss: Callable[..., torch.Tensor]) -> None:
+        super().__init__()
+        self.model = model
+        self.loss = loss
+
+    def forward(self, *args: Any) -> torch.Tensor:
+        return self.loss(*args)
+
+
 class TwoTowerRanker(Ranker):
     """Trained two-tower recommender; scores cold items from their content vectors.
 
@@ -150,6 +163,7 @@ class TwoTowerRanker(Ranker):
 
     name = "two_tower"
     handles_cold_items = True
+    data_parallel = True
     #: Every option with its default (the engine fills device, fusers and progress).
     defaults: ClassVar[dict[str, Any]] = DEFAULTS
 
@@ -179,6 +193,16 @@ class TwoTowerRanker(Ranker):
         self._cache: dict[str, Any] = {}
         self._warm_state: dict[str, Any] | None = None  # see warm_start
         self.info_warm: dict[str, Any] = {}
+        self._parallel = (0, 1)  # (rank, world): see set_data_parallel
+
+    def set_data_parallel(self, rank: int, world: int) -> None:
+        """Train as worker ``rank`` of ``world`` (torch.distributed initialised): each step
+        this worker takes its slice of the batch, DDP averages the gradients; the seed,
+        the shuffling, the negatives and the validation decisions are the same in every
+        worker, so every worker ends with the same model."""
+        if not 0 <= rank < world:
+            raise ConfigError(f"two_tower: data-parallel rank {rank} is not in 0..{world - 1}")
+        self._parallel = (int(rank), int(world))
 
     # -- setup ---------------------------------------------------------------------------
     def _fuser_class(self) -> type[Fuser]:
@@ -475,21 +499,32 @@ class TwoTowerRanker(Ranker):
         seen, train_seconds = 0, 0.0
         bar = progress_bar(range(epochs), desc="two_tower epoch", unit="epochs",
                            enabled=bool(o["progress"]), interval=0)
+        def batch_loss(u: torch.Tensor, i: torch.Tensor, keep_id: torch.Tensor) -> torch.Tensor:
+            vecs, _, _, bias = model.items(tokens, present, all_items, keep_id)
+            sums = self._history_sums(u, pair_u, pair_i, indptr, vecs)
+            n_hist = (counts[u] - 1).clamp(min=1)[:, None]
+            hmean = (sums - vecs[i]) / n_hist  # the target left out of the history
+            uvec = model.users(hmean, u, torch.ones_like(u, dtype=torch.bool))
+            return self._loss(uvec, vecs, bias, u, i, key, n_items, temp, gen)
+
+        rank, world = self._parallel
+        step: nn.Module = _Step(model, batch_loss)
+        if world > 1:  # gradients averaged across the workers
+            from torch.nn.parallel import DistributedDataParallel
+            step = DistributedDataParallel(step)
         for epoch in bar:
-            model.train()
+            step.train()
             started = time.perf_counter()
             order = torch.randperm(len(pair_u), generator=gen).to(self.device)
             for start in range(0, len(order), bs):
                 idx = order[start:start + bs]
-                u, i = pair_u[idx], pair_i[idx]
                 keep_id = warm & (torch.rand(n_items, generator=gen).to(self.device)
                                   >= float(o["id_dropout"]))
-                vecs, _, _, bias = model.items(tokens, present, all_items, keep_id)
-                sums = self._history_sums(u, pair_u, pair_i, indptr, vecs)
-                n_hist = (counts[u] - 1).clamp(min=1)[:, None]
-                hmean = (sums - vecs[i]) / n_hist  # the target left out of the history
-                uvec = model.users(hmean, u, torch.ones_like(u, dtype=torch.bool))
-                loss = self._loss(uvec, vecs, bias, u, i, key, n_items, temp, gen)
+                mine = torch.tensor_split(idx, world)[rank] if world > 1 else idx
+                if len(mine):
+                    loss = step(pair_u[mine], pair_i[mine], keep_id)
+                else:  # a batch smaller than the workers: this one adds a zero gradient
+                    loss = step(pair_u[idx[:1]], pair_i[idx[:1]], keep_id) * 0.0
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

@@ -44,17 +44,32 @@ def _line(rep: Any) -> str:
                    "An encoder given no --set reuses the options of its last run.")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16",
               show_default=True, help="Storage type of the vectors.")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None,
+              metavar="[ADDRESS]",
+              help="Encode on Ray Data actors (extra polyrec[ray]): a local cluster, or the "
+                   "one at ADDRESS (auto, ray://host:10001). Same cache rules.")
+@click.option("--ray-workers", type=click.IntRange(min=1), default=None,
+              help="Ray actors, each holding a copy of the model (default: one per CPU).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.pass_obj
 def encode_command(state: CliState, encoders: tuple[str, ...], device: str | None, force: bool,
                    batch_size: int | None, settings: tuple[str, ...], dtype: str,
-                   as_json: bool) -> None:
+                   ray_address: str | None, ray_workers: int | None, as_json: bool) -> None:
     """Encode items into vectors; unchanged items keep their cached vectors."""
     options = parse_settings(settings)
     if device:
         state.device = device
-    report = state.engine().encode(list(encoders) or None, force=force, batch_size=batch_size,
-                                   options=options, dtype=dtype)
+    if ray_address is not None:
+        from polyrec.cluster import require_ray
+        require_ray()  # before the database is opened
+        from polyrec.cluster.encode import encode as ray_encode
+        report = ray_encode(state.engine(), list(encoders) or None,
+                            address=None if ray_address == "local" else ray_address,
+                            n_workers=ray_workers, force=force, batch_size=batch_size,
+                            options=options, dtype=dtype)
+    else:
+        report = state.engine().encode(list(encoders) or None, force=force,
+                                       batch_size=batch_size, options=options, dtype=dtype)
     if as_json:
         echo_json(report.as_dict())
     else:

@@ -53,19 +53,33 @@ def _parse_filters(pairs: tuple[str, ...]) -> dict[str, Any]:
               help="Ratings at least this count as positives.")
 @click.option("--force", is_flag=True,
               help="Make the new version live even when it fails the gate.")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None,
+              metavar="[ADDRESS]",
+              help="Fit on Ray Train workers with DDP (extra polyrec[ray]; rankers that train "
+                   "data-parallel: two_tower): a local cluster, or the one at ADDRESS.")
+@click.option("--ray-workers", type=click.IntRange(min=1), default=None,
+              help="Ray Train workers (default: one per CPU of the cluster).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 def train_command(ctx: click.Context, ranker: str | None, epochs: int | None, seed: int | None,
                   settings: tuple[str, ...], min_rating: float, force: bool,
-                  as_json: bool) -> None:
+                  ray_address: str | None, ray_workers: int | None, as_json: bool) -> None:
     """Fit the recommendation pipeline on the stored positives, save it as the next
     version of the artifact 'pipeline' and make it live if it passes the gate (scores of
     the right shape, a smoke recommendation, a holdout metric not worse than the live
     model's). A version that fails is kept but not made live: exit status 3."""
     state: CliState = ctx.obj
+    extra: dict[str, Any] = {}
+    if ray_address is not None:
+        from polyrec.cluster import require_ray
+        require_ray()
+        from polyrec.cluster.train import ray_fitter
+        device = "cuda" if state.engine().device.type == "cuda" else "cpu"
+        extra["fit"] = ray_fitter(None if ray_address == "local" else ray_address,
+                                  n_workers=ray_workers, device=device)
     report = state.engine().train(ranker, options=_ranker_options(state.engine(), ranker,
                                                                   settings), epochs=epochs,
-                                  seed=seed, min_rating=min_rating, force=force)
+                                  seed=seed, min_rating=min_rating, force=force, **extra)
     if as_json:
         echo_json(report.as_dict())
         if not report.activated:
@@ -124,12 +138,18 @@ def train_command(ctx: click.Context, ranker: str | None, epochs: int | None, se
                    "Default for a batch: JSON lines on stdout.")
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1),
               help="Users scored together in a batch.")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None,
+              metavar="[ADDRESS]",
+              help="Score the batch on Ray actors (extra polyrec[ray]; with --all or "
+                   "--users): a local cluster, or the one at ADDRESS.")
+@click.option("--ray-workers", type=click.IntRange(min=1), default=None,
+              help="Ray actors, each with the live model (default: one per CPU).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (one USER).")
 @click.pass_obj
 def recommend_command(state: CliState, user: str | None, all_users: bool,
                       users_file: str | None, k: int, explain: bool, filters: tuple[str, ...],
                       diversity: float, include_seen: bool, out: str | None, batch_size: int,
-                      as_json: bool) -> None:
+                      ray_address: str | None, ray_workers: int | None, as_json: bool) -> None:
     """Top-k items for USER (external id) from the trained pipeline; or, with --all or
     --users FILE, for many users at once, scored in batches (with a progress bar) and
     written to --out."""
@@ -139,13 +159,18 @@ def recommend_command(state: CliState, user: str | None, all_users: bool,
         raise ConfigError("give one of USER, --all or --users FILE"
                           + (f", not {' and '.join(given)}" if given else ""))
     parsed = _parse_filters(filters) or None
+    if ray_address is not None:
+        if user is not None:
+            raise ConfigError("--ray scores a batch: give --all or --users FILE, not USER")
+        from polyrec.cluster import require_ray
+        require_ray()
     if user is None or out is not None:
         if explain:
             raise ConfigError("--explain is for one USER without --out; a batch export "
                               "has no explanations")
         _recommend_batch(state, [user] if user is not None else None if all_users
                          else read_user_file(users_file or ""), k, parsed, not include_seen,
-                         diversity, out, batch_size)
+                         diversity, out, batch_size, ray_address, ray_workers)
         return
     recs = state.engine().recommend(user, k, filters=parsed, exclude_seen=not include_seen,
                                     diversity=diversity, explain=explain)
@@ -176,15 +201,25 @@ def _rate(count: int, seconds: float) -> str:
 
 def _recommend_batch(state: CliState, users: list[str] | None, k: int,
                      filters: dict[str, Any] | None, exclude_seen: bool, diversity: float,
-                     out: str | None, batch_size: int) -> None:
-    """Engine.recommend_many into a RecommendationWriter (--out, else JSON lines on
-    stdout); a summary line at the end (on stderr when the data goes to stdout)."""
+                     out: str | None, batch_size: int, ray_address: str | None = None,
+                     ray_workers: int | None = None) -> None:
+    """Engine.recommend_many (or, with --ray, polyrec.cluster.batch.recommend_many) into a
+    RecommendationWriter (--out, else JSON lines on stdout); a summary line at the end
+    (on stderr when the data goes to stdout)."""
     if out is not None:
         export_format(out)  # a bad suffix fails before any scoring
     start = time.perf_counter()
-    results = state.engine().recommend_many(users, k, filters=filters,
-                                            exclude_seen=exclude_seen, diversity=diversity,
-                                            batch_size=batch_size)
+    if ray_address is not None:
+        from polyrec.cluster.batch import recommend_many as ray_recommend_many
+        results = ray_recommend_many(state.engine(), users, k,
+                                     address=None if ray_address == "local" else ray_address,
+                                     n_workers=ray_workers, filters=filters,
+                                     exclude_seen=exclude_seen, diversity=diversity,
+                                     batch_size=batch_size)
+    else:
+        results = state.engine().recommend_many(users, k, filters=filters,
+                                                exclude_seen=exclude_seen,
+                                                diversity=diversity, batch_size=batch_size)
     stream = None if out is not None else _Stdout()
     with RecommendationWriter(out, stream=stream) as writer:
         for user, recs in results:

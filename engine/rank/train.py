@@ -11,7 +11,7 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 from sqlalchemy import func, select
@@ -142,7 +142,8 @@ def train(engine: "Engine", ranker: str | None = None, *, options: Mapping[str, 
           epochs: int | None = None, seed: int | None = None, min_rating: float = 4.0,
           data: TrainingData | None = None, force: bool = False,
           gate: Mapping[str, Any] | None = None, warm_start: int | None = None,
-          holdout: float = HOLDOUT_SHARE) -> TrainReport:
+          holdout: float = HOLDOUT_SHARE,
+          fit: Callable[[Ranker, TrainingData], None] | None = None) -> TrainReport:
     """Fit ``ranker`` (the default pipeline when None) on the store's positives (less the
     registry's holdout) and save it as the next version of the ``pipeline`` artifact. The
     version goes live only when it passes the gate (polyrec.rank.registry), or with
@@ -152,7 +153,8 @@ def train(engine: "Engine", ranker: str | None = None, *, options: Mapping[str, 
     to the named ranker; ``gate`` overrides gate settings (``tolerance``, ...);
     ``warm_start`` (a stored version of the same ranker) is handed to a ranker that has
     ``warm_start(state)`` before it is fitted; ``holdout`` is the held-out share (0: none,
-    and then no metric comparison is possible later)."""
+    and then no metric comparison is possible later). ``fit(ranker, data)`` fits the
+    built ranker in place of ``ranker.fit(data)`` (polyrec.cluster.train: on Ray)."""
     name = ranker or DEFAULT_RANKER
     opts: dict[str, Any] = dict(DEFAULT_OPTIONS) if ranker is None else {}
     opts.update(dict(options or {}))
@@ -176,7 +178,10 @@ def train(engine: "Engine", ranker: str | None = None, *, options: Mapping[str, 
     stage(f"train: fitting {name} on {len(fit_data.users):,} positives of {data.n_users:,} users "
           f"over {data.n_items:,} items ({held['pairs']:,} held out for the gate)", show)
     start = time.perf_counter()
-    model.fit(fit_data)
+    if fit is None:
+        model.fit(fit_data)
+    else:
+        fit(model, fit_data)
     seconds = time.perf_counter() - start
     stage(f"train: {name} fitted in {seconds:.1f}s; measuring it on the holdout", show)
     per_user: dict[str, torch.Tensor] = {}
