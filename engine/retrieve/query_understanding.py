@@ -18,15 +18,16 @@ the query vector.
 """
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from sqlalchemy import select
 from sqlalchemy.orm import Session, aliased
 
-from polyrec.retrieve.lexical import _attributes, terms
+from polyrec.retrieve.lexical import _attributes, stem, terms, tokens
 from polyrec.store.models import Entity, Item, Relation, Triple
 
 #: (slot, words that name it inside a field or relation name), checked in this order.
@@ -47,6 +48,12 @@ SLOT_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
 SLOT_PRIORITY: tuple[str, ...] = tuple(s for s, _ in SLOT_RULES)
 #: Slots whose labels are used to classify a query's intent, first present wins.
 INTENT_SLOTS: tuple[str, ...] = ("type", "genre", "category")
+#: Shortest (stemmed) query word a spelling correction is tried on.
+MIN_CORRECT = 4
+#: Function words: never corrected, never a semantic span on their own.
+STOPWORDS = frozenset("""a an and any are as at be buy by for from get go good i in into is it
+its look looking me my need new nice of on or our some something somebody someone that the
+their them these this those to want wear wearing what with without you your""".split())
 #: Values that name nothing.
 STOP_VALUES = frozenset({"unknown", "undefined", "other", "others", "none", "n/a", "na", "nan",
                          "null", "misc", "-", "various"})
@@ -91,10 +98,19 @@ class Match:
     value: str
     fields: tuple[str, ...]
     source: str
+    #: 1.0 for a match by the words themselves; the value's probability for a semantic one
+    confidence: float = 1.0
+    #: other values of the slot the span may mean, with their probabilities (semantic)
+    alternatives: tuple[tuple[str, float], ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
-        return {"text": self.text, "slot": self.slot, "value": self.value,
-                "fields": list(self.fields), "source": self.source}
+        out = {"text": self.text, "slot": self.slot, "value": self.value,
+               "fields": list(self.fields), "source": self.source,
+               "confidence": round(self.confidence, 4)}
+        if self.alternatives:
+            out["alternatives"] = [{"value": v, "confidence": round(p, 4)}
+                                   for v, p in self.alternatives]
+        return out
 
 
 @dataclass
@@ -109,6 +125,14 @@ class Understanding:
     #: One constraint per slot (values of a single-valued field are OR-ed: "black or
     #: white"), one per value for multi-valued fields (AND: "children's animation").
     slot_items: dict[str, set[int]] = field(default_factory=dict)
+    #: soft constraints (semantic matches, intent-model facets): constraint -> item ->
+    #: membership in [0, 1] (the summed probability of the values the item carries).
+    soft: dict[str, dict[int, float]] = field(default_factory=dict)
+    #: the query's word tokens, and the (start, end) token span of each match.
+    tokens: list[str] = field(default_factory=list)
+    spans: list[tuple[int, int]] = field(default_factory=list)
+    #: misspelt words read as catalogue words: {"jaket": "jacket"}
+    corrected: dict[str, str] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         """slot -> value (a list when several values of a slot were named), e.g.
@@ -122,14 +146,17 @@ class Understanding:
 
     def match_fraction(self, item_id: int) -> float:
         """Share of recognised slots the item satisfies (0 when nothing was recognised)."""
-        if not self.slot_items:
+        n = len(self.slot_items) + len(self.soft)
+        if not n:
             return 0.0
         hits = sum(1 for ids in self.slot_items.values() if item_id in ids)
-        return hits / len(self.slot_items)
+        hits += sum(m.get(item_id, 0.0) for m in self.soft.values())
+        return hits / n
 
-    def full_matches(self) -> set[int]:
-        """Items that satisfy every recognised slot."""
-        sets = list(self.slot_items.values())
+    def full_matches(self, soft_min: float = 0.5) -> set[int]:
+        """Items that satisfy every recognised slot (a soft one from ``soft_min``)."""
+        sets = list(self.slot_items.values()) + [
+            {i for i, w in m.items() if w >= soft_min} for m in self.soft.values()]
         if not sets:
             return set()
         out = set(sets[0])
@@ -138,15 +165,30 @@ class Understanding:
         return out
 
     def as_dict(self) -> dict[str, Any]:
-        return {"query": self.query, "understood": self.summary(),
-                "entities": [m.as_dict() for m in self.matches], "residual": self.residual,
-                "intent": self.intent}
+        out = {"query": self.query, "understood": self.summary(),
+               "entities": [m.as_dict() for m in self.matches], "residual": self.residual,
+               "intent": self.intent}
+        if self.corrected:
+            out["corrected"] = dict(self.corrected)
+        return out
 
 
 class Vocabulary:
     """Recognisable phrases of one catalogue and graph. Immutable once built."""
 
-    def __init__(self, facets: Iterable[Facet]) -> None:
+    def __init__(self, facets: Iterable[Facet], words: Mapping[str, int] | None = None,
+                 known: Iterable[str] = ()) -> None:
+        """``words``: catalogue terms a misspelt query word may be corrected to, with
+        their frequency (the words of attribute values); ``known``: further terms that
+        are never corrected (titles, descriptions)."""
+        self.words: dict[str, int] = {w: n for w, n in (words or {}).items()
+                                      if len(w) >= 3 and w not in STOPWORDS}
+        self.known: frozenset[str] = frozenset(known) | frozenset(self.words)
+        self._deletes: dict[str, list[str]] = defaultdict(list)
+        for w in self.words:
+            if len(w) >= MIN_CORRECT - 1:
+                for d in _deletes(w):
+                    self._deletes[d].append(w)
         self.facets: dict[tuple[str, str], Facet] = {}
         self.phrases: dict[tuple[str, ...], list[Facet]] = defaultdict(list)
         for f in facets:
@@ -177,7 +219,12 @@ class Vocabulary:
         values: dict[str, dict[str, set[int]]] = defaultdict(lambda: defaultdict(set))
         with_field: dict[str, int] = defaultdict(int)
         multi: set[str] = set()
-        for item_id, raw in session.execute(select(Item.id, Item.attributes)):
+        words: dict[str, int] = defaultdict(int)
+        known: set[str] = set()
+        for item_id, raw, title, text in session.execute(
+                select(Item.id, Item.attributes, Item.title, Item.text)):
+            known.update(terms(title))
+            known.update(terms(text[:2000] if text else None))
             for name, value in _attributes(raw).items():
                 vals = _values(value)
                 if not vals:
@@ -189,6 +236,9 @@ class Vocabulary:
                     v = v.strip()
                     if v:
                         values[name][v].add(item_id)
+                        if len(v) <= max_chars:
+                            for t in terms(v):
+                                words[t] += 1
         facets: list[Facet] = []
         for name, by_value in values.items():
             if len(by_value) > max_values or len(by_value) > max_ratio * with_field[name]:
@@ -198,7 +248,7 @@ class Vocabulary:
                 if _usable(v, max_chars):
                     facets.append(Facet(slot, v, {name}, {"attribute"}, set(ids), name in multi))
         facets += _graph_facets(session, max_chars)
-        return cls(facets)
+        return cls(facets, {w: n for w, n in words.items() if not w.isdigit()}, known)
 
     # -- use -----------------------------------------------------------------------------
     def labels(self, slot: str) -> dict[str, set[int]]:
@@ -208,10 +258,55 @@ class Vocabulary:
     def slots(self) -> list[str]:
         return sorted({s for s, _ in self.facets}, key=_slot_rank)
 
+    def correct(self, term: str) -> str | None:
+        """The catalogue word a misspelt ``term`` (stemmed) most likely means: an unknown
+        term of at least MIN_CORRECT letters within one edit (insertion, deletion,
+        substitution, transposition; two from 8 letters; for the shortest words only an
+        insertion) of a word of the attribute values, the most frequent first. None when the term is known or nothing is close."""
+        if len(term) < MIN_CORRECT or term in self.known or term in STOPWORDS or term.isdigit():
+            return None
+        limit = 2 if len(term) >= 8 else 1
+        cands: set[str] = set(self._deletes.get(term, ()))
+        for d in _deletes(term):
+            cands.update(self._deletes.get(d, ()))
+            if d in self.words:
+                cands.add(d)
+        if len(term) == MIN_CORRECT:  # short words: only a missing letter ("blak")
+            cands = {c for c in cands if len(c) == len(term) + 1}
+        best = [(self.words[c], c) for c in cands if _edits(term, c) <= limit]
+        return max(best)[1] if best else None
+
+    def split(self, term: str) -> tuple[str, str] | None:
+        """An unknown word that is a value's two words written together ("tshirt" ->
+        ("t", "shirt") when "T-shirt" is a value); None otherwise."""
+        if len(term) < MIN_CORRECT or term in self.known or term in self.words:
+            return None
+        for k in range(1, len(term)):
+            pair = (term[:k], stem(term[k:]))
+            if pair in self.phrases:
+                return pair
+        return None
+
     def understand(self, query: str) -> Understanding:
-        """Recognise facet values in ``query``, longest phrase first, left to right."""
-        qterms = terms(query)
+        """Recognise facet values in ``query``, longest phrase first, left to right
+        (misspelt words are first corrected to catalogue words, see :meth:`correct`)."""
+        qtokens = tokens(query)
+        qterms = [stem(t) for t in qtokens]
+        corrected: dict[str, str] = {}
+        for k in range(len(qterms) - 1, -1, -1):
+            t = qterms[k]
+            split = self.split(t)
+            if split is not None:  # "tshirt" -> "t shirt"
+                corrected[qtokens[k]] = " ".join(split)
+                qterms[k:k + 1] = list(split)
+                qtokens[k:k + 1] = list(split)
+                continue
+            fixed = self.correct(t)
+            if fixed is not None:
+                corrected[qtokens[k]] = fixed
+                qterms[k] = fixed
         matches: list[Match] = []
+        spans: list[tuple[int, int]] = []
         slot_items: dict[str, set[int]] = {}
         residual: list[str] = []
         i = 0
@@ -234,10 +329,30 @@ class Vocabulary:
                           "graph" if f.sources == {"graph"} else "attribute")
                 if m not in matches:
                     matches.append(m)
+                    spans.append((i, i + n))
                 key = f"{f.slot}={f.value}" if f.multi else f.slot
                 slot_items.setdefault(key, set()).update(f.items)
             i += n
-        return Understanding(query, matches, " ".join(residual), None, slot_items)
+        return Understanding(query, matches, " ".join(residual), None, slot_items,
+                             tokens=qtokens, spans=spans, corrected=corrected)
+
+
+def _deletes(word: str) -> list[str]:
+    return [word[:k] + word[k + 1:] for k in range(len(word))]
+
+
+def _edits(a: str, b: str) -> int:
+    """Optimal string alignment distance (Levenshtein plus adjacent transpositions)."""
+    prev2: list[int] = []
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, start=1):
+        cur = [i] + [0] * len(b)
+        for j, cb in enumerate(b, start=1):
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb))
+            if i > 1 and j > 1 and ca == b[j - 2] and a[i - 2] == cb:
+                cur[j] = min(cur[j], prev2[j - 2] + 1)
+        prev2, prev = prev, cur
+    return prev[-1]
 
 
 def _slot_rank(slot: str) -> int:
@@ -321,3 +436,253 @@ def intent_slot(vocab: Vocabulary) -> str | None:
     present = set(vocab.slots())
     return next((s for s in INTENT_SLOTS if s in present), None)
 
+
+
+#: Slots whose values are matched by meaning (semantic facet matching), in this order.
+SEMANTIC_SLOTS: tuple[str, ...] = ("colour", "type", "genre", "pattern", "material", "category")
+
+
+class ColourSpace:
+    """Colour words grounded in CIELAB through a generic table of colour names
+    (polyrec.retrieve.colour_names, the xkcd survey): a query's colour word ("maroon")
+    is matched to the catalogue colour values nearest in colour ("Dark Red"). A value
+    not in the table is the mean of its known words ("Greenish Khaki": green, khaki;
+    "Other Pink": pink); values with no colour word ("Dark", "Medium Dusty") are left out.
+    A value's probability for a word is a softmax of ``-distance / temperature +
+    prior * log(items with the value)``: among close colours the common one is the
+    likelier reading ("navy blue" is Dark Blue (131 items) rather than Dark Purple (2)).
+    """
+
+    def __init__(self, values: Sequence[tuple[str, int]], temperature: float = 6.0,
+                 prior: float = 0.5) -> None:
+        self.temperature = temperature
+        self.values: list[str] = []
+        labs, counts = [], []
+        for v, n in values:
+            lab = self.lab_of(v)
+            if lab is not None:
+                self.values.append(v)
+                labs.append(lab)
+                counts.append(max(1, n))
+        self.labs = torch.tensor(labs, dtype=torch.float32) if labs else torch.empty(0, 3)
+        self.log_prior = prior * torch.tensor(counts, dtype=torch.float32).log()
+
+    @staticmethod
+    def rgb_of(name: str) -> tuple[float, float, float] | None:
+        from polyrec.retrieve.colour_names import COLOUR_NAMES
+        low = " ".join(tokens(name)).replace("gray", "grey")
+        if low in COLOUR_NAMES:
+            return tuple(float(c) for c in COLOUR_NAMES[low])  # type: ignore[return-value]
+        parts = []
+        for w in low.split():
+            w = w[:-3] if w.endswith("ish") and w[:-3] in COLOUR_NAMES else w
+            if w in COLOUR_NAMES and w not in ("other", "dark", "light"):
+                parts.append(COLOUR_NAMES[w])
+        if not parts:
+            return None
+        return tuple(sum(p[k] for p in parts) / len(parts) for k in range(3))  # type: ignore[return-value]
+
+    @classmethod
+    def lab_of(cls, name: str) -> tuple[float, float, float] | None:
+        rgb = cls.rgb_of(name)
+        return None if rgb is None else _lab(rgb)
+
+    @staticmethod
+    def is_colour(text: str) -> bool:
+        """Whether ``text`` is a colour name of the table."""
+        from polyrec.retrieve.colour_names import COLOUR_NAMES
+        return " ".join(tokens(text)).replace("gray", "grey") in COLOUR_NAMES
+
+    def distribution(self, text: str) -> list[tuple[str, float]]:
+        """[(value, probability)] best first (CIE76 colour difference, see the class);
+        [] when ``text`` is no colour name."""
+        if not self.values or not self.is_colour(text):
+            return []
+        lab = self.lab_of(text)
+        diff = (self.labs - torch.tensor(lab)).norm(dim=1)
+        probs = torch.softmax(-diff / self.temperature + self.log_prior, dim=0)
+        top = torch.topk(probs, min(5, len(self.values)))
+        return [(self.values[int(j)], float(p)) for p, j in zip(top.values, top.indices)]
+
+
+def _lab(rgb: Sequence[float]) -> tuple[float, float, float]:
+    """sRGB (0..255) to CIELAB (D65)."""
+    def lin(c: float) -> float:
+        c /= 255.0
+        return c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4
+    r, g, b = (lin(c) for c in rgb)
+    x = (0.4124 * r + 0.3576 * g + 0.1805 * b) / 0.95047
+    y = 0.2126 * r + 0.7152 * g + 0.0722 * b
+    z = (0.0193 * r + 0.1192 * g + 0.9505 * b) / 1.08883
+
+    def f(t: float) -> float:
+        return t ** (1 / 3) if t > 0.008856 else 7.787 * t + 16 / 116
+    fx, fy, fz = f(x), f(y), f(z)
+    return (116 * fy - 16, 500 * (fx - fy), 200 * (fy - fz))
+
+
+class SemanticMatcher:
+    """Match query spans to facet values by the text encoder's similarity.
+
+    Each value of a semantic slot is represented twice in the encoder's space: the
+    embedding of its name ("Sneakers") and the centroid of its items' stored vectors
+    (what the catalogue says about the items carrying it: descriptions often use the
+    shopper's word, "trainers", "tee", "tank"). A span's score for a value is the mean of
+    the two cosine similarities, each z-scored across the slot's values (a span is
+    compared with the other values of the same slot, not with an absolute cosine); the
+    value's probability is a softmax of the scores over ``temperature``. Colour names
+    go through :class:`ColourSpace` instead (the encoder does not know many of them).
+    Built once per catalogue snapshot, item vectors and encoder fingerprint (the caller
+    keys its cache by them).
+    """
+
+    def __init__(self, vocab: Vocabulary,
+                 embed: Callable[[Sequence[str]], Sequence[torch.Tensor | None]],
+                 item_ids: Sequence[int], vectors: torch.Tensor, *,
+                 slots: Sequence[str] = SEMANTIC_SLOTS, temperature: float = 0.5) -> None:
+        self.temperature = temperature
+        row = {it: k for k, it in enumerate(item_ids)}
+        dim = vectors.shape[1]
+        self.slots: dict[str, tuple[list[Facet], torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        per_slot = {slot: [f for key, f in sorted(vocab.facets.items()) if key[0] == slot and f.items]
+                    for slot in slots}
+        per_slot = {slot: fs for slot, fs in per_slot.items() if len(fs) >= 2}
+        names_all = sorted({f.value for fs in per_slot.values() for f in fs})
+        embedded = dict(zip(names_all, embed(names_all))) if names_all else {}
+        for slot, facets in per_slot.items():
+            names = torch.stack([
+                torch.zeros(dim) if embedded.get(f.value) is None
+                else torch.nn.functional.normalize(embedded[f.value].float().flatten(), dim=0)
+                for f in facets])
+            member_rows = [[row[i] for i in f.items if i in row] for f in facets]
+            has = torch.tensor([bool(r) for r in member_rows])
+            # centroids: every (value, item row) pair summed in one index_add
+            fidx = torch.tensor([k for k, rows in enumerate(member_rows) for _ in rows],
+                                dtype=torch.long)
+            ridx = torch.tensor([r for rows in member_rows for r in rows], dtype=torch.long)
+            cents = torch.nn.functional.normalize(
+                torch.zeros(len(facets), dim).index_add_(0, fidx, vectors[ridx].float()), dim=1)
+            self.slots[slot] = (facets, names, cents, has)
+        self.colours = (ColourSpace([(f.value, len(f.items)) for f in self.slots["colour"][0]])
+                        if "colour" in self.slots else None)
+
+    def scores(self, slot: str, span_vector: torch.Tensor) -> torch.Tensor:
+        """The span's score for each value of ``slot``: the mean of the z-scored
+        similarities to the value names and to the values' item centroids."""
+        _, names, cents, has = self.slots[slot]
+        q = torch.nn.functional.normalize(span_vector.float().flatten(), dim=0)
+        zn = _z(names @ q)
+        if bool(has.any()):
+            zc = torch.where(has, _z(cents @ q, has), zn)
+            return (zn + zc) / 2
+        return zn
+
+    def match(self, span_vector: torch.Tensor) -> list[tuple[str, float, list[tuple[Facet, float]]]]:
+        """Per slot: (slot, the best value's score, [(facet, probability)] best first)."""
+        out = []
+        for slot, (facets, *_rest) in self.slots.items():
+            sc = self.scores(slot, span_vector)
+            probs = torch.softmax(sc / self.temperature, dim=0)
+            top = torch.topk(probs, min(5, len(facets)))
+            out.append((slot, float(sc.max()),
+                        [(facets[int(j)], float(p)) for p, j in zip(top.values, top.indices)]))
+        return out
+
+    def colour(self, text: str) -> list[tuple[Facet, float]]:
+        """The colour values a colour name means, with probabilities ([] for no name)."""
+        if self.colours is None:
+            return []
+        by_value = {f.value: f for f in self.slots["colour"][0]}
+        return [(by_value[v], p) for v, p in self.colours.distribution(text)]
+
+    def apply(self, und: Understanding,
+              embed: Callable[[Sequence[str]], Sequence[torch.Tensor | None]], *,
+              threshold: float, min_ratio: float = 0.2, max_len: int = 3) -> Understanding:
+        """Add semantic matches for the words exact matching left over (stopwords
+        aside): spans of at most ``max_len`` words, longest first, then best score; a
+        span is accepted when its best value scores at least ``threshold`` (a colour
+        name always). A span may also take an adjacent exact match of the same slot when,
+        as a whole, it means another value ("tank top": Vest top, not Top; "navy blue":
+        Dark Blue, not Blue). Values within ``min_ratio`` of the best one's probability
+        are alternatives; an item's membership is the summed probability of the values
+        it carries over the best one's, at most 1."""
+        if not self.slots:
+            return und
+        words = [stem(t) for t in und.tokens]
+        for raw, fixed in und.corrected.items():  # read corrected words as corrected
+            if " " not in fixed and raw in und.tokens:
+                words[und.tokens.index(raw)] = fixed
+        covered = {i for a, b in und.spans for i in range(a, b)}
+        content = [i for i in range(len(words))
+                   if i not in covered and words[i] not in STOPWORDS and und.tokens[i] not in STOPWORDS]
+        if not content:
+            return und
+        exact_slots = {m.slot for m in und.matches}
+        spans: list[tuple[tuple[int, ...], int | None]] = []
+        for n in range(min(max_len, len(content)), 0, -1):
+            for k in range(len(content) - n + 1):
+                spans.append((tuple(content[k:k + n]), None))
+        for mi, (a, b) in enumerate(und.spans):  # a residual word next to an exact match
+            for i in (a - 1, b):
+                if i in content:
+                    spans.append((tuple(sorted(set(range(a, b)) | {i})), mi))
+        texts = [" ".join(und.tokens[i] if und.tokens[i] not in und.corrected else words[i]
+                          for i in idx) for idx, _ in spans]
+        vectors = embed(texts)
+        cands: list[tuple[float, int, tuple[int, ...], str, list[tuple[Facet, float]], int | None]] = []
+        for (idx, exact), text, vec in zip(spans, texts, vectors):
+            found = [("colour", math.inf, dist)] if (dist := self.colour(text)) else []
+            if vec is not None:
+                found += self.match(vec)
+            for slot, score, dist in found:
+                if exact is not None:
+                    if slot != und.matches[exact].slot or dist[0][0].value == und.matches[exact].value:
+                        continue
+                elif slot in exact_slots:
+                    continue
+                if score >= threshold:
+                    cands.append((score, len(idx), idx, slot, dist, exact))
+        cands.sort(key=lambda c: (-c[1], -c[0]))
+        used: set[int] = set()
+        replaced: set[int] = set()
+        taken_slots: set[str] = set()
+        new: list[tuple[Match, dict[int, float]]] = []
+        for score, _, idx, slot, dist, exact in cands:
+            own = set(idx) - (set(range(*und.spans[exact])) if exact is not None else set())
+            if own & used or slot in taken_slots:
+                continue
+            used |= own
+            taken_slots.add(slot)
+            if exact is not None:
+                replaced.add(exact)
+            best_p = dist[0][1]
+            kept = [(f, p) for f, p in dist if p >= min_ratio * best_p]
+            member: dict[int, float] = {}
+            for f, p in kept:
+                for it in f.items:
+                    member[it] = min(1.0, member.get(it, 0.0) + p / best_p)
+            top = kept[0][0]
+            m = Match(" ".join(und.tokens[i] for i in idx), slot, top.value,
+                      tuple(sorted(top.fields)), "semantic", round(best_p, 4),
+                      tuple((f.value, round(p, 4)) for f, p in kept[1:]))
+            new.append((m, member))
+        if not new:
+            return und
+        for exact in sorted(replaced, reverse=True):  # the longer span's meaning wins
+            m = und.matches[exact]
+            key = m.slot if m.slot in und.slot_items else f"{m.slot}={m.value}"
+            und.slot_items.pop(key, None)
+            del und.matches[exact], und.spans[exact]
+        for m, member in new:
+            und.matches.append(m)
+            und.soft[f"{m.slot}~{m.text}"] = member
+        und.residual = " ".join(words[i] for i in range(len(words))
+                                if i not in used and i not in covered)
+        return und
+
+
+def _z(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """x standardised by the mean and deviation of its (masked) entries."""
+    ref = x if mask is None else x[mask]
+    sd = float(ref.std()) if ref.numel() > 1 else 0.0
+    return (x - ref.mean()) / (sd if sd > 1e-6 else 1.0)

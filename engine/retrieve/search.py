@@ -35,8 +35,8 @@ from polyrec.errors import (ConfigError, ModelNotTrainedError, PolyrecError,
                            ValidationError)
 from polyrec.rank.vector_index import IndexSettings, IndexSlot
 from polyrec.retrieve.lexical import LexicalIndex, Signature, _attributes, make_index
-from polyrec.retrieve.query_understanding import (IntentClassifier, Understanding, Vocabulary,
-                                        intent_slot)
+from polyrec.retrieve.query_understanding import (IntentClassifier, SemanticMatcher,
+                                                  Understanding, Vocabulary, intent_slot)
 from polyrec.store import vector_cache
 from polyrec.store.models import Interaction, Item, ItemVector
 from polyrec.store.vector_cache import index_directory
@@ -51,6 +51,8 @@ MAX_QUERY_CHARS = 1000
 MAX_K = 1000
 #: Encoders whose query tower maps text into their item space: ranking name -> encoder.
 DENSE_ENCODERS: dict[str, str] = {"dense": "bert", "clip": "clip"}
+#: The text encoder whose query tower embeds spans and facet values (semantic matching).
+SEMANTIC_ENCODER = "bert"
 
 
 @dataclass
@@ -66,6 +68,13 @@ class SearchOptions:
     facet_boost: float = 1.0
     intent_boost: float = 0.02
     intent_threshold: float = 0.5
+    #: match query words to facet values by the text encoder's similarity (see
+    #: query_understanding.SemanticMatcher) when the words name no value exactly.
+    semantic: bool = True
+    #: minimum score (mean z-score of name and item-centroid similarity) of a semantic match
+    semantic_threshold: float = 3.0
+    #: softmax temperature turning semantic scores into value probabilities
+    semantic_temperature: float = 0.5
     #: use CLIP vectors even when the CLIP model has no pretrained weights (testing).
     untrained_clip: bool = False
     lexical_backend: str = "auto"
@@ -523,6 +532,35 @@ class Searcher:
         self._query_cache.put(key, vec)
         return vec, None
 
+    def query_vectors(self, name: str, texts: Sequence[str],
+                      fingerprint: str | None) -> list[torch.Tensor | None]:
+        """Several short texts embedded like queries by encoder ``name``, in one batch
+        where the encoder has a batched ``encode_texts`` (bert), else one by one through
+        :meth:`query_vector`; cached like queries. None for each when it cannot be used."""
+        out: list[torch.Tensor | None] = [self._query_cache.get((name, fingerprint, t))
+                                          for t in texts]
+        missing = sorted({t for t, v in zip(texts, out) if v is None})
+        if not missing:
+            return out
+        try:
+            encoder, lock = self._encoder(name)
+        except PolyrecError:
+            return out
+        batch = getattr(encoder, "encode_texts", None)
+        if batch is None or len(missing) == 1:
+            found = {t: self.query_vector(name, t, fingerprint)[0] for t in missing}
+        else:
+            ctx = EncoderContext(engine=self.engine, device=self.engine.device, progress=False)
+            with lock:
+                if fingerprint is not None and encoder.fingerprint() != fingerprint:
+                    found = {t: self.query_vector(name, t, fingerprint)[0] for t in missing}
+                else:
+                    vecs = batch(missing, ctx)
+                    found = {t: vecs[k] for k, t in enumerate(missing)}
+                    for t, v in found.items():
+                        self._query_cache.put((name, fingerprint, t), v)
+        return [v if v is not None else found.get(t) for t, v in zip(texts, out)]
+
     def _encoder(self, name: str) -> tuple[Any, threading.Lock]:
         found = self._encoders.get(name)
         if found is not None:
@@ -567,6 +605,41 @@ class Searcher:
             self._intents = {key: clf}
         return self._intents[key]
 
+    def semantic_matcher(self, snap: CatalogSnapshot, space: VectorSpace,
+                         temperature: float) -> SemanticMatcher:
+        """The catalogue's facet values embedded by the text encoder (names and item
+        centroids), built once per catalogue snapshot, vectors and encoder fingerprint."""
+        key = ("semantic", snap.signature, space.signature, space.fingerprint, temperature)
+
+        def build() -> SemanticMatcher:
+            def embed(values: Sequence[str]) -> list[torch.Tensor | None]:
+                return self.query_vectors(SEMANTIC_ENCODER, values, space.fingerprint)
+            return SemanticMatcher(snap.vocabulary, embed, space.item_ids, space.matrix,
+                                   temperature=temperature)
+        return self.memo(key, build)
+
+    def _semantic(self, session: Any, state: StoreState, snap: CatalogSnapshot,
+                  und: Understanding, opts: SearchOptions, notes: list[str]) -> None:
+        """Semantic facet matching of the words exact matching left (in place)."""
+        space = self.space(session, SEMANTIC_ENCODER, state)
+        if space is None:
+            return
+        if space.fingerprint is not None:
+            try:
+                current = self._encoder(SEMANTIC_ENCODER)[0].fingerprint()
+            except PolyrecError as exc:
+                notes.append(f"semantic matching off: {exc}")
+                return
+            if current != space.fingerprint:
+                return  # the dense leg says why (re-encode)
+        matcher = self.semantic_matcher(snap, space, opts.semantic_temperature)
+        query = corrected_query(und)
+
+        def embed(texts: Sequence[str]) -> list[torch.Tensor | None]:
+            # the whole query rides in the same batch: the dense leg finds it cached
+            return self.query_vectors(SEMANTIC_ENCODER, [query, *texts], space.fingerprint)[1:]
+        matcher.apply(und, embed, threshold=opts.semantic_threshold)
+
     # -- search --------------------------------------------------------------------------
     def search(self, query: str, k: int = 10, *, user: str | None = None,
                filters: Mapping[str, Any] | None = None, **options: Any) -> SearchResponse:
@@ -586,6 +659,9 @@ class Searcher:
             und = (snap.vocabulary.understand(query) if opts.understanding != "off"
                    else Understanding(query))
             pool = max(opts.candidates, 5 * k)
+            text = corrected_query(und)  # misspelt words read as the catalogue's words
+            if opts.understanding != "off" and opts.semantic:
+                self._semantic(s, state, snap, und, opts, notes)
             rankings: dict[str, list[int]] = {}
             dense: tuple[VectorSpace, torch.Tensor] | None = None
             for ranking, encoder in DENSE_ENCODERS.items():
@@ -594,7 +670,7 @@ class Searcher:
                 space = self.space(s, encoder, state)
                 if space is None:
                     continue
-                vec, why = self.query_vector(encoder, query, space.fingerprint)
+                vec, why = self.query_vector(encoder, text, space.fingerprint)
                 if vec is None:
                     notes.append(why or f"{encoder}: unavailable")
                     continue
@@ -612,7 +688,7 @@ class Searcher:
             if use_lexical:
                 index = self.lexical(s, opts.lexical_backend)
                 # synced above in a write transaction of its own; this snapshot only reads
-                rankings["lexical"] = [i for i, _ in index.search(s, query, pool, allowed,
+                rankings["lexical"] = [i for i, _ in index.search(s, text, pool, allowed,
                                                                   state.items, sync=False)]
             if not rankings:
                 notes.append("no retriever available: no vectors and lexical search disabled")
@@ -729,13 +805,25 @@ class Searcher:
 
 
 def _matched(vocab: Vocabulary, und: Understanding, item: int) -> list[str]:
-    """'slot=value' for each recognised value the item carries."""
+    """'slot=value' for each recognised value the item carries (for a semantic match,
+    the value or one of its alternatives)."""
     out = []
     for m in und.matches:
-        facet = vocab.facets.get((m.slot, m.value.lower()))
-        if facet is not None and item in facet.items:
-            out.append(f"{m.slot}={m.value}")
+        for value in [m.value] + [v for v, _ in m.alternatives]:
+            facet = vocab.facets.get((m.slot, value.lower()))
+            if facet is not None and item in facet.items:
+                out.append(f"{m.slot}={value}")
+                break
     return out
+
+
+def corrected_query(und: Understanding) -> str:
+    """The query with its misspelt words replaced by the catalogue words they were read
+    as (the query itself when nothing was corrected)."""
+    if not und.corrected:
+        return und.query
+    from polyrec.retrieve.lexical import tokens
+    return " ".join(und.corrected.get(t, t) for t in tokens(und.query))
 
 
 def trained_pipeline(engine: "Engine") -> Any | None:
