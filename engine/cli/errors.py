@@ -71,7 +71,8 @@ def message(exc: BaseException) -> str:
                 "(sqlite:///file.db, postgresql://...) or a file path")
     if isinstance(exc, ModuleNotFoundError):
         name = exc.name or str(exc)
-        hint = {"psycopg2": "pip install psycopg2-binary", "psycopg": "pip install psycopg",
+        hint = {"psycopg2": "pip install 'polyrec[postgres]'",
+                "psycopg": "pip install 'polyrec[postgres]'",
                 "pymysql": "pip install pymysql", "fastapi": "pip install 'polyrec[serve]'",
                 "uvicorn": "pip install 'polyrec[serve]'"}.get(name.split(".")[0],
                                                                f"pip install {name.split('.')[0]}")
