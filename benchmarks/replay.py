@@ -27,7 +27,7 @@ variant with Wilson intervals) goes into the JSON, and ``--plot-experiment FILE`
 Usage:
     .venv/bin/python benchmarks/replay.py [--data ../shared/datasets] [--k 10]
         [--max-events N] [--workdir DIR (keeps the trained database between runs)]
-        [--window 1000] [--plot FILE] [--ab-events N --plot-experiment FILE]
+        [--window 1000] [--plot FILE] [--ab-events N --plot-experiment FILE] [--out PATH]
 """
 from __future__ import annotations
 
@@ -332,6 +332,9 @@ def main() -> None:
                              "(online vs frozen), reported with Wilson intervals.")
     parser.add_argument("--plot-experiment", type=Path, default=None, metavar="FILE",
                         help="Draw the A/B experiment's report (.png, .svg, .html).")
+    parser.add_argument("--out", type=Path, default=None, metavar="PATH",
+                        help="Write the JSON here (default: benchmarks/results/replay.json, "
+                             "replay-<options>.json with --train-option).")
     args = parser.parse_args()
     from polyrec.plots import check_plot_path, experiment_chart, replay_chart, save_chart
     for target in (args.plot, args.plot_experiment):
@@ -424,10 +427,11 @@ def main() -> None:
            "python": platform.python_version()}
     if experiment is not None:
         out["experiment"] = {**experiment, "events": min(args.ab_events, len(stream))}
-    path = ROOT / "benchmarks" / "results" / ("replay.json" if tag == "default" else f"replay-{tag}.json")
+    path = args.out or ROOT / "benchmarks" / "results" / ("replay.json" if tag == "default"
+                                                          else f"replay-{tag}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {path.relative_to(ROOT)}")
+    print(f"wrote {path}")
     if args.plot is not None:
         print(f"wrote {save_chart(replay_chart(res), args.plot)}")
     if args.plot_experiment is not None and experiment is not None:

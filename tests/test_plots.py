@@ -48,13 +48,8 @@ def _cells(page: str) -> list[list[str]]:
 
 # -- evaluate --plot ------------------------------------------------------------------------
 @pytest.mark.slow  # fits two rankers on ml-100k
-def test_evaluate_plot_png_and_html(ml100k_db, tmp_path):
-    png, page = tmp_path / "eval.png", tmp_path / "eval.html"
-    result = _run(ml100k_db, "evaluate", "--models", "popular,ease", "-o", "ease.l2=500",
-                  "--k", "5,10,20", "--plot", str(png))
-    assert result.exit_code == 0, result.output
-    assert f"Plot written to {png}" in result.output
-    assert _png_size(png.read_bytes()) == (1100, 360)
+def test_evaluate_plot_html(ml100k_db, tmp_path):
+    page = tmp_path / "eval.html"  # (PNG files: the experiment and replay tests)
     result = _run(ml100k_db, "evaluate", "--models", "popular,ease", "-o", "ease.l2=500",
                   "--k", "5,10,20", "--plot", str(page), "--json")
     assert result.exit_code == 0, result.output
