@@ -324,7 +324,8 @@ class MultiTaskIntent(IntentModel):
         where = {row: k for k, row in enumerate(rows)}
         hist = [[where[r] for r in h if r in where] for h in data.histories]
         hist = [h for h in hist if len(set(h)) >= 2]
-        pairs = [(u, t) for u, h in enumerate(hist) for t in h if t in set(train_rows)]
+        in_train = set(train_rows)
+        pairs = [(u, t) for u, h in enumerate(hist) for t in h if t in in_train]
         has_rec = bool(pairs) and o["gamma"] > 0
         sums = torch.stack([ivec[h].sum(0) for h in hist]) if hist else torch.empty(0)
         counts = torch.tensor([len(h) for h in hist], dtype=torch.float32) if hist else torch.empty(0)
