@@ -51,8 +51,9 @@ INTENT_SLOTS: tuple[str, ...] = ("type", "genre", "category")
 #: Shortest (stemmed) query word a spelling correction is tried on.
 MIN_CORRECT = 4
 #: Function words: never corrected, never a semantic span on their own.
-STOPWORDS = frozenset("""a an and any are as at be buy by for from get go good i in into is it
-its look looking me my need new nice of on or our some something somebody someone that the
+STOPWORDS = frozenset("""a an and any are as at be buy by clothes clothing color colour for from
+get go good i in into is it
+its look looking me my need new nice of on or other our some something somebody someone that the
 their them these this those to want wear wearing what with without you your""".split())
 #: Values that name nothing.
 STOP_VALUES = frozenset({"unknown", "undefined", "other", "others", "none", "n/a", "na", "nan",
@@ -563,6 +564,18 @@ class SemanticMatcher:
             cents = torch.nn.functional.normalize(
                 torch.zeros(len(facets), dim).index_add_(0, fidx, vectors[ridx].float()), dim=1)
             self.slots[slot] = (facets, names, cents, has)
+        #: per slot: sub-phrase (stemmed words) -> the values whose name contains it
+        self.parts: dict[str, dict[tuple[str, ...], list[Facet]]] = {}
+        for slot, (facets, *_rest) in self.slots.items():
+            parts: dict[tuple[str, ...], list[Facet]] = defaultdict(list)
+            for f in facets:
+                words = terms(f.value)
+                for i in range(len(words)):
+                    for j in range(i + 1, len(words) + (i > 0)):
+                        sub = tuple(words[i:j])
+                        if sub and sub != tuple(words) and not set(sub) <= STOPWORDS:
+                            parts[sub].append(f)
+            self.parts[slot] = dict(parts)
         self.colours = (ColourSpace([(f.value, len(f.items)) for f in self.slots["colour"][0]])
                         if "colour" in self.slots else None)
 
@@ -631,8 +644,14 @@ class SemanticMatcher:
         vectors = embed(texts)
         cands: list[tuple[float, int, tuple[int, ...], str, list[tuple[Facet, float]], int | None]] = []
         for (idx, exact), text, vec in zip(spans, texts, vectors):
-            found = [("colour", math.inf, dist)] if (dist := self.colour(text)) else []
-            if vec is not None:
+            # words inside value names first ("khaki": Greenish Khaki, Khaki green;
+            # "womens": every "Womens ..." section), then colour names, then the encoder
+            key = tuple(words[i] for i in idx)
+            found = [(slot, math.inf * 2, [(f, 1.0) for f in parts[key]])
+                     for slot, parts in self.parts.items() if key in parts]
+            if not found and (dist := self.colour(text)):
+                found = [("colour", math.inf, dist)]
+            if vec is not None and not found:
                 found += self.match(vec)
             for slot, score, dist in found:
                 if exact is not None:
@@ -642,7 +661,7 @@ class SemanticMatcher:
                     continue
                 if score >= threshold:
                     cands.append((score, len(idx), idx, slot, dist, exact))
-        cands.sort(key=lambda c: (-c[1], -c[0]))
+        cands.sort(key=lambda c: (-c[1], -c[0]))  # longest span, then partial > colour > encoder
         used: set[int] = set()
         replaced: set[int] = set()
         taken_slots: set[str] = set()
@@ -663,8 +682,9 @@ class SemanticMatcher:
                     member[it] = min(1.0, member.get(it, 0.0) + p / best_p)
             top = kept[0][0]
             m = Match(" ".join(und.tokens[i] for i in idx), slot, top.value,
-                      tuple(sorted(top.fields)), "semantic", round(best_p, 4),
-                      tuple((f.value, round(p, 4)) for f, p in kept[1:]))
+                      tuple(sorted(top.fields)),
+                      "partial" if score == math.inf * 2 else "semantic", round(best_p, 4),
+                      tuple((f.value, round(p, 4)) for f, p in kept[1:6]))
             new.append((m, member))
         if not new:
             return und
