@@ -102,8 +102,8 @@ def similar_command(state: CliState, item: str, k: int, filters: tuple[str, ...]
 @click.option("--port", default=8000, show_default=True, type=int)
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1),
               help="Serving processes (uvicorn workers), each with its own Engine over --db "
-                   "(PostgreSQL or a SQLite file); they see each other's writes and a newly "
-                   "live model within about a second (docs/storage.md).")
+                   "(PostgreSQL or a SQLite file); each sees other processes' writes and a "
+                   "newly live model within seconds, without a restart (docs/storage.md).")
 @click.option("--token", envvar="POLYREC_TOKEN", default=None,
               help="Bearer token required by write endpoints (env POLYREC_TOKEN).")
 @click.option("--log-level", default="info", show_default=True,
