@@ -13,7 +13,7 @@ import csv
 import io
 import json
 import os
-import tempfile
+import uuid
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Sequence
@@ -56,10 +56,8 @@ class RecommendationWriter:
             if not self.path.parent.exists():
                 raise ConfigError(f"cannot write {self.path}: the folder {self.path.parent} "
                                   "does not exist")
-            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp",
-                                       dir=self.path.parent)
-            os.close(fd)
-            self._tmp = Path(tmp)
+            self._tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex[:12]}.tmp")
+            open(self._tmp, "x").close()  # the usual permissions (mkstemp's are 0600)
             if self.format != "parquet":
                 self._fh = open(self._tmp, "w", newline="" if self.format == "csv" else None,
                                 encoding="utf-8")
