@@ -134,6 +134,8 @@ class Understanding:
     spans: list[tuple[int, int]] = field(default_factory=list)
     #: misspelt words read as catalogue words: {"jaket": "jacket"}
     corrected: dict[str, str] = field(default_factory=dict)
+    #: what a trained intent model read in the query (its facets and demand), if used
+    intent_model: dict[str, Any] | None = None
 
     def summary(self) -> dict[str, Any]:
         """slot -> value (a list when several values of a slot were named), e.g.
@@ -171,6 +173,8 @@ class Understanding:
                "intent": self.intent}
         if self.corrected:
             out["corrected"] = dict(self.corrected)
+        if self.intent_model is not None:
+            out["intent_model"] = self.intent_model
         return out
 
 
@@ -439,6 +443,9 @@ def intent_slot(vocab: Vocabulary) -> str | None:
 
 
 
+#: Words that qualify a colour without naming one.
+SHADE_WORDS = frozenset({"dark", "light", "medium", "bright", "dusty", "pale", "deep", "other",
+                         "undefined", "mixed"})
 #: Slots whose values are matched by meaning (semantic facet matching), in this order.
 SEMANTIC_SLOTS: tuple[str, ...] = ("colour", "type", "genre", "pattern", "material", "category")
 
@@ -472,12 +479,14 @@ class ColourSpace:
     def rgb_of(name: str) -> tuple[float, float, float] | None:
         from polyrec.retrieve.colour_names import COLOUR_NAMES
         low = " ".join(tokens(name)).replace("gray", "grey")
+        if set(low.split()) <= SHADE_WORDS:  # "Dark", "Medium Dusty": a shade, no colour
+            return None
         if low in COLOUR_NAMES:
             return tuple(float(c) for c in COLOUR_NAMES[low])  # type: ignore[return-value]
         parts = []
         for w in low.split():
             w = w[:-3] if w.endswith("ish") and w[:-3] in COLOUR_NAMES else w
-            if w in COLOUR_NAMES and w not in ("other", "dark", "light"):
+            if w in COLOUR_NAMES and w not in SHADE_WORDS:
                 parts.append(COLOUR_NAMES[w])
         if not parts:
             return None
@@ -500,6 +509,8 @@ class ColourSpace:
         if not self.values or not self.is_colour(text):
             return []
         lab = self.lab_of(text)
+        if lab is None:
+            return []
         diff = (self.labs - torch.tensor(lab)).norm(dim=1)
         probs = torch.softmax(-diff / self.temperature + self.log_prior, dim=0)
         top = torch.topk(probs, min(5, len(self.values)))

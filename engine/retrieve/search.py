@@ -35,8 +35,9 @@ from polyrec.errors import (ConfigError, ModelNotTrainedError, PolyrecError,
                            ValidationError)
 from polyrec.rank.vector_index import IndexSettings, IndexSlot
 from polyrec.retrieve.lexical import LexicalIndex, Signature, _attributes, make_index
-from polyrec.retrieve.query_understanding import (IntentClassifier, SemanticMatcher,
-                                                  Understanding, Vocabulary, intent_slot)
+from polyrec.retrieve.query_understanding import (IntentClassifier, Match, SemanticMatcher,
+                                                  Understanding, Vocabulary, intent_slot,
+                                                  slot_of)
 from polyrec.store import vector_cache
 from polyrec.store.models import Interaction, Item, ItemVector
 from polyrec.store.vector_cache import index_directory
@@ -75,6 +76,12 @@ class SearchOptions:
     semantic_threshold: float = 3.0
     #: softmax temperature turning semantic scores into value probabilities
     semantic_temperature: float = 0.5
+    #: use the trained intent model (artifact "intent", polyrec train-intent) when there
+    #: is one for these vectors: its confident facets join as soft facets, its demand
+    #: head breaks ties
+    intent_model: bool = True
+    #: minimum probability of a field's best value for the intent model's facet to count
+    intent_model_threshold: float = 0.6
     #: use CLIP vectors even when the CLIP model has no pretrained weights (testing).
     untrained_clip: bool = False
     lexical_backend: str = "auto"
@@ -155,10 +162,15 @@ class SearchResponse:
 
     def as_dict(self) -> dict[str, Any]:
         u = self.understanding
-        return {"query": self.query, "understood": u.summary(),
-                "entities": [m.as_dict() for m in u.matches], "intent": u.intent,
-                "rankings": self.rankings, "personalised": self.personalised,
-                "notes": self.notes, "results": [h.as_dict() for h in self.results]}
+        out = {"query": self.query, "understood": u.summary(),
+               "entities": [m.as_dict() for m in u.matches], "intent": u.intent,
+               "rankings": self.rankings, "personalised": self.personalised,
+               "notes": self.notes, "results": [h.as_dict() for h in self.results]}
+        if u.corrected:
+            out["corrected"] = dict(u.corrected)
+        if u.intent_model is not None:
+            out["intent_model"] = u.intent_model
+        return out
 
 
 # -- snapshots ----------------------------------------------------------------------------
@@ -640,6 +652,67 @@ class Searcher:
             return self.query_vectors(SEMANTIC_ENCODER, [query, *texts], space.fingerprint)[1:]
         matcher.apply(und, embed, threshold=opts.semantic_threshold)
 
+    def intent_model(self, space: VectorSpace) -> tuple[Any, dict[int, float]] | None:
+        """The trained intent model for ``space``'s vectors and its demand score per
+        item, loaded once per model version and vectors; None when none is trained
+        (or it was trained on other vectors)."""
+        try:
+            from polyrec.retrieve.intent_model import intent_status, latest_version
+        except ImportError:  # pragma: no cover - a core without intent models
+            return None
+        version = latest_version(self.engine)
+        if version is None:
+            return None
+        key = ("intent-model", version, space.signature)
+
+        def build() -> tuple[Any, dict[int, float]] | None:
+            loaded, _why = intent_status(self.engine, fingerprint=space.fingerprint)
+            if loaded is None:
+                return None
+            with torch.inference_mode():
+                scores = loaded.model.item_demand(space.matrix)
+            return loaded, {i: float(v) for i, v in zip(space.item_ids, scores.tolist())}
+        return self.memo(key, build)
+
+    def _intent_model(self, und: Understanding, dense: tuple[VectorSpace, torch.Tensor],
+                      snap: CatalogSnapshot, opts: SearchOptions) -> dict[int, float]:
+        """Soft facets from the intent model's confident predictions for slots the query
+        named nothing in (in place); returns the items' demand scores (tie-break)."""
+        found = self.intent_model(dense[0])
+        if found is None:
+            return {}
+        loaded, demand = found
+        with torch.inference_mode():
+            pred = loaded.predict(dense[1])
+        named = {m.slot for m in und.matches}
+        best: dict[str, tuple[float, str, list[tuple[str, float]]]] = {}
+        for fld, dist in pred.facets.items():
+            if not dist:
+                continue
+            slot = slot_of(fld)
+            top_p = float(dist[0][1])
+            if slot in named or top_p < opts.intent_model_threshold:
+                continue
+            if slot not in best or top_p > best[slot][0]:
+                best[slot] = (top_p, fld, [(v, float(p)) for v, p in dist])
+        vocab = snap.vocabulary
+        for slot, (top_p, fld, dist) in best.items():
+            member: dict[int, float] = {}
+            kept = [(v, p) for v, p in dist if p >= 0.2 * top_p
+                    and (slot, v.lower()) in vocab.facets]
+            for v, p in kept:
+                for it in vocab.facets[(slot, v.lower())].items:
+                    member[it] = min(1.0, member.get(it, 0.0) + p / top_p)
+            if not kept:
+                continue
+            facet = vocab.facets[(slot, kept[0][0].lower())]
+            und.matches.append(Match(und.query, slot, facet.value, (fld,), "intent-model",
+                                     round(top_p, 4),
+                                     tuple((v, round(p, 4)) for v, p in kept[1:6])))
+            und.soft[f"{slot}~intent"] = member
+        und.intent_model = {"version": loaded.version, **pred.as_dict()}
+        return demand
+
     # -- search --------------------------------------------------------------------------
     def search(self, query: str, k: int = 10, *, user: str | None = None,
                filters: Mapping[str, Any] | None = None, **options: Any) -> SearchResponse:
@@ -685,6 +758,9 @@ class Searcher:
                     if opts.understanding != "off":
                         clf = self.intent_classifier(snap, space)
                         und.intent = clf.classify(vec) if clf is not None and len(clf) else None
+            demand: dict[int, float] = {}
+            if dense is not None and opts.understanding != "off" and opts.intent_model:
+                demand = self._intent_model(und, dense, snap, opts)
             if use_lexical:
                 index = self.lexical(s, opts.lexical_backend)
                 # synced above in a write transaction of its own; this snapshot only reads
@@ -727,7 +803,7 @@ class Searcher:
                 if item in intent_items:
                     score += opts.intent_boost * float(intent["confidence"])  # type: ignore[index]
             scored.append((score, item))
-        scored.sort(key=lambda t: (-t[0], t[1]))
+        scored.sort(key=lambda t: (-t[0], -demand.get(t[1], 0.0), t[1]))
         hits = [SearchHit(item=snap.external[i], score=sc, title=snap.titles.get(i),
                           ranks={n: p[i] for n, p in positions.items() if i in p},
                           matched=_matched(snap.vocabulary, und, i),
