@@ -85,3 +85,13 @@ def test_local_server_starts_serves_and_stops_clean():
     assert not root.exists()
     with socket.socket() as s:  # nothing listens there any more
         assert s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_a_server_that_cannot_start_leaves_nothing(pg_server):
+    """A port already taken (the session's server): one error with the server's log, and
+    no directory left behind."""
+    from polyrec.store.pg_server import LocalPostgres
+    clash = LocalPostgres(port=pg_server.port)
+    with pytest.raises(RuntimeError, match="pg_ctl failed"):
+        clash.start()
+    assert not clash.root.exists()

@@ -92,7 +92,15 @@ class LocalPostgres:
             return False
 
     def start(self) -> "LocalPostgres":
-        """initdb, then start the server and wait until it accepts connections."""
+        """initdb, then start the server and wait until it accepts connections. On failure
+        nothing is left behind (the directory is removed) and the error is raised."""
+        try:
+            return self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> "LocalPostgres":
         if self._user is not None:
             shutil.chown(self.root, user=self._user)
             self.root.chmod(0o711)
