@@ -53,6 +53,9 @@ demo: $(STAMP)
 	$(call step,evaluate 4 models,$(POLYREC) evaluate --models popular$(comma)itemknn$(comma)ease$(comma)hybrid)
 	@echo; echo "Step times (make demo):"; cat $(STEPS); \
 	  awk '{ total += $$(NF-1) } END { printf "  %-34s %7.1f s\n", "total", total }' $(STEPS)
+	@echo; echo "Admin pages (docs/admin.md): run"; \
+	  echo "  $(POLYREC) serve"; \
+	  echo "then open http://127.0.0.1:8000/ (API docs: http://127.0.0.1:8000/docs)"
 
 test: $(STAMP) $(CHROMIUM)
 	$(BIN)/python -m pytest -q

@@ -67,6 +67,8 @@ def test_models_page_lists_versions_metrics_and_live(served):
         [(1, "hybrid", "passed", True), (2, "popular", "failed", False)]
     page = text(r.text)
     assert "Live version: v1" in page and "2 stored versions" in page
+    data = models[0]["data"]
+    assert f"{data['users']:,} users · {data['items']:,} items · {data['interactions']:,} interactions" in page
     for m in models:
         assert f"{m['metrics']['recall@20']:.4f}" in page
     # the metrics chart: a line per metric through both versions
