@@ -591,6 +591,12 @@ class FeedbackLearner(ABC):
         ``strength / (strength + blend)``. Default: 1 when ``user_state`` has a vector."""
         return 1.0 if self.user_state(user_id) is not None else 0.0
 
+    def prefetch(self, user_ids: Sequence[int]) -> None:
+        """A batch of recommendations (``Engine.recommend_many``) is about to ask
+        ``strength`` and ``scores`` for each of these users: load what they need at once
+        (e.g. their stored states in one query) instead of user by user. Default:
+        nothing."""
+
     def scores(self, user_id: int, item_ids: Sequence[int]) -> torch.Tensor | None:
         """Scores [len(item_ids)] of the user's online interest (NaN where unknown); None
         for no opinion. Default: ``user_state`` . the item space's vectors."""

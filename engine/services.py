@@ -63,7 +63,11 @@ class Services:
                     enabled: bool | None) -> list:
             return events.explore_indices(engine, rec, user_id, scores, picked, k, explore=enabled)
 
-        return Recommender(engine, online_hook=online, explore_hook=explore)
+        def prefetch(rec: Any, user_ids: list, enabled: bool | None) -> None:
+            events.prefetch_users(engine, rec, user_ids, online=enabled)
+
+        return Recommender(engine, online_hook=online, explore_hook=explore,
+                           prefetch_hook=prefetch)
 
     def reset_recommender(self) -> None:
         """Drop the loaded pipeline: the next request loads the live version again."""

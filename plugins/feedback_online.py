@@ -343,6 +343,18 @@ class OnlineUserLearner(FeedbackLearner):
                 return None
             return torch.from_numpy(vector.astype(np.float32))
 
+    def prefetch(self, user_ids: Sequence[int]) -> None:
+        """Load the states of these users that are not in memory, 900 per two queries
+        (as many as the cache holds)."""
+        with self._lock:
+            space = self._current_space()
+            if space is None:
+                return
+            missing = list(dict.fromkeys(u for u in user_ids if u not in self._states))
+            missing = missing[:max(0, int(self.cache_size))]
+            for start in range(0, len(missing), 900):
+                self._load_many(missing[start:start + 900], space)
+
     def strength(self, user_id: int) -> float:
         """The user's decayed total event weight (0 without online events), raised by
         ``session_boost`` times the session's :meth:`coherence`: recent items that are

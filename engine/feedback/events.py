@@ -819,6 +819,19 @@ def online_scores(engine: "Engine", rec: Any, user_id: int, scores: torch.Tensor
     return out
 
 
+def prefetch_users(engine: "Engine", rec: Any, user_ids: Sequence[int], *,
+                   online: bool | None = None) -> None:
+    """Before a block of recommendations: let the learner in the ``user_state`` role load
+    these users at once (``FeedbackLearner.prefetch``), when online blending is on."""
+    h = hub(engine)
+    enabled = h.config["online"].get("enabled", True) if online is None else online
+    learner = h.role("user_state")
+    if not enabled or learner is None:
+        return
+    _sync_space(h, rec)
+    learner.prefetch(list(user_ids))
+
+
 def explore_indices(engine: "Engine", rec: Any, user_id: int, scores: torch.Tensor,
                     picked: list[int], k: int, *, explore: bool | None = None) -> list[int]:
     """Let the bandit reorder a user's top ``k`` (dense item indices of ``rec.data``) when

@@ -149,7 +149,9 @@ def recommend_block(rec: "Recommender", snap: "DataSnapshot", users: Sequence[tu
         scores = torch.log1p(snap.popularity).expand(len(users), n_items).clone()
         if known:  # guests (newer than the snapshot) keep popularity
             scores[known] = rec.scores(torch.tensor([dense[r] for r in known]))
-        if rec.online_hook is not None:  # per user: the learners' state of each one
+        if rec.online_hook is not None:  # per user: the learners' state of each one,
+            if rec.prefetch_hook is not None:  # loaded for the whole block first
+                rec.prefetch_hook(rec, [uid for _, uid in users], options.online)
             for r, (_, uid) in enumerate(users):
                 scores[r] = rec.online_hook(rec, uid, scores[r], options.online)
         if options.exclude_seen:

@@ -65,6 +65,8 @@ class DataSnapshot:
 OnlineHook = Callable[["Recommender", int, torch.Tensor, "bool | None"], torch.Tensor]
 #: (recommender, user id, scores, picked indices, k, explore) -> reordered indices.
 ExploreHook = Callable[["Recommender", int, torch.Tensor, list, int, "bool | None"], list]
+#: (recommender, user ids, online) -> None: before a block of online hooks (batch path).
+PrefetchHook = Callable[["Recommender", list, "bool | None"], None]
 
 @dataclass
 class Recommendation:
@@ -180,10 +182,12 @@ class Recommender:
 
     def __init__(self, engine: "Engine", version: int | None = None, *,
                  online_hook: OnlineHook | None = None,
-                 explore_hook: ExploreHook | None = None, strict: bool = False) -> None:
+                 explore_hook: ExploreHook | None = None, strict: bool = False,
+                 prefetch_hook: PrefetchHook | None = None) -> None:
         self.engine = engine
         self.online_hook = online_hook
         self.explore_hook = explore_hook
+        self.prefetch_hook = prefetch_hook
         self.strict = strict
         self.errors: list[dict[str, Any]] = []
         self.fallback: dict[str, Any] | None = None
