@@ -37,7 +37,8 @@ def connected(address: str | None = None, *, num_cpus: int | None = None) -> Ite
     if ray.is_initialized():
         yield ray
         return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local throwaway cluster
+    if not address:  # a local throwaway cluster: no token to generate and store
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
                               "configure_logging": False}
     if address:
