@@ -18,7 +18,6 @@ the query vector.
 """
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -443,6 +442,9 @@ def intent_slot(vocab: Vocabulary) -> str | None:
 
 
 
+#: Scores that rank a span's readings above any encoder score: a word inside a value's
+#: name, then a colour name.
+_PARTIAL, _COLOUR = 1e9, 1e6
 #: Words that qualify a colour without naming one.
 SHADE_WORDS = frozenset({"dark", "light", "medium", "bright", "dusty", "pale", "deep", "other",
                          "undefined", "mixed"})
@@ -658,10 +660,10 @@ class SemanticMatcher:
             # words inside value names first ("khaki": Greenish Khaki, Khaki green;
             # "womens": every "Womens ..." section), then colour names, then the encoder
             key = tuple(words[i] for i in idx)
-            found = [(slot, math.inf * 2, [(f, 1.0) for f in parts[key]])
+            found = [(slot, _PARTIAL, [(f, 1.0) for f in parts[key]])
                      for slot, parts in self.parts.items() if key in parts]
             if not found and (dist := self.colour(text)):
-                found = [("colour", math.inf, dist)]
+                found = [("colour", _COLOUR, dist)]
             if vec is not None and not found:
                 found += self.match(vec)
             for slot, score, dist in found:
@@ -694,7 +696,7 @@ class SemanticMatcher:
             top = kept[0][0]
             m = Match(" ".join(und.tokens[i] for i in idx), slot, top.value,
                       tuple(sorted(top.fields)),
-                      "partial" if score == math.inf * 2 else "semantic", round(best_p, 4),
+                      {_PARTIAL: "partial", _COLOUR: "colour"}.get(score, "semantic"), round(best_p, 4),
                       tuple((f.value, round(p, 4)) for f, p in kept[1:6]))
             new.append((m, member))
         if not new:
