@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 from urllib.parse import quote, unquote_to_bytes
 
 from sqlalchemy import Integer, cast, func, select
@@ -151,6 +151,25 @@ def image_file(engine: "Engine", item: str, root: str | None) -> tuple[bytes | s
     return real, media
 
 
+class Recent:
+    """The value of ``make()`` kept ``ttl`` seconds (one per app; thread-safe): the
+    overview's counts and per-day totals scan the interactions, which on a large store
+    takes a second or more, so a reloaded page reuses them."""
+
+    def __init__(self, make: Callable[[], Any], ttl: float = 30.0) -> None:
+        self.make, self.ttl = make, ttl
+        self._value: Any = None
+        self._at = float("-inf")
+        self._lock = threading.Lock()
+
+    def get(self) -> tuple[Any, float]:
+        """(the value, its age in seconds)."""
+        with self._lock:
+            if time.monotonic() - self._at > self.ttl:
+                self._value, self._at = self.make(), time.monotonic()
+            return self._value, time.monotonic() - self._at
+
+
 class DoctorCache:
     """The doctor's report, computed on a background thread and kept ``ttl`` seconds:
     its image check opens every local image file, too slow for a page on a large
@@ -167,7 +186,9 @@ class DoctorCache:
         self._thread: threading.Thread | None = None
 
     def get(self, wait: float = 3.0) -> dict[str, Any]:
-        """{report, error, age (seconds) or None, running}."""
+        """{report, error, age (seconds) or None, running}. Only the request that starts
+        a run waits for it (up to ``wait`` s); later ones answer at once."""
+        started = False
         with self._lock:
             stale = self.report is None or time.time() - self.done_at > self.ttl
             if stale and (self._thread is None or not self._thread.is_alive()):
@@ -175,8 +196,9 @@ class DoctorCache:
                 self._thread = threading.Thread(target=self._run, daemon=True,
                                                 name="polyrec-admin-doctor")
                 self._thread.start()
+                started = True
             thread = self._thread
-        if thread is not None and thread.is_alive() and wait > 0:
+        if started and thread is not None and wait > 0:
             thread.join(wait)
         running = thread is not None and thread.is_alive()
         return {"report": self.report, "error": self.error, "running": running,

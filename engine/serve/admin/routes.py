@@ -89,8 +89,10 @@ def verdict(report: dict[str, Any]) -> list[str]:
 
 
 def mount(app: "FastAPI", engine: "Engine", *, token: str | None = None,
-          image_root: str | None = None, doctor_ttl: float = 300.0) -> None:
-    """Add the admin pages to ``app`` (none of them is in the OpenAPI schema)."""
+          image_root: str | None = None, doctor_ttl: float = 300.0,
+          counts_ttl: float = 30.0) -> None:
+    """Add the admin pages to ``app`` (none of them is in the OpenAPI schema). The
+    overview's counts are kept ``counts_ttl`` s, the doctor's report ``doctor_ttl`` s."""
     from fastapi import Query, Request
     from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
     from fastapi.staticfiles import StaticFiles
@@ -101,6 +103,7 @@ def mount(app: "FastAPI", engine: "Engine", *, token: str | None = None,
 
     env = templates()
     doctor = data.DoctorCache(engine, ttl=doctor_ttl)
+    counts = data.Recent(lambda: (engine.stats(), data.interactions_per_day(engine)), counts_ttl)
     app.mount("/admin/static", StaticFiles(directory=HERE / "static"), name="admin-static")
     common = {"version": pkg.__version__, "writes_open": token is None}
 
@@ -114,8 +117,7 @@ def mount(app: "FastAPI", engine: "Engine", *, token: str | None = None,
 
     @app.get("/", include_in_schema=False)
     def overview() -> HTMLResponse:
-        stats = engine.stats()
-        per_day = data.interactions_per_day(engine)
+        (stats, per_day), age = counts.get()
         registered = engine.registry("encoders")
         doc = doctor.get()
         in_use = {r["encoder"]: r for r in (doc["report"] or {}).get("encoders", [])}
@@ -131,7 +133,7 @@ def mount(app: "FastAPI", engine: "Engine", *, token: str | None = None,
                              "registered": cls is not None})
         chart = svg.bars(per_day, label="interactions per day", unit=" interactions")
         return page("overview", stats=stats, chart=chart, days=len(per_day), encoders=encoders,
-                    doctor=doc, url=engine.url)
+                    doctor=doc, url=engine.url, counts_age=age)
 
     def models_page(status: int = 200, message: str | None = None,
                     error: str | None = None) -> HTMLResponse:
