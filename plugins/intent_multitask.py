@@ -35,6 +35,7 @@ from torch import nn
 
 from polyrec import (ConfigError, IntentData, IntentModel, IntentPrediction, ItemView,
                      hookimpl, progress_bar)
+from polyrec.plugins.rank_two_tower import cpu_threads
 
 #: option -> (default, type)
 OPTIONS: dict[str, tuple[Any, type]] = {
@@ -43,7 +44,7 @@ OPTIONS: dict[str, tuple[Any, type]] = {
     "rec_dim": (128, int), "lr": (3e-3, float), "batch_size": (256, int),
     "dropout": (0.1, float), "weight_decay": (1e-4, float), "temperature": (0.1, float),
     "max_values": (300, int), "max_items": (0, int), "validation": (0.1, float),
-    "seed": (0, int),
+    "seed": (0, int), "threads": (1, int),
 }
 
 #: Values that name nothing (never a target).
@@ -344,6 +345,22 @@ class MultiTaskIntent(IntentModel):
         history: list[dict[str, float]] = []
         bar = progress_bar(range(o["epochs"]), desc="intent epoch", unit="epochs",
                            enabled=data.progress, interval=0)
+        with cpu_threads(device, o["threads"]):  # small ops: one thread beats spinning ones
+            self._train(bar, net, opt, o, x_train, y_train, names, targets_d, present_d,
+                        has_demand, has_rec, train_t, ivec, ivec_d, dz_d, pairs, sums, counts,
+                        steps, history)
+        net.eval()
+        self._finish(o, items, texts, unique, pairs, has_demand, has_rec, history, embed_s,
+                     started, val_rows, qvec, q_train, owner_t, ivec, names)
+
+    def _train(self, bar: Any, net: "_Net", opt: Any, o: dict[str, Any], x_train: torch.Tensor,
+               y_train: torch.Tensor, names: list[str], targets_d: list[torch.Tensor],
+               present_d: list[torch.Tensor], has_demand: bool, has_rec: bool,
+               train_t: torch.Tensor, ivec: torch.Tensor, ivec_d: torch.Tensor,
+               dz_d: torch.Tensor, pairs: list[tuple[int, int]], sums: torch.Tensor,
+               counts: torch.Tensor, steps: int, history: list[dict[str, float]]) -> None:
+        """The epochs of ``fit``: L = alpha * intent + beta * demand + gamma * rec."""
+        device, bs = ivec_d.device, o["batch_size"]
         for epoch in bar:
             net.train()
             order = torch.randperm(len(x_train))
@@ -386,14 +403,22 @@ class MultiTaskIntent(IntentModel):
                     sums_l[k] += float(v_.detach()) / steps
             history.append({k: round(v, 4) for k, v in sums_l.items()})
             bar.set_postfix({k: f"{v:.4f}" for k, v in sums_l.items()})
-        net.eval()
+
+    def _finish(self, o: dict[str, Any], items: Sequence[ItemView], texts: list[str],
+                unique: list[str], pairs: list[tuple[int, int]], has_demand: bool,
+                has_rec: bool, history: list[dict[str, float]], embed_s: float,
+                started: float, val_rows: list[int], qvec: torch.Tensor,
+                q_train: torch.Tensor, owner_t: torch.Tensor, ivec: torch.Tensor,
+                names: list[str]) -> None:
+        """``info`` after ``fit``: sizes, losses, timings, held-out accuracy."""
         self.info = {"fields": {f: len(v) for f, v in self.field_values.items()},
                      "items": len(items), "synthetic_queries": len(texts),
-                     "distinct_queries": len(unique), "rec_pairs": len(pairs), "demand": has_demand, "rec": has_rec,
+                     "distinct_queries": len(unique), "rec_pairs": len(pairs),
+                     "demand": has_demand, "rec": has_rec,
                      "epochs": o["epochs"], "loss": history[-1] if history else {},
                      "embed_seconds": round(embed_s, 2),
                      "train_seconds": round(time.perf_counter() - started - embed_s, 2)}
-        if val_rows and len(owner):  # top-1 accuracy on items never trained on
+        if val_rows and len(owner_t):  # top-1 accuracy on items never trained on
             self.info["validation_queries"] = self._accuracy(qvec[~q_train], owner_t[~q_train],
                                                              items, names)
             held = torch.tensor(val_rows, dtype=torch.long)
