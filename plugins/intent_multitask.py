@@ -268,8 +268,9 @@ class MultiTaskIntent(IntentModel):
     def fit(self, data: IntentData) -> None:
         o = self.options
         started = time.perf_counter()
-        rng = random.Random(o["seed"])
-        torch.manual_seed(o["seed"])
+        seed = o["seed"] or data.seed  # 0: the command's --seed
+        rng = random.Random(seed)
+        torch.manual_seed(seed)
         n_all = len(data.items)
         rows = list(range(n_all))
         if o["max_items"] and n_all > o["max_items"]:

@@ -40,8 +40,6 @@ def train_intent_command(state: CliState, model: str, encoder: str, settings: tu
     store it with the encoder's fingerprint."""
     from polyrec.retrieve.intent_model import train_intent
     options = parse_options(settings)
-    if "seed" not in options and model == "multitask":
-        options["seed"] = str(seed)
     report = train_intent(state.engine(), model, encoder=encoder, options=options, name=name,
                           seed=seed)
     if as_json:
