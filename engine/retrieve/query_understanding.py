@@ -623,9 +623,11 @@ class SemanticMatcher:
 
     def apply(self, und: Understanding,
               embed: Callable[[Sequence[str]], Sequence[torch.Tensor | None]], *,
-              threshold: float, min_ratio: float = 0.2, max_len: int = 3) -> Understanding:
+              threshold: float, min_ratio: float = 0.2, max_len: int = 3,
+              max_words: int = 8) -> Understanding:
         """Add semantic matches for the words exact matching left over (stopwords
-        aside): spans of at most ``max_len`` words, longest first, then best score; a
+        aside; the first ``max_words`` of them): spans of at most ``max_len`` words,
+        longest first, then best score; a
         span is accepted when its best value scores at least ``threshold`` (a colour
         name always). A span may also take an adjacent exact match of the same slot when,
         as a whole, it means another value ("tank top": Vest top, not Top; "navy blue":
@@ -643,6 +645,7 @@ class SemanticMatcher:
                    if i not in covered and words[i] not in STOPWORDS and und.tokens[i] not in STOPWORDS]
         if not content:
             return und
+        content = content[:max_words]  # long queries: the first words only (bounded work)
         exact_slots = {m.slot for m in und.matches}
         spans: list[tuple[tuple[int, ...], int | None]] = []
         for n in range(min(max_len, len(content)), 0, -1):
