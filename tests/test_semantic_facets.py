@@ -119,3 +119,14 @@ def test_values_are_embedded_once_per_catalogue_and_encoder(hm):
     assert {"colour", "type", "pattern", "category"} <= set(first.slots)
     names = first.slots["type"][1]
     assert names.shape[0] == len(first.slots["type"][0]) and names.shape[1] == space.matrix.shape[1]
+
+
+def test_cli_shows_what_each_span_matched(hm_bert_db):
+    from click.testing import CliRunner
+    from polyrec.cli.main import cli
+    res = CliRunner().invoke(cli, ["--db", str(hm_bert_db), "search", "tank top in maroon", "-k", "3"])
+    assert res.exit_code == 0, res.output
+    assert "matched: 'tank top' -> type: Vest top (semantic 0." in res.output
+    assert "'maroon' -> colour: Dark Red (colour 0." in res.output
+    res = CliRunner().invoke(cli, ["--db", str(hm_bert_db), "search", "jaket", "-k", "1"])
+    assert "corrected: jaket -> jacket" in res.output and "understood: type: Jacket" in res.output

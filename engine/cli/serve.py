@@ -57,6 +57,13 @@ def search_command(state: CliState, query: str, k: int, user: str | None,
     understood = response.understood
     click.echo("understood: " + ("; ".join(f"{s}: {v if isinstance(v, str) else ', '.join(v)}"
                                              for s, v in understood.items()) or "-"))
+    soft = [m for m in response.understanding.matches if m.source not in ("attribute", "graph")]
+    if soft:  # matches by meaning: the span, the value, how it was read, how sure
+        click.echo("matched: " + "; ".join(f"'{m.text}' -> {m.slot}: {m.value} ({m.source} "
+                                           f"{m.confidence:.2f})" for m in soft))
+    if response.understanding.corrected:
+        click.echo("corrected: " + ", ".join(f"{a} -> {b}" for a, b in
+                                             response.understanding.corrected.items()))
     intent = response.understanding.intent
     if intent:
         click.echo(f"intent: {intent['slot']}: {intent['value']} ({intent['confidence']:.2f})")
@@ -113,16 +120,25 @@ def similar_command(state: CliState, item: str, k: int, filters: tuple[str, ...]
 @click.option("--image-root", default=None, type=click.Path(file_okay=False, exists=True),
               help="The admin pages serve item images only from under this folder "
                    "(default: wherever the stored image paths point).")
+@click.option("--torch-threads", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Torch threads per serving process. Requests run on parallel threads, so "
+                   "one each avoids oversubscribing the cores (several per request made a "
+                   "1M-item recommend 5-10x slower on 2 busy cores; docs/serving.md).")
 @click.pass_obj
 def serve_command(state: CliState, host: str, port: int, workers: int, token: str | None,
-                  log_level: str,
-                  encode_on_arrival: bool, image_root: str | None) -> None:
+                  log_level: str, encode_on_arrival: bool, image_root: str | None,
+                  torch_threads: int) -> None:
     """Serve recommend, search, similar, feedback and upserts over HTTP (FastAPI + uvicorn),
     with the admin pages at / and the API docs at /docs and /redoc (all offline)."""
     try:
         from polyrec.serve.app import serve
     except ImportError as exc:  # pragma: no cover - the [serve] extra is missing
         raise ConfigError(f"serving needs fastapi and uvicorn: pip install 'polyrec[serve]' ({exc})")
+    import os
+
+    import torch
+    torch.set_num_threads(torch_threads)
+    os.environ["OMP_NUM_THREADS"] = str(torch_threads)  # worker processes start with it
     if workers > 1:  # the database is opened (checked, upgraded) once here, then by each worker
         from polyrec.serve.workers import serve_workers
         url = state.engine().url
