@@ -624,7 +624,7 @@ class SemanticMatcher:
     def apply(self, und: Understanding,
               embed: Callable[[Sequence[str]], Sequence[torch.Tensor | None]], *,
               threshold: float, min_ratio: float = 0.2, max_len: int = 3,
-              max_words: int = 8) -> Understanding:
+              max_words: int = 8, colour_min: float = 0.0) -> Understanding:
         """Add semantic matches for the words exact matching left over (stopwords
         aside; the first ``max_words`` of them): spans of at most ``max_len`` words,
         longest first, then best score; a
@@ -665,7 +665,7 @@ class SemanticMatcher:
             key = tuple(words[i] for i in idx)
             found = [(slot, _PARTIAL, [(f, 1.0) for f in parts[key]])
                      for slot, parts in self.parts.items() if key in parts]
-            if not found and (dist := self.colour(text)):
+            if not found and (dist := self.colour(text)) and dist[0][1] >= colour_min:
                 found = [("colour", _COLOUR, dist)]
             if vec is not None and not found:
                 found += self.match(vec)

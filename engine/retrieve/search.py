@@ -76,6 +76,10 @@ class SearchOptions:
     semantic_threshold: float = 3.0
     #: softmax temperature turning semantic scores into value probabilities
     semantic_temperature: float = 0.5
+    #: a colour name ("maroon") counts only when its best catalogue colour has at least
+    #: this probability: words that are also names of other things ("velvet", "denim")
+    #: sit between several colours and are left to the retrievers
+    semantic_colour_min: float = 0.45
     #: use the trained intent model (artifact "intent", polyrec train-intent) when there
     #: is one for these vectors: its confident facets join as soft facets, its demand
     #: head breaks ties
@@ -650,7 +654,8 @@ class Searcher:
         def embed(texts: Sequence[str]) -> list[torch.Tensor | None]:
             # the whole query rides in the same batch: the dense leg finds it cached
             return self.query_vectors(SEMANTIC_ENCODER, [query, *texts], space.fingerprint)[1:]
-        matcher.apply(und, embed, threshold=opts.semantic_threshold)
+        matcher.apply(und, embed, threshold=opts.semantic_threshold,
+                      colour_min=opts.semantic_colour_min)
 
     def intent_model(self, space: VectorSpace) -> tuple[Any, dict[int, float]] | None:
         """The trained intent model for ``space``'s vectors and its demand score per
