@@ -170,10 +170,13 @@ class Recommender:
     #: feedback learners already know of them) while the refresh finishes in the
     #: background: under a stream of writes a new user never queues behind refreshes.
     new_user_wait = 1.0
-    #: A request compares the store's change keys (counts and newest ids) with the
-    #: snapshot's at most once per ``refresh_interval`` seconds, and at once after any
-    #: write through this Engine's store: other processes' writes show within this
-    #: delay, this process's own at the next request. 0 checks on every request.
+    #: After any write through this Engine's store a request compares the store's change
+    #: keys (counts and newest ids) with the snapshot's before it is served (a process
+    #: reads its own writes). Otherwise at most once per ``refresh_interval`` seconds a
+    #: request has a background thread check them and serves the snapshot it has: other
+    #: processes' writes show within about this delay, and no request waits for the
+    #: COUNTs (tens to hundreds of milliseconds on a large store). 0: every request
+    #: checks before it is served.
     refresh_interval = 0.5
     #: When a ranker's scores are inner products (``Ranker.retrieval_keys``), catalogues
     #: from ``index_settings.threshold`` items get each user's candidates from a vector
@@ -382,7 +385,10 @@ class Recommender:
         if current is not None and not force:
             writes, now = self.engine.store.writes, time.monotonic()
             last_writes, last_at = self._keys_read
-            if writes == last_writes and now - last_at < self.refresh_interval:
+            if writes == last_writes and self.refresh_interval > 0:
+                if now - last_at >= self.refresh_interval:
+                    self._keys_read = (writes, now)
+                    self._refresh_in_background()
                 return current
             keys = self._current_keys()
             self._keys_read = (writes, now)  # writes read before the keys: none missed

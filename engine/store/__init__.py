@@ -53,6 +53,16 @@ def _sqlite_pragmas(lock_timeout: float):  # type: ignore[no-untyped-def]
     return on_connect
 
 
+_WROTE = "polyrec_wrote"
+_WRITES = ("INSERT", "UPDATE", "DELETE", "REPLACE")
+
+
+def _note_write(conn, _cursor, statement, _params, _context, _many) -> None:  # type: ignore[no-untyped-def]
+    """Mark the connection's transaction as one that wrote (read by ``Store.session``)."""
+    if statement.lstrip()[:7].upper().startswith(_WRITES):
+        conn.info[_WROTE] = True
+
+
 class Store:
     """Owns one SQLAlchemy engine and session factory; upgrades the schema on open."""
 
@@ -77,12 +87,13 @@ class Store:
         self.engine: SAEngine = create_engine(self.url, **kwargs)
         if self.is_sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas(self.lock_timeout))
+        event.listen(self.engine, "after_cursor_execute", _note_write)
         self.previous_version = (run_upgrade(self.engine) if upgrade
                                  else stored_version(self.engine))
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
-        #: committed write transactions through this Store (``session()``, ``written()``):
-        #: readers that cache what they read (the Recommender) check the database again
-        #: when it moved, so this process always reads its own writes at once
+        #: committed transactions that wrote through this Store (``session()``,
+        #: ``written()``): readers that cache what they read (the Recommender) check the
+        #: database again when it moved, so this process always reads its own writes
         self.writes = 0
 
     @contextmanager
@@ -93,7 +104,9 @@ class Store:
         other writers; reads that must agree with each other use :meth:`snapshot`."""
         with self._sessions.begin() as session:
             yield session
-        self.written()
+            wrote = session.connection().info.pop(_WROTE, False)
+        if wrote:  # counted once committed: a reader never sees the count before the rows
+            self.written()
 
     def written(self) -> None:
         """Note a committed write (called by ``session()``; by code that writes through
