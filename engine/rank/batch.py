@@ -21,7 +21,6 @@ from sqlalchemy import select
 from polyrec.errors import ConfigError, NotFoundError
 from polyrec.progress import progress_bar
 from polyrec.rank.recommend import Recommendation, matches, mmr
-from polyrec.rank.registry import ranker_label
 from polyrec.store.models import Interaction, User
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -117,9 +116,7 @@ def _click_probabilities(rec: "Recommender", dense: list[int | None], picked: li
         except Exception as exc:  # noqa: BLE001 - the scores stand; the probabilities not
             if rec.strict:
                 raise
-            rec._record(rec.version, rec.ranker_name, "click_probability",
-                        f"{ranker_label(rec.engine, rec.ranker_name)} raised "
-                        f"{type(exc).__name__}: {exc}")
+            rec._plugin_failed("click_probability", exc)
             return out
         if probs is None:
             return out

@@ -44,23 +44,10 @@ class Retrieval:
     def scores(self, query: torch.Tensor, n: int, n_items: int) -> torch.Tensor:
         """Scores [n_items] of the ``n`` best candidates for ``query`` [D] (their inner
         products), ``-inf`` for every other item."""
-        padded = torch.cat([query.float(), torch.zeros(1)])  # the keys' extra coordinate
-        values, rows = self.slot.current.search(padded, n)
+        values, rows = self.slot.current.search(query.float(), n)
         out = torch.full((n_items,), -math.inf)
         out[self.items[rows]] = values.float()
         return out
-
-
-def equal_norms(keys: torch.Tensor) -> torch.Tensor:
-    """The keys with one more coordinate, sqrt(M^2 - |k|^2) for M the largest norm, so
-    every row has norm M. A query padded with 0 has the same inner products, and among
-    keys of one norm the largest inner product is the nearest neighbour: a graph index
-    (HNSW) finds it far more reliably than among keys of different norms (maximum
-    inner product search reduced to nearest neighbours, Bachrach et al. 2014)."""
-    norms = keys.norm(dim=1)
-    top = float(norms.max()) if len(norms) else 0.0
-    extra = (top * top - norms * norms).clamp(min=0.0).sqrt()
-    return torch.cat([keys, extra[:, None]], dim=1).contiguous()
 
 
 def _overrides(ranker: Any, name: str) -> bool:
@@ -92,10 +79,9 @@ def open_retrieval(ranker: Any, data: Any, *, name: str, settings: IndexSettings
         raise ValueError(f"retrieval_keys gave a valid mask of shape "
                          f"{tuple(getattr(valid, 'shape', ()))}, not [{data.n_items}]")
     items = valid.bool().cpu().nonzero().flatten()
-    matrix = keys.detach().float().cpu()[items]
+    matrix = keys.detach().float().cpu()[items].contiguous()
     if not bool(torch.isfinite(matrix).all()):
         raise ValueError("retrieval_keys gave non-finite keys for valid items")
-    matrix = equal_norms(matrix)
     slot = IndexSlot(matrix, name=name, settings=settings, directory=directory,
                      fingerprint=matrix_fingerprint(matrix))
     log.info("recommend retrieval for %s: %s items, %s index", name, len(items), slot.kind)
