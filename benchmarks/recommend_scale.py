@@ -135,15 +135,20 @@ def build_shop(db: Path, n_items: int, n_users: int, n_inter: int, clusters: int
 
 
 # -- measuring -----------------------------------------------------------------------------
-def serve(db: Path, backend: str, users: list[str], threshold: int | None) -> dict[str, Any]:
+def serve(db: Path, backend: str, users: list[str], threshold: int | None,
+          ef_search: int | None) -> dict[str, Any]:
     """Latency of Engine.recommend for ``users`` with the index ``backend``; answers too."""
     from polyrec import Engine
-    from polyrec.rank.vector_index import IndexSettings
+    from dataclasses import replace
     with Engine(db, device="cpu", entrypoints=False, progress=False) as eng:
         start = time.perf_counter()
         rec = eng.services.recommender()
-        rec.index_settings = IndexSettings(backend=backend, **(
-            {"threshold": threshold} if threshold else {}))
+        changes: dict[str, Any] = {"backend": backend}  # the rest: the Recommender's defaults
+        if threshold:
+            changes["threshold"] = threshold
+        if ef_search:
+            changes["ef_search"] = ef_search
+        rec.index_settings = replace(rec.index_settings, **changes)
         eng.recommend(users[0], K)  # data snapshot, model, item side, index
         retrieval = rec._retrieval()
         waited = 0.0
@@ -160,6 +165,7 @@ def serve(db: Path, backend: str, users: list[str], threshold: int | None) -> di
             latencies.append((time.perf_counter() - t) * 1000)
             answers.append([r.item for r in got])
     return {"backend": backend, "index": retrieval.slot.kind if retrieval else "full scoring",
+            "ef_search": rec.index_settings.ef_search if retrieval else None,
             "p50_ms": round(percentile(latencies, 50), 1),
             "p99_ms": round(percentile(latencies, 99), 1),
             "mean_ms": round(statistics.fmean(latencies), 1),
@@ -190,6 +196,8 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (polyrec serve's default: 1 per process)")
+    ap.add_argument("--ef-search", type=int, default=None,
+                    help="HNSW search breadth (default: the Recommender's)")
     ap.add_argument("--threshold", type=int, default=None,
                     help="items from which the index is used (default: IndexSettings')")
     args = ap.parse_args()
@@ -215,8 +223,8 @@ def main() -> None:
             print(f"  trained two_tower v{report.version} in {result['train_s']} s", flush=True)
     rng = np.random.default_rng(7)
     users = [f"u{u}" for u in rng.integers(1, args.users + 1, size=args.requests)]
-    full = serve(db, "exact", users, args.threshold)
-    hnsw = serve(db, "auto", users, args.threshold)
+    full = serve(db, "exact", users, args.threshold, None)
+    hnsw = serve(db, "auto", users, args.threshold, args.ef_search)
     recall = statistics.fmean(len(set(a) & set(b)) / max(1, len(b))
                               for a, b in zip(hnsw["answers"], full["answers"]))
     fresh = fresh_first_request(db, users[0], args.fresh_runs)
