@@ -5,7 +5,7 @@ from typing import Any
 
 import click
 
-from polyrec.cli.main import CliState, echo_json
+from polyrec.cli.main import CliState, echo_json, ray_options
 from polyrec.errors import ConfigError, EncodingError
 
 MAX_FAILED_SHOWN = 20
@@ -44,12 +44,8 @@ def _line(rep: Any) -> str:
                    "An encoder given no --set reuses the options of its last run.")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16",
               show_default=True, help="Storage type of the vectors.")
-@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None,
-              metavar="[ADDRESS]",
-              help="Encode on Ray Data actors (extra polyrec[ray]): a local cluster, or the "
-                   "one at ADDRESS (auto, ray://host:10001). Same cache rules.")
-@click.option("--ray-workers", type=click.IntRange(min=1), default=None,
-              help="Ray actors, each holding a copy of the model (default: one per CPU).")
+@ray_options("Encode on Ray Data actors, with the same cache rules",
+             "Ray actors, each holding a copy of the model (default: one per CPU).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.pass_obj
 def encode_command(state: CliState, encoders: tuple[str, ...], device: str | None, force: bool,

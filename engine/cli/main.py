@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import sys
-from typing import Any
+from typing import Any, Callable
 
 import click
 
@@ -63,6 +63,19 @@ class CliState:
     def close(self) -> None:
         if self._engine is not None:
             self._engine.close()
+
+
+def ray_options(doing: str, workers: str) -> Callable[[Any], Any]:
+    """``--ray [ADDRESS]`` and ``--ray-workers N`` for a command that can run on Ray:
+    ``doing`` says what runs there, ``workers`` what each worker holds."""
+    def decorate(command: Any) -> Any:
+        command = click.option("--ray-workers", type=click.IntRange(min=1), default=None,
+                               help=workers)(command)
+        return click.option("--ray", "ray_address", is_flag=False, flag_value="local",
+                            default=None, metavar="[ADDRESS]",
+                            help=f"{doing} (extra polyrec[ray]): a local cluster, or the one "
+                                 f"at ADDRESS (auto, ray://host:10001).")(command)
+    return decorate
 
 
 def echo_json(data: Any) -> None:

@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from polyrec.cli.main import CliState, echo_json
+from polyrec.cli.main import CliState, echo_json, ray_options
 from polyrec.errors import ConfigError
 from polyrec.rank.export import RecommendationWriter, export_format, read_user_file
 
@@ -53,12 +53,8 @@ def _parse_filters(pairs: tuple[str, ...]) -> dict[str, Any]:
               help="Ratings at least this count as positives.")
 @click.option("--force", is_flag=True,
               help="Make the new version live even when it fails the gate.")
-@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None,
-              metavar="[ADDRESS]",
-              help="Fit on Ray Train workers with DDP (extra polyrec[ray]; rankers that train "
-                   "data-parallel: two_tower): a local cluster, or the one at ADDRESS.")
-@click.option("--ray-workers", type=click.IntRange(min=1), default=None,
-              help="Ray Train workers (default: one per CPU of the cluster).")
+@ray_options("Fit on Ray Train workers with DDP (rankers that train data-parallel: "
+             "two_tower)", "Ray Train workers (default: one per CPU of the cluster).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 def train_command(ctx: click.Context, ranker: str | None, epochs: int | None, seed: int | None,
@@ -138,12 +134,8 @@ def train_command(ctx: click.Context, ranker: str | None, epochs: int | None, se
                    "Default for a batch: JSON lines on stdout.")
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1),
               help="Users scored together in a batch.")
-@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None,
-              metavar="[ADDRESS]",
-              help="Score the batch on Ray actors (extra polyrec[ray]; with --all or "
-                   "--users): a local cluster, or the one at ADDRESS.")
-@click.option("--ray-workers", type=click.IntRange(min=1), default=None,
-              help="Ray actors, each with the live model (default: one per CPU).")
+@ray_options("Score the batch on Ray actors (with --all or --users)",
+             "Ray actors, each with the live model (default: one per CPU).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (one USER).")
 @click.pass_obj
 def recommend_command(state: CliState, user: str | None, all_users: bool,
