@@ -208,6 +208,17 @@ def ml100k_default_db(tmp_path_factory, ml100k_encoded_db):
     return db, report
 
 
+def ml100k_movies(ml100k_dir: Path, n: int) -> list[dict]:
+    """The first ``n`` MovieLens-100k items as add_items records."""
+    lines = (ml100k_dir / "ml-100k.item").read_text(encoding="latin-1").splitlines()[1:n + 1]
+    out = []
+    for line in lines:
+        item_id, title, year, genres = line.split("\t")
+        out.append({"external_id": item_id, "title": title,
+                    "attributes": {"release_year": year, "class": genres.split()}})
+    return out
+
+
 def copy_db(src: Path, dst_dir: Path) -> Path:
     """Copy a SQLite database (checkpointed, so the copy is complete) for a test to write."""
     dst = dst_dir / src.name

@@ -16,13 +16,8 @@ N = 30
 @pytest.fixture(scope="module")
 def movies(ml100k_dir) -> list[dict]:
     """The first N MovieLens-100k items as add_items records."""
-    lines = (ml100k_dir / "ml-100k.item").read_text(encoding="latin-1").splitlines()[1:N + 1]
-    out = []
-    for line in lines:
-        item_id, title, year, genres = line.split("\t")
-        out.append({"external_id": item_id, "title": title,
-                    "attributes": {"release_year": year, "class": genres.split()}})
-    return out
+    from conftest import ml100k_movies
+    return ml100k_movies(ml100k_dir, N)
 
 
 @pytest.fixture
