@@ -127,6 +127,21 @@ def test_state_round_trips_through_bytes(random_split, fitted):
 
 
 @pytest.mark.slow
+def test_state_keeps_ids_as_tensors_and_still_reads_older_lists(random_split, fitted):
+    data = random_split.train
+    state = fitted.state()
+    # tensors: torch's weights-only unpickler takes seconds over a list of 1M ints
+    assert all(isinstance(state[k], torch.Tensor) for k in ("item_ids", "user_ids", "warm"))
+    older = {**state, "item_ids": state["item_ids"].tolist(),
+             "user_ids": state["user_ids"].tolist(), "warm": state["warm"].tolist()}
+    restored = TwoTowerRanker(device="cpu")
+    restored.load_state(from_bytes(to_bytes(older)))
+    users = torch.arange(10)
+    assert restored.item_ids == fitted.item_ids and restored.user_ids == fitted.user_ids
+    assert torch.allclose(restored.score_users(users, data), fitted.score_users(users, data), atol=1e-5)
+
+
+@pytest.mark.slow
 def test_cold_items_get_content_scores_and_id_only_cannot(ml_data):
     split = make_split(ml_data, "cold", seed=0)
     cold = split.cold_items
