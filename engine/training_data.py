@@ -119,6 +119,10 @@ class TrainingData:
     item_features: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     #: modality key of ``item_features`` -> name of the encoder whose vectors it holds.
     feature_encoders: dict[str, str] = field(default_factory=dict)
+    #: modality key of ``item_features`` -> digest of the stored vectors it was read from
+    #: (their count, newest row and write time): equal digests, equal vectors. Lets a
+    #: server reuse what it derived from the features (polyrec.rank.retrieval).
+    feature_keys: dict[str, str] = field(default_factory=dict)
     #: How this data was split from the full data ({"split": "random", "seed": 0, ...});
     #: polyrec.rank.evaluation.validation_split carves validation data with the same protocol.
     protocol: dict[str, Any] = field(default_factory=dict)

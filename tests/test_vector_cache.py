@@ -34,7 +34,7 @@ def _load(store):
 
 def test_the_matrix_file_is_written_then_read_instead_of_the_store(store, monkeypatch):
     ids, matrix = _load(store)
-    files = list(index_directory(store.url).glob("vectors-stored-enc-*.npz"))
+    files = list(index_directory(store.url).glob("vectors-stored-enc-*.matrix.npy"))
     assert ids == [1, 2, 3, 4] and len(files) == 1
     assert torch.equal(matrix, torch.arange(16, dtype=torch.float32).reshape(4, 4))
 

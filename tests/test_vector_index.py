@@ -109,7 +109,7 @@ def test_persisted_matrix_is_used_by_a_fresh_searcher_and_never_stale(tmp_path: 
             save_vectors(s, "bert", "fp1", [(i, "h") for i in ids], unit(50, 8, 6))
         with eng.store.snapshot() as s:
             first = Searcher(eng).space(s, "bert")
-        files = list((tmp_path / "shop.db.polyrec-index").glob("vectors-bert-*.npz"))
+        files = list((tmp_path / "shop.db.polyrec-index").glob("vectors-bert-*.matrix.npy"))
         assert len(files) == 1
         with eng.store.snapshot() as s:  # a fresh searcher reads the file, same vectors
             again = Searcher(eng).space(s, "bert")
@@ -122,4 +122,4 @@ def test_persisted_matrix_is_used_by_a_fresh_searcher_and_never_stale(tmp_path: 
             third = Searcher(eng).space(s, "bert")
         assert torch.allclose(third.matrix[3], torch.nn.functional.normalize(new[0], dim=0),
                               atol=1e-3)
-        assert len(list((tmp_path / "shop.db.polyrec-index").glob("vectors-bert-*.npz"))) == 2
+        assert len(list((tmp_path / "shop.db.polyrec-index").glob("vectors-bert-*.matrix.npy"))) == 2

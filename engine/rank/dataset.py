@@ -22,7 +22,7 @@ from polyrec.errors import ConfigError, NotFoundError
 from polyrec.store.models import Interaction, Item, ItemVector, User
 from polyrec.training_data import TrainingData
 from polyrec.store.vector_cache import index_directory
-from polyrec.store.vectors import load_vectors
+from polyrec.store.vectors import load_vectors, signature_key, stored_signature
 
 if TYPE_CHECKING:  # pragma: no cover
     from polyrec.engine import Engine
@@ -61,11 +61,13 @@ def build_training_data(engine: "Engine", *, min_rating: float = 4.0,
                          .where(Interaction.kind.in_(chosen))).all()
         feats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         sources: dict[str, str] = {}
+        keys: dict[str, str] = {}
         if features:
-            feats, sources = _item_features(engine, s, item_ids, encoders)
+            feats, sources, keys = _item_features(engine, s, item_ids, encoders)
     users, items, w, ts = _positives(rows, user_ids, item_ids, weights, min_rating)
     return TrainingData(user_ids=user_ids, item_ids=item_ids, users=users, items=items,
-                        weights=w, ts=ts, item_features=feats, feature_encoders=sources)
+                        weights=w, ts=ts, item_features=feats, feature_encoders=sources,
+                        feature_keys=keys)
 
 
 def _positives(rows: list, user_ids: list[int], item_ids: list[int],
@@ -111,10 +113,12 @@ def _positives(rows: list, user_ids: list[int], item_ids: list[int],
 
 def _item_features(engine: "Engine", session, item_ids: list[int],
                    encoders: Iterable[str] | None
-                   ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, str]]:
+                   ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, str],
+                              dict[str, str]]:
     """modality -> (vectors, present) for the encoders with stored vectors (of a
-    stand-in pair only the one in use), and modality -> encoder name. A second encoder
-    of an already-used modality is keyed by its own name."""
+    stand-in pair only the one in use), modality -> encoder name, and modality -> digest
+    of the stored vectors (only where they are persisted beside the store). A second
+    encoder of an already-used modality is keyed by its own name."""
     registry = engine.registry("encoders")
     stored = set(session.execute(select(ItemVector.encoder).distinct()).scalars())
     if encoders is None:  # of a stand-in pair (clip / image_cnn) only the one in use
@@ -128,21 +132,33 @@ def _item_features(engine: "Engine", session, item_ids: list[int],
             if n not in stored:
                 raise NotFoundError(f"encoder '{n}' has no stored vectors; run `polyrec encode` first")
     directory = index_directory(engine.store.url)
-    index = {it: i for i, it in enumerate(item_ids)}
+    wanted = np.asarray(item_ids, dtype=np.int64)
     feats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     sources: dict[str, str] = {}
+    keys: dict[str, str] = {}
     for name in names:
-        ids, matrix = load_vectors(session, name, directory=directory)
+        signature = stored_signature(session, name)
+        if signature is None:
+            continue
+        ids, matrix = load_vectors(session, name, directory=directory, signature=signature)
         if not ids:
             continue
-        keep = [k for k, i in enumerate(ids) if i in index]  # all of them, in one snapshot
-        rows = torch.tensor([index[ids[k]] for k in keep], dtype=torch.long)
-        vectors = torch.zeros(len(item_ids), matrix.shape[1], dtype=torch.float32)
-        present = torch.zeros(len(item_ids), dtype=torch.bool)
-        vectors[rows] = matrix if len(keep) == len(ids) else matrix[keep]
-        present[rows] = True
+        have = np.asarray(ids, dtype=np.int64)
+        if len(have) == len(wanted) and np.array_equal(have, wanted):
+            vectors = matrix  # every item has one, in item order: no copy (maybe mapped)
+            present = torch.ones(len(item_ids), dtype=torch.bool)
+        else:  # both ascending: place each stored row at its item's index
+            pos = np.searchsorted(wanted, have)
+            hit = (pos < len(wanted)) & (wanted[np.minimum(pos, len(wanted) - 1)] == have)
+            rows = torch.from_numpy(pos[hit])
+            vectors = torch.zeros(len(item_ids), matrix.shape[1], dtype=torch.float32)
+            present = torch.zeros(len(item_ids), dtype=torch.bool)
+            vectors[rows] = matrix if bool(hit.all()) else matrix[torch.from_numpy(hit)]
+            present[rows] = True
         modality = str(getattr(registry.get(name), "modality", name))
         key = modality if modality not in feats else name
         feats[key] = (vectors, present)
         sources[key] = name
-    return feats, sources
+        if directory is not None:
+            keys[key] = signature_key(name, signature)
+    return feats, sources, keys

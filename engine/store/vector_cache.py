@@ -2,14 +2,16 @@
 instead of a million SQLite blobs.
 
 Reading every vector of an encoder from the store decodes one row per item (20 to 25 s
-for 1M items on two CPU cores); the same matrix saved as ``.npy`` loads in about a
-second. Files are named by a digest of the store's signature of the vectors (count,
-newest row, fingerprint, dimension, the items' signature) and of the newest
-``created_at`` of the encoder's rows, which a vector rewritten in place moves (the
-store stamps every write), so a file is never read for other vectors. Where the files
-live: ``POLYREC_INDEX_DIR``, else a folder beside a SQLite database file
-(``<db>.polyrec-index/``); for other databases (in-memory SQLite, PostgreSQL) nothing
-is persisted unless ``POLYREC_INDEX_DIR`` is set.
+for 1M items on two CPU cores); the same matrix saved as ``.npy`` and memory-mapped
+opens in milliseconds (pages are read as they are used). Files are named by a digest of
+the store's signature of the vectors (count, newest row, fingerprint, dimension, the
+items' signature) and of the newest ``created_at`` of the encoder's rows, which a
+vector rewritten in place moves (the store stamps every write), so a file is never read
+for other vectors. The same mechanism (:func:`save_arrays` / :func:`load_arrays`) keeps
+other derived arrays, such as a ranker's retrieval keys (polyrec.rank.retrieval).
+Where the files live: ``POLYREC_INDEX_DIR``, else a folder beside a SQLite database
+file (``<db>.polyrec-index/``); for other databases (in-memory SQLite, PostgreSQL)
+nothing is persisted unless ``POLYREC_INDEX_DIR`` is set.
 """
 from __future__ import annotations
 
@@ -64,36 +66,70 @@ def _safe(encoder: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in encoder)
 
 
-def load_matrix(directory: Path, encoder: str, key: str) -> tuple[list[int], torch.Tensor] | None:
-    """(item ids, float32 matrix) saved under ``key``; None when absent or unreadable."""
-    path = directory / f"vectors-{_safe(encoder)}-{key}.npz"
-    if not path.exists():
+def _path(directory: Path, stem: str, key: str, part: str) -> Path:
+    return directory / f"{_safe(stem)}-{key}.{part}.npy"
+
+
+def load_arrays(directory: Path, stem: str, key: str, parts: Sequence[str]
+                ) -> dict[str, np.ndarray] | None:
+    """The arrays saved by :func:`save_arrays` under ``stem`` and ``key``, memory-mapped
+    copy-on-write (pages are read when touched, writes stay private to the process);
+    None when one is absent or unreadable."""
+    paths = {part: _path(directory, stem, key, part) for part in parts}
+    if not all(p.exists() for p in paths.values()):
         return None
     try:
-        with np.load(path) as saved:
-            ids, matrix = saved["ids"], saved["matrix"]
-    except Exception as exc:  # noqa: BLE001 - a broken file is rebuilt from the store
-        log.warning("vector cache %s unreadable (%s): reading the store", path, exc)
+        return {part: np.load(p, mmap_mode="c") for part, p in paths.items()}
+    except Exception as exc:  # noqa: BLE001 - a broken file is rebuilt by the caller
+        log.warning("cached arrays %s unreadable (%s): rebuilding", paths, exc)
         return None
-    return ids.tolist(), torch.from_numpy(np.ascontiguousarray(matrix, dtype=np.float32))
+
+
+def save_arrays(directory: Path, stem: str, key: str, arrays: dict[str, np.ndarray],
+                keep: int = KEEP) -> None:
+    """Save each array as ``<stem>-<key>.<part>.npy`` atomically (temporary file, then
+    rename); keep the ``keep`` newest keys of ``stem``. Failure to write (read-only
+    place, full disk) is logged, never raised."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        for part, array in arrays.items():
+            path = _path(directory, stem, key, part)
+            fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=directory)
+            try:
+                with os.fdopen(fd, "wb") as fh:
+                    np.save(fh, np.ascontiguousarray(array))
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+    except OSError as exc:
+        log.warning("could not save %s-%s in %s: %s", stem, key, directory, exc)
+        return
+    first = next(iter(arrays))
+    old = sorted(directory.glob(f"{_safe(stem)}-*.{first}.npy"),
+                 key=lambda p: p.stat().st_mtime, reverse=True)
+    for stale in old[keep:]:
+        stale_key = stale.name[len(_safe(stem)) + 1:-len(f".{first}.npy")]
+        for part in arrays:
+            _path(directory, stem, stale_key, part).unlink(missing_ok=True)
+
+
+def load_matrix(directory: Path, encoder: str, key: str) -> tuple[list[int], torch.Tensor] | None:
+    """(item ids, float32 matrix) saved under ``key``; None when absent or unreadable.
+    The matrix is memory-mapped (a million 384-d vectors open in milliseconds)."""
+    found = load_arrays(directory, f"vectors-{encoder}", key, ("ids", "matrix"))
+    if found is None:
+        return None
+    ids, matrix = found["ids"], found["matrix"]
+    if matrix.ndim != 2 or matrix.dtype != np.float32 or len(ids) != matrix.shape[0]:
+        log.warning("vector cache %s-%s has the wrong shape: reading the store", encoder, key)
+        return None
+    return ids.tolist(), torch.from_numpy(matrix)
 
 
 def save_matrix(directory: Path, encoder: str, key: str, ids: Sequence[int],
                 matrix: torch.Tensor) -> None:
-    """Save atomically (temporary file, then rename); keep the ``KEEP`` newest files of
-    the encoder. Failure to write (read-only place) is logged, never raised."""
-    path = directory / f"vectors-{_safe(encoder)}-{key}.npz"
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=directory)
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, ids=np.asarray(ids, dtype=np.int64),
-                     matrix=matrix.detach().float().cpu().numpy())
-        os.replace(tmp, path)
-    except OSError as exc:
-        log.warning("could not save the vector cache %s: %s", path, exc)
-        return
-    old = sorted(directory.glob(f"vectors-{_safe(encoder)}-*.npz"),
-                 key=lambda p: p.stat().st_mtime, reverse=True)
-    for stale in old[KEEP:]:
-        stale.unlink(missing_ok=True)
+    """Save atomically; keep the ``KEEP`` newest files of the encoder (see save_arrays)."""
+    save_arrays(directory, f"vectors-{encoder}", key,
+                {"ids": np.asarray(ids, dtype=np.int64),
+                 "matrix": matrix.detach().float().cpu().numpy()})
