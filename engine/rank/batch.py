@@ -184,6 +184,7 @@ def recommend_block(rec: "Recommender", snap: "DataSnapshot", users: Sequence[tu
                       for r, (_, uid) in enumerate(users)]
         clicks = _click_probabilities(rec, dense, picked)
         item_ids, external, titles = snap.data.item_ids, snap.external, snap.titles
+        snap.views.prefetch_indices(i for row in picked for i in row)  # one read, not k * users
         out = []
         for r in range(len(users)):
             probs = clicks[r]

@@ -30,7 +30,7 @@ from polyrec.rank.vector_index import IndexSettings
 from polyrec.store.artifacts import from_bytes, load_artifact
 from polyrec.store.catalog import get_user_id
 from polyrec.store.vector_cache import index_directory
-from polyrec.store.catalog import item_views as catalog_item_views
+from polyrec.store.item_lookup import ItemLookup, Titles
 from polyrec.store.models import Interaction, Item, ItemVector, User
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -59,9 +59,9 @@ class DataSnapshot:
     item_index: dict[int, int]
     history: list
     popularity: torch.Tensor
-    views: list
+    views: ItemLookup  # by dense index; read from the store when first used
     external: dict[int, str]
-    titles: dict[int, str]
+    titles: Mapping[int, "str | None"]
     cache: dict[str, Any] = field(default_factory=dict)
 
 #: (recommender, user id, scores [n_items], online) -> blended scores.
@@ -425,11 +425,10 @@ class Recommender:
             items_changed = force or previous is None or key[1] != previous.key[1]
             if items_changed:
                 data = build_training_data(self.engine, min_rating=self.min_rating, session=s)
-                views = catalog_item_views(s, None)
-                by_id = {v.id: v for v in views}
-                snap_views = [by_id[i] for i in data.item_ids]
-                external = {v.id: v.external_id for v in views}
-                titles = {v.id: v.title for v in views if v.title}
+                # external ids now; titles, texts and attributes when a request needs them
+                external = dict(s.execute(select(Item.id, Item.external_id)).all())
+                snap_views = ItemLookup(self.engine.store, data.item_ids, external)
+                titles = Titles(snap_views)
             else:  # same items and vectors: reuse the loaded features
                 data = build_training_data(self.engine, min_rating=self.min_rating,
                                            features=False, session=s)
@@ -672,8 +671,9 @@ class Recommender:
                 scores[self.history[u]] = -math.inf
             if filters:  # only items still in the running are checked
                 views = self.views
-                drop = [i for i in torch.isfinite(scores).nonzero().flatten().tolist()
-                        if not matches(views[i].attributes, filters)]
+                running = torch.isfinite(scores).nonzero().flatten().tolist()
+                views.prefetch_indices(running)
+                drop = [i for i in running if not matches(views[i].attributes, filters)]
                 scores[drop] = -math.inf
             finite = int(torch.isfinite(scores).sum())
             if not partial or finite >= k:
@@ -693,6 +693,8 @@ class Recommender:
         # a click-model pipeline reports each item's click probability as its score (the
         # list keeps the ranking order: online blending, MMR and exploration may move it)
         clicks = self._click_probabilities(u, picked) if u is not None else None
+        self.views.prefetch_indices(picked if not explain or u is None
+                                    else [*picked, *self.history[u].tolist()])
         explainer, member_z = None, {}
         served = self.ranker  # read once: a fallback on another thread may swap it
         if explain and (served is None or u is None):  # popularity: say why
