@@ -40,6 +40,7 @@ from polyrec.retrieve.query_understanding import (IntentClassifier, Match, Seman
                                                   slot_of)
 from polyrec.store import vector_cache
 from polyrec.store.models import Interaction, Item, ItemVector
+from polyrec.store.pgvector import PgVectors
 from polyrec.store.vector_cache import index_directory
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -392,6 +393,9 @@ class Searcher:
         #: how vector spaces are indexed for top-k (exact below a size threshold or
         #: without FAISS; see polyrec.rank.vector_index)
         self.index_settings = IndexSettings()
+        #: dense top-k in PostgreSQL's pgvector tables (None: SQLite, no pgvector,
+        #: POLYREC_PGVECTOR=off; see polyrec.store.pgvector)
+        self.pgvector = PgVectors.for_store(engine.store)
 
     # -- snapshots -----------------------------------------------------------------------
     def state(self, session: Any) -> StoreState:
@@ -756,7 +760,10 @@ class Searcher:
                     notes.append("clip: the CLIP model has no pretrained weights (none exist "
                                  "offline); cross-modal retrieval skipped")
                     continue
-                top = space.search(vec, pool, allowed)
+                top = (self.pgvector.search(s, encoder, state.vectors[encoder][3], vec, pool,
+                                            allowed) if self.pgvector is not None else None)
+                if top is None:  # no pgvector table in this snapshot: search in the process
+                    top = space.search(vec, pool, allowed)
                 rankings[ranking] = [i for i, _ in top]
                 if ranking == "dense":
                     dense = (space, vec)

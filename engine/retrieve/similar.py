@@ -13,6 +13,9 @@ A modality ("image") as the basis compares that modality's vectors only.
 
 The response says which basis was used. Vector matrices come from the Engine's
 :class:`~polyrec.retrieve.search.Searcher` snapshots, so repeated calls do not reload them.
+On PostgreSQL with pgvector, the encoders basis is answered in the database instead
+(polyrec.store.pgvector: each encoder's nearest items through its HNSW index, scored in
+every encoder), and no matrix is loaded.
 """
 from __future__ import annotations
 
@@ -131,11 +134,21 @@ def similar(engine: "Engine", item: str, k: int = 10, *,
                              "training?): similarity from the stored encoder vectors")
         if not spaces:
             names = _basis_encoders(basis, list(state.vectors), modalities, skip)
+            used = "encoders" if basis in ("auto", "encoders") else basis
+            found = (srch.pgvector.similar(s, {n: state.vectors[n][3] for n in names}, target,
+                                           k, allowed) if srch.pgvector is not None else None)
+            if found is not None:  # answered in PostgreSQL (pgvector), nothing loaded here
+                if not found[1]:
+                    raise NotFoundError(f"item '{item}' has no vectors to compare: run "
+                                        "`polyrec encode` (or train a model) first")
+                return SimilarResponse(str(item), [
+                    SimilarItem(snap.external[i], v, snap.titles.get(i), by,
+                                snap.attributes.get(i, {})) for i, v, by in found[0]],
+                    used, found[1], notes)
             for name in names:
                 space = srch.space(s, name, state)
                 if space is not None and space.has(target):
                     spaces[name] = space
-            used = "encoders" if basis in ("auto", "encoders") else basis
     if not spaces:
         raise NotFoundError(f"item '{item}' has no vectors to compare: run `polyrec encode` "
                             "(or train a model) first")
