@@ -1,13 +1,17 @@
 """The int8 CPU inference path of the BERT text encoder (``bert`` option ``quantize=int8``).
 
 The model's fp32 weights, as installed, are exported to ONNX, fused by ONNX Runtime's
-transformer optimiser (embedding + LayerNorm, attention, bias + GELU, skip + LayerNorm)
-and dynamically quantised: the MatMul weights to int8, **per output channel**, with the
-activations quantised per batch at run time (int8 MatMul, VNNI where the CPU has it).
-Kept in fp32: the embeddings, the fused attention (Q/K/V projection and softmax),
-LayerNorms and every MatMul of the first transformer layer, which alone moves the
-vectors most (on MiniLM-L6 quantising it takes the minimum cosine to fp32 from 0.989 to
-0.979). Mean pooling and L2 normalisation stay in torch, in float32.
+transformer optimiser (embedding + LayerNorm, bias + GELU) and dynamically quantised: the
+MatMul weights to int8, **per output channel**, with the activations quantised per batch
+at run time (int8 MatMul, VNNI where the CPU has it). The optimiser's attention and
+skip + LayerNorm fusions are switched off (:data:`FUSIONS_OFF`): the fused ``Attention``
+op keeps the Q/K/V projection in fp32 and, with ``SkipLayerNormalization``, was the
+slowest part of the graph on CPU; unfused, the Q/K/V projections are plain MatMuls that
+are quantised too (H&M article texts, ~75 tokens: 1.3 -> 1.6-1.75 x the fp32 torch model).
+Kept in fp32: the embeddings, the attention scores and softmax, LayerNorms and every
+MatMul of the first transformer layer, which alone moves the vectors most (on MiniLM-L6
+quantising it takes the minimum cosine to fp32 from 0.989 to 0.980). Mean pooling and L2
+normalisation stay in torch, in float32.
 
 The artefact is built once, locally, from the installed weights (never downloaded),
 and cached under :func:`cache_dir` in a folder named by a hash of the weights, the
@@ -35,7 +39,9 @@ from polyrec import EncodingError
 QUANTIZE_MODES = ("none", "int8")
 #: Names the recipe; part of the artefact key and of the encoder fingerprint, so a change
 #: of recipe never reuses vectors or artefacts of another.
-RECIPE = "onnx-opt/int8-dynamic-per-channel/matmul/fp32-layer0/v1"
+RECIPE = "onnx-opt-unfused-attention/int8-dynamic-per-channel/matmul+qkv/fp32-layer0/v2"
+#: ONNX Runtime transformer-optimiser fusions the recipe switches off (see the module doc).
+FUSIONS_OFF = ("enable_attention", "enable_skip_layer_norm", "enable_bias_skip_layer_norm")
 INSTALL_HINT = 'pip install "polyrec[quant]" (or: pip install onnxruntime onnx)'
 _BUILD_LOCK = threading.Lock()
 
@@ -92,6 +98,7 @@ def build_int8(source: str, dest: Path) -> None:
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.transformers import optimizer
+    from onnxruntime.transformers.fusion_options import FusionOptions
     from transformers import AutoModel
 
     from transformers.utils import logging as hf_logging
@@ -119,9 +126,13 @@ def build_int8(source: str, dest: Path) -> None:
                               dynamic_axes={"input_ids": axes, "attention_mask": axes,
                                             "last_hidden_state": axes},
                               opset_version=17, dynamo=False)
+        fusions = FusionOptions("bert")
+        for name in FUSIONS_OFF:
+            setattr(fusions, name, False)
         opt = optimizer.optimize_model(str(fp32), model_type="bert",
                                        num_heads=int(cfg.num_attention_heads),
-                                       hidden_size=int(cfg.hidden_size), opt_level=1)
+                                       hidden_size=int(cfg.hidden_size), opt_level=1,
+                                       optimization_options=fusions)
         opt.save_model_to_file(str(fused))
         graph = onnx.load(str(fused), load_external_data=False).graph
         keep_fp32 = [n.name for n in graph.node

@@ -13,7 +13,8 @@ from polyrec.errors import ConfigError
 from polyrec.store import Store
 from polyrec.store.vectors import load_vectors
 from polyrec.plugins.text_bert import BertEncoder
-from polyrec.plugins.text_bert_quant import INSTALL_HINT, cache_dir
+from polyrec.plugins import text_bert, text_bert_quant
+from polyrec.plugins.text_bert_quant import INSTALL_HINT, RECIPE, artefact_key, cache_dir
 
 CPU = EncoderContext(engine=None, device=torch.device("cpu"), progress=False)  # type: ignore[arg-type]
 
@@ -50,6 +51,18 @@ def titles(ml100k_dir) -> list[str]:
     return [line.split("\t")[1] for line in lines][:300]
 
 
+@pytest.fixture(scope="module")
+def articles(hm_dir, fp32) -> list[str]:
+    """Long texts: H&M articles as the auto template renders them (~75 tokens)."""
+    import pyarrow.parquet as pq
+
+    from polyrec.contracts import ItemView
+    rows = pq.read_table(hm_dir / "articles_sample.parquet").to_pylist()[:200]
+    return [fp32.content(ItemView(id=k, external_id=str(r["article_id"]), title=r["prod_name"],
+                                  text=r["detail_desc"], attributes=r)) or ""
+            for k, r in enumerate(rows)]
+
+
 def test_quantize_option_is_checked():
     with pytest.raises(ConfigError, match="quantize must be one of"):
         BertEncoder(quantize="int4")
@@ -75,6 +88,43 @@ def test_int8_vectors_stay_close_to_fp32(int8, fp32, titles):
     # queries land where the fp32 ones do
     query = int8.encode_query("the movie Toy Story", CPU)
     assert titles[int((ours @ query).argmax())] == "Toy Story"
+
+
+@pytest.mark.slow
+def test_int8_vectors_of_long_texts_stay_close_to_fp32(int8, fp32, articles):
+    ours, ref = int8.encode_texts(articles, CPU), fp32.encode_texts(articles, CPU)
+    tokens = [len(t) for t in fp32._tokenizer(articles, truncation=True, max_length=256)["input_ids"]]
+    assert sum(tokens) / len(tokens) > 50  # long texts, not titles
+    cosine = (ours * ref).sum(dim=1)
+    assert cosine.mean().item() >= 0.99 and cosine.min().item() >= 0.97
+
+
+@pytest.mark.slow
+def test_the_graph_quantises_qkv_but_not_the_first_layer(int8):
+    """The recipe's graph: attention left unfused so the Q/K/V projections of layers 1-5
+    are int8 MatMuls; every weight MatMul of layer 0 stays fp32."""
+    import onnx
+    nodes = onnx.load(str(int8._int8.path), load_external_data=False).graph.node
+    ops = {n.op_type for n in nodes}
+    assert "Attention" not in ops and "SkipLayerNormalization" not in ops
+    integer = [n.name for n in nodes if n.op_type == "MatMulInteger"]
+    for layer in range(1, 6):
+        for proj in ("query", "key", "value"):
+            assert any(f"/layer.{layer}/attention/self/{proj}/" in n for n in integer), (layer, proj)
+    assert not any("/layer.0/" in n for n in integer)
+    fp32_layer0 = {n.name for n in nodes if n.op_type == "MatMul" and "/layer.0/" in n.name}
+    for proj in ("self/query", "self/key", "self/value", "output/dense", "intermediate/dense"):
+        assert any(f"/{proj}/MatMul" in n for n in fp32_layer0), proj
+
+
+def test_a_new_recipe_changes_fingerprint_and_artefact(monkeypatch):
+    """Vectors or graphs of another recipe are never reused."""
+    enc = BertEncoder(quantize="int8")
+    enc._model, enc._revision, enc.max_length = object(), "w", 256
+    before, key = enc.fingerprint(), artefact_key("w", "m")
+    monkeypatch.setattr(text_bert, "RECIPE", RECIPE + "-other")
+    monkeypatch.setattr(text_bert_quant, "RECIPE", RECIPE + "-other")
+    assert enc.fingerprint() != before and artefact_key("w", "m") != key
 
 
 @pytest.mark.slow
