@@ -191,6 +191,8 @@ class TwoTowerRanker(Ranker):
         self.warm = torch.zeros(0, dtype=torch.bool)
         self.info: dict[str, Any] = {}
         self._cache: dict[str, Any] = {}
+        self._maps: dict[str, Any] = {}  # the catalogue map of the data served now
+        self._indexes: dict[int, tuple[list[int], dict[int, int]]] = {}  # fitted id -> index
         self._warm_state: dict[str, Any] | None = None  # see warm_start
         self.info_warm: dict[str, Any] = {}
         self._parallel = (0, 1)  # (rank, world): see set_data_parallel
@@ -300,7 +302,13 @@ class TwoTowerRanker(Ranker):
         return tokens, pres
 
     def _map(self, ids: list[int], fitted: list[int]) -> torch.Tensor:
-        index = {v: k for k, v in enumerate(fitted)}
+        """Fit-time index of each id (-1: not fitted); the index of ``fitted`` is kept."""
+        cached = self._indexes.get(id(fitted))
+        if cached is None or cached[0] is not fitted:
+            cached = (fitted, {v: k for k, v in enumerate(fitted)})
+            self._indexes = {**{k: v for k, v in self._indexes.items() if v[0] is self.item_ids
+                                or v[0] is self.user_ids}, id(fitted): cached}
+        index = cached[1]
         return torch.tensor([index.get(i, -1) for i in ids], dtype=torch.long, device=self.device)
 
     def _pairs(self, data: TrainingData) -> tuple[torch.Tensor, torch.Tensor]:
@@ -327,13 +335,95 @@ class TwoTowerRanker(Ranker):
         return torch.cat([torch.zeros(1, dtype=torch.long, device=self.device),
                           torch.cumsum(counts, 0)])
 
-    def _prepared(self, data: TrainingData) -> dict[str, Any]:
-        """Item vectors, attention weights and user history means for ``data`` (cached)."""
+    def _data_key(self, data: TrainingData) -> tuple:
+        return (id(data), data.n_items, data.n_users, len(data.users))
+
+    def _catalogue(self, data: TrainingData) -> Any:
+        """``data``'s catalogue mapped onto the fitted one (TrainingData.catalogue_map),
+        kept for the data object served now."""
+        key = self._data_key(data)
+        found = self._maps.get("key") == key and self._maps.get("map")
+        if not found:
+            found = data.catalogue_map(self.item_ids, reference=self.warm)
+            self._maps = {"key": key, "map": found}
+        return found
+
+    def _item_side(self, data: TrainingData, rows: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Any]:
+        """The item tower over ``data``'s items (or only the dense indices ``rows``):
+        (vectors, attention weights, scorable, bias, catalogue map)."""
         if self.model is None:
             raise ModelNotTrainedError("two_tower is not fitted; call fit() or train first")
-        key = (id(data), data.n_items, data.n_users, len(data.users))
+        self.model.eval()
+        tokens, present = self._tokens(data)
+        ids = data.item_ids if rows is None else [data.item_ids[i] for i in rows.tolist()]
+        id_index = self._map(ids, self.item_ids)
+        id_keep = (id_index >= 0) & self.warm.to(self.device)[id_index.clamp(min=0)]
+        # items the model never saw: an ID part from their content neighbours among the
+        # ID-embedded (warm) fitted items, on top of their content tower
+        cmap = self._catalogue(data)
+        unseen, neighbours, weights = cmap.unseen, cmap.neighbours, cmap.weights
+        if rows is not None:  # the same rows of everything, the unseen among them renumbered
+            place = torch.full((data.n_items,), -1, dtype=torch.long)
+            place[rows] = torch.arange(len(rows))
+            mine = place[unseen] >= 0
+            unseen, neighbours, weights = place[unseen][mine], neighbours[mine], weights[mine]
+            dev_rows = rows.to(self.device)
+            tokens = {m: t[dev_rows] for m, t in tokens.items()}
+            present = present[dev_rows]
+        id_mix = None
+        if len(unseen) and self.model.item_id is not None and neighbours.shape[1]:
+            id_mix = (unseen.to(self.device), neighbours.to(self.device), weights.to(self.device))
+        with torch.no_grad():
+            vecs, att, scorable, bias = self.model.items(tokens, present, id_index, id_keep, id_mix)
+        return vecs, att, scorable, bias, cmap
+
+    def _prepared(self, data: TrainingData) -> dict[str, Any]:
+        """Item vectors, attention weights and user history means for ``data`` (cached)."""
+        key = self._data_key(data)
         if self._cache.get("key") == key:
             return self._cache
+        vecs, weights, scorable, bias, cmap = self._item_side(data)
+        with torch.no_grad():
+            pair_u, pair_i = self._pairs(data)
+            indptr = self._indptr(pair_u, data.n_users)
+            counts = (indptr[1:] - indptr[:-1])
+            all_users = torch.arange(data.n_users, device=self.device)
+            hist = self._history_sums(all_users, pair_u, pair_i, indptr, vecs) \
+                / counts.clamp(min=1)[:, None]
+        has_history = counts > 0
+        unseen = torch.zeros(data.n_items, dtype=torch.bool)
+        unseen[cmap.unseen] = True
+        self._cache = {"key": key, "vectors": vecs, "weights": weights, "scorable": scorable,
+                       "bias": bias, "cold_last": (unseen.to(self.device) & ~scorable),
+                       "history": hist, "has_history": has_history.to(self.device),
+                       "user_index": self._map(data.user_ids, self.user_ids)}
+        return self._cache
+
+    def _user_side(self, user_index: torch.Tensor, data: TrainingData
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(history means [b, D], fit-time user indices [b]) of these users. From the
+        prepared catalogue when it is there; else the item tower runs over these users'
+        history items only, so a server with a persisted item side (Ranker.retrieval_keys)
+        answers its first request without the tower over the whole catalogue."""
+        users = user_index.to(self.device)
+        if self._cache.get("key") == self._data_key(data):
+            prep = self._cache
+            return prep["history"][users], prep["user_index"][users]
+        keep = (data.weights > 0) & torch.isin(data.users, user_index.cpu())
+        pairs = torch.unique(data.users[keep] * data.n_items + data.items[keep])
+        pair_u, pair_i = pairs // data.n_items, pairs % data.n_items
+        rows, item_pos = torch.unique(pair_i, return_inverse=True)
+        vecs = self._item_side(data, rows)[0] if len(rows) else \
+            torch.zeros(0, self.model.dim, device=self.device)
+        slot = {int(u): k for k, u in enumerate(user_index.tolist())}
+        user_pos = torch.tensor([slot[int(u)] for u in pair_u.tolist()], dtype=torch.long,
+                                device=self.device)
+        sums = torch.zeros(len(users), vecs.shape[1], device=self.device, dtype=vecs.dtype)
+        sums = sums.index_add(0, user_pos, vecs[item_pos.to(self.device)])
+        counts = torch.bincount(user_pos, minlength=len(users)).clamp(min=1)
+        fit_users = self._map([data.user_ids[int(u)] for u in user_index.tolist()], self.user_ids)
+        return sums / counts[:, None], fit_users
         self.model.eval()
         tokens, present = self._tokens(data)
         id_index = self._map(data.item_ids, self.item_ids)
@@ -386,11 +476,11 @@ class TwoTowerRanker(Ranker):
 
     def user_vectors(self, user_index: torch.Tensor, data: TrainingData) -> torch.Tensor:
         """User-tower vectors [b, D] over ``data``'s history (CPU)."""
-        prep = self._prepared(data)
-        users = user_index.to(self.device)
-        fit_users = prep["user_index"][users]
+        if self.model is None:
+            raise ModelNotTrainedError("two_tower is not fitted; call fit() or train first")
+        history, fit_users = self._user_side(user_index, data)
         with torch.no_grad():
-            return self.model.users(prep["history"][users], fit_users, fit_users >= 0).cpu()
+            return self.model.users(history, fit_users, fit_users >= 0).cpu()
 
     def retrieval_keys(self, data: TrainingData) -> RetrievalKeys:
         """Scores are ``user @ item / temperature + bias``: keys [item / temperature, bias]
@@ -460,7 +550,7 @@ class TwoTowerRanker(Ranker):
                      "warm_start": dict(self.info_warm) if self._warm_state is not None else None,
                      "validation": [round(h, 5) for h in history],
                      "throughput": self._throughput}
-        self._cache = {}
+        self._cache, self._maps = {}, {}
 
     def _train(self, data: TrainingData, val: Any, epochs: int | None = None
                ) -> tuple[int, list[float]]:
@@ -532,7 +622,7 @@ class TwoTowerRanker(Ranker):
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             train_seconds += time.perf_counter() - started  # steps only, not validation
-            self._cache = {}
+            self._cache, self._maps = {}, {}
             bar.set_postfix(loss=f"{loss.item():.4f}")
             if val is not None:
                 score = evaluate_ranker(self, val, ks=(int(o["metric"].split("@")[1]),))[o["metric"]]
@@ -628,7 +718,7 @@ class TwoTowerRanker(Ranker):
         self.model.load_state_dict(weights)
         self.model.eval()
         self.info = dict(state.get("info") or {})
-        self._cache = {}
+        self._cache, self._maps = {}, {}
 
 
 def _int_list(value: Any) -> list[int]:

@@ -5,6 +5,8 @@ the answers must be those of full scoring: same items, same scores, same filters
 seen-item exclusion, and a failing retrieval falls back to full scoring."""
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from sqlalchemy import select
@@ -119,3 +121,56 @@ def test_a_failing_retrieval_is_recorded_and_full_scoring_answers(two_tower_db):
         assert any(e["stage"] == "retrieval_queries" and "index side broken" in e["error"]
                    for e in rec.errors)
         assert rec._retrieval() is None  # dropped for this snapshot: no retry per request
+
+
+def test_a_fresh_process_maps_the_saved_item_side_and_never_runs_the_item_tower(
+        engines, two_tower_db, monkeypatch):
+    """The keys and item vectors saved by the first process (engines fixture) are read
+    by the next one for the same model and catalogue; its answers equal full scoring; a
+    new item (a new catalogue state) makes the ranker give its keys again."""
+    from polyrec.plugins.rank_two_tower import TwoTowerRanker
+    full, indexed = engines
+    indexed.services.recommender().vectors()  # the online learners' item space: saved too
+    directory = two_tower_db.parent / f"{two_tower_db.name}.polyrec-index"
+    assert len(list(directory.glob("keys-recommend-*.matrix.npy"))) == 1
+    assert len(list(directory.glob("itemvectors-recommend-*.matrix.npy"))) == 1
+    users = USERS[:30]
+    want = {u: [(r.item, r.score) for r in full.recommend(u, 10)] for u in users}
+
+    def no_tower(*_args, **_kwargs):
+        raise AssertionError("the item side was saved: the ranker must not compute it again")
+
+    monkeypatch.setattr(TwoTowerRanker, "retrieval_keys", no_tower)
+    monkeypatch.setattr(TwoTowerRanker, "_prepared", no_tower)
+    with _engine(two_tower_db, HNSW) as fresh:
+        rec = fresh.services.recommender()
+        assert rec._retrieval() is not None and not rec.errors
+        got = {u: [(r.item, r.score) for r in fresh.recommend(u, 10)] for u in users}
+        assert not rec.errors
+    overlap = [len({i for i, _ in want[u]} & {i for i, _ in got[u]}) / 10 for u in users]
+    assert sum(overlap) / len(overlap) >= 0.98
+    for u in users:
+        mine = dict(got[u])
+        for item, score in want[u]:
+            if item in mine:
+                assert mine[item] == pytest.approx(score, rel=1e-4, abs=1e-4)
+    monkeypatch.undo()
+
+    grown_dir = two_tower_db.parent / "grown"
+    grown_dir.mkdir()
+    db = copy_db(two_tower_db, grown_dir)
+    shutil.copytree(directory, grown_dir / directory.name)  # the saved keys come along
+    with Engine(db, device="cpu", entrypoints=False, progress=False,
+                encode_on_arrival=False) as grown:
+        grown.services.recommender().index_settings = HNSW
+        grown.add_items([{"external_id": "new-film", "title": "A film added today"}])
+        asked = []
+        original = TwoTowerRanker.retrieval_keys
+
+        def counted(self, data):
+            asked.append(data.n_items)
+            return original(self, data)
+
+        monkeypatch.setattr(TwoTowerRanker, "retrieval_keys", counted)
+        grown.recommend("1", 10)
+        assert asked == [1683]

@@ -142,6 +142,35 @@ def test_state_keeps_ids_as_tensors_and_still_reads_older_lists(random_split, fi
 
 
 @pytest.mark.slow
+def test_user_vectors_from_history_items_alone_equal_the_whole_catalogue_path(random_split,
+                                                                              fitted):
+    """A server that persisted the item side runs the item tower only over a user's
+    history items; the result must be the full path's, new (unseen) items included."""
+    base = random_split.train
+    new_ids = [max(base.item_ids) + 1, max(base.item_ids) + 2]
+    feats = {m: (torch.cat([v, v[:2] * 0.5]), torch.cat([p, p[:2]]))
+             for m, (v, p) in base.item_features.items()}
+    extra_u, extra_i = torch.tensor([0, 1, 2, 3]), torch.tensor([base.n_items, base.n_items + 1] * 2)
+    data = TrainingData(user_ids=base.user_ids, item_ids=base.item_ids + new_ids,
+                        users=torch.cat([base.users, extra_u]),
+                        items=torch.cat([base.items, extra_i]),
+                        weights=torch.cat([base.weights, torch.ones(4)]),
+                        ts=torch.cat([base.ts, torch.full((4,), 9e9, dtype=torch.float64)]),
+                        item_features=feats)
+    state = from_bytes(to_bytes(fitted.state()))
+    partial, full = TwoTowerRanker(device="cpu"), TwoTowerRanker(device="cpu")
+    partial.load_state(state)
+    full.load_state(state)
+    full.item_vectors(data)  # the whole catalogue through the tower, cached
+    users = torch.tensor([0, 3, 7, 25])
+    got = partial.user_vectors(users, data)
+    assert partial._cache == {}  # never ran the tower over every item
+    assert torch.allclose(got, full.user_vectors(users, data), atol=1e-5)
+    assert torch.allclose(partial.retrieval_queries(users, data),
+                          full.retrieval_queries(users, data), atol=1e-5)
+
+
+@pytest.mark.slow
 def test_cold_items_get_content_scores_and_id_only_cannot(ml_data):
     split = make_split(ml_data, "cold", seed=0)
     cold = split.cold_items

@@ -8,6 +8,7 @@ that the Engine wires in (this stage never imports a later one).
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import threading
@@ -29,7 +30,7 @@ from polyrec.rank.train import PIPELINE_ARTIFACT, build_ranker
 from polyrec.rank.vector_index import IndexSettings
 from polyrec.store.artifacts import from_bytes, load_artifact
 from polyrec.store.catalog import get_user_id
-from polyrec.store.vector_cache import index_directory
+from polyrec.store.vector_cache import index_directory, load_arrays, save_arrays
 from polyrec.store.item_lookup import ItemLookup, Titles
 from polyrec.store.models import Interaction, Item, ItemVector, User
 
@@ -209,6 +210,7 @@ class Recommender:
                                        "activate VERSION` (see `polyrec models list`)")
         self._failed: set[int] = set()
         self._snap: DataSnapshot | None = None
+        self._artifact_stamp: tuple | None = None  # names the loaded pipeline artifact
         self._load(self.live)
         self._refresh_lock = threading.Lock()  # one refresh at a time
         self._refresh_queued = False  # a background refresh waits behind the running one
@@ -246,6 +248,7 @@ class Recommender:
             self._fall_back(version, self.errors[-1]["error"])
             return
         old_rating = getattr(self, "min_rating", None)
+        self._artifact_stamp = (stored.name, stored.version, stored.created_at, len(stored.data))
         self.ranker = ranker
         self.version = info["version"]
         self.meta = info["meta"]
@@ -515,13 +518,25 @@ class Recommender:
         cached = snap.cache.get("vectors")
         if isinstance(cached, tuple) and cached[0] is ranker:
             return cached[1]
-        try:
-            vectors = item_vectors(ranker, snap.data)
-        except Exception as exc:  # noqa: BLE001 - a plugin bug must not fail the request
-            if self.strict:
-                raise
-            self._plugin_failed("item_vectors", exc)
-            return None
+        # like the retrieval keys, item vectors derive from the ranker and the items only:
+        # a later process for the same model and catalogue maps the saved ones
+        directory, state_key = index_directory(self.engine.store.url), self._state_key(snap)
+        saved = (load_arrays(directory, "itemvectors-recommend", state_key, ("matrix",))
+                 if directory is not None and state_key else None)
+        if saved is not None and saved["matrix"].ndim == 2 \
+                and saved["matrix"].shape[0] == snap.data.n_items:
+            vectors = torch.from_numpy(saved["matrix"])
+        else:
+            try:
+                vectors = item_vectors(ranker, snap.data)
+            except Exception as exc:  # noqa: BLE001 - a plugin bug must not fail the request
+                if self.strict:
+                    raise
+                self._plugin_failed("item_vectors", exc)
+                return None
+            if vectors is not None and directory is not None and state_key:
+                save_arrays(directory, "itemvectors-recommend", state_key,
+                            {"matrix": vectors.detach().float().cpu().numpy()})
         snap.cache["vectors"] = (ranker, vectors)
         return vectors
 
@@ -540,7 +555,8 @@ class Recommender:
             try:
                 found = open_retrieval(ranker, snap.data, name=f"recommend:v{self.version}",
                                        settings=self.index_settings,
-                                       directory=index_directory(self.engine.store.url))
+                                       directory=index_directory(self.engine.store.url),
+                                       state_key=self._state_key(snap))
             except Exception as exc:  # noqa: BLE001 - a plugin bug must not fail the request
                 if self.strict:
                     raise
@@ -548,6 +564,17 @@ class Recommender:
                 found = None
             snap.cache["retrieval"] = (ranker, found)
             return found
+
+    def _state_key(self, snap: "DataSnapshot") -> str | None:
+        """A digest of what the served ranker's item side derives from: the stored
+        pipeline version (its bytes' size and time too, so a rebuilt store never reuses
+        another model's keys), the items and the stored vectors behind every feature.
+        None when a feature was not read from persisted vectors (nothing to name it by)."""
+        data, stamp = snap.data, self._artifact_stamp
+        if stamp is None or set(data.item_features) != set(data.feature_keys):
+            return None
+        text = repr((stamp, snap.key[1][:-1], sorted(data.feature_keys.items())))
+        return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
     def _candidate_scores(self, u: int, retrieval: Retrieval, pool: int) -> torch.Tensor | None:
         """Scores [n_items] of user ``u``'s ``pool`` best candidates (-inf elsewhere);

@@ -19,8 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from polyrec.store.vector_cache import load_arrays, save_arrays
 from polyrec.rank.vector_index import (IndexSettings, IndexSlot, matrix_fingerprint,
                                        wants_approximate)
 
@@ -57,32 +59,59 @@ def _overrides(ranker: Any, name: str) -> bool:
 
 
 def open_retrieval(ranker: Any, data: Any, *, name: str, settings: IndexSettings,
-                   directory: Path | None) -> Retrieval | None:
+                   directory: Path | None, state_key: str | None = None) -> Retrieval | None:
     """The ranker's retrieval over ``data``, or None when the Recommender should score
     every item: a small catalogue (below ``settings.threshold``, or FAISS missing, or
     ``backend="exact"``), or a ranker without retrieval keys. Raises ValueError when the
     ranker's keys break the contract (wrong shape or type). The index is HNSW, loaded
     from ``directory`` when a previous process saved one for the same vectors, else
-    built on a background thread (exact top-k over the keys meanwhile)."""
+    built on a background thread (exact top-k over the keys meanwhile).
+
+    ``state_key`` names the ranker version and catalogue state the keys derive from
+    (the contract: ``retrieval_keys`` depends on the fitted ranker and the items and
+    their features only): with a ``directory`` the keys are saved there under it and a
+    later process maps them instead of asking the ranker (for a two-tower model at 1M
+    items, the item tower over the whole catalogue: seconds)."""
     if ranker is None or not _overrides(ranker, "retrieval_keys"):
         return None
     if not wants_approximate(data.n_items, settings):
         return None
-    found = ranker.retrieval_keys(data)
-    if found is None:
-        return None
-    keys, valid = found.keys, found.valid
-    if not isinstance(keys, torch.Tensor) or keys.ndim != 2 or keys.shape[0] != data.n_items:
-        raise ValueError(f"retrieval_keys gave keys of shape {tuple(getattr(keys, 'shape', ()))}"
-                         f", not [{data.n_items}, D]")
-    if not isinstance(valid, torch.Tensor) or valid.shape != (data.n_items,):
-        raise ValueError(f"retrieval_keys gave a valid mask of shape "
-                         f"{tuple(getattr(valid, 'shape', ()))}, not [{data.n_items}]")
-    items = valid.bool().cpu().nonzero().flatten()
-    matrix = keys.detach().float().cpu()[items].contiguous()
-    if not bool(torch.isfinite(matrix).all()):
-        raise ValueError("retrieval_keys gave non-finite keys for valid items")
+    stem = f"keys-{name.split(':')[0]}"
+    saved = (load_arrays(directory, stem, state_key, ("items", "matrix"))
+             if directory is not None and state_key else None)
+    if saved is not None and saved["items"].ndim == 1 and saved["matrix"].ndim == 2 \
+            and len(saved["items"]) == saved["matrix"].shape[0] \
+            and (len(saved["items"]) == 0 or int(saved["items"].max()) < data.n_items):
+        items = torch.from_numpy(np.asarray(saved["items"], dtype=np.int64))
+        matrix = torch.from_numpy(saved["matrix"])
+        log.info("recommend retrieval for %s: keys of %s items read from %s", name,
+                 len(items), directory)
+    else:
+        found = ranker.retrieval_keys(data)
+        if found is None:
+            return None
+        items, matrix = _checked_keys(found, data.n_items)
+        if directory is not None and state_key:
+            save_arrays(directory, stem, state_key,
+                        {"items": items.numpy(), "matrix": matrix.numpy()})
     slot = IndexSlot(matrix, name=name, settings=settings, directory=directory,
                      fingerprint=matrix_fingerprint(matrix))
     log.info("recommend retrieval for %s: %s items, %s index", name, len(items), slot.kind)
     return Retrieval(ranker=ranker, items=items, slot=slot)
+
+
+def _checked_keys(found: Any, n_items: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(valid item indices, their keys as a contiguous float32 matrix) of a ranker's
+    RetrievalKeys; ValueError naming what breaks the contract."""
+    keys, valid = found.keys, found.valid
+    if not isinstance(keys, torch.Tensor) or keys.ndim != 2 or keys.shape[0] != n_items:
+        raise ValueError(f"retrieval_keys gave keys of shape {tuple(getattr(keys, 'shape', ()))}"
+                         f", not [{n_items}, D]")
+    if not isinstance(valid, torch.Tensor) or valid.shape != (n_items,):
+        raise ValueError(f"retrieval_keys gave a valid mask of shape "
+                         f"{tuple(getattr(valid, 'shape', ()))}, not [{n_items}]")
+    items = valid.bool().cpu().nonzero().flatten()
+    matrix = keys.detach().float().cpu()[items].contiguous()
+    if not bool(torch.isfinite(matrix).all()):
+        raise ValueError("retrieval_keys gave non-finite keys for valid items")
+    return items, matrix
