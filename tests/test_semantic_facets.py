@@ -79,7 +79,7 @@ def test_exact_matches_keep_winning(hm):
 def test_words_are_matched_by_meaning(hm, query, slot, value, wanted):
     r = hm.search(query, 10)
     e = entity(r, slot)
-    assert e["value"] == value and e["source"] in ("semantic", "colour", "attribute")
+    assert e["value"] == value and e["source"] in ("semantic", "colour", "attribute", "catalogue", "word-form")
     assert 0 < e["confidence"] <= 1 and e["text"]
     good = sum(all(h.attributes[f] in vals for f, vals in wanted.items()) for h in r.results)
     assert good >= 8, [h.attributes["product_type_name"] for h in r.results]

@@ -20,14 +20,18 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from sqlalchemy import select
 from sqlalchemy.orm import Session, aliased
 
 from polyrec.retrieve.lexical import _attributes, stem, terms, tokens
+from polyrec.retrieve.word_forms import base_forms
 from polyrec.store.models import Entity, Item, Relation, Triple
+
+if TYPE_CHECKING:  # pragma: no cover
+    from polyrec.retrieve.catalogue_lexicon import CatalogueLexicon
 
 #: (slot, words that name it inside a field or relation name), checked in this order.
 SLOT_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -443,8 +447,9 @@ def intent_slot(vocab: Vocabulary) -> str | None:
 
 
 #: Scores that rank a span's readings above any encoder score: a word inside a value's
-#: name, then a colour name.
-_PARTIAL, _COLOUR = 1e9, 1e6
+#: name, then a derived form of a value's word, then a colour name, then a catalogue
+#: association (plus its strength).
+_PARTIAL, _FORM, _COLOUR, _CATALOGUE = 1e9, 1e8, 1e6, 1e3
 #: Words that qualify a colour without naming one.
 SHADE_WORDS = frozenset({"dark", "light", "medium", "bright", "dusty", "pale", "deep", "other",
                          "undefined", "mixed"})
@@ -589,6 +594,18 @@ class SemanticMatcher:
                         if sub and sub != tuple(words) and not set(sub) <= STOPWORDS:
                             parts[sub].append(f)
             self.parts[slot] = dict(parts)
+        #: per slot: a value's whole name (stemmed words) -> the values
+        self.whole: dict[str, dict[tuple[str, ...], list[Facet]]] = {
+            slot: _by_name(facets) for slot, (facets, *_rest) in self.slots.items()}
+        #: a word of a value name, or a base form of one -> those words ("glittering"
+        #: under "glitter"); query words are compared by their base forms (word_forms)
+        self.forms: dict[str, set[str]] = defaultdict(set)
+        for slot, (facets, *_rest) in self.slots.items():
+            for f in facets:
+                for w in terms(f.value):
+                    if w not in STOPWORDS:
+                        for b in [w, *base_forms(w)]:
+                            self.forms[b].add(w)
         self.colours = (ColourSpace([(f.value, len(f.items)) for f in self.slots["colour"][0]])
                         if "colour" in self.slots else None)
 
@@ -614,6 +631,46 @@ class SemanticMatcher:
                         [(facets[int(j)], float(p)) for p, j in zip(top.values, top.indices)]))
         return out
 
+    def word_form(self, word: str) -> list[tuple[str, list[Facet]]]:
+        """Per slot, the values a query word names through a derived form of a value
+        word: "striped" -> Stripe, "dotted" -> Dot, "printed" -> Front print, Placement
+        print. [] when the word names none (or names one as it is: exact or partial)."""
+        out: dict[str, list[Facet]] = {}
+        for b in base_forms(word):
+            for w in sorted(self.forms.get(b, ())):
+                if w == word:
+                    continue
+                for slot in self.slots:
+                    for f in self.whole[slot].get((w,), []) + self.parts[slot].get((w,), []):
+                        if f not in out.setdefault(slot, []):
+                            out[slot].append(f)
+        return [(slot, fs) for slot, fs in out.items() if fs]
+
+    def broader(self, slot: str, values: Sequence[tuple[Facet, float]],
+                min_share: float = 0.8) -> tuple[Facet, float] | None:
+        """The value of another field of ``slot`` that at least ``min_share`` of the
+        items of ``values`` carry and that has items beyond them: the coarser label
+        the catalogue files them under (sections named "Kids ..." are all in the index
+        group Baby/Children), with that share; the most shared, then the smallest.
+        None when no value of another field covers them."""
+        matched = {f.value for f, _ in values}
+        fields = _fields(values)
+        items: set[int] = set().union(*(f.items for f, _ in values))
+        if not items:
+            return None
+        best: tuple[tuple[float, int], Facet, float] | None = None
+        for g in self.slots[slot][0]:
+            if g.value in matched or g.fields & fields:
+                continue
+            inside = len(items & g.items)
+            share = inside / len(items)
+            if share < min_share or len(g.items) <= inside:
+                continue
+            key = (share, -len(g.items))
+            if best is None or key > best[0]:
+                best = (key, g, share)
+        return (best[1], best[2]) if best is not None else None
+
     def colour(self, text: str) -> list[tuple[Facet, float]]:
         """The colour values a colour name means, with probabilities ([] for no name)."""
         if self.colours is None:
@@ -624,7 +681,9 @@ class SemanticMatcher:
     def apply(self, und: Understanding,
               embed: Callable[[Sequence[str]], Sequence[torch.Tensor | None]], *,
               threshold: float, min_ratio: float = 0.2, max_len: int = 3,
-              max_words: int = 8, colour_min: float = 0.0) -> Understanding:
+              max_words: int = 8, colour_min: float = 0.0,
+              lexicon: "CatalogueLexicon | None" = None,
+              consistent: bool = True, broader: float = 0.5) -> Understanding:
         """Add semantic matches for the words exact matching left over (stopwords
         aside; the first ``max_words`` of them): spans of at most ``max_len`` words,
         longest first, then best score; a
@@ -633,7 +692,13 @@ class SemanticMatcher:
         as a whole, it means another value ("tank top": Vest top, not Top; "navy blue":
         Dark Blue, not Blue). Values within ``min_ratio`` of the best one's probability
         are alternatives; an item's membership is the summed probability of the values
-        it carries over the best one's, at most 1."""
+        it carries over the best one's, at most 1. ``lexicon``: the words the catalogue's
+        own texts associate with values (polyrec.retrieve.catalogue_lexicon), read after
+        partial words and colour names and before the encoder. ``consistent``: a
+        reading (other than words inside value names) that no item shares with the
+        rest of what the query names is dropped. ``broader``: the membership (times
+        the share, see :meth:`broader`) of the items of the coarser value a word's
+        values fall under ("men" names sections; they are Menswear), 0 for none."""
         if not self.slots:
             return und
         words = [stem(t) for t in und.tokens]
@@ -646,7 +711,12 @@ class SemanticMatcher:
         if not content:
             return und
         content = content[:max_words]  # long queries: the first words only (bounded work)
-        exact_slots = {m.slot for m in und.matches}
+        # fields the words already constrain exactly, per slot: a reading of other words
+        # may still constrain another field of the slot ("underwear" names the product
+        # group, "for women" the section: both are categories)
+        exact_fields: dict[str, set[str]] = defaultdict(set)
+        for m in und.matches:
+            exact_fields[m.slot] |= set(m.fields)
         spans: list[tuple[tuple[int, ...], int | None]] = []
         for n in range(min(max_len, len(content)), 0, -1):
             for k in range(len(content) - n + 1):
@@ -658,49 +728,93 @@ class SemanticMatcher:
         texts = [" ".join(und.tokens[i] if und.tokens[i] not in und.corrected else words[i]
                           for i in idx) for idx, _ in spans]
         vectors = embed(texts)
-        cands: list[tuple[float, int, tuple[int, ...], str, list[tuple[Facet, float]], int | None]] = []
+        cands: list[tuple[float, int, tuple[int, ...], str, list[tuple[Facet, float]],
+                          int | None, str]] = []
+        # slots each word names on its own, inside a value name or by a derived form
+        named: dict[int, set[str]] = {i: {slot for slot, parts in self.parts.items()
+                                          if (words[i],) in parts}
+                                      | {slot for slot, _ in self.word_form(words[i])}
+                                      for i in content}
+        for mi, (a, b) in enumerate(und.spans):
+            for i in range(a, b):
+                named.setdefault(i, set()).add(und.matches[mi].slot)
         for (idx, exact), text, vec in zip(spans, texts, vectors):
             # words inside value names first ("khaki": Greenish Khaki, Khaki green;
-            # "womens": every "Womens ..." section), then colour names, then the encoder
+            # "womens": every "Womens ..." section), then colour names, then what the
+            # catalogue's texts say the words mean, then the encoder
             key = tuple(words[i] for i in idx)
-            found = [(slot, _PARTIAL, [(f, 1.0) for f in parts[key]])
-                     for slot, parts in self.parts.items() if key in parts]
+            found: list[tuple[str, float, list[tuple[Facet, float]], str]] = [
+                (slot, _PARTIAL, [(f, 1.0) for f in parts[key]], "partial")
+                for slot, parts in self.parts.items() if key in parts]
+            if not found and len(key) == 1:
+                found = [(slot, _FORM, [(f, 1.0) for f in fs], "word-form")
+                         for slot, fs in self.word_form(key[0])]
             if not found and (dist := self.colour(text)) and dist[0][1] >= colour_min:
-                found = [("colour", _COLOUR, dist)]
+                found = [("colour", _COLOUR, dist, "colour")]
+            if not found and lexicon is not None:
+                found = [(a.slot, _CATALOGUE + a.strength, list(a.values), "catalogue")
+                         for a in lexicon.lookup(key) if a.slot in self.slots]
             if vec is not None and not found:
-                found += self.match(vec)
-            for slot, score, dist in found:
+                found += [(slot, score, dist, "semantic") for slot, score, dist in self.match(vec)]
+            for slot, score, dist, source in found:
+                if len(idx) > 1 and source not in ("partial", "word-form") and any(
+                        named[i] - {slot} for i in idx):
+                    # a reading by meaning of several words may not swallow a word that
+                    # names a value of another slot: "kids jeans" is not one reading
+                    # (Denim) but the kids' sections and jeans
+                    continue
                 if exact is not None:
                     if slot != und.matches[exact].slot or dist[0][0].value == und.matches[exact].value:
                         continue
-                elif slot in exact_slots:
+                elif _fields(dist) & exact_fields.get(slot, set()):
                     continue
                 if score >= threshold:
-                    cands.append((score, len(idx), idx, slot, dist, exact))
-        cands.sort(key=lambda c: (-c[1], -c[0]))  # longest span, then partial > colour > encoder
+                    cands.append((score, len(idx), idx, slot, dist, exact, source))
+        # longest span, then partial > word form > colour > catalogue > encoder, then the
+        # higher score
+        cands.sort(key=lambda c: (-c[1], -c[0]))
         used: set[int] = set()
         replaced: set[int] = set()
-        taken_slots: set[str] = set()
+        taken: dict[str, set[str]] = defaultdict(set)  # slot -> fields read so far
         new: list[tuple[Match, dict[int, float]]] = []
-        for score, _, idx, slot, dist, exact in cands:
+        # items of each exact match (several values of one slot share their OR-ed set)
+        exact_items = [und.slot_items.get(m.slot, und.slot_items.get(f"{m.slot}={m.value}"))
+                       for m in und.matches]
+        accepted: list[set[int]] = []
+        for score, _, idx, slot, dist, exact, source in cands:
             own = set(idx) - (set(range(*und.spans[exact])) if exact is not None else set())
-            if own & used or slot in taken_slots:
+            if own & used or _fields(dist) & taken[slot]:
                 continue
-            used |= own
-            taken_slots.add(slot)
-            if exact is not None:
-                replaced.add(exact)
             best_p = dist[0][1]
             kept = [(f, p) for f, p in dist if p >= min_ratio * best_p]
             member: dict[int, float] = {}
             for f, p in kept:
                 for it in f.items:
                     member[it] = min(1.0, member.get(it, 0.0) + p / best_p)
+            alts = tuple((f.value, round(p, 4)) for f, p in kept[1:6])
+            if source == "partial" and broader > 0 and (wider := self.broader(slot, kept)):
+                # the coarser value these values share ("kids" sections: Baby/Children):
+                # its other items match in part
+                value, share = wider
+                for it in value.items:
+                    member.setdefault(it, broader * share)
+                alts = alts[:4] + ((value.value, round(broader * share, 4)),)
+            strong = {it for it, w in member.items() if w >= 0.5}
+            if consistent and source != "partial":
+                # a reading no item shares with the rest of the query contradicts it
+                # ("warm" read as a value only boots carry, in "warm coat"): left out
+                others = [s for mi, s in enumerate(exact_items)
+                          if s is not None and mi != exact and mi not in replaced] + accepted
+                if others and not strong.intersection(*others):
+                    continue
+            used |= own
+            taken[slot] |= _fields(dist)
+            accepted.append(strong)
+            if exact is not None:
+                replaced.add(exact)
             top = kept[0][0]
             m = Match(" ".join(und.tokens[i] for i in idx), slot, top.value,
-                      tuple(sorted(top.fields)),
-                      {_PARTIAL: "partial", _COLOUR: "colour"}.get(score, "semantic"), round(best_p, 4),
-                      tuple((f.value, round(p, 4)) for f, p in kept[1:6]))
+                      tuple(sorted(top.fields)), source, round(best_p, 4), alts)
             new.append((m, member))
         if not new:
             return und
@@ -715,6 +829,18 @@ class SemanticMatcher:
         und.residual = " ".join(words[i] for i in range(len(words))
                                 if i not in used and i not in covered)
         return und
+
+
+def _fields(dist: Sequence[tuple[Facet, float]]) -> set[str]:
+    """The attribute fields (or relations) of a reading's values."""
+    return {name for f, _ in dist for name in f.fields}
+
+
+def _by_name(facets: Iterable[Facet]) -> dict[tuple[str, ...], list[Facet]]:
+    out: dict[tuple[str, ...], list[Facet]] = defaultdict(list)
+    for f in facets:
+        out[tuple(terms(f.value))].append(f)
+    return dict(out)
 
 
 def _z(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -35,9 +35,10 @@ from polyrec.errors import (ConfigError, ModelNotTrainedError, PolyrecError,
                            ValidationError)
 from polyrec.rank.vector_index import IndexSettings, IndexSlot
 from polyrec.retrieve.lexical import LexicalIndex, Signature, _attributes, make_index
-from polyrec.retrieve.query_understanding import (IntentClassifier, Match, SemanticMatcher,
-                                                  Understanding, Vocabulary, intent_slot,
-                                                  slot_of)
+from polyrec.retrieve.catalogue_lexicon import CatalogueLexicon
+from polyrec.retrieve.query_understanding import (SEMANTIC_SLOTS, STOPWORDS, IntentClassifier,
+                                                  Match, SemanticMatcher, Understanding,
+                                                  Vocabulary, intent_slot, slot_of)
 from polyrec.store import vector_cache
 from polyrec.store.models import Interaction, Item, ItemVector
 from polyrec.store.pgvector import PgVectors
@@ -81,6 +82,9 @@ class SearchOptions:
     #: this probability: words that are also names of other things ("velvet", "denim")
     #: sit between several colours and are left to the retrievers
     semantic_colour_min: float = 0.45
+    #: read query words through what the catalogue's own texts associate them with
+    #: (polyrec.retrieve.catalogue_lexicon: "tee" in the descriptions of T-shirts)
+    catalogue_words: bool = True
     #: use the trained intent model (artifact "intent", polyrec train-intent) when there
     #: is one for these vectors: its confident facets join as soft facets, its demand
     #: head breaks ties
@@ -658,8 +662,17 @@ class Searcher:
         def embed(texts: Sequence[str]) -> list[torch.Tensor | None]:
             # the whole query rides in the same batch: the dense leg finds it cached
             return self.query_vectors(SEMANTIC_ENCODER, [query, *texts], space.fingerprint)[1:]
+        lexicon = self.lexicon(session, snap) if opts.catalogue_words else None
         matcher.apply(und, embed, threshold=opts.semantic_threshold,
-                      colour_min=opts.semantic_colour_min)
+                      colour_min=opts.semantic_colour_min, lexicon=lexicon)
+
+    def lexicon(self, session: Any, snap: CatalogSnapshot) -> CatalogueLexicon:
+        """The associations of the catalogue's words with its facet values, mined once
+        per catalogue snapshot (polyrec.retrieve.catalogue_lexicon)."""
+        def build() -> CatalogueLexicon:
+            docs = session.execute(select(Item.id, Item.title, Item.text).order_by(Item.id))
+            return CatalogueLexicon(snap.vocabulary, docs, SEMANTIC_SLOTS, stopwords=STOPWORDS)
+        return self.memo(("lexicon", snap.signature), build)
 
     def intent_model(self, space: VectorSpace) -> tuple[Any, dict[int, float]] | None:
         """The trained intent model for ``space``'s vectors and its demand score per
