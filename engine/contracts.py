@@ -451,8 +451,11 @@ class Ranker(ABC):
         return None
 
     def item_vectors(self, data: TrainingData) -> torch.Tensor | None:
-        """Learned item vectors [data.n_items, D] (similar items in explanations and MMR
-        diversity use them); None (the default): the stored encoder vectors stand in."""
+        """Learned item vectors [data.n_items, D] (similar items in explanations, MMR
+        diversity and the online learners' item space use them); like
+        :meth:`retrieval_keys` they must depend only on the fitted ranker and the items
+        with their features (the core may save and reuse them per catalogue state). None
+        (the default): the stored encoder vectors stand in."""
         return None
 
     # -- serving (optional) --------------------------------------------------------------
@@ -473,8 +476,12 @@ class Ranker(ABC):
         instead of scoring every item (see docs/serving.md, "Recommend at scale"). The
         contract: for the users the ranker knows (a history in ``data``) and every valid
         item ``i``, ``score_users(users, data)[:, i] == retrieval_queries(users, data) @
-        keys[i]`` up to float rounding. Called once per data snapshot and cached. None
-        (the default): the core calls ``score_users`` for every item."""
+        keys[i]`` up to float rounding. The keys must depend only on the fitted ranker
+        (its stored state) and the items of ``data`` with their features, never on the
+        interactions: the core computes them once per catalogue state and, for a store
+        with a file beside it, saves them there and reuses them in later processes for
+        the same pipeline version and catalogue. None (the default): the core calls
+        ``score_users`` for every item."""
         return None
 
     def retrieval_queries(self, user_index: torch.Tensor, data: TrainingData) -> torch.Tensor:

@@ -437,6 +437,7 @@ class Recommender:
                                            features=False, session=s)
                 data.item_features = previous.data.item_features
                 data.feature_encoders = previous.data.feature_encoders
+                data.feature_keys = previous.data.feature_keys
                 snap_views, external, titles = previous.views, previous.external, previous.titles
         snap = DataSnapshot(key=key, data=data, user_index=data.user_index(),
                             item_index=(data.item_index() if items_changed
