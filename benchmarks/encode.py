@@ -17,6 +17,8 @@
   the same preprocessing, stack, forward) with the very same network, same images.
 
 Runs alternate (ours, peer, ours, peer, ...) and the best of ``--repeat`` is reported.
+The load average is printed with the table and stored in the JSON: on a shared machine
+read the per-round ratios of the bert rows, not the absolute items/s.
 Prints a table and writes benchmarks/results/encode.json. Usage:
     .venv/bin/python benchmarks/encode.py [--device auto|cpu|cuda] [--repeat 3]
         [--batch-size 64] [--clip-model ViT-B-32|tiny] [--image-repeat 1] [--skip-clip]
@@ -251,7 +253,8 @@ def main() -> None:
         ([] if args.skip_clip else bench_clip(args, device)) + \
         ([] if args.skip_image_cnn else bench_image_cnn(args, device))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    print(f"device: {device} ({name}), torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(f"device: {device} ({name}), torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"{'encoder':<10} {'workload':<18} {'items':>6} {'ours/s':>9} {'peer':<22} "
           f"{'peer/s':>9} {'ratio':>6} {'min cos':>8}")
     for r in rows:
@@ -264,6 +267,7 @@ def main() -> None:
     result = {"benchmark": "encode", "device": str(device), "device_name": name,
               "torch": torch.__version__, "threads": torch.get_num_threads(),
               "cpus": os.cpu_count(), "machine": platform.platform(), "repeat": args.repeat,
+              "load_average": [round(x, 2) for x in os.getloadavg()],
               "results": rows}
     out = ROOT / "benchmarks" / "results" / "encode.json"
     out.parent.mkdir(parents=True, exist_ok=True)
