@@ -29,7 +29,7 @@ from polyrec.rank.retrieval import Retrieval, open_retrieval
 from polyrec.rank.train import PIPELINE_ARTIFACT, build_ranker
 from polyrec.rank.vector_index import IndexSettings
 from polyrec.store.artifacts import from_bytes, load_artifact
-from polyrec.store.catalog import get_user_id
+from polyrec.store.catalog import external_ids, get_user_id
 from polyrec.store.vector_cache import index_directory, load_arrays, save_arrays
 from polyrec.store.item_lookup import ItemLookup, Titles
 from polyrec.store.models import Interaction, Item, ItemVector, User
@@ -429,7 +429,7 @@ class Recommender:
             if items_changed:
                 data = build_training_data(self.engine, min_rating=self.min_rating, session=s)
                 # external ids now; titles, texts and attributes when a request needs them
-                external = dict(s.execute(select(Item.id, Item.external_id)).all())
+                external = external_ids(s)
                 snap_views = ItemLookup(self.engine.store, data.item_ids, external)
                 titles = Titles(snap_views)
             else:  # same items and vectors: reuse the loaded features

@@ -77,13 +77,14 @@ def open_retrieval(ranker: Any, data: Any, *, name: str, settings: IndexSettings
     if not wants_approximate(data.n_items, settings):
         return None
     stem = f"keys-{name.split(':')[0]}"
-    saved = (load_arrays(directory, stem, state_key, ("items", "matrix"))
+    saved = (load_arrays(directory, stem, state_key, ("items", "matrix", "fingerprint"))
              if directory is not None and state_key else None)
     if saved is not None and saved["items"].ndim == 1 and saved["matrix"].ndim == 2 \
             and len(saved["items"]) == saved["matrix"].shape[0] \
             and (len(saved["items"]) == 0 or int(saved["items"].max()) < data.n_items):
         items = torch.from_numpy(np.asarray(saved["items"], dtype=np.int64))
         matrix = torch.from_numpy(saved["matrix"])
+        fingerprint = bytes(saved["fingerprint"]).decode()  # hashing 1M keys again: ~0.5 s
         log.info("recommend retrieval for %s: keys of %s items read from %s", name,
                  len(items), directory)
     else:
@@ -91,11 +92,13 @@ def open_retrieval(ranker: Any, data: Any, *, name: str, settings: IndexSettings
         if found is None:
             return None
         items, matrix = _checked_keys(found, data.n_items)
+        fingerprint = matrix_fingerprint(matrix)
         if directory is not None and state_key:
             save_arrays(directory, stem, state_key,
-                        {"items": items.numpy(), "matrix": matrix.numpy()})
+                        {"items": items.numpy(), "matrix": matrix.numpy(),
+                         "fingerprint": np.frombuffer(fingerprint.encode(), dtype=np.uint8)})
     slot = IndexSlot(matrix, name=name, settings=settings, directory=directory,
-                     fingerprint=matrix_fingerprint(matrix))
+                     fingerprint=fingerprint)
     log.info("recommend retrieval for %s: %s items, %s index", name, len(items), slot.kind)
     return Retrieval(ranker=ranker, items=items, slot=slot)
 

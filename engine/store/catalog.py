@@ -145,6 +145,19 @@ def item_views(session: Session, ids: Sequence[int] | None = None) -> list[ItemV
             for i, ext, title, text, image, attrs, ent in rows]
 
 
+def external_ids(session: Session) -> dict[int, str]:
+    """internal id -> external id of every item, read in ``session``'s transaction
+    through the driver's cursor (a million rows in well under a second: SQLAlchemy's
+    row objects took twice as long)."""
+    table = Item.__table__
+    cursor = session.connection().connection.cursor()
+    try:
+        cursor.execute(f"SELECT {table.c.id.name}, {table.c.external_id.name} FROM {table.name}")
+        return dict(cursor.fetchall())
+    finally:
+        cursor.close()
+
+
 def _attributes(raw: Any) -> dict[str, Any]:
     """A stored attributes value as a dict: JSON text (SQLite) or already decoded (the
     PostgreSQL driver decodes json columns itself)."""
