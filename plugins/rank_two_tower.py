@@ -285,7 +285,11 @@ class TwoTowerRanker(Ranker):
         self._apply_warm_start()
 
     # -- data views ----------------------------------------------------------------------
-    def _tokens(self, data: TrainingData) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def _tokens(self, data: TrainingData, rows: torch.Tensor | None = None
+                ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Each modality's item vectors and the present mask [n, M], over every item or
+        only the dense indices ``rows``."""
+        n = data.n_items if rows is None else len(rows)
         tokens, present = {}, []
         for m, d in self.dims.items():
             if m in data.item_features:
@@ -293,11 +297,13 @@ class TwoTowerRanker(Ranker):
                 if vec.shape[1] != d:
                     raise ConfigError(f"two_tower: modality '{m}' has width {vec.shape[1]}, "
                                       f"the model was trained on {d}; train again")
+                if rows is not None:
+                    vec, pres = vec[rows], pres[rows]
             else:
-                vec, pres = torch.zeros(data.n_items, d), torch.zeros(data.n_items, dtype=torch.bool)
+                vec, pres = torch.zeros(n, d), torch.zeros(n, dtype=torch.bool)
             tokens[m] = vec.to(self.device, torch.float32)
             present.append(pres.to(self.device))
-        pres = torch.stack(present, 1) if present else torch.zeros(data.n_items, 0, dtype=torch.bool,
+        pres = torch.stack(present, 1) if present else torch.zeros(n, 0, dtype=torch.bool,
                                                                     device=self.device)
         return tokens, pres
 
@@ -338,6 +344,20 @@ class TwoTowerRanker(Ranker):
     def _data_key(self, data: TrainingData) -> tuple:
         return (id(data), data.n_items, data.n_users, len(data.users))
 
+    def _user_pairs(self, data: TrainingData) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``data``'s unique positive (user, item) pairs sorted by user, with the offsets
+        of each user's run [n_users + 1] (CPU), kept for the data object served now."""
+        self._catalogue(data)  # (re)binds self._maps to this data
+        found = self._maps.get("pairs")
+        if found is None:
+            keep = data.weights > 0
+            key = torch.unique(data.users[keep] * data.n_items + data.items[keep])
+            pair_u, pair_i = key // data.n_items, key % data.n_items
+            counts = torch.bincount(pair_u, minlength=data.n_users)
+            indptr = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(counts, 0)])
+            found = self._maps["pairs"] = (pair_u, pair_i, indptr)
+        return found
+
     def _catalogue(self, data: TrainingData) -> Any:
         """``data``'s catalogue mapped onto the fitted one (TrainingData.catalogue_map),
         kept for the data object served now."""
@@ -355,7 +375,7 @@ class TwoTowerRanker(Ranker):
         if self.model is None:
             raise ModelNotTrainedError("two_tower is not fitted; call fit() or train first")
         self.model.eval()
-        tokens, present = self._tokens(data)
+        tokens, present = self._tokens(data, rows)
         ids = data.item_ids if rows is None else [data.item_ids[i] for i in rows.tolist()]
         id_index = self._map(ids, self.item_ids)
         id_keep = (id_index >= 0) & self.warm.to(self.device)[id_index.clamp(min=0)]
@@ -363,14 +383,10 @@ class TwoTowerRanker(Ranker):
         # ID-embedded (warm) fitted items, on top of their content tower
         cmap = self._catalogue(data)
         unseen, neighbours, weights = cmap.unseen, cmap.neighbours, cmap.weights
-        if rows is not None:  # the same rows of everything, the unseen among them renumbered
-            place = torch.full((data.n_items,), -1, dtype=torch.long)
-            place[rows] = torch.arange(len(rows))
-            mine = place[unseen] >= 0
-            unseen, neighbours, weights = place[unseen][mine], neighbours[mine], weights[mine]
-            dev_rows = rows.to(self.device)
-            tokens = {m: t[dev_rows] for m, t in tokens.items()}
-            present = present[dev_rows]
+        if rows is not None and len(unseen):  # the unseen among the rows, renumbered
+            pos = torch.searchsorted(rows, unseen)  # rows: ascending, unique
+            mine = (pos < len(rows)) & (rows[pos.clamp(max=max(len(rows) - 1, 0))] == unseen)
+            unseen, neighbours, weights = pos[mine], neighbours[mine], weights[mine]
         id_mix = None
         if len(unseen) and self.model.item_id is not None and neighbours.shape[1]:
             id_mix = (unseen.to(self.device), neighbours.to(self.device), weights.to(self.device))
@@ -410,9 +426,11 @@ class TwoTowerRanker(Ranker):
         if self._cache.get("key") == self._data_key(data):
             prep = self._cache
             return prep["history"][users], prep["user_index"][users]
-        keep = (data.weights > 0) & torch.isin(data.users, user_index.cpu())
-        pairs = torch.unique(data.users[keep] * data.n_items + data.items[keep])
-        pair_u, pair_i = pairs // data.n_items, pairs % data.n_items
+        all_u, all_i, indptr = self._user_pairs(data)
+        starts, ends = indptr[user_index.cpu()], indptr[user_index.cpu() + 1]
+        picks = torch.cat([torch.arange(int(a), int(b)) for a, b in zip(starts, ends)]) \
+            if len(user_index) else torch.zeros(0, dtype=torch.long)
+        pair_u, pair_i = all_u[picks], all_i[picks]
         rows, item_pos = torch.unique(pair_i, return_inverse=True)
         vecs = self._item_side(data, rows)[0] if len(rows) else \
             torch.zeros(0, self.model.dim, device=self.device)
