@@ -442,34 +442,6 @@ class TwoTowerRanker(Ranker):
         counts = torch.bincount(user_pos, minlength=len(users)).clamp(min=1)
         fit_users = self._map([data.user_ids[int(u)] for u in user_index.tolist()], self.user_ids)
         return sums / counts[:, None], fit_users
-        self.model.eval()
-        tokens, present = self._tokens(data)
-        id_index = self._map(data.item_ids, self.item_ids)
-        id_keep = (id_index >= 0) & self.warm.to(self.device)[id_index.clamp(min=0)]
-        # items the model never saw: an ID part from their content neighbours among the
-        # ID-embedded (warm) fitted items, on top of their content tower
-        cmap = data.catalogue_map(self.item_ids, reference=self.warm)
-        id_mix = None
-        if len(cmap.unseen) and self.model.item_id is not None and cmap.neighbours.shape[1]:
-            id_mix = (cmap.unseen.to(self.device), cmap.neighbours.to(self.device),
-                      cmap.weights.to(self.device))
-        with torch.no_grad():
-            vecs, weights, scorable, bias = self.model.items(tokens, present, id_index, id_keep,
-                                                             id_mix)
-            pair_u, pair_i = self._pairs(data)
-            indptr = self._indptr(pair_u, data.n_users)
-            counts = (indptr[1:] - indptr[:-1])
-            all_users = torch.arange(data.n_users, device=self.device)
-            hist = self._history_sums(all_users, pair_u, pair_i, indptr, vecs) \
-                / counts.clamp(min=1)[:, None]
-        has_history = counts > 0
-        unseen = torch.zeros(data.n_items, dtype=torch.bool)
-        unseen[cmap.unseen] = True
-        self._cache = {"key": key, "vectors": vecs, "weights": weights, "scorable": scorable,
-                       "bias": bias, "cold_last": (unseen.to(self.device) & ~scorable),
-                       "history": hist, "has_history": has_history.to(self.device),
-                       "user_index": self._map(data.user_ids, self.user_ids)}
-        return self._cache
 
     # -- public scoring ------------------------------------------------------------------
     def score_users(self, user_index: torch.Tensor, data: TrainingData) -> torch.Tensor:
