@@ -191,7 +191,7 @@ class TwoTowerRanker(Ranker):
         self.warm = torch.zeros(0, dtype=torch.bool)
         self.info: dict[str, Any] = {}
         self._cache: dict[str, Any] = {}
-        self._maps: dict[str, Any] = {}  # the catalogue map of the data served now
+        self._maps: dict[str, Any] = {}  # derived from the data served now (_per_data)
         self._indexes: dict[int, tuple[list[int], dict[int, int]]] = {}  # fitted id -> index
         self._warm_state: dict[str, Any] | None = None  # see warm_start
         self.info_warm: dict[str, Any] = {}
@@ -344,29 +344,30 @@ class TwoTowerRanker(Ranker):
     def _data_key(self, data: TrainingData) -> tuple:
         return (id(data), data.n_items, data.n_users, len(data.users))
 
+    def _per_data(self, data: TrainingData) -> dict[str, Any]:
+        """What is derived from the data object served now (its catalogue map, its
+        pairs); dropped when another data object comes."""
+        key = self._data_key(data)
+        if self._maps.get("key") != key:
+            self._maps = {"key": key}
+        return self._maps
+
     def _user_pairs(self, data: TrainingData) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``data``'s unique positive (user, item) pairs sorted by user, with the offsets
-        of each user's run [n_users + 1] (CPU), kept for the data object served now."""
-        self._catalogue(data)  # (re)binds self._maps to this data
-        found = self._maps.get("pairs")
-        if found is None:
-            keep = data.weights > 0
-            key = torch.unique(data.users[keep] * data.n_items + data.items[keep])
-            pair_u, pair_i = key // data.n_items, key % data.n_items
-            counts = torch.bincount(pair_u, minlength=data.n_users)
-            indptr = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(counts, 0)])
-            found = self._maps["pairs"] = (pair_u, pair_i, indptr)
-        return found
+        """``data``'s unique positive (user, item) pairs sorted by user and the offsets of
+        each user's run [n_users + 1] (on the device), kept per data object."""
+        kept = self._per_data(data)
+        if "pairs" not in kept:
+            pair_u, pair_i = self._pairs(data)
+            kept["pairs"] = (pair_u, pair_i, self._indptr(pair_u, data.n_users))
+        return kept["pairs"]
 
     def _catalogue(self, data: TrainingData) -> Any:
         """``data``'s catalogue mapped onto the fitted one (TrainingData.catalogue_map),
-        kept for the data object served now."""
-        key = self._data_key(data)
-        found = self._maps.get("key") == key and self._maps.get("map")
-        if not found:
-            found = data.catalogue_map(self.item_ids, reference=self.warm)
-            self._maps = {"key": key, "map": found}
-        return found
+        kept per data object."""
+        kept = self._per_data(data)
+        if "map" not in kept:
+            kept["map"] = data.catalogue_map(self.item_ids, reference=self.warm)
+        return kept["map"]
 
     def _item_side(self, data: TrainingData, rows: torch.Tensor | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Any]:
@@ -401,8 +402,7 @@ class TwoTowerRanker(Ranker):
             return self._cache
         vecs, weights, scorable, bias, cmap = self._item_side(data)
         with torch.no_grad():
-            pair_u, pair_i = self._pairs(data)
-            indptr = self._indptr(pair_u, data.n_users)
+            pair_u, pair_i, indptr = self._user_pairs(data)
             counts = (indptr[1:] - indptr[:-1])
             all_users = torch.arange(data.n_users, device=self.device)
             hist = self._history_sums(all_users, pair_u, pair_i, indptr, vecs) \
@@ -427,10 +427,12 @@ class TwoTowerRanker(Ranker):
             prep = self._cache
             return prep["history"][users], prep["user_index"][users]
         all_u, all_i, indptr = self._user_pairs(data)
-        starts, ends = indptr[user_index.cpu()], indptr[user_index.cpu() + 1]
-        picks = torch.cat([torch.arange(int(a), int(b)) for a, b in zip(starts, ends)]) \
+        bounds = indptr.cpu()  # [n_users + 1] offsets: small
+        picks = torch.cat([torch.arange(int(bounds[u]), int(bounds[u + 1]))
+                           for u in user_index.tolist()]) \
             if len(user_index) else torch.zeros(0, dtype=torch.long)
-        pair_u, pair_i = all_u[picks], all_i[picks]
+        picks = picks.to(all_u.device)
+        pair_u, pair_i = all_u[picks].cpu(), all_i[picks].cpu()
         rows, item_pos = torch.unique(pair_i, return_inverse=True)
         vecs = self._item_side(data, rows)[0] if len(rows) else \
             torch.zeros(0, self.model.dim, device=self.device)
