@@ -3,7 +3,8 @@
 A ranker whose scores are inner products (``Ranker.retrieval_keys`` /
 ``retrieval_queries``, e.g. the two-tower model) gives the item side once per catalogue
 state; the Recommender then asks a vector index (``polyrec.rank.vector_index``: exact,
-or FAISS HNSW from ``IndexSettings.threshold`` items) for the top candidates of one
+or from ``IndexSettings.threshold`` items the FAISS index of ``IndexSettings.kind``, an
+inverted file for the Recommender: maximum inner product) for the top candidates of one
 user's query vector, and only those candidates get a score. Everything after that
 (online blending, seen items, filters, diversity, exploration) runs as before over the
 candidates, with the other items at ``-inf``.
@@ -63,9 +64,9 @@ def open_retrieval(ranker: Any, data: Any, *, name: str, settings: IndexSettings
     """The ranker's retrieval over ``data``, or None when the Recommender should score
     every item: a small catalogue (below ``settings.threshold``, or FAISS missing, or
     ``backend="exact"``), or a ranker without retrieval keys. Raises ValueError when the
-    ranker's keys break the contract (wrong shape or type). The index is HNSW, loaded
-    from ``directory`` when a previous process saved one for the same vectors, else
-    built on a background thread (exact top-k over the keys meanwhile).
+    ranker's keys break the contract (wrong shape or type). The index (``settings.kind``)
+    is loaded from ``directory`` when a previous process saved one for the same vectors,
+    else built on a background thread (exact top-k over the keys meanwhile).
 
     ``state_key`` names the ranker version and catalogue state the keys derive from
     (the contract: ``retrieval_keys`` depends on the fitted ranker and the items and

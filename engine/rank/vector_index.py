@@ -1,23 +1,37 @@
-"""Top-k over unit item vectors: exact by default, an approximate HNSW index for large
-catalogues, persisted on disk so a fresh process loads it instead of building it.
+"""Top-k over item vectors by inner product: exact by default, an approximate FAISS index
+for large catalogues, persisted on disk so a fresh process loads it instead of building it.
 
 ``exact`` is ``torch.topk(matrix @ query)``: the answer, and fast enough below
-``APPROX_THRESHOLD`` rows (~40 ms for 1M x 64 on two CPU cores, ~180 ms for 1M x 384).
+``APPROX_THRESHOLD`` rows (~25 ms for 1M x 65 on one CPU core, ~180 ms for 1M x 384).
 Above it, and only when FAISS is installed (``pip install 'polyrec[bench]'`` or
-``faiss-cpu``), :func:`open_index` builds a FAISS ``IndexHNSWFlat`` (inner product) over
-the matrix, or loads the one a previous process saved under ``directory``. Index files
-are named by a key made of the caller's name (e.g. the model version) and a fingerprint
-of the vectors themselves (:func:`matrix_fingerprint`), so an index is never used for
-other vectors: new vectors give a new key and a new index. Without FAISS, below the
-threshold, or with ``backend="exact"``, search stays exact.
+``faiss-cpu``), :func:`open_index` builds one of two FAISS indexes over the matrix, or
+loads the one a previous process saved under ``directory``:
+
+- ``kind="hnsw"`` (the default; search's unit vectors): ``IndexHNSWFlat``, a graph walked
+  by inner product. Good on unit vectors (cosine); poor on maximum-inner-product keys
+  whose norms and a bias column carry part of the score (a two-tower's retrieval keys:
+  recall@10 0.76 at efSearch 2048 on 1M such keys).
+- ``kind="ivf"`` (the Recommender's): ``IndexIVFFlat`` with inner product, ``nlist``
+  k-means lists, of which the ``nprobe`` whose centres score best are scanned exactly.
+  It handles maximum inner product well (recall@10 0.998-1.0 against exact on the same
+  1M keys scanning an eighth of the lists, a few ms a query) and builds in seconds to
+  a minute instead of minutes.
+
+Index files are named by a key made of the caller's name (e.g. the model version), a
+fingerprint of the vectors themselves (:func:`matrix_fingerprint`) and the build
+settings, so an index is never used for other vectors: new vectors give a new key and a
+new index. Without FAISS, below the threshold, or with ``backend="exact"``, search stays
+exact.
 
 An approximate index may miss some of the true top-k; its recall@10 against exact on
-the benchmark's vectors is in docs/benchmarks.md (benchmarks/serve.py measures it).
+the benchmarks' vectors is in docs/benchmarks.md (benchmarks/serve.py for search's
+HNSW, benchmarks/recommend_scale.py for the Recommender's IVF).
 """
 from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import tempfile
 import threading
@@ -33,31 +47,68 @@ log = logging.getLogger("polyrec.search")
 #: rows from which an approximate index is used (when FAISS is installed)
 APPROX_THRESHOLD = 200_000
 BACKENDS = ("auto", "exact", "faiss")
+KINDS = ("hnsw", "ivf")
+#: training points per IVF list: k-means on a sample of this many per list (FAISS warns
+#: below 39), enough for stable lists and seconds of training at 1M rows
+IVF_POINTS_PER_LIST = 64
+#: an IVF query for k rows scans at least this many rows per result (more lists than
+#: ``nprobe`` when k is large next to a list): a top-k out of barely k scanned rows
+#: misses much (like HNSW's efSearch below k)
+IVF_ROWS_PER_RESULT = 10
 
 
 @dataclass(frozen=True)
 class IndexSettings:
     """How :func:`open_index` chooses and builds an index.
 
-    ``backend``: "auto" (HNSW from ``threshold`` rows when FAISS is installed, else
-    exact), "exact" (always exact) or "faiss" (HNSW whatever the size; exact when FAISS
-    is missing). ``m`` and ``ef_construction`` shape the HNSW graph (more: better recall,
-    slower build), ``ef_search`` is the search breadth (more: better recall, slower
-    queries)."""
+    ``backend``: "auto" (an approximate index from ``threshold`` rows when FAISS is
+    installed, else exact), "exact" (always exact) or "faiss" (approximate whatever the
+    size; exact when FAISS is missing). ``kind``: which approximate index, "hnsw" or
+    "ivf" (see the module docstring: "ivf" for maximum-inner-product keys such as a
+    two-tower's, "hnsw" for unit vectors).
+
+    HNSW: ``m`` and ``ef_construction`` shape the graph (more: better recall, slower
+    build), ``ef_search`` is the search breadth (more: better recall, slower queries).
+
+    IVF: ``nlist`` k-means lists (None: ``2 * sqrt(rows)``, 2,000 at 1M rows), of which
+    ``nprobe`` are scanned per query (None: an eighth of the lists). More probes: better
+    recall, slower queries, linearly; ``nprobe == nlist`` is exact. On 1M two-tower keys
+    (docs/benchmarks.md, "Engine.recommend at 1M items") an eighth gave recall@10
+    0.998-1.0 against exact in ~4 ms, a sixteenth ~0.99 in ~2 ms."""
 
     backend: str = "auto"
     threshold: int = APPROX_THRESHOLD
+    kind: str = "hnsw"
     m: int = 32
     ef_construction: int = 40
     ef_search: int = 512
+    nlist: int | None = None
+    nprobe: int | None = None
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"index backend must be one of {BACKENDS}, not '{self.backend}'")
+        if self.kind not in KINDS:
+            raise ValueError(f"index kind must be one of {KINDS}, not '{self.kind}'")
+        for name in ("nlist", "nprobe"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"index {name} must be at least 1, not {value}")
+
+    def lists(self, rows: int) -> int:
+        """IVF lists for a matrix of ``rows`` rows (``nlist``, or ``2 * sqrt(rows)``),
+        never more than the rows."""
+        wanted = self.nlist if self.nlist is not None else round(2 * math.sqrt(rows))
+        return max(1, min(int(wanted), rows))
+
+    def probes(self, nlist: int) -> int:
+        """IVF lists scanned per query (``nprobe``, or an eighth of ``nlist``)."""
+        wanted = self.nprobe if self.nprobe is not None else math.ceil(nlist / 8)
+        return max(1, min(int(wanted), nlist))
 
 
 class VectorIndex(Protocol):
-    """Top-k rows of a matrix of unit vectors by inner product with a query."""
+    """Top-k rows of a matrix by inner product with a query."""
 
     kind: str
 
@@ -114,9 +165,65 @@ class HnswIndex:
         faiss.write_index(self.index, str(path))
 
     @classmethod
-    def load(cls, path: Path, ef_search: int) -> "HnswIndex":
+    def load(cls, path: Path, settings: IndexSettings) -> "HnswIndex":
         import faiss
-        return cls(faiss.read_index(str(path)), ef_search)
+        return cls(faiss.read_index(str(path)), settings.ef_search)
+
+
+class IvfIndex:
+    """A FAISS inverted-file index over the matrix (inner product): k-means lists, the
+    best-scoring ``nprobe`` of them scanned exactly (more when a query asks for more
+    than a tenth of the rows they hold: ``IVF_ROWS_PER_RESULT``); approximate below
+    ``nprobe == nlist``."""
+
+    kind = "ivf"
+
+    def __init__(self, index: Any, nprobe: int) -> None:
+        self.index = index
+        self.nprobe = max(1, min(int(nprobe), index.nlist))
+        index.nprobe = self.nprobe
+
+    @classmethod
+    def build(cls, matrix: torch.Tensor, settings: IndexSettings) -> "IvfIndex":
+        import faiss
+        x = np.ascontiguousarray(matrix.detach().float().cpu().numpy())
+        nlist = settings.lists(x.shape[0])
+        quantizer = faiss.IndexFlatIP(x.shape[1])
+        index = faiss.IndexIVFFlat(quantizer, x.shape[1], nlist, faiss.METRIC_INNER_PRODUCT)
+        index.cp.max_points_per_centroid = IVF_POINTS_PER_LIST  # a fixed-seed sample
+        index.cp.min_points_per_centroid = 1  # tiny matrices: no warning
+        index.train(x)
+        index.add(x)
+        return cls(index, settings.probes(nlist))
+
+    def search(self, query: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        import faiss
+        q = np.ascontiguousarray(query.detach().float().cpu().numpy().reshape(1, -1))
+        k = min(k, self.index.ntotal)
+        per_list = self.index.ntotal / self.index.nlist
+        nprobe = max(self.nprobe, min(self.index.nlist,
+                                      math.ceil(IVF_ROWS_PER_RESULT * k / per_list)))
+        while True:  # the probed lists hold fewer than k rows: probe more of them
+            params = None if nprobe == self.nprobe else faiss.SearchParametersIVF(nprobe=nprobe)
+            scores, rows = self.index.search(q, k, params=params)
+            keep = rows[0] >= 0  # FAISS pads with -1
+            if bool(keep.all()) or nprobe >= self.index.nlist:
+                break
+            nprobe = min(self.index.nlist, nprobe * 4)
+        return torch.from_numpy(scores[0][keep]), torch.from_numpy(rows[0][keep].astype(np.int64))
+
+    def save(self, path: Path) -> None:
+        import faiss
+        faiss.write_index(self.index, str(path))
+
+    @classmethod
+    def load(cls, path: Path, settings: IndexSettings) -> "IvfIndex":
+        import faiss
+        index = faiss.read_index(str(path))
+        return cls(index, settings.probes(index.nlist))
+
+
+APPROXIMATE = {"hnsw": HnswIndex, "ivf": IvfIndex}
 
 
 def faiss_available() -> bool:
@@ -138,9 +245,17 @@ def matrix_fingerprint(matrix: torch.Tensor) -> str:
     return digest.hexdigest()
 
 
-def index_key(name: str, fingerprint: str, settings: IndexSettings) -> str:
-    """The file stem of a persisted index: a digest of what it was built from and how."""
-    text = f"{name}|{fingerprint}|hnsw|m={settings.m}|efc={settings.ef_construction}"
+def index_key(name: str, fingerprint: str, settings: IndexSettings,
+              rows: int | None = None) -> str:
+    """The file stem of a persisted index: a digest of what it was built from and how
+    (``rows``: the matrix's, which sets an IVF's default number of lists; needed then)."""
+    if settings.kind == "ivf":
+        if rows is None and settings.nlist is None:
+            raise ValueError("an IVF index's key needs the matrix's rows (or nlist)")
+        nlist = settings.lists(rows) if rows is not None else settings.nlist
+        text = f"{name}|{fingerprint}|ivf|nlist={nlist}"
+    else:  # unchanged since the first HNSW files: those saved already stay valid
+        text = f"{name}|{fingerprint}|hnsw|m={settings.m}|efc={settings.ef_construction}"
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
@@ -151,16 +266,21 @@ def wants_approximate(rows: int, settings: IndexSettings) -> bool:
     return settings.backend == "faiss" or rows >= settings.threshold
 
 
-def index_path(directory: Path, name: str, fingerprint: str, settings: IndexSettings) -> Path:
-    return Path(directory) / f"hnsw-{index_key(name, fingerprint, settings)}.faiss"
+def index_path(directory: Path, name: str, fingerprint: str, settings: IndexSettings,
+               rows: int | None = None) -> Path:
+    """Where the index of ``settings.kind`` over a matrix of ``rows`` rows with this
+    ``fingerprint`` is saved under ``directory``."""
+    return Path(directory) / f"{settings.kind}-{index_key(name, fingerprint, settings, rows)}.faiss"
 
 
-def load_saved(matrix: torch.Tensor, path: Path | None, settings: IndexSettings) -> HnswIndex | None:
-    """The index saved at ``path`` when it exists and fits the matrix's shape."""
+def load_saved(matrix: torch.Tensor, path: Path | None, settings: IndexSettings
+               ) -> "HnswIndex | IvfIndex | None":
+    """The index saved at ``path`` when it exists, is of ``settings.kind`` and fits the
+    matrix's shape."""
     if path is None or not path.exists():
         return None
     try:
-        found = HnswIndex.load(path, settings.ef_search)
+        found = APPROXIMATE[settings.kind].load(path, settings)
     except Exception as exc:  # noqa: BLE001 - a broken file is rebuilt
         log.warning("index %s unreadable (%s): rebuilding it", path, exc)
         return None
@@ -170,10 +290,11 @@ def load_saved(matrix: torch.Tensor, path: Path | None, settings: IndexSettings)
 
 
 def build_and_save(matrix: torch.Tensor, name: str, path: Path | None,
-                   settings: IndexSettings) -> HnswIndex:
-    """Build the HNSW index and save it at ``path`` (when given; atomically)."""
-    log.info("building an HNSW index over %s x %s vectors (%s)", *matrix.shape, name)
-    index = HnswIndex.build(matrix, settings)
+                   settings: IndexSettings) -> "HnswIndex | IvfIndex":
+    """Build the ``settings.kind`` index and save it at ``path`` (when given; atomically)."""
+    log.info("building an %s index over %s x %s vectors (%s)", settings.kind.upper(),
+             *matrix.shape, name)
+    index = APPROXIMATE[settings.kind].build(matrix, settings)
     if path is not None:
         try:
             save_atomically(index, path)
@@ -184,9 +305,9 @@ def build_and_save(matrix: torch.Tensor, name: str, path: Path | None,
 
 def open_index(matrix: torch.Tensor, *, name: str, settings: IndexSettings | None = None,
                directory: Path | None = None, fingerprint: str | None = None) -> VectorIndex:
-    """The index to search ``matrix`` (unit rows) with: exact, or HNSW loaded from
-    ``directory`` when a previous process saved one for the same ``name`` and vectors,
-    else built now and saved there (atomically: a reader never sees half a file).
+    """The index to search ``matrix`` with: exact, or the ``settings.kind`` index loaded
+    from ``directory`` when a previous process saved one for the same ``name`` and
+    vectors, else built now and saved there (atomically: a reader never sees half a file).
 
     ``fingerprint`` identifies the vectors (computed from the matrix when None);
     ``directory`` None keeps the index in memory only."""
@@ -194,7 +315,8 @@ def open_index(matrix: torch.Tensor, *, name: str, settings: IndexSettings | Non
     if matrix.ndim != 2 or not wants_approximate(matrix.shape[0], settings):
         return ExactIndex(matrix)
     fingerprint = fingerprint or matrix_fingerprint(matrix)
-    path = index_path(directory, name, fingerprint, settings) if directory is not None else None
+    path = (index_path(directory, name, fingerprint, settings, matrix.shape[0])
+            if directory is not None else None)
     return load_saved(matrix, path, settings) or build_and_save(matrix, name, path, settings)
 
 
@@ -213,7 +335,8 @@ class IndexSlot:
         if matrix.ndim != 2 or not wants_approximate(matrix.shape[0], self.settings):
             self._done.set()
             return
-        path = (index_path(directory, name, fingerprint, self.settings)
+        rows = matrix.shape[0]
+        path = (index_path(directory, name, fingerprint, self.settings, rows)
                 if directory is not None and fingerprint is not None else None)
         saved = load_saved(matrix, path, self.settings)
         if saved is not None:
@@ -225,7 +348,8 @@ class IndexSlot:
             try:
                 where = path
                 if where is None and directory is not None:
-                    where = index_path(directory, name, matrix_fingerprint(matrix), self.settings)
+                    where = index_path(directory, name, matrix_fingerprint(matrix),
+                                       self.settings, rows)
                     found = load_saved(matrix, where, self.settings)
                     if found is not None:
                         self.current = found
@@ -233,7 +357,8 @@ class IndexSlot:
                 self.current = build_and_save(matrix, name, where, self.settings)
             except Exception as exc:  # noqa: BLE001 - exact search goes on
                 self.error = f"{type(exc).__name__}: {exc}"
-                log.warning("HNSW index for %s failed: %s; searching exactly", name, self.error)
+                log.warning("%s index for %s failed: %s; searching exactly",
+                            self.settings.kind.upper(), name, self.error)
             finally:
                 self._done.set()
 
@@ -255,7 +380,7 @@ class IndexSlot:
         return self._done.wait(timeout)
 
 
-def save_atomically(index: HnswIndex, path: Path) -> None:
+def save_atomically(index: "HnswIndex | IvfIndex", path: Path) -> None:
     """Write to a temporary file beside ``path``, then rename it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
