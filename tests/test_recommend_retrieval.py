@@ -1,11 +1,12 @@
 """Recommend through a vector index (polyrec.rank.retrieval): a ranker whose scores are
-inner products (the two-tower) hands its item side to the Recommender, which asks an
-HNSW index for each user's candidates instead of scoring every item. On MovieLens-100k
+inner products (the two-tower) hands its item side to the Recommender, which asks a
+vector index (its default kind, an inverted file) for each user's candidates instead of scoring every item. On MovieLens-100k
 the answers must be those of full scoring: same items, same scores, same filters and
 seen-item exclusion, and a failing retrieval falls back to full scoring."""
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,13 +14,15 @@ from sqlalchemy import select
 
 from conftest import copy_db, torch_threads
 from polyrec import Engine
+from polyrec.rank.recommend import Recommender
 from polyrec.rank.vector_index import IndexSettings, faiss_available
 from polyrec.store.models import Interaction, Item, User
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not faiss_available(), reason="FAISS is not installed")]
 
-HNSW = IndexSettings(backend="faiss", m=16, ef_construction=64, ef_search=256)
+#: the Recommender's index settings, forced below the threshold (1,682 items)
+INDEX = replace(Recommender.index_settings, backend="faiss")
 USERS = [str(u) for u in range(1, 944, 9)]  # 105 users
 
 
@@ -45,12 +48,12 @@ def _engine(db, settings: IndexSettings | None) -> Engine:
 
 @pytest.fixture(scope="module")
 def engines(two_tower_db):
-    """(full scoring, HNSW retrieval) over the same database."""
-    full, indexed = _engine(two_tower_db, None), _engine(two_tower_db, HNSW)
+    """(full scoring, indexed retrieval) over the same database."""
+    full, indexed = _engine(two_tower_db, None), _engine(two_tower_db, INDEX)
     rec = indexed.services.recommender()
     retrieval = rec._retrieval()
     assert retrieval is not None, "the two-tower pipeline should be retrieved through an index"
-    assert retrieval.slot.wait(120) and retrieval.slot.kind == "hnsw", retrieval.slot.error
+    assert retrieval.slot.wait(120) and retrieval.slot.kind == "ivf", retrieval.slot.error
     assert full.services.recommender()._retrieval() is None  # 1,682 items: below threshold
     yield full, indexed
     full.close()
@@ -107,7 +110,7 @@ def test_filters_and_seen_items_hold_and_a_rare_filter_widens_the_pool(engines):
 
 
 def test_a_failing_retrieval_is_recorded_and_full_scoring_answers(two_tower_db):
-    with _engine(two_tower_db, HNSW) as eng:
+    with _engine(two_tower_db, INDEX) as eng:
         rec = eng.services.recommender()
         rec._retrieval().slot.wait(120)
 
@@ -142,7 +145,7 @@ def test_a_fresh_process_maps_the_saved_item_side_and_never_runs_the_item_tower(
 
     monkeypatch.setattr(TwoTowerRanker, "retrieval_keys", no_tower)
     monkeypatch.setattr(TwoTowerRanker, "_prepared", no_tower)
-    with _engine(two_tower_db, HNSW) as fresh:
+    with _engine(two_tower_db, INDEX) as fresh:
         rec = fresh.services.recommender()
         assert rec._retrieval() is not None and not rec.errors
         got = {u: [(r.item, r.score) for r in fresh.recommend(u, 10)] for u in users}
@@ -162,7 +165,7 @@ def test_a_fresh_process_maps_the_saved_item_side_and_never_runs_the_item_tower(
     shutil.copytree(directory, grown_dir / directory.name)  # the saved keys come along
     with Engine(db, device="cpu", entrypoints=False, progress=False,
                 encode_on_arrival=False) as grown:
-        grown.services.recommender().index_settings = HNSW
+        grown.services.recommender().index_settings = INDEX
         grown.add_items([{"external_id": "new-film", "title": "A film added today"}])
         asked = []
         original = TwoTowerRanker.retrieval_keys
