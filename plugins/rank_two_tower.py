@@ -40,6 +40,9 @@ DEFAULTS: dict[str, Any] = {
     "progress": False,
 }
 LOSSES = ("softmax", "bpr")
+#: a training step runs the item tower over only the items it needs (targets, negatives,
+#: the batch users' history items) when they are fewer than 1 / this of the catalogue
+STEP_ITEMS_FRACTION = 2
 NEGATIVES = ("in_batch", "random", "both")
 
 
@@ -245,7 +248,7 @@ class TwoTowerRanker(Ranker):
         if dict(state.get("dims") or {}) != self.dims:
             self.info_warm = {"used": False, "reason": "other modalities or widths"}
             return
-        weights = torch.load(io.BytesIO(state["model"]), map_location="cpu", weights_only=True)
+        weights = _weights(state)
         mine = model.state_dict()
         by_id = {"item_id.weight": (_int_list(state["item_ids"]), self.item_ids),
                  "id_bias.weight": (_int_list(state["item_ids"]), self.item_ids),
@@ -324,15 +327,21 @@ class TwoTowerRanker(Ranker):
         return (key // data.n_items).to(self.device), (key % data.n_items).to(self.device)
 
     @staticmethod
-    def _history_sums(users: torch.Tensor, pair_u: torch.Tensor, pair_i: torch.Tensor,
-                      indptr: torch.Tensor, vecs: torch.Tensor) -> torch.Tensor:
-        """Sum of the item vectors of each user's history, for the given users [b, D]."""
+    def _history(users: torch.Tensor, pair_i: torch.Tensor, indptr: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row in ``users``, item) of every history entry of the given users."""
         starts, ends = indptr[users], indptr[users + 1]
         lengths = ends - starts
         rows = torch.repeat_interleave(torch.arange(len(users), device=users.device), lengths)
         offsets = torch.arange(int(lengths.sum()), device=users.device) - \
             torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
-        cols = pair_i[starts[rows] + offsets]
+        return rows, pair_i[starts[rows] + offsets]
+
+    @classmethod
+    def _history_sums(cls, users: torch.Tensor, pair_u: torch.Tensor, pair_i: torch.Tensor,
+                      indptr: torch.Tensor, vecs: torch.Tensor) -> torch.Tensor:
+        """Sum of the item vectors of each user's history, for the given users [b, D]."""
+        rows, cols = cls._history(users, pair_i, indptr)
         out = torch.zeros(len(users), vecs.shape[1], device=vecs.device, dtype=vecs.dtype)
         return out.index_add(0, rows, vecs[cols])
 
@@ -581,13 +590,25 @@ class TwoTowerRanker(Ranker):
         seen, train_seconds = 0, 0.0
         bar = progress_bar(range(epochs), desc="two_tower epoch", unit="epochs",
                            enabled=bool(o["progress"]), interval=0)
-        def batch_loss(u: torch.Tensor, i: torch.Tensor, keep_id: torch.Tensor) -> torch.Tensor:
-            vecs, _, _, bias = model.items(tokens, present, all_items, keep_id)
-            sums = self._history_sums(u, pair_u, pair_i, indptr, vecs)
+        def batch_loss(u: torch.Tensor, i: torch.Tensor, keep_id: torch.Tensor,
+                       cand: torch.Tensor) -> torch.Tensor:
+            hist_row, hist_item = self._history(u, pair_i, indptr)
+            needed = torch.unique(torch.cat([hist_item, i, cand]))
+            if len(needed) * STEP_ITEMS_FRACTION < n_items:  # the tower over these only
+                vecs, _, _, bias = model.items({m: t[needed] for m, t in tokens.items()},
+                                               present[needed], needed, keep_id[needed])
+                hist_item, i_row, cand_row = (torch.searchsorted(needed, x)
+                                              for x in (hist_item, i, cand))
+            else:  # most of the catalogue is needed anyway: the tower over all of it
+                vecs, _, _, bias = model.items(tokens, present, all_items, keep_id)
+                i_row, cand_row = i, cand
+            sums = torch.zeros(len(u), vecs.shape[1], device=vecs.device, dtype=vecs.dtype)
+            sums = sums.index_add(0, hist_row, vecs[hist_item])
             n_hist = (counts[u] - 1).clamp(min=1)[:, None]
-            hmean = (sums - vecs[i]) / n_hist  # the target left out of the history
+            hmean = (sums - vecs[i_row]) / n_hist  # the target left out of the history
             uvec = model.users(hmean, u, torch.ones_like(u, dtype=torch.bool))
-            return self._loss(uvec, vecs, bias, u, i, key, n_items, temp, gen)
+            return self._loss(uvec, (vecs[i_row], bias[i_row]), (vecs[cand_row], bias[cand_row]),
+                              u, i, cand, key, n_items, temp)
 
         rank, world = self._parallel
         step: nn.Module = _Step(model, batch_loss)
@@ -603,10 +624,11 @@ class TwoTowerRanker(Ranker):
                 keep_id = warm & (torch.rand(n_items, generator=gen).to(self.device)
                                   >= float(o["id_dropout"]))
                 mine = torch.tensor_split(idx, world)[rank] if world > 1 else idx
-                if len(mine):
-                    loss = step(pair_u[mine], pair_i[mine], keep_id)
-                else:  # a batch smaller than the workers: this one adds a zero gradient
-                    loss = step(pair_u[idx[:1]], pair_i[idx[:1]], keep_id) * 0.0
+                rows = mine if len(mine) else idx[:1]
+                cand = self._candidates(pair_i[rows], n_items, gen)
+                loss = step(pair_u[rows], pair_i[rows], keep_id, cand)
+                if not len(mine):  # a batch smaller than the workers: a zero gradient
+                    loss = loss * 0.0
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -633,25 +655,37 @@ class TwoTowerRanker(Ranker):
             return best_epoch, history
         return epochs, history
 
-    def _loss(self, uvec: torch.Tensor, vecs: torch.Tensor, bias: torch.Tensor,
-              u: torch.Tensor, i: torch.Tensor, key: torch.Tensor, n_items: int, temp: float,
-              gen: torch.Generator) -> torch.Tensor:
-        """Sampled softmax or BPR over in-batch and/or random negatives; a negative that is
+    def _candidates(self, targets: torch.Tensor, n_items: int, gen: torch.Generator
+                    ) -> torch.Tensor:
+        """The step's negative candidates: its targets (in-batch) and/or ``n_random``
+        items drawn uniformly."""
+        o = self.options
+        cands = []
+        if o["negatives"] in ("in_batch", "both"):
+            cands.append(targets)
+        if o["negatives"] in ("random", "both"):
+            n_random = int(o["n_random"])
+            cands.append(torch.randint(0, n_items, (n_random,), generator=gen).to(self.device))
+        return torch.cat(cands)
+
+    def _loss(self, uvec: torch.Tensor, target: tuple[torch.Tensor, torch.Tensor],
+              negative: tuple[torch.Tensor, torch.Tensor], u: torch.Tensor, i: torch.Tensor,
+              cand: torch.Tensor, key: torch.Tensor, n_items: int, temp: float) -> torch.Tensor:
+        """Sampled softmax or BPR of the targets ``i`` (vectors, biases: ``target``) over
+        the candidates ``cand`` (``negative``, from ``_candidates``); a candidate that is
         one of the user's positives is masked out. With ``logq`` the softmax logits are
         corrected by the log of each candidate's expected number of draws (in-batch
         candidates are drawn by popularity, random ones uniformly)."""
         o = self.options
-        cands, log_q = [], []
+        log_q = []
         if o["negatives"] in ("in_batch", "both"):
-            cands.append(i)
             log_q.append(torch.log(self._item_share[i] * len(i)))
         if o["negatives"] in ("random", "both"):
             n_random = int(o["n_random"])
-            cands.append(torch.randint(0, n_items, (n_random,), generator=gen).to(self.device))
             log_q.append(torch.full((n_random,), math.log(n_random / n_items), device=self.device))
-        cand = torch.cat(cands)
-        pos_logit = (uvec * vecs[i]).sum(-1) / temp + bias[i]
-        logits = uvec @ vecs[cand].T / temp + bias[cand]
+        (tvec, tbias), (cvec, cbias) = target, negative
+        pos_logit = (uvec * tvec).sum(-1) / temp + tbias
+        logits = uvec @ cvec.T / temp + cbias
         # mask every candidate that is a positive of the row's user (the target included)
         hit = self._is_positive(u, cand, key, n_items)
         if o["loss"] == "softmax" and o["logq"]:
@@ -684,8 +718,6 @@ class TwoTowerRanker(Ranker):
     def state(self) -> dict[str, Any]:
         if self.model is None:
             raise ModelNotTrainedError("two_tower is not fitted; nothing to save")
-        buf = io.BytesIO()
-        torch.save({k: v.detach().cpu() for k, v in self.model.state_dict().items()}, buf)
         fuser = self.options["fuser"]
         opts = {k: v for k, v in self.options.items() if k != "fuser"}
         return {"options": {**opts, "fuser": getattr(fuser, "name", fuser)},
@@ -694,7 +726,10 @@ class TwoTowerRanker(Ranker):
                 "dims": self.dims, "item_ids": torch.tensor(self.item_ids, dtype=torch.long),
                 "user_ids": torch.tensor(self.user_ids, dtype=torch.long),
                 "warm": self.warm.bool().cpu(), "fuser_options": self._fuser_options,
-                "model": buf.getvalue(), "info": self.info}
+                # the weights as tensors, not nested bytes: a stored artifact mapped from
+                # its file (polyrec.store.artifact_cache) then maps them too
+                "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+                "info": self.info}
 
     def load_state(self, state: dict[str, Any]) -> None:
         o = self.options
@@ -703,14 +738,25 @@ class TwoTowerRanker(Ranker):
         self.item_ids, self.user_ids = _int_list(state["item_ids"]), _int_list(state["user_ids"])
         self.warm = torch.as_tensor(state["warm"], dtype=torch.bool)  # a list in older states
         self._fuser_options = dict(state["fuser_options"])
-        self.model = TwoTowerModel(self.dims, len(self.item_ids), len(self.user_ids), int(o["dim"]),
-                                   self._fuser_class() if self.dims else None, self._fuser_options,
-                                   bool(o["use_item_id"]), bool(o["use_user_id"])).to(self.device)
-        weights = torch.load(io.BytesIO(state["model"]), map_location=self.device, weights_only=True)
-        self.model.load_state_dict(weights)
+        weights = _weights(state)
+        with torch.device("meta"):  # no random init of what the weights replace (1M ID rows)
+            model = TwoTowerModel(self.dims, len(self.item_ids), len(self.user_ids), int(o["dim"]),
+                                  self._fuser_class() if self.dims else None,
+                                  self._fuser_options, bool(o["use_item_id"]),
+                                  bool(o["use_user_id"]))
+        model.load_state_dict(weights, assign=True)
+        self.model = model.to(self.device)
         self.model.eval()
         self.info = dict(state.get("info") or {})
         self._cache, self._maps = {}, {}
+
+
+def _weights(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The model weights of a state (bytes in states saved before they were tensors)."""
+    weights = state["model"]
+    if isinstance(weights, (bytes, bytearray)):
+        weights = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)
+    return weights
 
 
 def _int_list(value: Any) -> list[int]:
