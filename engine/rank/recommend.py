@@ -28,7 +28,8 @@ from polyrec.rank.registry import (check_scores, good_before, live_version, rank
 from polyrec.rank.retrieval import Retrieval, open_retrieval
 from polyrec.rank.train import PIPELINE_ARTIFACT, build_ranker
 from polyrec.rank.vector_index import IndexSettings
-from polyrec.store.artifacts import from_bytes, load_artifact
+from polyrec.store.artifact_cache import load_cached, save_cached
+from polyrec.store.artifacts import ArtifactHeader, artifact_header, from_bytes, load_artifact
 from polyrec.store.catalog import external_ids, get_user_id
 from polyrec.store.vector_cache import index_directory, load_arrays, save_arrays
 from polyrec.store.item_lookup import ItemLookup, Titles
@@ -143,7 +144,12 @@ def load_ranker(engine: "Engine", version: int | None) -> tuple[Any, dict[str, A
 
 def ranker_from(engine: "Engine", stored: Any) -> tuple[Any, dict[str, Any]]:
     """The fitted ranker of a loaded artifact (see :func:`load_ranker`)."""
-    payload = from_bytes(stored.data)
+    return ranker_from_payload(engine, from_bytes(stored.data), stored)
+
+
+def ranker_from_payload(engine: "Engine", payload: dict[str, Any], stored: Any
+                        ) -> tuple[Any, dict[str, Any]]:
+    """:func:`ranker_from` for a payload already read (``stored``: its version and meta)."""
     ranker = build_ranker(engine, payload["ranker"], payload["options"])
     ranker.load_state(payload["state"])
     return ranker, {"version": stored.version, "meta": stored.meta, "ranker": payload["ranker"],
@@ -227,7 +233,7 @@ class Recommender:
         """Load ``version`` as the served ranker; when that fails (not strict), fall back."""
         try:
             with self.engine.store.session() as s:
-                stored = load_artifact(s, PIPELINE_ARTIFACT, version)
+                stored = artifact_header(s, PIPELINE_ARTIFACT, version)
         except NotFoundError:
             if self.strict or self._pinned_version:
                 raise
@@ -238,7 +244,7 @@ class Recommender:
             self._fall_back(version, f"version {version} is not in the store")
             return
         try:
-            ranker, info = ranker_from(self.engine, stored)
+            ranker, info = ranker_from_payload(self.engine, self._payload(stored), stored)
         except Exception as exc:  # noqa: BLE001 - a plugin failing to load must not crash
             if self.strict:
                 raise
@@ -249,7 +255,7 @@ class Recommender:
             self._fall_back(version, self.errors[-1]["error"])
             return
         old_rating = getattr(self, "min_rating", None)
-        self._artifact_stamp = (stored.name, stored.version, stored.created_at, len(stored.data))
+        self._artifact_stamp = (stored.name, stored.version, stored.created_at, stored.size)
         self.ranker = ranker
         self.version = info["version"]
         self.meta = info["meta"]
@@ -566,6 +572,19 @@ class Recommender:
                 found = None
             snap.cache["retrieval"] = (ranker, found)
             return found
+
+    def _payload(self, header: ArtifactHeader) -> dict[str, Any]:
+        """The stored pipeline version ``header`` names: mapped from its file beside the
+        store (polyrec.store.artifact_cache), else read from the store and the file
+        written for the next process."""
+        directory = index_directory(self.engine.store.url)
+        payload = load_cached(directory, header)
+        if payload is None:
+            with self.engine.store.session() as s:
+                data = load_artifact(s, header.name, header.version).data
+            save_cached(directory, header, data)
+            payload = from_bytes(data)
+        return payload
 
     def _state_key(self, snap: "DataSnapshot") -> str | None:
         """A digest of what the served ranker's item side derives from: the stored

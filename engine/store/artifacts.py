@@ -30,6 +30,33 @@ class StoredArtifact:
     created_at: float = 0.0
 
 
+@dataclass(frozen=True)
+class ArtifactHeader:
+    """One stored version without its bytes (``size``: how many there are)."""
+
+    name: str
+    kind: str
+    version: int
+    size: int
+    meta: dict[str, Any]
+    created_at: float
+
+
+def artifact_header(session: Session, name: str, version: int | None = None) -> ArtifactHeader:
+    """The header of the given version of ``name`` (the latest when None), its bytes
+    left in the store; NotFoundError if absent."""
+    query = select(Artifact.name, Artifact.kind, Artifact.version, func.length(Artifact.data),
+                   Artifact.meta, Artifact.created_at).where(Artifact.name == name)
+    query = (query.where(Artifact.version == version) if version is not None
+             else query.order_by(Artifact.version.desc()).limit(1))
+    row = session.execute(query).first()
+    if row is None:
+        which = f"version {version} of " if version is not None else ""
+        raise NotFoundError(f"no {which}artifact named '{name}' in the store")
+    n, kind, v, size, meta, created = row
+    return ArtifactHeader(n, kind, int(v), int(size or 0), dict(meta or {}), float(created or 0.0))
+
+
 def save_artifact(session: Session, name: str, kind: str, payload: bytes,
                   meta: dict[str, Any] | None = None) -> int:
     """Store ``payload`` as the next version of artifact ``name``; returns that version."""
