@@ -204,3 +204,30 @@ def test_top_k_and_mrr_agree_with_a_full_stable_sort():
         expected = torch.where(hits.any(1), 1.0 / (torch.argmax(hits.int(), 1) + 1).float(),
                                torch.zeros(6))
         assert torch.allclose(user_metrics(scores, relevant, ks=(k,))[0]["mrr"], expected)
+
+
+def test_top_k_fast_path_and_tie_rows_mixed_agree_with_a_full_stable_sort():
+    """Rows without a tie at the k-th place take the one-topk path, the others the
+    whole-row one; mixed in one batch, with NaN as unscored, both equal a stable sort."""
+    from polyrec.rank.evaluation import top_k
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(100):
+        n = int(torch.randint(2, 80, (1,), generator=gen))
+        scores = torch.randn(8, n, generator=gen)
+        scores[1] = torch.randint(0, 3, (n,), generator=gen).float()  # ties everywhere
+        scores[2] = 0.0  # an unknown user: all equal
+        scores[3, torch.rand(n, generator=gen) < 0.5] = -INF  # few scored items
+        scores[4, :n // 2] = scores[4, n // 2:n // 2 * 2]  # each value twice
+        scores[5, torch.rand(n, generator=gen) < 0.3] = float("nan")
+        relevant = torch.rand(8, n, generator=gen) < 0.2
+        k = int(torch.randint(1, n + 1, (1,), generator=gen))
+        clean = torch.where(torch.isnan(scores), -INF, scores)
+        order = torch.argsort(clean, dim=1, descending=True, stable=True)
+        assert torch.equal(top_k(clean, k), order[:, :k])
+        hits = torch.gather(relevant, 1, order) & (torch.gather(clean, 1, order) > -INF)
+        expected = torch.where(hits.any(1), 1.0 / (torch.argmax(hits.int(), 1) + 1).float(),
+                               torch.zeros(8))
+        metrics, tops = user_metrics(scores, relevant, ks=(k,))
+        assert torch.allclose(metrics["mrr"], expected)
+        ranked = torch.gather(clean, 1, order[:, :k]) > -INF
+        assert torch.equal(tops[k], torch.where(ranked, order[:, :k], -1))

@@ -194,13 +194,33 @@ def validation_split(train: TrainingData, *, seed: int | None = None,
 # -- metrics ------------------------------------------------------------------------------
 def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices [b, k] of each row's k best scores, best first, ties broken by the lower
-    index: the first k columns of a stable descending argsort, without the full sort."""
-    k = min(k, scores.shape[1])
+    index: the first k columns of a stable descending argsort, without the full sort.
+
+    One ``topk`` of k + 1 per row decides it where no tie crosses the k-th place; the
+    rows where one does (unscored items at -inf, a user with all-equal scores) are
+    settled by :func:`_top_k_ties`, which reads their whole row again."""
+    n = scores.shape[1]
+    k = min(k, n)
+    vals, idx = torch.topk(scores, min(k + 1, n), dim=1)
+    crossing = (vals[:, k] == vals[:, k - 1]) if k < n else \
+        torch.ones(len(scores), dtype=torch.bool)
+    vals, idx = vals[:, :k], idx[:, :k]
+    by_index = torch.argsort(idx, dim=1)  # then stably by value: ties in index order
+    vals, idx = torch.gather(vals, 1, by_index), torch.gather(idx, 1, by_index)
+    idx = torch.gather(idx, 1, torch.argsort(vals, dim=1, descending=True, stable=True))
+    rows = torch.nonzero(crossing).flatten()
+    if len(rows):
+        idx[rows] = _top_k_ties(scores[rows], k)
+    return idx
+
+
+def _top_k_ties(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """:func:`top_k` over whole rows (every item tied with the k-th best is looked at)."""
     threshold = torch.topk(scores, k, dim=1).values[:, -1:]
     above = scores > threshold
     tied = scores == threshold
-    room = k - above.sum(1, keepdim=True)
-    chosen = above | (tied & (torch.cumsum(tied, dim=1) <= room))
+    room = k - above.sum(1, keepdim=True, dtype=torch.int32)
+    chosen = above | (tied & (torch.cumsum(tied, dim=1, dtype=torch.int32) <= room))
     idx = torch.nonzero(chosen)[:, 1].view(-1, k)  # index order within each row
     vals = torch.gather(scores, 1, idx)
     return torch.gather(idx, 1, torch.argsort(vals, dim=1, descending=True, stable=True))
@@ -216,8 +236,8 @@ def user_metrics(scores: torch.Tensor, relevant: torch.Tensor, ks: Sequence[int]
     binary gains and the ideal DCG of min(|relevant|, K) hits; MRR = 1 / rank of the
     first relevant item in the full ranking (0 when none is ranked); HitRate@K = any hit.
     """
-    scores = scores.float()
-    scores = torch.where(torch.isnan(scores), torch.full_like(scores, -math.inf), scores)
+    scores = torch.nan_to_num(scores.float(), nan=-math.inf, posinf=math.inf,
+                              neginf=-math.inf)
     n = scores.shape[1]
     order = top_k(scores, max(ks))
     ranked = torch.gather(scores, 1, order) > -math.inf
@@ -239,13 +259,21 @@ def user_metrics(scores: torch.Tensor, relevant: torch.Tensor, ks: Sequence[int]
         tops[k] = torch.where(ranked[:, :kk], order[:, :kk], torch.full_like(order[:, :kk], -1))
     # MRR over the full ranking: the first relevant item is the one with the best score
     # (lowest index among equals); its rank counts the items ahead of it.
-    rel_scores = torch.where(relevant, scores, torch.full_like(scores, -math.inf))
-    best = rel_scores.max(1, keepdim=True).values
-    cols = torch.arange(n)[None, :]
-    first_idx = torch.where(relevant & (scores == best), cols, torch.full_like(cols, n)).min(1, keepdim=True).values
-    ahead = (scores > best).sum(1) + ((scores == best) & (cols < first_idx)).sum(1)
-    found = best.squeeze(1) > -math.inf
-    out["mrr"] = torch.where(found, 1.0 / (ahead + 1).float(), torch.zeros(len(scores)))
+    b = len(scores)
+    rel_rows, rel_cols = torch.nonzero(relevant, as_tuple=True)
+    rel_vals = scores[rel_rows, rel_cols]
+    best = torch.full((b,), -math.inf).scatter_reduce(0, rel_rows, rel_vals, "amax")
+    is_best = rel_vals == best[rel_rows]
+    first_idx = torch.full((b,), n, dtype=torch.long).scatter_reduce(
+        0, rel_rows[is_best], rel_cols[is_best], "amin")
+    found = best > -math.inf
+    ahead = (scores > best[:, None]).sum(1, dtype=torch.int32)  # int32: 2x faster sums
+    tied = found & (first_idx > 0)
+    if bool(tied.any()):  # items as good as the first relevant one, at a lower index
+        width = int(first_idx[tied].max())
+        before = torch.arange(width)[None, :] < first_idx[:, None]
+        ahead = ahead + ((scores[:, :width] == best[:, None]) & before).sum(1, dtype=torch.int32)
+    out["mrr"] = torch.where(found, 1.0 / (ahead + 1).float(), torch.zeros(b))
     return out, tops
 
 
