@@ -4,6 +4,8 @@ MovieLens-100k titles encoded with BERT, filters, writes reflected in the same
 transaction, the switch that keeps search in the process, SQLite untouched."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import psycopg
 import pytest
@@ -57,12 +59,16 @@ def _genre_vectors(eng: Engine) -> None:
 @pytest.fixture(scope="module")
 def ml_pg(pg_server, ml100k_dir) -> str:
     """A PostgreSQL database with MovieLens-100k's 1,682 items, their BERT title vectors
-    and 'genres' vectors; no pgvector table yet. Read-only (copy it: ``_copy``)."""
+    and 'genres' vectors; no pgvector table yet (encoded with pgvector switched off, as a
+    database from before the tables were built at encode time). Read-only (copy it:
+    ``ml_copy``)."""
     url = pg_server.create_database("pgv_ml")
-    with _open(url) as eng:
-        eng.ingest(ml100k_dir / "ml-100k.item", "items")
-        eng.encode(["bert"], options={"bert": {"max_length": 32}})
-        _genre_vectors(eng)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(pgvector.ENV, "off")
+        with _open(url) as eng:
+            eng.ingest(ml100k_dir / "ml-100k.item", "items")
+            eng.encode(["bert"], options={"bert": {"max_length": 32}})
+            _genre_vectors(eng)
     yield url
     pg_server.drop_database("pgv_ml")
 
@@ -294,10 +300,12 @@ def test_switched_off_or_sqlite_stays_in_the_process(ml_copy, tmp_path, monkeypa
         with eng.store.session() as s:
             assert s.execute(text("SELECT to_regclass(:t)"), {"t": pgvector.REGISTRY}).scalar() is None
             assert not s.execute(text("SELECT 1 FROM pg_extension WHERE extname = 'vector'")).first()
+        assert pgvector.build_tables(eng.store) == [] and pgvector.missing_tables(eng.store) == []
     monkeypatch.delenv(pgvector.ENV)
     with _open(tmp_path / "t.db") as eng:
         assert eng.services.searcher().pgvector is None
         assert PgVectors.for_store(eng.store) is None
+        assert pgvector.build_tables(eng.store) == []
 
 
 def test_migrate_passes_with_pgvector_tables(ml_copy):
@@ -310,3 +318,98 @@ def test_migrate_passes_with_pgvector_tables(ml_copy):
     assert out.exit_code == 0, out.output
     check = runner.invoke(cli, ["--db", ml_copy, "--quiet", "migrate", "--check"])
     assert check.exit_code == 0, check.output
+
+
+def _registry(url: str) -> list[tuple]:
+    """The pgvector tables registered in ``url`` (encoder, dim, table, created_at); [] when
+    there is no registry."""
+    with _open(url) as eng, eng.store.session() as s:
+        if s.execute(text("SELECT to_regclass(:t)"), {"t": pgvector.REGISTRY}).scalar() is None:
+            return []
+        return [tuple(r) for r in s.execute(text(
+            f"SELECT encoder, dim, table_name, created_at FROM {pgvector.REGISTRY} ORDER BY id"))]
+
+
+def _rows(url: str, table: str) -> dict[int, str]:
+    with _open(url) as eng, eng.store.session() as s:
+        return dict(s.execute(text(f"SELECT item_id, embedding::text FROM {table}")).all())
+
+
+def _first_search_builds_nothing(url: str) -> None:
+    """A fresh Engine's first search answers its dense leg in SQL (the table was there
+    in its snapshot) and leaves the registry as it was."""
+    before = _registry(url)
+    with _open(url) as eng:
+        srch = eng.services.searcher()
+        assert eng.search("space adventure", k=10).results
+        assert srch.pgvector.queries == 1  # answered by pgvector, not in process
+    assert _registry(url) == before
+
+
+def test_encode_builds_the_table_before_the_first_search(ml_copy):
+    """`polyrec encode` on PostgreSQL with pgvector builds the encoder's table and index
+    once its vectors are written (progress lines while it does): every stored vector
+    is in it, and the first search creates nothing. Later writes (a new item encoded
+    on a second run) reach the table through its trigger, without a rebuild."""
+    with _open(ml_copy) as eng, eng.store.session() as s:  # 25 titles to (re-)encode
+        s.execute(text("DELETE FROM item_vectors WHERE encoder = 'bert' AND item_id IN "
+                       "(SELECT id FROM items ORDER BY id LIMIT 25)"))
+    assert _registry(ml_copy) == []
+    runner = CliRunner()
+    out = runner.invoke(cli, ["--db", ml_copy, "--device", "cpu", "encode", "-e", "bert", "--json"])
+    assert out.exit_code == 0, out.output
+    assert "pgvector: copy bert (384)" in out.output and "pgvector: building the HNSW" in out.output
+    reg = _registry(ml_copy)
+    assert [(e, d) for e, d, _, _ in reg] == [("bert", 384)]  # not 'genres': not encoded here
+    table = reg[0][2]
+    with _open(ml_copy) as eng:
+        with eng.store.session() as s:
+            stored = s.execute(text("SELECT count(*) FROM item_vectors WHERE encoder = 'bert'")).scalar()
+        exact = _exact(eng, "bert")
+    rows = _rows(ml_copy, table)
+    assert stored == 1682 and len(rows) == 1682
+    some = exact.item_ids[0]  # the table holds the stored vector (to float16)
+    got = np.array(rows[some].strip("[]").split(","), dtype=np.float32)
+    assert np.allclose(got, exact.matrix[exact.row[some]].numpy(), atol=1e-3)
+    _first_search_builds_nothing(ml_copy)
+    # a new item, encoded on arrival (encode_items): in the table through the trigger
+    # in the writing transaction, no rebuild; the catalogue's search finds it
+    with _open(ml_copy) as eng:
+        eng.add_items([{"external_id": "new-1", "title": "Spaceship lost among the stars"}])
+        assert eng.wait_for_encoding(120)
+        new = {it.external_id: it.id for it in eng.items()}["new-1"]
+        with eng.store.session() as s:
+            count = s.execute(text("SELECT count(*) FROM item_vectors WHERE encoder = 'bert'")).scalar()
+    assert _registry(ml_copy) == reg
+    rows = _rows(ml_copy, table)
+    assert count == 1683 and len(rows) == 1683 and new in rows
+
+
+def test_migrate_builds_the_tables_before_the_first_search(ml_copy, monkeypatch):
+    """`polyrec migrate` on a PostgreSQL database whose encoders have stored vectors but
+    no pgvector table (from before): --check lists them (exit 0: the schema is current),
+    POLYREC_PGVECTOR=off builds nothing, migrate builds one per (encoder, width) with
+    progress lines, a second migrate builds nothing, and the first search creates
+    nothing."""
+    runner = CliRunner()
+    check = runner.invoke(cli, ["--db", ml_copy, "migrate", "--check"])
+    assert check.exit_code == 0, check.output
+    assert "pgvector: no table yet for bert (384)" in check.output
+    assert "pgvector: no table yet for genres (25)" in check.output
+    monkeypatch.setenv(pgvector.ENV, "off")
+    off = runner.invoke(cli, ["--db", ml_copy, "migrate", "--json"])
+    assert off.exit_code == 0 and "pgvector" not in json.loads(off.stdout)
+    assert _registry(ml_copy) == []
+    monkeypatch.delenv(pgvector.ENV)
+    out = runner.invoke(cli, ["--db", ml_copy, "migrate"])
+    assert out.exit_code == 0, out.output
+    assert "pgvector: copy bert (384)" in out.output  # progress (stderr)
+    assert "pgvector: built polyrec_vec_" in out.output and "for genres (25)" in out.output
+    reg = _registry(ml_copy)
+    assert sorted((e, d) for e, d, _, _ in reg) == [("bert", 384), ("genres", 25)]
+    assert len(_rows(ml_copy, reg[0][2])) == 1682
+    again = runner.invoke(cli, ["--db", ml_copy, "migrate", "--json"])
+    assert again.exit_code == 0, again.output
+    assert [t["built"] for t in json.loads(again.stdout)["pgvector"]] == [False, False]
+    assert _registry(ml_copy) == reg
+    _first_search_builds_nothing(ml_copy)

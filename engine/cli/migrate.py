@@ -19,7 +19,9 @@ def migrate_command(state: CliState, check: bool, as_json: bool) -> None:
 
     Every command upgrades the database it opens; migrate does it on purpose, says what
     it did, and with --check only says whether it is needed (for a deploy step before
-    several serving processes start)."""
+    several serving processes start). On PostgreSQL with pgvector it also builds the
+    pgvector table and HNSW index of every encoder with stored vectors that has none
+    yet, so that no search has to (POLYREC_PGVECTOR=off: not); --check lists them."""
     url = normalize_url(state.db)
     check_database(url)
     store = Store(url, lock_timeout=state.lock_timeout, upgrade=False)
@@ -35,12 +37,20 @@ def migrate_command(state: CliState, check: bool, as_json: bool) -> None:
         if not check and found < SCHEMA_VERSION:
             from polyrec.store.migrations import upgrade
             upgrade(store.engine)
+        from polyrec.store import pgvector
+        if check:
+            tables = [{"encoder": e, "dim": d, "table": None, "built": False}
+                      for e, d in pgvector.missing_tables(store)]
+        else:  # PostgreSQL with pgvector: dense search's tables ready before serving
+            tables = pgvector.build_tables(store, progress=state.progress)
     finally:
         store.close()
     needed = found < SCHEMA_VERSION
     report = {"backend": backend, "from_version": found,
               "to_version": found if check else max(found, SCHEMA_VERSION),
               "latest": SCHEMA_VERSION, "upgraded": needed and not check}
+    if tables:  # pgvector tables built (or, with --check, missing)
+        report["pgvector"] = tables
     if as_json:
         echo_json(report)
     elif not needed:
@@ -50,6 +60,16 @@ def migrate_command(state: CliState, check: bool, as_json: bool) -> None:
                    "(run polyrec migrate)")
     else:
         click.echo(f"schema version {found} -> {SCHEMA_VERSION} ({backend}): upgraded")
+    for t in [] if as_json else tables:
+        if check:
+            click.echo(f"pgvector: no table yet for {t['encoder']} ({t['dim']}); "
+                       "polyrec migrate builds it")
+        elif t["table"] is None:
+            click.echo(f"pgvector: table for {t['encoder']} ({t['dim']}) could not be built "
+                       "(see the log); dense search stays in the process")
+        elif t["built"]:
+            click.echo(f"pgvector: built {t['table']} for {t['encoder']} ({t['dim']}) in "
+                       f"{t['seconds']:.1f}s")
     if check and needed:
         raise click.exceptions.Exit(1)
 

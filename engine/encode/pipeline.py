@@ -27,6 +27,7 @@ from polyrec.contracts import EncodeResult, Encoder, EncoderContext, ItemView
 from polyrec.errors import ConfigError, EncodingError, PolyrecError
 from polyrec.progress import progress_bar
 from polyrec.store.models import ItemVector, Meta
+from polyrec.store.pgvector import build_tables
 
 if TYPE_CHECKING:  # pragma: no cover
     from polyrec.engine import Engine
@@ -70,6 +71,9 @@ class EncodeReport:
     """Per-encoder results of ``Engine.encode``."""
 
     encoders: list[EncoderReport] = field(default_factory=list)
+    #: pgvector tables of the encoders run (PostgreSQL with pgvector only; see
+    #: polyrec.store.pgvector.build_tables): encoder, dim, table, built, seconds
+    pgvector: list[dict[str, Any]] = field(default_factory=list)
 
     def __getitem__(self, name: str) -> EncoderReport:
         for rep in self.encoders:
@@ -87,7 +91,7 @@ class EncodeReport:
 
     def as_dict(self) -> dict[str, Any]:
         return {"encoders": [r.as_dict() for r in self.encoders], "encoded": self.encoded,
-                "errors": self.errors}
+                "errors": self.errors, "pgvector": self.pgvector}
 
 
 def content_hash(content: str) -> str:
@@ -193,6 +197,9 @@ def encode(engine: "Engine", encoders: str | Iterable[str] | None = None, *, for
             report.encoders.append(_encode_one(engine, name, enc, opts, previous, items,
                                                force=force, batch_size=batch_size, dtype=dtype,
                                                runner=runner or run_locally))
+        # PostgreSQL with pgvector: the tables dense search reads, built now rather than
+        # at the first search (kept in step by their trigger from then on)
+        report.pgvector = build_tables(engine.store, names, progress=engine.progress)
         return report
 
 

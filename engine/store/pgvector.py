@@ -3,13 +3,17 @@
 On PostgreSQL with the ``vector`` extension available, the stored item vectors of an
 encoder (``item_vectors``, one blob per item) are also kept in a pgvector table, one per
 (encoder, width): ``polyrec_vec_<n>(item_id, embedding halfvec(dim))`` with an HNSW index
-over cosine distance. The tables are listed in ``polyrec_vector_tables`` and created the
-first time a search asks for one (:meth:`PgVectors.table`): the encoder's stored vectors
-are copied in and the index built in one transaction that holds writers of
-``item_vectors`` off meanwhile. From then on a trigger on ``item_vectors`` keeps every
-table in step inside the writing transaction itself (insert, re-encode, delete, an item's
-deletion cascading), the way the generated full-text column keeps lexical search in step:
-no process can see a vector in one place and not the other.
+over cosine distance. The tables are listed in ``polyrec_vector_tables`` and built ahead
+of the first search (:func:`build_tables`): by ``polyrec migrate`` for every encoder with
+stored vectors, and by ``encode`` for the encoders it ran; a search that still finds none
+(a database from before, vectors written another way) builds it then
+(:meth:`PgVectors.table`). A build copies the encoder's stored vectors in and builds the
+index in one transaction that holds writers of ``item_vectors`` off meanwhile, with
+progress lines (``polyrec.progress``) for the copy and the index. From then on a trigger
+on ``item_vectors`` keeps every table in step inside the writing transaction itself
+(insert, re-encode, delete, an item's deletion cascading), the way the generated
+full-text column keeps lexical search in step: no process can see a vector in one place
+and not the other.
 
 ``halfvec`` holds float16 values: exactly what the store keeps by default (``encode
 --dtype float16``); float32 vectors are rounded to float16 there. The query is rounded
@@ -33,13 +37,15 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import torch
 from sqlalchemy import bindparam, text
 from sqlalchemy.dialects.postgresql import ARRAY
-from sqlalchemy.types import Integer
+from sqlalchemy.types import Integer, Text
 
+from polyrec.progress import progress_bar, stage
 from polyrec.store.postgres import has_pgvector, lock_named
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -60,6 +66,10 @@ MAX_DIM = 4000
 HALF_MAX = 65504
 #: pgvector's iterative index scan visits at most this many tuples (hnsw.max_scan_tuples)
 MAX_SCAN_TUPLES = 20_000
+#: vectors copied into a new table per statement (one progress step)
+COPY_CHUNK = 20_000
+#: seconds between two looks at the index build's progress
+WATCH_INTERVAL = 10.0
 
 _SETUP = [
     # float16 / float32 little-endian blobs (polyrec.store.vectors) -> real[]
@@ -200,17 +210,18 @@ class PgVectors:
         self.ensure(encoder, dim)
         return None
 
-    def ensure(self, encoder: str, dim: int) -> str | None:
+    def ensure(self, encoder: str, dim: int, *, progress: bool = False) -> str | None:
         """Create the extension, the registry, the trigger and ``encoder``'s table of
         ``dim``-wide vectors with its HNSW index when missing (copying the stored
-        vectors in); return the table's name (None when it cannot be created)."""
+        vectors in); return the table's name (None when it cannot be created).
+        ``progress``: lines for the copy and the index build (``polyrec.progress``)."""
         key = (encoder, int(dim))
         with self._lock:
             if key in self._failed or not self.available():
                 return None
             try:
                 with self.store.session() as s:
-                    name = self._create(s, encoder, int(dim))
+                    name = self._create(s, encoder, int(dim), progress)
             except Exception as exc:  # noqa: BLE001 - search stays in the process
                 self._failed.add(key)
                 log.warning("pgvector table for %s (%d) not created: %s; dense search stays "
@@ -218,7 +229,7 @@ class PgVectors:
                 return None
             return name
 
-    def _create(self, s: "Session", encoder: str, dim: int) -> str:
+    def _create(self, s: "Session", encoder: str, dim: int, progress: bool = False) -> str:
         lock_named(s, "polyrec:pgvector")
         s.execute(text("CREATE EXTENSION IF NOT EXISTS vector"))
         found = _registered(s, encoder, dim) if _has_registry(s) else None
@@ -243,16 +254,16 @@ class PgVectors:
         s.execute(text(f"UPDATE {REGISTRY} SET table_name = :n WHERE id = :i"), {"n": name, "i": rid})
         s.execute(text(f"CREATE TABLE {name} (item_id integer PRIMARY KEY REFERENCES items(id) "
                        f"ON DELETE CASCADE, embedding halfvec({dim}) NOT NULL)"))
-        s.execute(text(
-            f"INSERT INTO {name} (item_id, embedding) SELECT item_id, vals::halfvec FROM "
-            "(SELECT item_id, polyrec_vector_values(vector, dtype) AS vals FROM item_vectors "
-            "WHERE encoder = :e AND dim = :d) AS decoded WHERE polyrec_vector_ok(vals)"),
-            {"e": encoder, "d": dim})
+        rows = _copy_vectors(s, name, encoder, dim, progress)
         s.execute(text("SELECT set_config('maintenance_work_mem', :m, true)"),
                   {"m": self.build_memory})
-        s.execute(text(f"CREATE INDEX {name}_hnsw ON {name} USING hnsw "
-                       f"(embedding halfvec_cosine_ops) WITH (m = {self.m}, "
-                       f"ef_construction = {self.ef_construction})"))
+        stage(f"pgvector: building the HNSW index of {name} ({encoder}, {dim}) over "
+              f"{rows:,} vectors", progress)
+        pid = s.execute(text("SELECT pg_backend_pid()")).scalar()
+        with _IndexWatch(self.store, name, int(pid), rows, progress):
+            s.execute(text(f"CREATE INDEX {name}_hnsw ON {name} USING hnsw "
+                           f"(embedding halfvec_cosine_ops) WITH (m = {self.m}, "
+                           f"ef_construction = {self.ef_construction})"))
         log.info("pgvector table %s for %s (%d) created", name, encoder, dim)
         return name
 
@@ -365,6 +376,134 @@ class PgVectors:
                 out.append((item, sum(by.values()) / len(by), by))
         out.sort(key=lambda t: (-t[1], t[0]))
         return out[:k], list(queries)
+
+
+def build_tables(store: "Store", encoders: Iterable[str] | None = None, *,
+                 progress: bool = False, **options: Any) -> list[dict[str, Any]]:
+    """Build, ahead of any search, the pgvector table (and HNSW index) of every
+    (encoder, width) with stored vectors, or of the given ``encoders`` only; tables that
+    exist are left as they are (their trigger keeps them in step). Nothing on SQLite,
+    on a server without pgvector, or with ``POLYREC_PGVECTOR=off``. Returns one entry
+    per (encoder, width): ``encoder``, ``dim``, ``table`` (None: it could not be
+    created, logged), ``built`` (whether this call built it) and ``seconds``.
+    ``options``: :class:`PgVectors`' build settings."""
+    pgv = PgVectors.for_store(store, **options)
+    if pgv is None or not pgv.available():
+        return []
+    names = None if encoders is None else sorted(set(encoders))
+    if names == []:
+        return []
+    with store.session() as s:
+        widths = _stored_widths(s, names)
+        existing = {key: _registered(s, *key) for key in widths}
+    out = []
+    for encoder, dim in widths:
+        start = time.perf_counter()
+        name = existing[(encoder, dim)]
+        built = False
+        if name is None and 0 < dim <= MAX_DIM:
+            name = pgv.ensure(encoder, dim, progress=progress)
+            built = name is not None
+        out.append({"encoder": encoder, "dim": dim, "table": name, "built": built,
+                    "seconds": round(time.perf_counter() - start, 3)})
+        if built:
+            stage(f"pgvector: table {name} for {encoder} ({dim}) ready in "
+                  f"{out[-1]['seconds']:.1f}s", progress)
+    return out
+
+
+def missing_tables(store: "Store") -> list[tuple[str, int]]:
+    """The (encoder, width) pairs with stored vectors but no pgvector table yet, that
+    :func:`build_tables` would build (none on SQLite, without pgvector, or switched off)."""
+    pgv = PgVectors.for_store(store)
+    if pgv is None or not pgv.available():
+        return []
+    with store.session() as s:
+        return [key for key in _stored_widths(s, None)
+                if 0 < key[1] <= MAX_DIM and _registered(s, *key) is None]
+
+
+def _stored_widths(session: "Session", encoders: Sequence[str] | None) -> list[tuple[str, int]]:
+    """The (encoder, width) pairs of the stored vectors (of ``encoders`` when given)."""
+    if encoders is None:
+        rows = session.execute(text("SELECT DISTINCT encoder, dim FROM item_vectors"))
+    else:
+        rows = session.execute(text("SELECT DISTINCT encoder, dim FROM item_vectors "
+                                    "WHERE encoder = ANY(:e)").bindparams(
+            bindparam("e", type_=ARRAY(Text))), {"e": list(encoders)})
+    return sorted((str(e), int(d)) for e, d in rows)
+
+
+def _copy_vectors(s: "Session", name: str, encoder: str, dim: int, progress: bool) -> int:
+    """Copy ``encoder``'s stored ``dim``-wide vectors into the new table ``name``
+    (decoded from their blobs in SQL; vectors halfvec cannot hold left out), in ranges
+    of item ids of about COPY_CHUNK vectors each; returns the rows copied."""
+    total, lo, hi = s.execute(text("SELECT count(*), min(item_id), max(item_id) FROM "
+                                   "item_vectors WHERE encoder = :e AND dim = :d"),
+                              {"e": encoder, "d": dim}).one()
+    if not total:
+        return 0
+    step = max(1, (hi - lo + 1) * COPY_CHUNK // total)
+    stmt = text(
+        f"INSERT INTO {name} (item_id, embedding) SELECT item_id, vals::halfvec FROM "
+        "(SELECT item_id, polyrec_vector_values(vector, dtype) AS vals FROM item_vectors "
+        "WHERE encoder = :e AND dim = :d AND item_id >= :lo AND item_id < :hi) AS decoded "
+        "WHERE polyrec_vector_ok(vals)")
+    copied = 0
+    bar = progress_bar(total=total, desc=f"pgvector: copy {encoder} ({dim}) into {name}",
+                       unit="vector", enabled=progress)
+    try:
+        for start in range(lo, hi + 1, step):
+            n = s.execute(stmt, {"e": encoder, "d": dim, "lo": start,
+                                 "hi": start + step}).rowcount
+            copied += n
+            bar.update(n)
+    finally:
+        bar.close()
+    return copied
+
+
+class _IndexWatch:
+    """While backend ``pid`` builds an index (of a table other connections cannot see
+    yet): a progress line every WATCH_INTERVAL seconds from
+    ``pg_stat_progress_create_index`` (pgvector reports the tuples it has put into the
+    graph, and its phase). Nothing when ``enabled`` is false."""
+
+    def __init__(self, store: "Store", table: str, pid: int, total: int, enabled: bool) -> None:
+        self.store, self.table, self.pid = store, table, pid
+        self.total, self.enabled = total, enabled
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> "_IndexWatch":
+        if self.enabled and self.total:
+            self._thread = threading.Thread(target=self._watch, daemon=True,
+                                            name="polyrec-pgvector-index-progress")
+            self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _watch(self) -> None:
+        bar = progress_bar(total=self.total, desc=f"pgvector: index {self.table}_hnsw",
+                           unit="vector", interval=0)
+        try:
+            with self.store.engine.connect() as conn:
+                while not self._stop.wait(WATCH_INTERVAL):
+                    row = conn.execute(text(
+                        "SELECT tuples_done, phase FROM pg_stat_progress_create_index "
+                        "WHERE pid = :p"), {"p": self.pid}).first()
+                    conn.rollback()  # the statistics are read once per transaction
+                    if row is not None:
+                        bar.set_postfix_str(str(row[1]))
+                        bar.update(max(0, min(int(row[0] or 0), self.total) - bar.n))
+        except Exception as exc:  # noqa: BLE001 - progress output must never fail a build
+            log.debug("index progress of %s not read: %s", self.table, exc)
+        finally:
+            bar.close()
 
 
 def _configure(session: "Session", ef_search: int) -> None:
