@@ -7,6 +7,7 @@ import sqlite3
 
 import pytest
 from click.testing import CliRunner
+from sqlalchemy import delete, select
 
 from polyrec import Engine, FeedbackLearner, hookimpl
 from polyrec.cli.main import cli
@@ -147,6 +148,14 @@ def test_handoff_gives_bulk_ingested_events_to_the_learners(tmp_path):
         _Witness.seen = []
         assert handoff(eng, cursor) == 5  # handoff hands the stored log over again
         assert [ok for _, ok in _Witness.seen] == [True] * 5
+        # read in windows of ids (batch 2 here): every event once, in order, across a gap
+        from polyrec.store.models import Interaction
+        with eng.store.session() as s:
+            ids = sorted(s.scalars(select(Interaction.id)).all())[-5:]
+            s.execute(delete(Interaction).where(Interaction.id == ids[1]))
+        _Witness.seen = []
+        assert hub(eng).handoff(cursor, batch=2) == 4
+        assert [i for i, _ in _Witness.seen] == [ids[0], *ids[2:]]
 
 
 def test_settings_are_stored_and_checked(tmp_path):

@@ -612,15 +612,19 @@ class FeedbackHub:
             wanted |= set(kinds)
         if wanted is not None and not wanted:
             return 0
-        total, cursor = 0, int(after_id)
-        while True:
-            events = stored_events(self.engine, after_id=cursor, limit=batch, config=self.config,
+        # windows of ``batch`` ids, not LIMIT after a cursor: with a kinds filter the
+        # database would read and sort every later event for each batch (quadratic:
+        # 8 s a batch at 1M stored events on SQLite, 0.04 s a window)
+        total, cursor, top = 0, int(after_id), last_event_id(self.engine)
+        while cursor < top:
+            events = stored_events(self.engine, after_id=cursor, before_id=cursor + batch,
+                                   config=self.config,
                                    kinds=None if wanted is None else sorted(wanted))
-            if not events:
-                return total
-            self.observe(events)
-            total += len(events)
-            cursor = events[-1].id
+            if events:
+                self.observe(events)
+                total += len(events)
+            cursor += batch
+        return total
 
     def flush(self) -> None:
         """Persist the learners' state (``flush`` of each learner)."""
@@ -650,12 +654,13 @@ def last_event_id(engine: "Engine") -> int:
         return int(s.execute(select(func.max(Interaction.id))).scalar() or 0)
 
 
-def stored_events(engine: "Engine", *, after_id: int = 0, user_id: int | None = None,
+def stored_events(engine: "Engine", *, after_id: int = 0, before_id: int | None = None,
+                  user_id: int | None = None,
                   kinds: Iterable[str] | None = None, limit: int | None = None,
                   config: Mapping[str, Any] | None = None,
                   user_ids: Sequence[int] | None = None) -> list[Event]:
-    """Stored events with id > ``after_id`` in id order (optionally of one user, of some
-    users (``user_ids``, at most 900) or of some kinds)."""
+    """Stored events with id > ``after_id`` (and <= ``before_id``) in id order
+    (optionally of one user, of some users (``user_ids``, at most 900) or of some kinds)."""
     config = config or hub(engine).config
     raw_context = type_coerce(Interaction.__table__.c.context, Text)  # parsed only when set
     query = (select(Interaction.id, Interaction.user_id, Interaction.item_id, User.external_id,
@@ -663,6 +668,8 @@ def stored_events(engine: "Engine", *, after_id: int = 0, user_id: int | None = 
                     raw_context)
              .join(User, User.id == Interaction.user_id).join(Item, Item.id == Interaction.item_id)
              .where(Interaction.id > after_id).order_by(Interaction.id))
+    if before_id is not None:
+        query = query.where(Interaction.id <= before_id)
     if user_id is not None:
         query = query.where(Interaction.user_id == user_id)
     if user_ids is not None:
