@@ -76,20 +76,27 @@ class TwoTowerModel(nn.Module):
 
     def __init__(self, dims: dict[str, int], n_items: int, n_users: int, dim: int,
                  fuser: type[Fuser] | None, fuser_options: dict[str, Any],
-                 use_item_id: bool, use_user_id: bool) -> None:
+                 use_item_id: bool, use_user_id: bool, initialise: bool = True) -> None:
+        """``initialise`` False leaves the ID tables uninitialised (weights to be loaded:
+        at 1M items their random init alone took about a second)."""
         super().__init__()
+
+        def table(rows: int, width: int) -> nn.Embedding:
+            return (nn.Embedding(rows, width) if initialise
+                    else nn.Embedding(rows, width, _weight=torch.empty(rows, width)))
+
         self.modalities = list(dims)
         self.fuser = fuser(dims, dim, **fuser_options) if dims and fuser else None
-        self.item_id = nn.Embedding(n_items, dim) if use_item_id else None
-        self.user_id = nn.Embedding(n_users, dim) if use_user_id else None
+        self.item_id = table(n_items, dim) if use_item_id else None
+        self.user_id = table(n_users, dim) if use_user_id else None
         for emb in (self.item_id, self.user_id):
-            if emb is not None:
+            if emb is not None and initialise:
                 nn.init.normal_(emb.weight, std=0.05)
         self.user_proj = nn.Linear(dim, dim)
         # item bias (popularity): an ID part for warm items, a content part for all
-        self.id_bias = nn.Embedding(n_items, 1) if use_item_id else None
+        self.id_bias = table(n_items, 1) if use_item_id else None
         self.content_bias = nn.Linear(dim, 1) if self.fuser is not None else None
-        if self.id_bias is not None:
+        if self.id_bias is not None and initialise:
             nn.init.zeros_(self.id_bias.weight)
         self.dim = dim
 
@@ -739,12 +746,10 @@ class TwoTowerRanker(Ranker):
         self.warm = torch.as_tensor(state["warm"], dtype=torch.bool)  # a list in older states
         self._fuser_options = dict(state["fuser_options"])
         weights = _weights(state)
-        with torch.device("meta"):  # no random init of what the weights replace (1M ID rows)
-            model = TwoTowerModel(self.dims, len(self.item_ids), len(self.user_ids), int(o["dim"]),
-                                  self._fuser_class() if self.dims else None,
-                                  self._fuser_options, bool(o["use_item_id"]),
-                                  bool(o["use_user_id"]))
-        model.load_state_dict(weights, assign=True)
+        model = TwoTowerModel(self.dims, len(self.item_ids), len(self.user_ids), int(o["dim"]),
+                              self._fuser_class() if self.dims else None, self._fuser_options,
+                              bool(o["use_item_id"]), bool(o["use_user_id"]), initialise=False)
+        model.load_state_dict(weights, assign=True)  # the loaded (maybe mapped) tensors
         self.model = model.to(self.device)
         self.model.eval()
         self.info = dict(state.get("info") or {})
