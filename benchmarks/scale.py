@@ -14,9 +14,21 @@ the workers and shipping the data), batch-scoring users/s (``--batch-users`` use
 recommend p99 (``--requests`` single-user requests; PostgreSQL: over HTTP to ``polyrec
 serve --workers 2`` from 4 client threads; the others in-process).
 
+At 1M items and millions of interactions: the shop is generated once into ``--shop``
+(a folder, reused while its meta.json matches the sizes and seed), the databases live in
+``--work`` (SQLite files; PostgreSQL is a throwaway server for the run, or ``--pg-url``),
+``--phases`` runs some of ingest, encode, train, batch, recommend (the others read the
+databases already in ``--work``: e.g. ``--phases train`` after the lead's change to the
+two-tower), the Ray configuration works on the SQLite configuration's database
+(``--ray-store sqlite``, the default; Ray is not used for ingest), each phase prints its
+seconds, resident memory and a timestamp, and ``--merge`` updates the rows of an
+existing JSON rather than replacing it.
+
 Prints a table and writes benchmarks/results/scale.json. Usage:
     .venv/bin/python benchmarks/scale.py --items 100000 --interactions 1000000
     .venv/bin/python benchmarks/scale.py --configs sqlite,ray --items 20000 --interactions 200000
+    .venv/bin/python benchmarks/scale.py --items 1000000 --interactions 2000000 \
+        --shop /tmp/shop --work /tmp/work --keep --phases ingest --configs sqlite
 """
 from __future__ import annotations
 
@@ -25,6 +37,7 @@ import csv
 import json
 import os
 import platform
+import shutil
 import socket
 import statistics
 import subprocess
@@ -52,6 +65,28 @@ TWO_TOWER = {"modalities": "none", "validation": False, "refit": False, "epochs"
 
 
 # -- the synthetic shop --------------------------------------------------------------------
+def shop(folder: Path, items: int, users: int, interactions: int, zipf: float,
+         seed: int) -> dict[str, Path]:
+    """The shop's files in ``folder``: those already there when its meta.json records the
+    same sizes and seed, else generated now (interactions written 200,000 at a time:
+    10M rows need no more memory than 200k)."""
+    meta = {"items": items, "users": users, "interactions": interactions, "zipf": zipf,
+            "seed": seed}
+    paths = {"items": folder / "items.csv", "interactions": folder / "interactions.csv"}
+    found = folder / "meta.json"
+    if found.exists() and json.loads(found.read_text()) == meta and all(
+            p.exists() for p in paths.values()):
+        print(f"[{_clock()}] reusing the shop in {folder}", flush=True)
+        return paths
+    folder.mkdir(parents=True, exist_ok=True)
+    found.unlink(missing_ok=True)
+    secs, paths = timed(lambda: generate(folder, items, users, interactions, zipf, seed))
+    found.write_text(json.dumps(meta) + "\n")
+    print(f"[{_clock()}] generated {items:,} items, {users:,} users, {interactions:,} "
+          f"interactions in {secs:.0f}s into {folder}", flush=True)
+    return paths
+
+
 def generate(folder: Path, items: int, users: int, interactions: int, zipf: float,
              seed: int) -> dict[str, Path]:
     """Write items.csv, interactions.csv (CSV through the usual readers) into ``folder``."""
@@ -95,12 +130,16 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
 
 
 def ingest(eng: Engine, paths: dict[str, Path]) -> dict[str, Any]:
-    rows, seconds = 0, 0.0
+    """Both files through ``Engine.ingest`` (the interactions' time includes handing them
+    to the feedback learners, as the command does); rows/s of each and of both."""
+    rows, seconds, out = 0, 0.0, {}
     for kind in ("items", "interactions"):
         secs, report = timed(lambda: eng.ingest(paths[kind], kind))
         rows, seconds = rows + report.rows, seconds + secs
+        out[f"ingest_{kind}_rows_per_s"] = round(report.rows / secs)
+        print(f"[{_clock()}]   {kind}: {report.rows:,} rows in {secs:.0f}s", flush=True)
     return {"ingest_rows": rows, "ingest_s": round(seconds, 2),
-            "ingest_rows_per_s": round(rows / seconds)}
+            "ingest_rows_per_s": round(rows / seconds), **out}
 
 
 def encode_subset(url: str | None, paths: dict[str, Path], n: int, ray_workers: int | None
@@ -221,38 +260,86 @@ def recommend_http(url: str, users: list[str], workers: int = 2, clients: int = 
 
 
 # -- configurations -----------------------------------------------------------------------
-def run_config(name: str, args: argparse.Namespace, paths: dict[str, Path], tmp: Path
-               ) -> dict[str, Any]:
+PHASES = ("ingest", "encode", "train", "batch", "recommend")
+
+
+def _clock() -> str:
+    return time.strftime("%H:%M:%S")
+
+
+def _rss_mb() -> int:
+    """This process's resident memory now (MB)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) // 1024
+    except OSError:
+        pass
+    return 0
+
+
+def phase(row: dict[str, Any], name: str, config: str, fn: Callable[[], dict[str, Any]]) -> None:
+    """Run one phase of a configuration: its results into ``row``, its wall seconds and
+    the resident memory after it under ``phase_s`` / ``rss_mb``, a line when it starts
+    and ends (load average included)."""
+    print(f"[{_clock()}] {config}: {name} ...", flush=True)
+    secs, out = timed(fn)
+    row.update(out)
+    row.setdefault("phase_s", {})[name] = round(secs, 1)
+    row.setdefault("rss_mb", {})[name] = _rss_mb()
+    print(f"[{_clock()}] {config}: {name} done in {secs:.0f}s "
+          f"({', '.join(f'{k}={v}' for k, v in out.items())}; rss {_rss_mb()} MB, "
+          f"load {' '.join(f'{x:.1f}' for x in os.getloadavg())})", flush=True)
+
+
+def run_config(name: str, args: argparse.Namespace, paths: dict[str, Path], work: Path,
+               phases: list[str]) -> dict[str, Any]:
     ray_workers = 2 if name == "ray" else None
     pg = None
-    if name == "postgresql":
-        from polyrec.store.pg_server import LocalPostgres
-        pg = LocalPostgres().start()
-        url = pg.create_database("scale")
-    else:
-        url = f"sqlite:///{tmp / f'{name}.db'}"
-    row: dict[str, Any] = {"config": name}
+    row: dict[str, Any] = {"config": name, "phases": phases}
     try:
-        with Engine(url, device="cpu", entrypoints=False, progress=False) as eng:
-            row.update(ingest(eng, paths))
-            print(f"  {name}: ingested {row['ingest_rows']:,} rows", flush=True)
-            enc_url = pg.create_database("encode") if pg is not None else None
-            row.update(encode_subset(enc_url, paths, args.encode_items, ray_workers))
-            print(f"  {name}: encoded {row['encode_items']:,} items", flush=True)
-            row.update(train(eng, ray_workers))
-            print(f"  {name}: trained", flush=True)
-            rng = np.random.default_rng(args.seed + 1)
-            known = [u for u, _ in zip(_users(eng), range(10**9))]
-            picks = [known[int(i)] for i in rng.choice(len(known), args.batch_users, replace=False)]
-            row.update(batch(eng, picks, ray_workers))
-            print(f"  {name}: batch scored", flush=True)
-            reqs = [known[int(i)] for i in rng.choice(len(known), args.requests)]
-            if name == "postgresql":
-                eng.close()
-                row.update(recommend_http(url, reqs))
+        if name == "postgresql":
+            if args.pg_url:
+                url = args.pg_url
             else:
-                row.update(recommend_inprocess(eng, reqs))
-                row["recommend_via"] = "in-process"
+                from polyrec.store.pg_server import LocalPostgres
+                pg = LocalPostgres(base_dir=work).start()
+                url = pg.create_database("scale")
+                if "ingest" not in phases:
+                    raise SystemExit("postgresql without --pg-url starts an empty server: "
+                                     "include the ingest phase")
+        elif name == "ray" and args.ray_store == "sqlite":
+            url = f"sqlite:///{work / 'sqlite.db'}"
+            row["store"] = "the sqlite configuration's database"
+        else:
+            url = f"sqlite:///{work / f'{name}.db'}"
+        ingest_here = "ingest" in phases and row.get("store") is None
+        if row.get("store") and not (work / "sqlite.db").exists():
+            raise SystemExit(f"{work / 'sqlite.db'} is missing: run the sqlite configuration's "
+                             "ingest phase first (or --ray-store own)")
+        with Engine(url, device="cpu", entrypoints=False, progress=args.verbose) as eng:
+            if ingest_here:
+                phase(row, "ingest", name, lambda: ingest(eng, paths))
+            if "encode" in phases:
+                def enc() -> dict[str, Any]:
+                    enc_url = pg.create_database("encode") if pg is not None else None
+                    return encode_subset(enc_url, paths, args.encode_items, ray_workers)
+                phase(row, "encode", name, enc)
+            if "train" in phases:
+                phase(row, "train", name, lambda: train(eng, ray_workers))
+            rng = np.random.default_rng(args.seed + 1)
+            known = _users(eng) if {"batch", "recommend"} & set(phases) else []
+            picks = ([known[int(i)] for i in rng.choice(len(known), args.batch_users, replace=False)]
+                     if known else [])
+            reqs = [known[int(i)] for i in rng.choice(len(known), args.requests)] if known else []
+            if "batch" in phases:
+                phase(row, "batch", name, lambda: batch(eng, picks, ray_workers))
+            if "recommend" in phases and name != "postgresql":
+                def rec() -> dict[str, Any]:
+                    return {**recommend_inprocess(eng, reqs), "recommend_via": "in-process"}
+                phase(row, "recommend", name, rec)
+        if "recommend" in phases and name == "postgresql":
+            phase(row, "recommend", name, lambda: recommend_http(url, reqs))
     finally:
         if pg is not None:
             pg.stop()
@@ -285,18 +372,58 @@ def main() -> None:
     parser.add_argument("--batch-users", type=int, default=2000)
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--configs", default="sqlite,postgresql,ray")
+    parser.add_argument("--phases", default=",".join(PHASES),
+                        help=f"some of {','.join(PHASES)}; the others read what --work holds")
+    parser.add_argument("--shop", type=Path, default=None,
+                        help="folder of the generated shop, reused when it matches "
+                        "(default: a temporary folder)")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="folder of the databases (default: a temporary folder)")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep --work's databases (to re-run phases); default: removed")
+    parser.add_argument("--pg-url", default=None,
+                        help="an existing PostgreSQL database instead of a throwaway server")
+    parser.add_argument("--ray-store", choices=("sqlite", "own"), default="sqlite",
+                        help="ray works on the sqlite configuration's database (default) or "
+                        "ingests into its own")
+    parser.add_argument("--verbose", action="store_true",
+                        help="the engine's progress lines (ingest, training) on stderr")
+    parser.add_argument("--merge", action="store_true",
+                        help="merge into --out: this run's phases replace those figures of "
+                        "its configurations, the rest is kept")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "scale.json")
     args = parser.parse_args()
+    phases = [p.strip() for p in args.phases.split(",") if p.strip()]
+    if set(phases) - set(PHASES):
+        parser.error(f"--phases: unknown {sorted(set(phases) - set(PHASES))}")
+    if args.verbose:
+        import logging
+        logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+        logging.getLogger("polyrec.progress").setLevel(logging.INFO)
     users = args.users or max(100, args.interactions // 20)
     rows = []
-    with tempfile.TemporaryDirectory() as folder:
+    with tempfile.TemporaryDirectory(prefix="polyrec-scale-") as folder:
         tmp = Path(folder)
-        secs, paths = timed(lambda: generate(tmp, args.items, users, args.interactions,
-                                              args.zipf, args.seed))
-        print(f"generated {args.items:,} items, {users:,} users, {args.interactions:,} "
-              f"interactions in {secs:.0f}s", flush=True)
-        for name in args.configs.split(","):
-            rows.append(run_config(name.strip(), args, paths, tmp))
+        paths = shop(args.shop or tmp / "shop", args.items, users, args.interactions,
+                     args.zipf, args.seed)
+        work = args.work or tmp / "work"
+        work.mkdir(parents=True, exist_ok=True)
+        try:
+            for name in args.configs.split(","):
+                rows.append(run_config(name.strip(), args, paths, work, phases))
+        finally:
+            if not args.keep:
+                for f in work.glob("*.db*"):  # the files and the index folders beside them
+                    shutil.rmtree(f) if f.is_dir() else f.unlink()
+    if args.merge and args.out.exists():  # this run's phases over the earlier ones
+        earlier = {r["config"]: r for r in json.loads(args.out.read_text()).get("results", [])}
+        for r in rows:
+            before = earlier.pop(r["config"], {})
+            for key in ("phase_s", "rss_mb"):
+                r[key] = {**before.get(key, {}), **r.get(key, {})}
+            r["phases"] = [p for p in PHASES if p in set(before.get("phases", [])) | set(r["phases"])]
+            r.update({k: v for k, v in before.items() if k not in r})
+        rows = list(earlier.values()) + rows
     print(" | ".join(h for h, _, _ in COLUMNS))
     for r in rows:
         print(" | ".join(f.format(r[k]) if r.get(k) is not None else "-" for _, k, f in COLUMNS))
@@ -304,6 +431,7 @@ def main() -> None:
               "interactions": args.interactions, "zipf": args.zipf, "seed": args.seed,
               "encode_items": args.encode_items, "batch_users": args.batch_users,
               "requests": args.requests, "two_tower": TWO_TOWER,
+              "command": " ".join(sys.argv),
               "machine": platform.platform(), "cpus": os.cpu_count(),
               "load_average_at_end": os.getloadavg(), "results": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
