@@ -600,6 +600,7 @@ class TwoTowerRanker(Ranker):
         def batch_loss(u: torch.Tensor, i: torch.Tensor, keep_id: torch.Tensor,
                        cand: torch.Tensor) -> torch.Tensor:
             hist_row, hist_item = self._history(u, pair_i, indptr)
+            theirs = hist_item  # every item these users have (their targets included)
             needed = torch.unique(torch.cat([hist_item, i, cand]))
             if len(needed) * STEP_ITEMS_FRACTION < n_items:  # the tower over these only
                 vecs, _, _, bias = model.items({m: t[needed] for m, t in tokens.items()},
@@ -615,7 +616,7 @@ class TwoTowerRanker(Ranker):
             hmean = (sums - vecs[i_row]) / n_hist  # the target left out of the history
             uvec = model.users(hmean, u, torch.ones_like(u, dtype=torch.bool))
             return self._loss(uvec, (vecs[i_row], bias[i_row]), (vecs[cand_row], bias[cand_row]),
-                              u, i, cand, key, n_items, temp)
+                              u, i, cand, key, n_items, temp, theirs)
 
         rank, world = self._parallel
         step: nn.Module = _Step(model, batch_loss)
@@ -677,10 +678,12 @@ class TwoTowerRanker(Ranker):
 
     def _loss(self, uvec: torch.Tensor, target: tuple[torch.Tensor, torch.Tensor],
               negative: tuple[torch.Tensor, torch.Tensor], u: torch.Tensor, i: torch.Tensor,
-              cand: torch.Tensor, key: torch.Tensor, n_items: int, temp: float) -> torch.Tensor:
+              cand: torch.Tensor, key: torch.Tensor, n_items: int, temp: float,
+              theirs: torch.Tensor | None = None) -> torch.Tensor:
         """Sampled softmax or BPR of the targets ``i`` (vectors, biases: ``target``) over
         the candidates ``cand`` (``negative``, from ``_candidates``); a candidate that is
-        one of the user's positives is masked out. With ``logq`` the softmax logits are
+        one of the user's positives is masked out (``theirs``: every item the users have,
+        when known, narrows that lookup). With ``logq`` the softmax logits are
         corrected by the log of each candidate's expected number of draws (in-batch
         candidates are drawn by popularity, random ones uniformly)."""
         o = self.options
@@ -694,7 +697,7 @@ class TwoTowerRanker(Ranker):
         pos_logit = (uvec * tvec).sum(-1) / temp + tbias
         logits = uvec @ cvec.T / temp + cbias
         # mask every candidate that is a positive of the row's user (the target included)
-        hit = self._is_positive(u, cand, key, n_items)
+        hit = self._is_positive(u, cand, key, n_items, theirs)
         if o["loss"] == "softmax" and o["logq"]:
             logits = logits - torch.cat(log_q)[None, :]
         logits = logits.masked_fill(hit, -math.inf)
@@ -706,8 +709,10 @@ class TwoTowerRanker(Ranker):
         return -(diff.sum(1) / valid.sum(1).clamp(min=1)).mean()
 
     def _is_positive(self, u: torch.Tensor, cand: torch.Tensor, key: torch.Tensor,
-                     n_items: int) -> torch.Tensor:
-        """bool [b, c]: is cand[c] a positive of user u[b]? (dense lookup when it fits)"""
+                     n_items: int, theirs: torch.Tensor | None = None) -> torch.Tensor:
+        """bool [b, c]: is cand[c] a positive of user u[b]? (dense lookup when it fits;
+        else a sorted lookup of the candidates among ``theirs``, every item these users
+        have, when given: at 1M items few random negatives are)"""
         dense = self._cache.get("positives")
         if dense is None and (int(u.max()) + 1) * n_items <= 50_000_000:
             n_users = int(key.max()) // n_items + 1
@@ -717,9 +722,13 @@ class TwoTowerRanker(Ranker):
             self._cache["positives"] = dense
         if dense is not None and int(u.max()) < dense.shape[0]:
             return dense[u][:, cand]
-        query = u[:, None] * n_items + cand[None, :]
+        cols = (torch.nonzero(torch.isin(cand, theirs)).flatten() if theirs is not None
+                else torch.arange(len(cand), device=cand.device))
+        query = u[:, None] * n_items + cand[cols][None, :]
         found = torch.searchsorted(key, query).clamp(max=len(key) - 1)
-        return key[found] == query
+        hit = torch.zeros(len(u), len(cand), dtype=torch.bool, device=cand.device)
+        hit[:, cols] = key[found] == query
+        return hit
 
     # -- artifacts -----------------------------------------------------------------------
     def state(self) -> dict[str, Any]:

@@ -299,3 +299,25 @@ def test_steps_over_their_own_items_train_the_same_model_as_the_whole_catalogue(
     diff = torch.where(finite, whole - own, torch.zeros_like(whole))
     shift = diff[finite].mean()
     assert (diff[finite] - shift).abs().max() < 1e-3, (diff[finite] - shift).abs().max()
+
+
+def test_positive_lookup_narrowed_to_the_users_items_equals_the_full_lookup():
+    """At catalogue sizes where the dense users x items table does not fit, negatives
+    are checked against the positives by a sorted lookup, narrowed to the items the
+    batch users have; it marks exactly what the dense table marks."""
+    gen = torch.Generator().manual_seed(3)
+    n_users, n_items = 50, 400
+    pairs = torch.unique(torch.randint(0, n_users, (900,), generator=gen) * n_items
+                         + torch.randint(0, n_items, (900,), generator=gen))
+    u = torch.randint(0, n_users, (64,), generator=gen)
+    cand = torch.randint(0, n_items, (300,), generator=gen)
+    dense = torch.zeros(n_users, n_items, dtype=torch.bool)
+    dense[pairs // n_items, pairs % n_items] = True
+    expected = dense[u][:, cand]
+    mine = torch.isin(pairs // n_items, u)
+    theirs = pairs[mine] % n_items
+    ranker = TwoTowerRanker(device="cpu")
+    ranker._cache["positives"] = torch.zeros(0, n_items, dtype=torch.bool)  # force the lookup
+    assert expected.any() and not expected.all()
+    assert torch.equal(ranker._is_positive(u, cand, pairs, n_items), expected)
+    assert torch.equal(ranker._is_positive(u, cand, pairs, n_items, theirs), expected)
