@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e ".[serve,test,bench,quant,postgres,ray,plot]"
+	$(BIN)/pip install -q -e ".[serve,test,bench,quant,postgres,ray,plot,thesaurus]"
 	touch $(STAMP)
 
 # The browser tests (tests/test_browser*.py) drive Debian's Chromium through Playwright

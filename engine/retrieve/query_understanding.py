@@ -32,6 +32,7 @@ from polyrec.store.models import Entity, Item, Relation, Triple
 
 if TYPE_CHECKING:  # pragma: no cover
     from polyrec.retrieve.catalogue_lexicon import CatalogueLexicon
+    from polyrec.retrieve.thesaurus import WordNet
 
 #: (slot, words that name it inside a field or relation name), checked in this order.
 SLOT_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -106,6 +107,8 @@ class Match:
     confidence: float = 1.0
     #: other values of the slot the span may mean, with their probabilities (semantic)
     alternatives: tuple[tuple[str, float], ...] = ()
+    #: the related words a thesaurus reading went through ("pullover" -> "sweater")
+    via: tuple[str, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         out = {"text": self.text, "slot": self.slot, "value": self.value,
@@ -114,6 +117,8 @@ class Match:
         if self.alternatives:
             out["alternatives"] = [{"value": v, "confidence": round(p, 4)}
                                    for v, p in self.alternatives]
+        if self.via:
+            out["via"] = list(self.via)
         return out
 
 
@@ -448,8 +453,8 @@ def intent_slot(vocab: Vocabulary) -> str | None:
 
 #: Scores that rank a span's readings above any encoder score: a word inside a value's
 #: name, then a derived form of a value's word, then a colour name, then a catalogue
-#: association (plus its strength).
-_PARTIAL, _FORM, _COLOUR, _CATALOGUE = 1e9, 1e8, 1e6, 1e3
+#: association (plus its strength), then a reading through the thesaurus (plus its confidence).
+_PARTIAL, _FORM, _COLOUR, _CATALOGUE, _THESAURUS = 1e9, 1e8, 1e6, 1e3, 1e2
 #: Words that qualify a colour without naming one.
 SHADE_WORDS = frozenset({"dark", "light", "medium", "bright", "dusty", "pale", "deep", "other",
                          "undefined", "mixed"})
@@ -608,6 +613,8 @@ class SemanticMatcher:
                             self.forms[b].add(w)
         self.colours = (ColourSpace([(f.value, len(f.items)) for f in self.slots["colour"][0]])
                         if "colour" in self.slots else None)
+        #: items carrying any value of a semantic slot (the share a reading covers)
+        self.n_items = len(set().union(*(f.items for fs, *_ in self.slots.values() for f in fs)))
 
     def scores(self, slot: str, span_vector: torch.Tensor) -> torch.Tensor:
         """The span's score for each value of ``slot``: the mean of the z-scored
@@ -671,6 +678,111 @@ class SemanticMatcher:
                 best = (key, g, share)
         return (best[1], best[2]) if best is not None else None
 
+    def read_words(self, text: str, *, lexicon: "CatalogueLexicon | None" = None,
+                   colour_min: float = 0.0) -> list[tuple[str, list[tuple[Facet, float]]]]:
+        """What a word (or words) means in the catalogue by its spelling alone, the
+        first of: a value's whole name, words inside value names, a colour name, a
+        catalogue association; per slot [(facet, probability)]. Used on the related
+        words a thesaurus gives ("sweater" for "pullover"); derived forms are not tried
+        (a "covering" is no `Nipple covers`)."""
+        key = tuple(w for w in terms(text))
+        if not key or set(key) <= STOPWORDS:
+            return []
+        found = [(slot, [(f, 1.0) for f in whole[key]])
+                 for slot, whole in self.whole.items() if key in whole]
+        if not found:
+            found = [(slot, [(f, 1.0) for f in parts[key]])
+                     for slot, parts in self.parts.items() if key in parts]
+        if not found and (dist := self.colour(text)) and dist[0][1] >= colour_min:
+            found = [("colour", dist)]
+        if not found and lexicon is not None:
+            found = [(a.slot, list(a.values)) for a in lexicon.lookup(key) if a.slot in self.slots]
+        return found
+
+    def thesaurus(self, word: str, wordnet: "WordNet", *,
+                  lexicon: "CatalogueLexicon | None" = None, colour_min: float = 0.0,
+                  max_senses: int = 3, max_share: float = 0.25, broader: bool = True
+                  ) -> list[tuple[str, float, list[tuple[Facet, float]], tuple[str, ...]]]:
+        """A word read through a general thesaurus (polyrec.retrieve.thesaurus): for each
+        of its first ``max_senses`` senses per part of speech, the sense's synonyms are
+        read against the catalogue (:meth:`read_words`), or, when none reads, the words
+        of the senses it is a kind of or similar to ("pullover" is a kind of "sweater,
+        jumper": `Sweater`). Sense ``r`` (0 = most frequent) weighs ``1 / (1 + r)``;
+        senses the catalogue cannot read at all (the navy of ships) are left out of the
+        total. A related word whose reading covers more than ``max_share`` of the
+        catalogue's items in all its readings together (a "garment") says nothing and
+        is skipped. ``broader=False``: synonyms only. Per slot:
+        (slot, confidence = the best value's share of the sense weight, [(facet,
+        probability)] best first, the related words read)."""
+        weights: dict[str, dict[tuple[str, str], float]] = defaultdict(lambda: defaultdict(float))
+        facets: dict[tuple[str, str], Facet] = {}
+        via: dict[str, list[str]] = defaultdict(list)
+        total = 0.0
+        for sense in wordnet.senses(word, max_senses):
+            readings: list[tuple[str, str, list[tuple[Facet, float]]]] = []
+            groups = [[w for w in sense.synonyms if w != word.lower()]]
+            if broader:
+                groups.append(list(sense.broader))
+            for group in groups:
+                for related in group:
+                    found = self.read_words(related, lexicon=lexicon, colour_min=colour_min)
+                    covered = set().union(*(f.items for _, dist in found for f, _ in dist))
+                    if len(covered) <= max_share * max(1, self.n_items):
+                        readings += [(related, slot, dist) for slot, dist in found]
+                if readings:
+                    break
+            if not readings:
+                continue
+            weight = 1.0 / (1 + sense.rank)
+            total += weight
+            per_slot: dict[str, dict[tuple[str, str], float]] = defaultdict(lambda: defaultdict(float))
+            for related, slot, dist in readings:
+                for f, p in dist:
+                    per_slot[slot][(slot, f.value)] += p
+                    facets[(slot, f.value)] = f
+                if related not in via[slot]:
+                    via[slot].append(related)
+            for slot, vals in per_slot.items():
+                norm = sum(vals.values())
+                for key, p in vals.items():
+                    weights[slot][key] += weight * p / norm
+        out = []
+        for slot, vals in weights.items():
+            ranked = sorted(vals.items(), key=lambda kv: (-kv[1], kv[0][1]))[:5]
+            best = ranked[0][1] / total
+            norm = sum(p for _, p in ranked)
+            out.append((slot, best, [(facets[k], p / norm) for k, p in ranked], tuple(via[slot])))
+        return sorted(out, key=lambda t: (-t[1], _slot_rank(t[0])))
+
+    def _thesaurus(self, text: str, idx: tuple[int, ...], vec: torch.Tensor | None,
+                   wordnet: "WordNet",
+                   vias: dict[tuple[tuple[int, ...], str], tuple[str, ...]], *,
+                   lexicon: "CatalogueLexicon | None", colour_min: float, minimum: float,
+                   agree: float, score: float, broader: bool
+                   ) -> list[tuple[str, float, list[tuple[Facet, float]], str]]:
+        """The thesaurus readings of a span from ``minimum`` confidence whose best value
+        the encoder scores (see :meth:`scores`) at least ``agree`` for the span — the
+        dictionary proposes, the encoder may veto a sense no shopper means ("plain" as
+        a knitting stitch: `Knitwear`) — as candidates scored ``score`` + confidence
+        (the related words read go to ``vias``; no veto without an encoder vector)."""
+        out = []
+        for slot, conf, dist, related in self.thesaurus(
+                text, wordnet, lexicon=lexicon, colour_min=colour_min, broader=broader):
+            if conf < minimum:
+                continue
+            # equal confidence: the value the encoder prefers ("swimming costume" is a
+            # swimsuit and swimwear: Swimwear), without one the earlier slot
+            tie = -1e-3 * _slot_rank(slot)
+            if vec is not None:
+                values = [f.value for f in self.slots[slot][0]]
+                enc = float(self.scores(slot, vec)[values.index(dist[0][0].value)])
+                if enc < agree:
+                    continue
+                tie = 1e-3 * enc
+            out.append((slot, score + conf + tie, dist, "thesaurus"))
+            vias[(idx, slot)] = related
+        return out
+
     def colour(self, text: str) -> list[tuple[Facet, float]]:
         """The colour values a colour name means, with probabilities ([] for no name)."""
         if self.colours is None:
@@ -683,7 +795,9 @@ class SemanticMatcher:
               threshold: float, min_ratio: float = 0.2, max_len: int = 3,
               max_words: int = 8, colour_min: float = 0.0,
               lexicon: "CatalogueLexicon | None" = None,
-              consistent: bool = True, broader: float = 0.5) -> Understanding:
+              consistent: bool = True, broader: float = 0.5,
+              thesaurus: "WordNet | None" = None, thesaurus_min: float = 0.5,
+              thesaurus_agree: float = 0.25) -> Understanding:
         """Add semantic matches for the words exact matching left over (stopwords
         aside; the first ``max_words`` of them): spans of at most ``max_len`` words,
         longest first, then best score; a
@@ -698,7 +812,11 @@ class SemanticMatcher:
         reading (other than words inside value names) that no item shares with the
         rest of what the query names is dropped. ``broader``: the membership (times
         the share, see :meth:`broader`) of the items of the coarser value a word's
-        values fall under ("men" names sections; they are Menswear), 0 for none."""
+        values fall under ("men" names sections; they are Menswear), 0 for none.
+        ``thesaurus``: a general English thesaurus (polyrec.retrieve.thesaurus), read
+        after the catalogue's associations and before the encoder for words nothing
+        else reads (:meth:`thesaurus`); its reading counts from ``thesaurus_min`` when
+        the encoder scores its value at least ``thesaurus_agree``."""
         if not self.slots:
             return und
         words = [stem(t) for t in und.tokens]
@@ -730,6 +848,7 @@ class SemanticMatcher:
         vectors = embed(texts)
         cands: list[tuple[float, int, tuple[int, ...], str, list[tuple[Facet, float]],
                           int | None, str]] = []
+        vias: dict[tuple[tuple[int, ...], str], tuple[str, ...]] = {}  # thesaurus readings
         # slots each word names on its own, inside a value name or by a derived form
         named: dict[int, set[str]] = {i: {slot for slot, parts in self.parts.items()
                                           if (words[i],) in parts}
@@ -754,8 +873,19 @@ class SemanticMatcher:
             if not found and lexicon is not None:
                 found = [(a.slot, _CATALOGUE + a.strength, list(a.values), "catalogue")
                          for a in lexicon.lookup(key) if a.slot in self.slots]
+            if not found and thesaurus is not None:
+                # synonyms: as good as the words themselves
+                found = self._thesaurus(text, idx, vec, thesaurus, vias, lexicon=lexicon,
+                                        colour_min=colour_min, minimum=thesaurus_min,
+                                        agree=thesaurus_agree, score=_THESAURUS,
+                                        broader=False)
             if vec is not None and not found:
                 found += [(slot, score, dist, "semantic") for slot, score, dist in self.match(vec)]
+            if thesaurus is not None and all(score < threshold for _, score, _, _ in found):
+                # what the word is a kind of: only where the encoder reads nothing
+                found += self._thesaurus(text, idx, vec, thesaurus, vias, lexicon=lexicon,
+                                         colour_min=colour_min, minimum=thesaurus_min,
+                                         agree=thesaurus_agree, score=threshold, broader=True)
             for slot, score, dist, source in found:
                 if len(idx) > 1 and source not in ("partial", "word-form") and any(
                         named[i] - {slot} for i in idx):
@@ -814,7 +944,8 @@ class SemanticMatcher:
                 replaced.add(exact)
             top = kept[0][0]
             m = Match(" ".join(und.tokens[i] for i in idx), slot, top.value,
-                      tuple(sorted(top.fields)), source, round(best_p, 4), alts)
+                      tuple(sorted(top.fields)), source, round(best_p, 4), alts,
+                      vias.get((idx, slot), ()) if source == "thesaurus" else ())
             new.append((m, member))
         if not new:
             return und

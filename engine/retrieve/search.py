@@ -36,6 +36,7 @@ from polyrec.errors import (ConfigError, ModelNotTrainedError, PolyrecError,
 from polyrec.rank.vector_index import IndexSettings, IndexSlot
 from polyrec.retrieve.lexical import LexicalIndex, Signature, _attributes, make_index
 from polyrec.retrieve.catalogue_lexicon import CatalogueLexicon
+from polyrec.retrieve.thesaurus import WordNet
 from polyrec.retrieve.query_understanding import (SEMANTIC_SLOTS, STOPWORDS, IntentClassifier,
                                                   Match, SemanticMatcher, Understanding,
                                                   Vocabulary, intent_slot, slot_of)
@@ -85,6 +86,13 @@ class SearchOptions:
     #: read query words through what the catalogue's own texts associate them with
     #: (polyrec.retrieve.catalogue_lexicon: "tee" in the descriptions of T-shirts)
     catalogue_words: bool = True
+    #: read words nothing else reads through a general English thesaurus (WordNet, when
+    #: installed: polyrec.retrieve.thesaurus): "pullover" is a kind of sweater
+    thesaurus: bool = True
+    #: minimum share of the senses' weight behind a thesaurus reading's best value
+    thesaurus_min: float = 0.5
+    #: minimum encoder score (z) of that value for the word: the encoder may veto a sense
+    thesaurus_agree: float = 0.25
     #: use the trained intent model (artifact "intent", polyrec train-intent) when there
     #: is one for these vectors: its confident facets join as soft facets, its demand
     #: head breaks ties
@@ -663,8 +671,11 @@ class Searcher:
             # the whole query rides in the same batch: the dense leg finds it cached
             return self.query_vectors(SEMANTIC_ENCODER, [query, *texts], space.fingerprint)[1:]
         lexicon = self.lexicon(session, snap) if opts.catalogue_words else None
+        wordnet = self.memo(("thesaurus",), WordNet.find) if opts.thesaurus else None
         matcher.apply(und, embed, threshold=opts.semantic_threshold,
-                      colour_min=opts.semantic_colour_min, lexicon=lexicon)
+                      colour_min=opts.semantic_colour_min, lexicon=lexicon,
+                      thesaurus=wordnet, thesaurus_min=opts.thesaurus_min,
+                      thesaurus_agree=opts.thesaurus_agree)
 
     def lexicon(self, session: Any, snap: CatalogSnapshot) -> CatalogueLexicon:
         """The associations of the catalogue's words with its facet values, mined once

