@@ -135,7 +135,7 @@ def test_events_are_durable_before_learners_see_them(tmp_path):
         assert any("broken" in e for e in hub(eng).errors)
 
 
-def test_handoff_gives_bulk_ingested_events_to_the_learners(tmp_path):
+def test_handoff_gives_bulk_ingested_events_to_the_learners(tmp_path, monkeypatch):
     _Witness.seen = []
     with Engine(tmp_path / "h.db", device="cpu", entrypoints=False, progress=False,
                 plugins=[_WitnessPlugin()]) as eng:
@@ -156,6 +156,15 @@ def test_handoff_gives_bulk_ingested_events_to_the_learners(tmp_path):
         _Witness.seen = []
         assert hub(eng).handoff(cursor, batch=2) == 4
         assert [i for i, _ in _Witness.seen] == [ids[0], *ids[2:]]
+        # some kinds with a limit: read in windows of ids (2 here), the same events
+        from polyrec.feedback import events as ev
+        want = [e.id for e in ev.stored_events(eng, after_id=cursor)]
+        monkeypatch.setattr(ev, "WINDOW", 2)
+        got, at = [], cursor
+        while batch := ev.stored_events(eng, after_id=at, kinds=["view"], limit=3):
+            assert len(batch) <= 3
+            got, at = got + [e.id for e in batch], batch[-1].id
+        assert got == want and len(got) == 4
 
 
 def test_settings_are_stored_and_checked(tmp_path):
