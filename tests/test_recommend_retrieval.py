@@ -100,6 +100,7 @@ def test_filters_and_seen_items_hold_and_a_rare_filter_widens_the_pool(engines):
     assert _compare(full, indexed, USERS[:40], filters={"class": "Comedy"}) >= 0.98
     # 50 documentaries among 1,682 films: the first candidate pool rarely holds 10 of them
     assert _compare(full, indexed, USERS[:40], filters={"class": "Documentary"}) >= 0.98
+    assert _compare(full, indexed, USERS[:20], diversity=0.3) >= 0.98  # MMR over the pool
     with indexed.store.session() as s:
         rated = set(s.execute(select(Item.external_id)
                               .join(Interaction, Interaction.item_id == Item.id)

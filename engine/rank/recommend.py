@@ -597,16 +597,21 @@ class Recommender:
         text = repr((stamp, snap.key[1][:-1], sorted(data.feature_keys.items())))
         return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
-    def _candidate_scores(self, u: int, retrieval: Retrieval, pool: int) -> torch.Tensor | None:
-        """Scores [n_items] of user ``u``'s ``pool`` best candidates (-inf elsewhere);
-        None when the ranker's query failed (recorded; its retrieval is dropped)."""
+    def _candidate_scores(self, u: int, retrieval: Retrieval, pool: int
+                          ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(scores [n_items] of user ``u``'s ``pool`` best candidates, -inf elsewhere;
+        those candidates' item indices); None when the ranker's query failed (recorded;
+        its retrieval is dropped)."""
         try:
             with torch.no_grad():
                 query = retrieval.ranker.retrieval_queries(torch.tensor([u]), self.data)
             if not isinstance(query, torch.Tensor) or query.ndim != 2 or query.shape[0] != 1:
                 raise ValueError(f"retrieval_queries gave shape "
                                  f"{tuple(getattr(query, 'shape', ()))}, not [1, D]")
-            return retrieval.scores(query[0].float().cpu(), pool, self.data.n_items)
+            items, values = retrieval.candidates(query[0].float().cpu(), pool)
+            scores = torch.full((self.data.n_items,), -math.inf)
+            scores[items] = values
+            return scores, items
         except Exception as exc:  # noqa: BLE001 - a plugin bug must not fail the request
             if self.strict:
                 raise
@@ -615,15 +620,16 @@ class Recommender:
             return None
 
     def _base_scores(self, u: int | None, retrieval: Retrieval | None, pool: int | None
-                     ) -> tuple[torch.Tensor, bool]:
-        """(scores [n_items], whether only a candidate pool was scored)."""
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(scores [n_items], the candidates' item indices when only a candidate pool was
+        scored, else None)."""
         if u is None:
-            return torch.log1p(self.popularity).clone(), False
+            return torch.log1p(self.popularity).clone(), None
         if retrieval is not None and pool is not None:
             found = self._candidate_scores(u, retrieval, pool)
             if found is not None:
-                return found, True
-        return self.scores(torch.tensor([u]))[0], False
+                return found
+        return self.scores(torch.tensor([u]))[0], None
 
     def _seen(self, user_id: int) -> torch.Tensor:
         """Item indices the user has any stored interaction with (ratings below the
@@ -711,7 +717,7 @@ class Recommender:
         pool = (max(10 * k, 100) + len(self.history[u]) + len(seen)
                 if retrieval is not None else None)
         while True:
-            scores, partial = self._base_scores(u, retrieval, pool)
+            scores, candidates = self._base_scores(u, retrieval, pool)
             if self.online_hook is not None:  # the feedback learners' online user state
                 scores = self.online_hook(self, user_id, scores, online)
             scores[seen] = -math.inf
@@ -719,12 +725,16 @@ class Recommender:
                 scores[self.history[u]] = -math.inf
             if filters:  # only items still in the running are checked
                 views = self.views
-                running = torch.isfinite(scores).nonzero().flatten().tolist()
+                running = (torch.isfinite(scores).nonzero().flatten() if candidates is None
+                           else candidates[torch.isfinite(scores[candidates])]).tolist()
                 views.prefetch_indices(running)
                 drop = [i for i in running if not matches(views[i].attributes, filters)]
                 scores[drop] = -math.inf
-            finite = int(torch.isfinite(scores).sum())
-            if not partial or finite >= k:
+            # a candidate pool: counted and ranked over its items only (the rest is -inf;
+            # over 1M items the dense isfinite and topk cost more than the index search)
+            ranked = scores if candidates is None else scores[candidates]
+            finite = int(torch.isfinite(ranked).sum())
+            if candidates is None or finite >= k:
                 break
             assert retrieval is not None and pool is not None
             pool = pool * 8 if pool * 8 < retrieval.size // 4 else None
@@ -732,10 +742,12 @@ class Recommender:
             return []
         vectors = self.vectors() if diversity > 0 else None
         if vectors is not None:
-            pool = torch.topk(scores, min(max(10 * k, 100), finite))
-            picked = mmr(pool.indices, pool.values, vectors, k, diversity)
+            pool = torch.topk(ranked, min(max(10 * k, 100), finite))
+            at = pool.indices if candidates is None else candidates[pool.indices]
+            picked = mmr(at, pool.values, vectors, k, diversity)
         else:
-            picked = torch.topk(scores, min(k, finite)).indices.tolist()
+            top = torch.topk(ranked, min(k, finite)).indices
+            picked = (top if candidates is None else candidates[top]).tolist()
         if self.explore_hook is not None:  # exploration (bandit), when enabled
             picked = self.explore_hook(self, user_id, scores, picked, k, explore)
         # a click-model pipeline reports each item's click probability as its score (the

@@ -44,12 +44,18 @@ class Retrieval:
         """How many items can be retrieved (the ranker's valid items)."""
         return len(self.items)
 
+    def candidates(self, query: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(item indices [n'], their scores [n']) of the ``n`` best candidates for
+        ``query`` [D] (inner products), best first; n' <= n."""
+        values, rows = self.slot.current.search(query.float(), n)
+        return self.items[rows], values.float()
+
     def scores(self, query: torch.Tensor, n: int, n_items: int) -> torch.Tensor:
         """Scores [n_items] of the ``n`` best candidates for ``query`` [D] (their inner
         products), ``-inf`` for every other item."""
-        values, rows = self.slot.current.search(query.float(), n)
+        items, values = self.candidates(query, n)
         out = torch.full((n_items,), -math.inf)
-        out[self.items[rows]] = values.float()
+        out[items] = values
         return out
 
 
