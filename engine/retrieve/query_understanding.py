@@ -50,6 +50,10 @@ SLOT_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 #: When one phrase names values in several slots, the earlier slot wins.
 SLOT_PRIORITY: tuple[str, ...] = tuple(s for s, _ in SLOT_RULES)
+#: Slots of organisational units: a phrase naming one and a wider value of a later slot
+#: holding WIDER_SHARE of its items means the wider value.
+NARROW_SLOTS: frozenset[str] = frozenset({"department"})
+WIDER_SHARE = 0.9
 #: Slots whose labels are used to classify a query's intent, first present wins.
 INTENT_SLOTS: tuple[str, ...] = ("type", "genre", "category")
 #: Shortest (stemmed) query word a spelling correction is tried on.
@@ -337,6 +341,17 @@ class Vocabulary:
             n, cands = found
             best = min(cands, key=lambda f: (_slot_rank(f.slot), -len(f.items)))
             same_slot = [f for f in cands if f.slot == best.slot]
+            if best.slot in NARROW_SLOTS:
+                # a department is a unit of the shop: when the phrase also names a later
+                # slot's value holding (nearly) all its items, the shopper means that
+                # ("shoes": the product group Shoes, not the men's department "Shoes")
+                unit = set().union(*(f.items for f in same_slot))
+                wider = [f for f in cands if _slot_rank(f.slot) > _slot_rank(best.slot)
+                         and len(f.items) > len(unit)
+                         and len(f.items & unit) >= WIDER_SHARE * len(unit)]
+                if wider:
+                    best = min(wider, key=lambda f: (_slot_rank(f.slot), len(f.items)))
+                    same_slot = [f for f in cands if f.slot == best.slot]
             for f in same_slot:
                 m = Match(" ".join(qterms[i:i + n]), f.slot, f.value, tuple(sorted(f.fields)),
                           "graph" if f.sources == {"graph"} else "attribute")
@@ -711,12 +726,14 @@ class SemanticMatcher:
         senses the catalogue cannot read at all (the navy of ships) are left out of the
         total. A related word whose reading covers more than ``max_share`` of the
         catalogue's items in all its readings together (a "garment") says nothing and
-        is skipped. ``broader=False``: synonyms only. Per slot:
-        (slot, confidence = the best value's share of the sense weight, [(facet,
-        probability)] best first, the related words read)."""
+        is skipped. ``broader=False``: synonyms only. Per slot: (slot, confidence = the
+        share of the sense weight that reads the slot, [(facet, weight relative to the
+        best value's)] best first, the related words read); a related word naming
+        several values ("kid": every `Kids ...` section) gives each its full weight."""
         weights: dict[str, dict[tuple[str, str], float]] = defaultdict(lambda: defaultdict(float))
         facets: dict[tuple[str, str], Facet] = {}
         via: dict[str, list[str]] = defaultdict(list)
+        share: dict[str, float] = defaultdict(float)  # slot -> weight of the senses reading it
         total = 0.0
         for sense in wordnet.senses(word, max_senses):
             readings: list[tuple[str, str, list[tuple[Facet, float]]]] = []
@@ -743,20 +760,21 @@ class SemanticMatcher:
                 if related not in via[slot]:
                     via[slot].append(related)
             for slot, vals in per_slot.items():
-                norm = sum(vals.values())
+                top = max(vals.values())
+                share[slot] += weight
                 for key, p in vals.items():
-                    weights[slot][key] += weight * p / norm
+                    weights[slot][key] += weight * p / top
         out = []
         for slot, vals in weights.items():
-            ranked = sorted(vals.items(), key=lambda kv: (-kv[1], kv[0][1]))[:5]
-            best = ranked[0][1] / total
-            norm = sum(p for _, p in ranked)
-            out.append((slot, best, [(facets[k], p / norm) for k, p in ranked], tuple(via[slot])))
+            ranked = sorted(vals.items(), key=lambda kv: (-kv[1], kv[0][1]))[:8]
+            top = ranked[0][1]
+            out.append((slot, share[slot] / total, [(facets[k], p / top) for k, p in ranked],
+                        tuple(via[slot])))
         return sorted(out, key=lambda t: (-t[1], _slot_rank(t[0])))
 
     def _thesaurus(self, text: str, idx: tuple[int, ...], vec: torch.Tensor | None,
                    wordnet: "WordNet",
-                   vias: dict[tuple[tuple[int, ...], str], tuple[str, ...]], *,
+                   vias: dict[tuple[tuple[int, ...], str], tuple[tuple[str, ...], float]], *,
                    lexicon: "CatalogueLexicon | None", colour_min: float, minimum: float,
                    agree: float, score: float, broader: bool
                    ) -> list[tuple[str, float, list[tuple[Facet, float]], str]]:
@@ -780,7 +798,7 @@ class SemanticMatcher:
                     continue
                 tie = 1e-3 * enc
             out.append((slot, score + conf + tie, dist, "thesaurus"))
-            vias[(idx, slot)] = related
+            vias[(idx, slot)] = (related, conf)
         return out
 
     def colour(self, text: str) -> list[tuple[Facet, float]]:
@@ -848,7 +866,8 @@ class SemanticMatcher:
         vectors = embed(texts)
         cands: list[tuple[float, int, tuple[int, ...], str, list[tuple[Facet, float]],
                           int | None, str]] = []
-        vias: dict[tuple[tuple[int, ...], str], tuple[str, ...]] = {}  # thesaurus readings
+        # thesaurus readings: (span, slot) -> (the related words read, confidence)
+        vias: dict[tuple[tuple[int, ...], str], tuple[tuple[str, ...], float]] = {}
         # slots each word names on its own, inside a value name or by a derived form
         named: dict[int, set[str]] = {i: {slot for slot, parts in self.parts.items()
                                           if (words[i],) in parts}
@@ -881,8 +900,11 @@ class SemanticMatcher:
                                         broader=False)
             if vec is not None and not found:
                 found += [(slot, score, dist, "semantic") for slot, score, dist in self.match(vec)]
-            if thesaurus is not None and all(score < threshold for _, score, _, _ in found):
-                # what the word is a kind of: only where the encoder reads nothing
+            if (thesaurus is not None and all(score < threshold for _, score, _, _ in found)
+                    and exact is None and not any(named[i] for i in idx)):
+                # what the words are a kind of: only where the encoder reads nothing, and
+                # never in place of a word that names a value itself ("polka dot" is a
+                # kind of pattern, but "dot" is `Dot`)
                 found += self._thesaurus(text, idx, vec, thesaurus, vias, lexicon=lexicon,
                                          colour_min=colour_min, minimum=thesaurus_min,
                                          agree=thesaurus_agree, score=threshold, broader=True)
@@ -892,6 +914,11 @@ class SemanticMatcher:
                     # a reading by meaning of several words may not swallow a word that
                     # names a value of another slot: "kids jeans" is not one reading
                     # (Denim) but the kids' sections and jeans
+                    continue
+                if len(idx) > 1 and source == "semantic" and exact is None and any(
+                        slot in named[i] for i in idx):
+                    # nor may the encoder narrow a word inside value names of the same slot
+                    # to one of them: "woolly hat" stays every hat (Hat/beanie, Hat/brim)
                     continue
                 if exact is not None:
                     if slot != und.matches[exact].slot or dist[0][0].value == und.matches[exact].value:
@@ -922,7 +949,8 @@ class SemanticMatcher:
                 for it in f.items:
                     member[it] = min(1.0, member.get(it, 0.0) + p / best_p)
             alts = tuple((f.value, round(p, 4)) for f, p in kept[1:6])
-            if source == "partial" and broader > 0 and (wider := self.broader(slot, kept)):
+            if (source in ("partial", "thesaurus") and broader > 0
+                    and (wider := self.broader(slot, kept))):
                 # the coarser value these values share ("kids" sections: Baby/Children):
                 # its other items match in part
                 value, share = wider
@@ -943,9 +971,9 @@ class SemanticMatcher:
             if exact is not None:
                 replaced.add(exact)
             top = kept[0][0]
+            related, conf = vias[(idx, slot)] if source == "thesaurus" else ((), best_p)
             m = Match(" ".join(und.tokens[i] for i in idx), slot, top.value,
-                      tuple(sorted(top.fields)), source, round(best_p, 4), alts,
-                      vias.get((idx, slot), ()) if source == "thesaurus" else ())
+                      tuple(sorted(top.fields)), source, round(conf, 4), alts, related)
             new.append((m, member))
         if not new:
             return und
