@@ -231,3 +231,6 @@ def test_top_k_fast_path_and_tie_rows_mixed_agree_with_a_full_stable_sort():
         assert torch.allclose(metrics["mrr"], expected)
         ranked = torch.gather(clean, 1, order[:, :k]) > -INF
         assert torch.equal(tops[k], torch.where(ranked, order[:, :k], -1))
+        without, _ = user_metrics(scores, relevant, ks=(k,), mrr=False)  # the gate's call
+        assert "mrr" not in without
+        assert all(torch.equal(without[m], metrics[m]) for m in without)

@@ -226,15 +226,16 @@ def _top_k_ties(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.gather(idx, 1, torch.argsort(vals, dim=1, descending=True, stable=True))
 
 
-def user_metrics(scores: torch.Tensor, relevant: torch.Tensor, ks: Sequence[int] = DEFAULT_KS
-                 ) -> tuple[dict[str, torch.Tensor], dict[int, torch.Tensor]]:
+def user_metrics(scores: torch.Tensor, relevant: torch.Tensor, ks: Sequence[int] = DEFAULT_KS,
+                 *, mrr: bool = True) -> tuple[dict[str, torch.Tensor], dict[int, torch.Tensor]]:
     """Per-user metrics of full rankings.
 
     scores [b, n] (``-inf`` or NaN: not ranked), relevant bool [b, n]. Ties are broken
     by item index. Returns ({metric: [b]}, {k: top-k item indices [b, k], -1 where the
     ranking ran out of scored items}). Recall@K = hits / min(|relevant|, K); NDCG@K with
     binary gains and the ideal DCG of min(|relevant|, K) hits; MRR = 1 / rank of the
-    first relevant item in the full ranking (0 when none is ranked); HitRate@K = any hit.
+    first relevant item in the full ranking (0 when none is ranked; ``mrr`` False leaves
+    it out: it reads every row twice more); HitRate@K = any hit.
     """
     scores = torch.nan_to_num(scores.float(), nan=-math.inf, posinf=math.inf,
                               neginf=-math.inf)
@@ -242,7 +243,7 @@ def user_metrics(scores: torch.Tensor, relevant: torch.Tensor, ks: Sequence[int]
     order = top_k(scores, max(ks))
     ranked = torch.gather(scores, 1, order) > -math.inf
     hits_sorted = torch.gather(relevant, 1, order) & ranked
-    n_rel = relevant.sum(1)
+    n_rel = relevant.sum(1, dtype=torch.int32)
     out: dict[str, torch.Tensor] = {}
     tops: dict[int, torch.Tensor] = {}
     for k in ks:
@@ -259,6 +260,8 @@ def user_metrics(scores: torch.Tensor, relevant: torch.Tensor, ks: Sequence[int]
         tops[k] = torch.where(ranked[:, :kk], order[:, :kk], torch.full_like(order[:, :kk], -1))
     # MRR over the full ranking: the first relevant item is the one with the best score
     # (lowest index among equals); its rank counts the items ahead of it.
+    if not mrr:
+        return out, tops
     b = len(scores)
     rel_rows, rel_cols = torch.nonzero(relevant, as_tuple=True)
     rel_vals = scores[rel_rows, rel_cols]
@@ -268,11 +271,17 @@ def user_metrics(scores: torch.Tensor, relevant: torch.Tensor, ks: Sequence[int]
         0, rel_rows[is_best], rel_cols[is_best], "amin")
     found = best > -math.inf
     ahead = (scores > best[:, None]).sum(1, dtype=torch.int32)  # int32: 2x faster sums
-    tied = found & (first_idx > 0)
-    if bool(tied.any()):  # items as good as the first relevant one, at a lower index
-        width = int(first_idx[tied].max())
-        before = torch.arange(width)[None, :] < first_idx[:, None]
-        ahead = ahead + ((scores[:, :width] == best[:, None]) & before).sum(1, dtype=torch.int32)
+    # other items as good as the first relevant one count when their index is lower; the
+    # rows that have any (rare with continuous scores) are looked at again
+    level = (scores >= best[:, None]).sum(1, dtype=torch.int32) - ahead
+    level = level - torch.bincount(rel_rows[is_best], minlength=b).to(torch.int32)
+    tied = found & (first_idx > 0) & (level > 0)
+    if bool(tied.any()):
+        rows = torch.nonzero(tied).flatten()
+        width = int(first_idx[rows].max())
+        before = torch.arange(width)[None, :] < first_idx[rows, None]
+        same = (scores[rows, :width] == best[rows, None]) & before
+        ahead[rows] += same.sum(1, dtype=torch.int32)
     out["mrr"] = torch.where(found, 1.0 / (ahead + 1).float(), torch.zeros(b))
     return out, tops
 

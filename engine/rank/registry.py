@@ -118,7 +118,7 @@ def per_user_metrics(ranker: "Ranker", train: TrainingData, test: list[torch.Ten
         relevant = torch.zeros(len(batch), train.n_items, dtype=torch.bool)
         for r, u in enumerate(batch.tolist()):
             relevant[r, test[u]] = True
-        per_user, _ = user_metrics(scores, relevant, (10, 20))
+        per_user, _ = user_metrics(scores, relevant, (10, 20), mrr=False)
         for name in ("recall@10", "recall@20", "ndcg@10", "ndcg@20"):
             parts.setdefault(name, []).append(per_user[name])
     return {k: torch.cat(v) for k, v in parts.items()}
