@@ -7,7 +7,7 @@ A small network on top of the (frozen) sentence vectors of a text encoder (the d
   string or list-of-string fields with few distinct values shared by many items, e.g.
   H&M ``product_type_name``, ``colour_group_name``, ``index_group_name``; MovieLens
   ``class`` genres). Inputs are the item's own vector and synthetic shopper queries made
-  from its attributes (templates, synonyms, dropped words, filler words) and its title;
+  from its attributes (templates, WordNet synonyms, dropped words, filler words) and its title;
   the target is the item's value (a uniform distribution over a list-valued field's
   values). A query that does not name a field learns that field's spread, so the soft
   facets stay uncertain where the query says nothing.
@@ -51,57 +51,46 @@ OPTIONS: dict[str, tuple[Any, type]] = {
 STOP_VALUES = frozenset({"unknown", "undefined", "other", "others", "none", "n/a", "na",
                          "nan", "null", "misc", "-", "various", ""})
 
-#: Everyday words for catalogue words: used in synthetic queries, so that the heads learn
-#: that a shopper's word means the catalogue's value. Keys are lower-case catalogue words
-#: or whole values; generic English (fashion, colours, audiences, patterns, film genres).
-SYNONYMS: dict[str, tuple[str, ...]] = {
-    # colours
-    "dark red": ("maroon", "burgundy", "wine red"), "red": ("scarlet",),
-    "grey": ("gray",), "dark grey": ("charcoal", "dark gray"), "light grey": ("light gray",),
-    "dark blue": ("navy", "navy blue"), "light blue": ("sky blue", "pale blue"),
-    "off white": ("cream", "ivory"), "white": ("snow white",), "black": ("jet black",),
-    "beige": ("camel", "nude", "sand"), "greenish khaki": ("khaki", "olive"),
-    "yellowish brown": ("mustard", "brown", "tan"), "light pink": ("blush", "pale pink"),
-    "dark green": ("forest green", "bottle green"), "pink": ("rose",),
-    "purple": ("violet",), "light purple": ("lilac", "lavender"), "gold": ("golden",),
-    "silver": ("metallic",), "turquoise": ("teal", "aqua"), "orange": ("coral",),
-    # garment types
-    "t-shirt": ("tee", "t shirt", "tshirt"), "trousers": ("pants", "slacks"),
-    "outdoor trousers": ("hiking pants",), "sneakers": ("trainers", "running shoes"),
-    "sweater": ("jumper", "pullover", "knit"), "vest top": ("tank top", "singlet", "cami"),
-    "hoodie": ("hooded sweatshirt", "hoody"), "dress": ("frock", "gown"),
-    "leggings/tights": ("leggings", "tights"), "hat/beanie": ("beanie", "woolly hat"),
-    "hat/brim": ("sun hat", "brimmed hat"), "cap/peaked": ("cap", "baseball cap"),
-    "pyjama set": ("pajamas", "pjs", "nightwear"), "pyjama bottom": ("pajama pants",),
-    "swimwear bottom": ("bikini bottoms", "swim briefs"), "bikini top": ("swim top",),
-    "swimsuit": ("bathing suit", "swimming costume"), "underwear bottom": ("briefs", "knickers"),
-    "bra": ("bralette",), "jacket": ("coat",), "coat": ("overcoat", "parka"),
-    "blazer": ("suit jacket",), "shorts": ("short pants",), "skirt": ("mini skirt",),
-    "jumpsuit/playsuit": ("jumpsuit", "playsuit", "romper"), "dungarees": ("overalls",),
-    "flip flop": ("flip flops", "thongs"), "boots": ("ankle boots",), "socks": ("sock",),
-    "bag": ("handbag", "purse"), "earring": ("earrings",), "blouse": ("top",),
-    "cardigan": ("cardi",), "scarf": ("shawl",), "slippers": ("house shoes",),
-    "robe": ("bathrobe", "dressing gown"), "polo shirt": ("polo",),
-    "ballerinas": ("ballet flats",), "pumps": ("heels", "court shoes"),
-    # audiences / sections
-    "ladieswear": ("women", "womens", "ladies", "woman"), "menswear": ("men", "mens", "man"),
-    "baby/children": ("kids", "children", "child", "toddler", "baby", "boys", "girls"),
-    "divided": ("teen", "teens", "young"), "sport": ("sportswear", "activewear", "gym"),
-    # patterns
-    "solid": ("plain", "single colour"), "stripe": ("striped", "stripes"),
-    "check": ("checked", "plaid", "tartan", "checkered"), "all over pattern": ("patterned", "printed"),
-    "denim": ("jeans", "jean"), "melange": ("heathered", "marl"), "dot": ("polka dot", "spotted"),
-    "lace": ("lacy",), "embroidery": ("embroidered",), "sequin": ("sequins", "sparkly"),
-    "front print": ("graphic", "print"), "glittering/metallic": ("glitter", "shiny"),
-    # film genres
-    "sci-fi": ("science fiction", "space"), "children's": ("kids", "family"),
-    "animation": ("cartoon", "animated"), "comedy": ("funny", "comedies"),
-    "horror": ("scary", "frightening"), "romance": ("love story", "romantic"),
-    "thriller": ("suspense",), "documentary": ("documentaries", "real story"),
-    "film-noir": ("noir",), "musical": ("songs", "singing"), "western": ("cowboy",),
-    "crime": ("gangster", "heist"), "war": ("military", "battle"), "fantasy": ("magic",),
-    "mystery": ("whodunit", "detective"), "adventure": ("quest",), "action": ("explosions",),
-}
+#: WordNet senses whose words may stand for a catalogue value in synthetic queries:
+#: garments and other made things, colours and other attributes, people (audiences),
+#: genres of writing and film.
+THESAURUS_LEXNAMES = frozenset({"noun.artifact", "noun.attribute", "noun.person",
+                                "noun.communication", "adj.all"})
+
+
+def thesaurus_synonyms(fields: dict[str, tuple[list[str], bool]], wordnet: Any = None,
+                       max_senses: int = 2, max_words: int = 6) -> dict[str, tuple[str, ...]]:
+    """Other ways to say each catalogue value, from a general English thesaurus (WordNet,
+    polyrec.retrieve.thesaurus; {} when none is installed), never from a hand-written
+    list: the synonyms of the value (or, for one of its words, of that word) in its first
+    ``max_senses`` senses of the kinds in THESAURUS_LEXNAMES, and, for made things, the
+    kinds of it (hyponyms: "pullover" for sweater), at most ``max_words`` each; words that are
+    themselves catalogue values or words of values are left out ("cardigan" is a kind
+    of sweater, and a value of its own). Keys are lower-case values and value words."""
+    if wordnet is None:
+        from polyrec.retrieve.thesaurus import WordNet
+        wordnet = WordNet.find()
+    if wordnet is None:
+        return {}
+    values = {v.lower() for vals, _ in fields.values() for v in vals}
+    taken = values | {w for v in values for w in re.split(r"[\s/&,]+", v) if w}
+    keys = set(values) | {w for v in values for w in v.split() if w.isalpha() and len(w) > 2}
+    out: dict[str, tuple[str, ...]] = {}
+    for key in sorted(keys):
+        senses = [s for s in wordnet.senses(key, max_senses=8)
+                  if s.lexname in THESAURUS_LEXNAMES][:max_senses]
+        words: list[str] = []
+        for sense in senses:
+            kinds = sense.narrower if sense.lexname == "noun.artifact" else ()
+            for w in sense.synonyms + kinds:
+                if (w not in taken and w not in words and w != key
+                        and re.fullmatch(r"[a-z][a-z' -]*", w)):
+                    words.append(w)
+        if words:
+            out[key] = tuple(words[:max_words])
+    return out
+
+
 PREFIXES = ("", "", "", "a", "looking for", "i want", "i need", "cheap", "nice", "new",
             "best", "something", "show me")
 #: Field-name words of audience-like fields, rendered "for <value>" now and then.
@@ -176,27 +165,32 @@ def categorical_fields(items: Sequence[ItemView], max_values: int = 300,
     return out
 
 
-def _say(value: str, rng: random.Random, drop: float = 0.15) -> str:
-    """A shopper's way of saying a catalogue value: lower case, now and then a synonym,
-    a word dropped, a slash alternative picked."""
+def _say(value: str, rng: random.Random, synonyms: dict[str, tuple[str, ...]],
+         drop: float = 0.15) -> str:
+    """A shopper's way of saying a catalogue value: lower case, now and then a synonym
+    (``synonyms``: thesaurus_synonyms), a word dropped, a slash alternative picked."""
     low = value.lower()
-    syn = SYNONYMS.get(low)
+    syn = synonyms.get(low)
     if syn and rng.random() < 0.5:
         return rng.choice(syn)
     if "/" in low and rng.random() < 0.6:
         low = rng.choice([p for p in low.split("/") if p.strip()] or [low])
     words = low.split()
-    words = [rng.choice(SYNONYMS[w]) if w in SYNONYMS and rng.random() < 0.3 else w for w in words]
+    words = [rng.choice(synonyms[w]) if w in synonyms and rng.random() < 0.3 else w for w in words]
     if len(words) > 1 and rng.random() < drop:
         words.pop(rng.randrange(len(words)))
     return " ".join(words)
 
 
 def synthetic_queries(item: ItemView, fields: dict[str, tuple[list[str], bool]], n: int,
-                      rng: random.Random) -> list[str]:
+                      rng: random.Random,
+                      synonyms: dict[str, tuple[str, ...]] | None = None) -> list[str]:
     """``n`` shopper-style queries for ``item`` from its categorical attributes (1-3 of
-    them, noun-like fields last, audiences now and then as "for ..."), with synonyms,
-    dropped words and filler words; one in four from its title with a word dropped."""
+    them, noun-like fields last, audiences now and then as "for ..."), with synonyms
+    (``synonyms``: thesaurus_synonyms(fields), computed once by the caller; none when
+    None), dropped words and filler words; one in four from its title with a word
+    dropped."""
+    synonyms = synonyms or {}
     attrs = item.attributes or {}
     have = [(f, v) for f in fields for v in (_values(attrs.get(f)) or [])
             if v in set(fields[f][0])]
@@ -219,7 +213,7 @@ def synthetic_queries(item: ItemView, fields: dict[str, tuple[list[str], bool]],
         said, seen = [], set()
         audience = []
         for f, v in rest + nouns:
-            phrase = _say(v, rng)
+            phrase = _say(v, rng, synonyms)
             if phrase in seen:
                 continue
             seen.add(phrase)
@@ -299,8 +293,9 @@ class MultiTaskIntent(IntentModel):
         val_rows, train_rows = sorted(perm[:n_val]), sorted(perm[n_val:])
         # texts: synthetic queries per item (embedded once), plus the item vectors
         texts, owner = [], []
+        synonyms = thesaurus_synonyms(fields)
         for r, item in enumerate(items):
-            for q in synthetic_queries(item, fields, o["queries_per_item"], rng):
+            for q in synthetic_queries(item, fields, o["queries_per_item"], rng, synonyms):
                 texts.append(q)
                 owner.append(r)
         t0 = time.perf_counter()

@@ -29,7 +29,8 @@ import torch
 
 from polyrec import (ConfigError, EncoderContext, Engine, NotFoundError, hookimpl, load_artifact,
                      progress_bar, save_artifact, stage)
-from polyrec.plugins.intent_multitask import categorical_fields, synthetic_queries
+from polyrec.plugins.intent_multitask import (categorical_fields, synthetic_queries,
+                                              thesaurus_synonyms)
 
 KIND = "text_weights"
 ARTIFACT = "encoder_tuned"
@@ -84,8 +85,9 @@ def _pairs(items: list[Any], texts: dict[int, str], histories: list[list[int]],
                                                                 list[tuple[str, str, int]]]:
     """(query, item text, item id) pairs and (item text, item text, item id) co-pairs."""
     fields = categorical_fields(items)
+    synonyms = thesaurus_synonyms(fields)
     qpairs = [(q, texts[it.id], it.id) for it in items
-              for q in synthetic_queries(it, fields, queries_per_item, rng)]
+              for q in synthetic_queries(it, fields, queries_per_item, rng, synonyms)]
     cpairs = []
     for h in histories:
         for a, b in zip(h, h[1:]):

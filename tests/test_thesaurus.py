@@ -19,7 +19,9 @@ SYNSETS = {
     100: ("n", ["frock"], [("@", 200, "n")], "a woman's dress"),
     200: ("n", ["dress"], [("@", 900, "n")], "a one-piece garment"),
     300: ("n", ["pullover", "slipover"], [("@", 400, "n")], "a sweater put on over the head"),
-    400: ("n", ["sweater", "jumper"], [("@", 900, "n")], "a knitted garment"),
+    400: ("n", ["sweater", "jumper"], [("@", 900, "n"), ("~", 300, "n"), ("~", 410, "n")],
+          "a knitted garment"),
+    410: ("n", ["cardigan"], [("@", 400, "n")], "a knitted jacket"),
     500: ("n", ["navy", "naval_forces"], [], "an organization of military vessels"),
     510: ("n", ["dark_blue", "navy", "navy_blue"], [], "a dark shade of blue"),
     600: ("n", ["romper"], [("@", 900, "n")], "a one-piece garment for children"),
@@ -38,7 +40,8 @@ def write_wordnet(root: Path) -> Path:
         name = "noun" if pos == "n" else "adj"
         ws = " ".join(f"{w} 0" for w in words)
         ps = " ".join(f"{sym} {o:08d} {p} 0000" for sym, o, p in ptrs)
-        lines[name].append(f"{off:08d} 05 {pos} {len(words):02x} {ws} {len(ptrs):03d} {ps} | {gloss}  ")
+        lexfile = "06" if pos == "n" else "00"  # noun.artifact, adj.all
+        lines[name].append(f"{off:08d} {lexfile} {pos} {len(words):02x} {ws} {len(ptrs):03d} {ps} | {gloss}  ")
         for w in words:
             base = w.split("(")[0].lower()
             index[name].setdefault(base, []).append(off)
@@ -49,6 +52,7 @@ def write_wordnet(root: Path) -> Path:
             for w, offs in sorted(index[name].items())]
         (root / f"index.{name}").write_bytes("\r\n".join(rows).encode() + b"\r\n")
     (root / "noun.exc").write_text("geese goose\n")
+    (root / "lexnames").write_bytes(b"00\tadj.all\t3\r\n06\tnoun.artifact\t1\r\n")
     return root
 
 
@@ -67,6 +71,28 @@ def test_wordnet_reads_senses_synonyms_and_broader_words(wordnet):
     assert plain[0].pos == "adj" and plain[0].broader == ("solid-coloured", "solid")
     assert plain[0].gloss == "lacking patterns"
     assert wordnet.senses("unknownword") == []
+
+
+def test_wordnet_gives_kinds_and_lexicographer_files(wordnet):
+    sweater = wordnet.senses("sweater")[0]
+    assert sweater.lexname == "noun.artifact"
+    assert sweater.narrower == ("pullover", "slipover", "cardigan")
+
+
+def test_synthetic_queries_take_their_synonyms_from_the_thesaurus(wordnet):
+    import random
+
+    from polyrec.plugins.intent_multitask import synthetic_queries, thesaurus_synonyms
+    fields = {"product_type_name": (["Sweater", "Cardigan", "Dress"], False)}
+    syn = thesaurus_synonyms(fields, wordnet)
+    # synonyms and kinds of a value, never another value of the catalogue (cardigan)
+    assert syn == {"sweater": ("jumper", "pullover", "slipover")}  # dress: no synonym here
+
+    class Item:
+        title, attributes = None, {"product_type_name": "Sweater"}
+    said = {q for q in synthetic_queries(Item(), fields, 200, random.Random(0), syn)}
+    assert {"jumper", "pullover"} & {w for q in said for w in q.split()}
+    assert "cardigan" not in {w for q in said for w in q.split()}
 
 
 def test_wordnet_is_found_through_the_environment(tmp_path, monkeypatch):

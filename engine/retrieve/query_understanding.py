@@ -716,7 +716,8 @@ class SemanticMatcher:
 
     def thesaurus(self, word: str, wordnet: "WordNet", *,
                   lexicon: "CatalogueLexicon | None" = None, colour_min: float = 0.0,
-                  max_senses: int = 3, max_share: float = 0.25, broader: bool = True
+                  max_senses: int = 3, max_share: float = 0.25, broader: bool = True,
+                  accept: Callable[[str, Facet], bool] | None = None
                   ) -> list[tuple[str, float, list[tuple[Facet, float]], tuple[str, ...]]]:
         """A word read through a general thesaurus (polyrec.retrieve.thesaurus): for each
         of its first ``max_senses`` senses per part of speech, the sense's synonyms are
@@ -726,7 +727,10 @@ class SemanticMatcher:
         senses the catalogue cannot read at all (the navy of ships) are left out of the
         total. A related word whose reading covers more than ``max_share`` of the
         catalogue's items in all its readings together (a "garment") says nothing and
-        is skipped. ``broader=False``: synonyms only. Per slot: (slot, confidence = the
+        is skipped, and so is a reading whose best value ``accept(slot, facet)``
+        refuses (the encoder's veto, see :meth:`_thesaurus`): a sense left without
+        readings is left out of the total as well. ``broader=False``: synonyms only.
+        Per slot: (slot, confidence = the
         share of the sense weight that reads the slot, [(facet, weight relative to the
         best value's)] best first, the related words read); a related word naming
         several values ("kid": every `Kids ...` section) gives each its full weight."""
@@ -745,7 +749,8 @@ class SemanticMatcher:
                     found = self.read_words(related, lexicon=lexicon, colour_min=colour_min)
                     covered = set().union(*(f.items for _, dist in found for f, _ in dist))
                     if len(covered) <= max_share * max(1, self.n_items):
-                        readings += [(related, slot, dist) for slot, dist in found]
+                        readings += [(related, slot, dist) for slot, dist in found
+                                     if accept is None or accept(slot, dist[0][0])]
                 if readings:
                     break
             if not readings:
@@ -783,17 +788,24 @@ class SemanticMatcher:
         dictionary proposes, the encoder may veto a sense no shopper means ("plain" as
         a knitting stitch: `Knitwear`) — as candidates scored ``score`` + confidence
         (the related words read go to ``vias``; no veto without an encoder vector)."""
+        scores: dict[str, dict[str, float]] = {}
+
+        def encoder(slot: str, value: str) -> float:
+            if slot not in scores:
+                sc = self.scores(slot, vec).tolist()  # type: ignore[arg-type]
+                scores[slot] = {f.value: x for f, x in zip(self.slots[slot][0], sc)}
+            return scores[slot][value]
         out = []
         for slot, conf, dist, related in self.thesaurus(
-                text, wordnet, lexicon=lexicon, colour_min=colour_min, broader=broader):
+                text, wordnet, lexicon=lexicon, colour_min=colour_min, broader=broader,
+                accept=None if vec is None else lambda sl, f: encoder(sl, f.value) >= agree):
             if conf < minimum:
                 continue
             # equal confidence: the value the encoder prefers ("swimming costume" is a
             # swimsuit and swimwear: Swimwear), without one the earlier slot
             tie = -1e-3 * _slot_rank(slot)
             if vec is not None:
-                values = [f.value for f in self.slots[slot][0]]
-                enc = float(self.scores(slot, vec)[values.index(dist[0][0].value)])
+                enc = encoder(slot, dist[0][0].value)
                 if enc < agree:
                     continue
                 tie = 1e-3 * enc

@@ -98,7 +98,7 @@ class SearchOptions:
     #: head breaks ties
     intent_model: bool = True
     #: minimum probability of a field's best value for the intent model's facet to count
-    intent_model_threshold: float = 0.8
+    intent_model_threshold: float = 0.95
     #: use CLIP vectors even when the CLIP model has no pretrained weights (testing).
     untrained_clip: bool = False
     lexical_backend: str = "auto"

@@ -47,6 +47,11 @@ class Sense:
     #: words of the synsets this sense is a kind of (hypernyms) or, for adjectives, similar to
     broader: tuple[str, ...]
     gloss: str
+    #: WordNet's lexicographer file: "noun.artifact" (garments), "noun.attribute" (colours),
+    #: "noun.person", "adj.all", ...
+    lexname: str = ""
+    #: words of the synsets that are kinds of this sense (hyponyms): "pullover" for sweater
+    narrower: tuple[str, ...] = ()
 
 
 class WordNet:
@@ -62,6 +67,13 @@ class WordNet:
         self._index: dict[str, dict[str, list[int]]] = {p: {} for p in POS}
         self._where: dict[str, dict[int, int]] = {p: {} for p in POS}
         self._exceptions: dict[str, dict[str, list[str]]] = {p: {} for p in POS}
+        #: lexicographer file number -> name (the file "lexnames": 6 -> "noun.artifact")
+        self._lexnames: dict[int, str] = {}
+        if (self.root / "lexnames").exists():
+            for line in (self.root / "lexnames").read_text(errors="replace").splitlines():
+                parts = line.split()
+                if len(parts) >= 2 and parts[0].isdigit():
+                    self._lexnames[int(parts[0])] = parts[1]
         for pos in POS:
             with open(self.root / f"index.{pos}", encoding="utf-8", errors="replace") as fh:
                 for line in fh:
@@ -119,18 +131,23 @@ class WordNet:
                     if offset in seen or rank >= max_senses:
                         continue
                     seen.add(offset)
-                    words, pointers, gloss = self._synset(pos, offset)
+                    words, pointers, gloss, lexfile = self._synset(pos, offset)
                     broader: list[str] = []
+                    narrower: list[str] = []
                     for symbol, target, tpos in pointers:
-                        if symbol in ("@", "@i", "&") and tpos in POS:
+                        into = (broader if symbol in ("@", "@i", "&")
+                                else narrower if symbol in ("~", "~i") else None)
+                        if into is not None and tpos in POS:
                             for w in self._synset(tpos, target)[0]:
-                                if w not in broader:
-                                    broader.append(w)
-                    out.append(Sense(pos, rank, tuple(words), tuple(broader), gloss))
+                                if w not in into:
+                                    into.append(w)
+                    out.append(Sense(pos, rank, tuple(words), tuple(broader), gloss,
+                                     self._lexnames.get(lexfile, ""), tuple(narrower)))
                     rank += 1
         return out
 
-    def _synset(self, pos: str, offset: int) -> tuple[list[str], list[tuple[str, int, str | None]], str]:
+    def _synset(self, pos: str, offset: int
+                ) -> tuple[list[str], list[tuple[str, int, str | None]], str, int]:
         with open(self.root / f"data.{pos}", "rb") as fh:  # no handle kept: thread-safe
             fh.seek(self._where[pos][offset])
             line = fh.readline().decode("utf-8", errors="replace").rstrip("\r\n")
@@ -143,7 +160,7 @@ class WordNet:
         for i in range(int(parts[k])):
             symbol, target, tpos = parts[k + 1 + 4 * i: k + 4 + 4 * i]
             pointers.append((symbol, int(target), {"n": "noun", "a": "adj", "s": "adj"}.get(tpos)))
-        return words, pointers, gloss.strip()
+        return words, pointers, gloss.strip(), int(parts[1])
 
 
 def _clean(lemma: str) -> str:
