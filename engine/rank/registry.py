@@ -33,6 +33,7 @@ import torch
 from sqlalchemy import delete, func, select, update
 
 from polyrec.errors import ConfigError, NotFoundError
+from polyrec.progress import stage
 from polyrec.store.models import Artifact, Item, Setting, User
 from polyrec.store.postgres import lock_named
 from polyrec.store.settings import get_setting, put_setting
@@ -388,7 +389,9 @@ def run_gate(engine: "Engine", *, name: str, model: "Ranker", version: int,
     checks: dict[str, Any] = {}
     reasons: list[str] = []
     users = sample_users(train, int(config["sample_users"]))
+    show = bool(getattr(engine, "progress", False))
     # (a) shape and NaN over the whole current catalogue
+    stage(f"gate: scores of {len(users)} users over {train.n_items:,} items", show)
     try:
         with torch.no_grad():
             scores = model.score_users(users, train)
@@ -402,6 +405,7 @@ def run_gate(engine: "Engine", *, name: str, model: "Ranker", version: int,
     # (b) smoke recommendations through the serving code (the stored version, reloaded)
     smoke: dict[str, Any] = {"passed": False, "users": 0}
     if problem is None:
+        stage(f"gate: {len(users)} recommendations through the serving code", show)
         smoke = smoke_test(engine, version, users, train, int(config["k"]))
         if not smoke["passed"]:
             reasons.append(smoke["error"])
@@ -468,6 +472,9 @@ def compare_to_live(engine: "Engine", version: int, live: int | None, train: Tra
                 "reason": "skipped: no held-out pairs to measure"}
     try:
         from polyrec.rank.recommend import load_ranker
+        stage(f"gate: version {version} against the live version {live} on "
+              f"{sum(1 for t in test if len(t)):,} held-out users",
+              bool(getattr(engine, "progress", False)))
         ranker, _ = load_ranker(engine, live)
         live_users = per_user_metrics(ranker, train, test)[metric]
     except Exception as exc:  # noqa: BLE001 - the live model no longer fits the data
