@@ -1,7 +1,7 @@
 """Engine.recommend at catalogue scale (issue 10, part 7): a trained two-tower pipeline
 over a synthetic shop of ``--items`` items (default 1,000,000), served by the real
-Recommender, with full scoring against candidate retrieval through the HNSW index
-(polyrec.rank.retrieval), in one run.
+Recommender, with full scoring against candidate retrieval through the vector index
+(polyrec.rank.retrieval: FAISS IVF by default, HNSW on request), in one run.
 
 The shop: ``--items`` items in ``--clusters`` taste clusters (each item's stored "bert"
 vector is its cluster's centre plus noise, so content carries the taste), ``--users``
@@ -10,12 +10,18 @@ power-law (Zipf) item popularity inside the liked clusters. Everything is writte
 the store directly (bulk inserts; ingestion speed is benchmarks/ingest.py's subject),
 then ``Engine.train("two_tower", ...)`` fits the pipeline as a user would.
 
-Measured, on the same users:
+Measured, on the same users, in one process with the paths interleaved (each user's
+request runs through every path in turn, in rotated order, after 5 warm-up users), so
+that all paths share whatever load the machine has:
 - ``full``: ``Engine.recommend`` with index backend "exact" (the ranker scores every
   item: ``score_users``), p50/p99 over ``--requests`` single-user requests;
-- ``hnsw``: the same requests with the default index settings (HNSW over the ranker's
-  retrieval keys, built once and persisted beside the database), p50/p99, and recall@10
-  of its answers against ``full``'s;
+- each of ``--variants`` (default ``ivf``, the Recommender's settings): the same
+  requests through an index over the ranker's retrieval keys (built once and persisted
+  beside the database; ``open s``: loading it, ``build s``: building it when no file was
+  there), p50/p99, and recall@10 of its answers against ``full``'s. A variant is
+  ``kind[:field=value...]`` over ``Recommender.index_settings``, e.g. ``ivf:nprobe=125``
+  or ``hnsw:ef_search=2048``; ``exact`` is the same candidate path with an exact top-k
+  over the keys (``torch.topk(keys @ query)``, no index);
 - ``first request``: a fresh process (interpreter, imports, Engine, data snapshot, model,
   index loaded from disk, one recommendation), ``--fresh-runs`` times.
 
@@ -23,7 +29,7 @@ Prints a table and writes benchmarks/results/recommend_scale.json. Usage:
     .venv/bin/python benchmarks/recommend_scale.py [--items 1000000] [--users 5000]
         [--interactions 100000] [--requests 200] [--workdir DIR (keeps the database)]
         [--threshold N (index from N items; for small trial runs)] [--threads 1]
-        [--fresh-only]
+        [--variants ivf,hnsw:ef_search=2048] [--fresh-only]
 """
 from __future__ import annotations
 
@@ -136,42 +142,83 @@ def build_shop(db: Path, n_items: int, n_users: int, n_inter: int, clusters: int
 
 
 # -- measuring -----------------------------------------------------------------------------
-def serve(db: Path, backend: str, users: list[str], threshold: int | None,
-          ef_search: int | None) -> dict[str, Any]:
-    """Latency of Engine.recommend for ``users`` with the index ``backend``; answers too."""
+def variant(spec: str) -> dict[str, Any]:
+    """IndexSettings changes of a ``kind[:field=value...]`` variant."""
+    kind, *fields = spec.split(":")
+    changes: dict[str, Any] = {"backend": "auto", "kind": kind}
+    for field in fields:
+        key, _, value = field.partition("=")
+        changes[key] = int(value)
+    return changes
+
+
+def serve(db: Path, specs: list[str], users: list[str], threshold: int | None,
+          warmup: int = 5) -> list[dict[str, Any]]:
+    """Latency of Engine.recommend for ``users`` with full scoring and each variant of
+    ``specs``, in one process and interleaved: each user's requests run through every
+    path in turn (rotated order), so the paths share the machine's load. Answers too."""
     from polyrec import Engine
     from dataclasses import replace
     with Engine(db, device="cpu", entrypoints=False, progress=False) as eng:
         start = time.perf_counter()
         rec = eng.services.recommender()
-        changes: dict[str, Any] = {"backend": backend}  # the rest: the Recommender's defaults
-        if threshold:
-            changes["threshold"] = threshold
-        if ef_search:
-            changes["ef_search"] = ef_search
-        rec.index_settings = replace(rec.index_settings, **changes)
-        eng.recommend(users[0], K)  # data snapshot, model, item side, index
-        retrieval = rec._retrieval()
-        waited = 0.0
-        if retrieval is not None and not retrieval.slot.ready():
+        base = replace(rec.index_settings, **({"threshold": threshold} if threshold else {}))
+        rec.index_settings = replace(base, backend="exact")
+        eng.recommend(users[0], K)  # data snapshot, model
+        rows = [{"variant": "full", "backend": "exact", "index": "full scoring",
+                 "first_request_s": round(time.perf_counter() - start, 1),
+                 "index_build_s": 0.0, "retrieval": None}]
+        snap = rec.snapshot()
+        for spec in specs:  # each path's retrieval: item side and index, loaded or built
+            rec.index_settings = replace(base, **variant("ivf" if spec == "exact" else spec))
+            snap.cache.pop("retrieval", None)
             t = time.perf_counter()
-            print(f"  waiting for the HNSW index over {retrieval.size:,} items ...", flush=True)
-            retrieval.slot.wait()
-            waited = time.perf_counter() - t
-        warm_s = time.perf_counter() - start
-        answers, latencies = [], []
-        for user in users:
-            t = time.perf_counter()
-            got = eng.recommend(user, K)
-            latencies.append((time.perf_counter() - t) * 1000)
-            answers.append([r.item for r in got])
-    return {"backend": backend, "index": retrieval.slot.kind if retrieval else "full scoring",
-            "ef_search": rec.index_settings.ef_search if retrieval else None,
-            "p50_ms": round(percentile(latencies, 50), 1),
-            "p99_ms": round(percentile(latencies, 99), 1),
-            "mean_ms": round(statistics.fmean(latencies), 1),
-            "first_request_s": round(warm_s - waited, 1), "index_build_s": round(waited, 1),
-            "answers": answers}
+            retrieval = rec._retrieval()
+            if spec == "exact" and retrieval is not None:  # the keys, searched exactly
+                from polyrec.rank.retrieval import Retrieval, _checked_keys
+                from polyrec.rank.vector_index import IndexSlot
+                items, matrix = _checked_keys(rec.ranker.retrieval_keys(snap.data),
+                                              snap.data.n_items)
+                retrieval = Retrieval(rec.ranker, items, IndexSlot(
+                    matrix, name="exact", settings=replace(base, backend="exact")))
+            opened, waited = time.perf_counter() - t, 0.0
+            if retrieval is not None and not retrieval.slot.ready():
+                print(f"  waiting for the {rec.index_settings.kind.upper()} index over "
+                      f"{retrieval.size:,} items ...", flush=True)
+                retrieval.slot.wait()
+                waited = time.perf_counter() - t - opened
+            current = retrieval.slot.current if retrieval else None
+            found = {"ef_search": getattr(current, "ef_search", None),
+                     "nprobe": getattr(current, "nprobe", None),
+                     "nlist": getattr(getattr(current, "index", None), "nlist", None)}
+            rows.append({"variant": spec, "backend": "auto",
+                         "index": retrieval.slot.kind if retrieval else "full scoring",
+                         **{k: v for k, v in found.items() if v is not None},
+                         "first_request_s": round(opened, 1), "index_build_s": round(waited, 1),
+                         "retrieval": retrieval})
+        latencies: list[list[float]] = [[] for _ in rows]
+        answers: list[list[list[str]]] = [[] for _ in rows]
+        swapped = 0
+        for j, user in enumerate(users[:warmup] + users):
+            for n in range(len(rows)):
+                r = (j + n) % len(rows)
+                snap = rec.snapshot()
+                snap.cache["retrieval"] = (rec.ranker, rows[r]["retrieval"])
+                t = time.perf_counter()
+                got = eng.recommend(user, K)
+                elapsed = (time.perf_counter() - t) * 1000
+                swapped += rec.snapshot() is not snap  # a refreshed snapshot: not this path
+                if j >= warmup:
+                    latencies[r].append(elapsed)
+                    answers[r].append([x.item for x in got])
+        if swapped:
+            print(f"  warning: {swapped} requests ran on a refreshed snapshot", flush=True)
+    for row, lat, ans in zip(rows, latencies, answers):
+        del row["retrieval"]
+        row.update({"p50_ms": round(percentile(lat, 50), 1),
+                    "p99_ms": round(percentile(lat, 99), 1),
+                    "mean_ms": round(statistics.fmean(lat), 1), "answers": ans})
+    return rows
 
 
 def fresh_first_request(db: Path, user: str, runs: int) -> list[dict[str, Any]]:
@@ -197,8 +244,10 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (polyrec serve's default: 1 per process)")
-    ap.add_argument("--ef-search", type=int, default=None,
-                    help="HNSW search breadth (default: the Recommender's)")
+    ap.add_argument("--variants", default="ivf",
+                    help="indexes compared with full scoring, comma-separated "
+                         "kind[:field=value...] over the Recommender's index settings "
+                         "(default: ivf; e.g. ivf:nprobe=125,hnsw:ef_search=2048)")
     ap.add_argument("--fresh-only", action="store_true",
                     help="only the fresh processes' first request (no in-process runs)")
     ap.add_argument("--threshold", type=int, default=None,
@@ -237,21 +286,24 @@ def main() -> None:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(json.dumps(result, indent=2) + "\n")
         return
-    full = serve(db, "exact", users, args.threshold, None)
-    hnsw = serve(db, "auto", users, args.threshold, args.ef_search)
-    recall = statistics.fmean(len(set(a) & set(b)) / max(1, len(b))
-                              for a, b in zip(hnsw["answers"], full["answers"]))
-    rows = [{k: v for k, v in r.items() if k != "answers"} for r in (full, hnsw)]
-    result.update({"rows": rows, "recall_at_10_vs_full": round(recall, 4),
-                   "p50_ratio_full_over_hnsw": round(full["p50_ms"] / hnsw["p50_ms"], 2),
-                   "fresh_process": fresh})
+    rows = serve(db, args.variants.split(","), users, args.threshold)
+    full = rows[0]
+    for row in rows:
+        row["recall_at_10_vs_full"] = round(statistics.fmean(
+            len(set(a) & set(b)) / max(1, len(b))
+            for a, b in zip(row["answers"], full["answers"])), 4)
+        row["p50_ratio_full_over_this"] = round(full["p50_ms"] / row["p50_ms"], 2)
+    rows = [{k: v for k, v in r.items() if k != "answers"} for r in rows]
+    result.update({"rows": rows, "fresh_process": fresh,
+                   "load_average_after": os.getloadavg()})
     print(f"\nEngine.recommend, top-{K}, {args.items:,} items, {args.requests} requests")
-    print(f"{'path':<22}{'p50 ms':>9}{'p99 ms':>9}{'mean ms':>9}{'first req s':>13}")
+    print(f"{'path':<26}{'p50 ms':>9}{'p99 ms':>9}{'mean ms':>9}{'recall@10':>11}"
+          f"{'open s':>9}{'build s':>9}")
     for r in rows:
-        print(f"{r['index']:<22}{r['p50_ms']:>9}{r['p99_ms']:>9}{r['mean_ms']:>9}"
-              f"{r['first_request_s']:>13}")
-    print(f"recall@10 of hnsw against full scoring: {recall:.4f}; "
-          f"p50 full / hnsw: {result['p50_ratio_full_over_hnsw']}x")
+        print(f"{r['variant']:<26}{r['p50_ms']:>9}{r['p99_ms']:>9}{r['mean_ms']:>9}"
+              f"{r['recall_at_10_vs_full']:>11}{r['first_request_s']:>9}{r['index_build_s']:>9}")
+    print(f"load average before / after: {result['machine']['load_average']} / "
+          f"{result['load_average_after']}")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {RESULTS.relative_to(ROOT)}")
