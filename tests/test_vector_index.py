@@ -123,3 +123,26 @@ def test_persisted_matrix_is_used_by_a_fresh_searcher_and_never_stale(tmp_path: 
         assert torch.allclose(third.matrix[3], torch.nn.functional.normalize(new[0], dim=0),
                               atol=1e-3)
         assert len(list((tmp_path / "shop.db.polyrec-index").glob("vectors-bert-*.matrix.npy"))) == 2
+
+
+def test_each_space_keeps_its_two_newest_index_files(tmp_path: Path) -> None:
+    """A retrained model's index does not pile up beside the store: per kind and space
+    (the name less its version) the two newest files stay, other spaces are untouched,
+    and files named as before spaces were are removed."""
+    settings = IndexSettings(backend="faiss", m=8, ef_construction=16)
+    legacy = tmp_path / f"hnsw-{'0' * 32}.faiss"
+    legacy.write_bytes(b"an index saved under the old naming")
+    small = unit(300, 8, seed=1)
+    search_path = index_path(tmp_path, "bert", matrix_fingerprint(small), settings)
+    open_index(small, name="bert", settings=settings, directory=tmp_path)
+    assert search_path.exists() and not legacy.exists()
+    paths = []
+    for version in range(1, 5):
+        matrix = unit(300, 8, seed=10 + version)
+        open_index(matrix, name=f"recommend:v{version}", settings=settings, directory=tmp_path)
+        paths.append(index_path(tmp_path, f"recommend:v{version}", matrix_fingerprint(matrix),
+                                settings))
+        time.sleep(0.01)  # distinct modification times
+    assert [p.exists() for p in paths] == [False, False, True, True]
+    assert search_path.exists()  # another space: not pruned with recommend's
+    assert all(p.name.startswith("hnsw-recommend-") for p in paths)

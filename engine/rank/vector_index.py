@@ -33,6 +33,7 @@ import hashlib
 import logging
 import math
 import os
+import re
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -266,11 +267,39 @@ def wants_approximate(rows: int, settings: IndexSettings) -> bool:
     return settings.backend == "faiss" or rows >= settings.threshold
 
 
+#: index files kept per kind and space (the newest by modification time)
+KEEP_FILES = 2
+
+
+def _space(name: str) -> str:
+    """The vector space a name belongs to, as a file-name part: the name less a model
+    version ('recommend:v8' -> 'recommend'), so each space keeps its own newest files."""
+    base = re.sub(r":v\d+$", "", name)
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in base)
+
+
 def index_path(directory: Path, name: str, fingerprint: str, settings: IndexSettings,
                rows: int | None = None) -> Path:
     """Where the index of ``settings.kind`` over a matrix of ``rows`` rows with this
-    ``fingerprint`` is saved under ``directory``."""
-    return Path(directory) / f"{settings.kind}-{index_key(name, fingerprint, settings, rows)}.faiss"
+    ``fingerprint`` is saved under ``directory``: ``<kind>-<space>-<key>.faiss``."""
+    key = index_key(name, fingerprint, settings, rows)
+    return Path(directory) / f"{settings.kind}-{_space(name)}-{key}.faiss"
+
+
+def prune_saved(path: Path, keep: int = KEEP_FILES) -> None:
+    """Keep the ``keep`` newest index files of ``path``'s kind and space (``path``
+    among them); also remove files named as before spaces were (``<kind>-<key>.faiss``,
+    never read again). Failures are logged."""
+    stem = path.name[:-len(path.name.rsplit("-", 1)[1])]  # '<kind>-<space>-'
+    kind = stem.split("-", 1)[0]
+    try:
+        mine = sorted(path.parent.glob(f"{stem}{'?' * 32}.faiss"),
+                      key=lambda p: p.stat().st_mtime, reverse=True)
+        legacy = list(path.parent.glob(f"{kind}-{'?' * 32}.faiss"))
+        for stale in [p for p in mine[keep:] if p != path] + legacy:
+            stale.unlink(missing_ok=True)
+    except OSError as exc:
+        log.warning("could not prune old index files beside %s: %s", path, exc)
 
 
 def load_saved(matrix: torch.Tensor, path: Path | None, settings: IndexSettings
@@ -300,6 +329,8 @@ def build_and_save(matrix: torch.Tensor, name: str, path: Path | None,
             save_atomically(index, path)
         except OSError as exc:  # a read-only place: serve from memory
             log.warning("could not save the index to %s: %s", path, exc)
+        else:
+            prune_saved(path)
     return index
 
 
