@@ -69,8 +69,11 @@ class AttentionFuser(Fuser):
             # to everything, then zero its output and weights below.
             mask = ~(present | ~any_present[:, None])
             query = self.query.expand(x.shape[0], 1, -1).to(x.dtype)
-            out, weights = self.attention(query, x, x, key_padding_mask=mask, need_weights=True,
-                                          average_attn_weights=True)
+            # no mask when nothing is masked: the same attention, without torch's mask check
+            # (its first call imports torch.fx's symbolic shapes: ~0.7 s of a fresh process)
+            out, weights = self.attention(query, x, x,
+                                          key_padding_mask=mask if bool(mask.any()) else None,
+                                          need_weights=True, average_attn_weights=True)
             fused = self.norm(out.squeeze(1).float())
         keep = any_present[:, None].to(fused.dtype)
         return fused * keep, weights.squeeze(1).float() * keep

@@ -137,3 +137,13 @@ def test_attention_runs_under_bf16_autocast_on_cuda():
     assert fused.dtype == torch.float32 and torch.isfinite(fused).all()
     assert torch.allclose(weights[PRESENT.any(1).cuda()].sum(1),
                           torch.ones(4, device="cuda"), atol=1e-2)
+
+
+def test_a_batch_with_everything_present_fuses_as_inside_a_masked_batch(fuser):
+    """Rows are fused independently: a row with every modality gets the same vector and
+    weights in a batch that needs no mask as in one where other rows miss modalities."""
+    tokens = _tokens()
+    fused, weights = fuser(tokens, PRESENT)
+    alone_fused, alone_weights = fuser({m: t[:1] for m, t in tokens.items()}, PRESENT[:1])
+    assert torch.allclose(alone_fused, fused[:1], atol=1e-6)
+    assert torch.allclose(alone_weights, weights[:1], atol=1e-6)
