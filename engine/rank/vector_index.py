@@ -394,7 +394,10 @@ class IndexSlot:
                 self._done.set()
 
         if background:
-            threading.Thread(target=build, name=f"polyrec-index-{name}", daemon=True).start()
+            # not a daemon: the process finishes a build before it exits (the index is
+            # saved for the next one), and a daemon thread in FAISS's C++ code when the
+            # interpreter shuts down aborted the process (exit 134, 1M-item IVF build)
+            threading.Thread(target=build, name=f"polyrec-index-{name}", daemon=False).start()
         else:
             build()
 
