@@ -35,17 +35,20 @@ def test_the_encoder_does_not_narrow_a_word_inside_value_names_of_its_slot():
               facet("type", "Hat/beanie", "product_type_name", {3, 4}),
               facet("type", "Vest top", "product_type_name", {5, 6}),
               facet("type", "Top", "product_type_name", {7, 8}),
-              facet("type", "Bag", "product_type_name", {9, 10})]
+              facet("type", "Bag", "product_type_name", {9, 10}),
+              facet("type", "Suit jacket", "product_type_name", {11, 12}),
+              facet("type", "Swimwear", "product_type_name", {13, 14})]
     vocab = Vocabulary(facets)
-    basis = {"Bag": 0, "Hat/beanie": 1, "Hat/brim": 2, "Top": 3, "Vest top": 4}
+    basis = {"Bag": 0, "Hat/beanie": 1, "Hat/brim": 2, "Top": 3, "Vest top": 4,
+             "Suit jacket": 5, "Swimwear": 6}
 
     def embed(texts):
         # "woolly hat" and "tank top" sit on Hat/brim and Vest top
-        near = {"woolly hat": "Hat/brim", "tank top": "Vest top"}
+        near = {"woolly hat": "Hat/brim", "tank top": "Vest top", "bathing suit": "Swimwear"}
         return [torch.nn.functional.one_hot(torch.tensor(basis[near.get(t, t)] if near.get(t, t) in basis
-                                                         else 0), 5).float() for t in texts]
-    items = list(range(1, 11))
-    vectors = torch.stack([torch.nn.functional.one_hot(torch.tensor(basis[f.value]), 5).float()
+                                                         else 0), 7).float() for t in texts]
+    items = list(range(1, 15))
+    vectors = torch.stack([torch.nn.functional.one_hot(torch.tensor(basis[f.value]), 7).float()
                            for f in sorted(facets, key=lambda f: min(f.items)) for _ in f.items])
     m = SemanticMatcher(vocab, embed, items, vectors, slots=("type",))
     und = m.apply(vocab.understand("woolly hat"), embed, threshold=1.0)
@@ -55,3 +58,6 @@ def test_the_encoder_does_not_narrow_a_word_inside_value_names_of_its_slot():
     # an exact word with its neighbour may still mean another value: "tank top" is a Vest top
     und = m.apply(vocab.understand("tank top"), embed, threshold=1.0)
     assert und.summary() == {"type": "Vest top"}
+    # words meaning another value together keep that reading: a bathing suit is no suit
+    und = m.apply(vocab.understand("bathing suit"), embed, threshold=1.0)
+    assert und.summary() == {"type": "Swimwear"}

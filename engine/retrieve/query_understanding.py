@@ -827,7 +827,7 @@ class SemanticMatcher:
               lexicon: "CatalogueLexicon | None" = None,
               consistent: bool = True, broader: float = 0.5,
               thesaurus: "WordNet | None" = None, thesaurus_min: float = 0.5,
-              thesaurus_agree: float = 0.25) -> Understanding:
+              thesaurus_agree: float = 1.5) -> Understanding:
         """Add semantic matches for the words exact matching left over (stopwords
         aside; the first ``max_words`` of them): spans of at most ``max_len`` words,
         longest first, then best score; a
@@ -928,9 +928,10 @@ class SemanticMatcher:
                     # (Denim) but the kids' sections and jeans
                     continue
                 if len(idx) > 1 and source == "semantic" and exact is None and any(
-                        slot in named[i] for i in idx):
+                        dist[0][0] in self.parts[slot].get((words[i],), ()) for i in idx):
                     # nor may the encoder narrow a word inside value names of the same slot
-                    # to one of them: "woolly hat" stays every hat (Hat/beanie, Hat/brim)
+                    # to one of them: "woolly hat" stays every hat (Hat/beanie, Hat/brim);
+                    # another meaning of the words together stays ("bathing suit": Swimwear)
                     continue
                 if exact is not None:
                     if slot != und.matches[exact].slot or dist[0][0].value == und.matches[exact].value:

@@ -92,7 +92,7 @@ class SearchOptions:
     #: minimum share of the senses' weight behind a thesaurus reading's best value
     thesaurus_min: float = 0.5
     #: minimum encoder score (z) of that value for the word: the encoder may veto a sense
-    thesaurus_agree: float = 0.25
+    thesaurus_agree: float = 1.5
     #: use the trained intent model (artifact "intent", polyrec train-intent) when there
     #: is one for these vectors: its confident facets join as soft facets, its demand
     #: head breaks ties
