@@ -34,6 +34,8 @@ _LAZY: dict[str, str] = {
     "list_artifacts": "polyrec.store.artifacts", "prune_artifacts": "polyrec.store.artifacts",
     # what feedback learners observe and the item space they work in
     "Event": "polyrec.feedback.events", "ItemSpace": "polyrec.feedback.events",
+    # a general English thesaurus (WordNet 3.0's files, the `thesaurus` extra; None if absent)
+    "WordNet": "polyrec.retrieve.thesaurus",
 }
 
 
@@ -41,6 +43,7 @@ if TYPE_CHECKING:  # pragma: no cover - what type checkers see of the names abov
     from polyrec.device import autocast, resolve_device
     from polyrec.progress import progress_bar, stage
     from polyrec.feedback.events import Event, ItemSpace
+    from polyrec.retrieve.thesaurus import WordNet
     from polyrec.rank.evaluation import (evaluate_ranker, mask_scores, tune_on_validation,
                                          user_metrics, validation_split)
     from polyrec.store.artifacts import (list_artifacts, load_artifact, prune_artifacts,

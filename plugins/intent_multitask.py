@@ -68,7 +68,7 @@ def thesaurus_synonyms(fields: dict[str, tuple[list[str], bool]], wordnet: Any =
     themselves catalogue values or words of values are left out ("cardigan" is a kind
     of sweater, and a value of its own). Keys are lower-case values and value words."""
     if wordnet is None:
-        from polyrec.retrieve.thesaurus import WordNet
+        from polyrec import WordNet
         wordnet = WordNet.find()
     if wordnet is None:
         return {}
