@@ -169,13 +169,19 @@ def encode_subset(url: str | None, paths: dict[str, Path], n: int, ray_workers: 
             "encode_items_per_s": round(r.encoded / secs, 1)}
 
 
-def train(eng: Engine, ray_workers: int | None) -> dict[str, Any]:
+def train(eng: Engine, ray_workers: int | None, holdout: float | None = None
+          ) -> dict[str, Any]:
+    """The two-tower, one epoch; ``holdout``: the registry's held-out share (None: its
+    default; 0: none, so no gate evaluation and no Recall@20: at 1M items that
+    evaluation scores every held-out user over the whole catalogue)."""
+    extra = {} if holdout is None else {"holdout": holdout}
     if ray_workers:
         from polyrec.cluster.train import train as ray_train
         secs, rep = timed(lambda: ray_train(eng, "two_tower", n_workers=ray_workers,
-                                            options=TWO_TOWER, seed=0, force=True))
+                                            options=TWO_TOWER, seed=0, force=True, **extra))
     else:
-        secs, rep = timed(lambda: eng.train("two_tower", options=TWO_TOWER, seed=0, force=True))
+        secs, rep = timed(lambda: eng.train("two_tower", options=TWO_TOWER, seed=0, force=True,
+                                            **extra))
     steps_s = rep.interactions / rep.info["throughput"]  # the epoch's steps (two_tower info)
     return {"train_s_per_epoch": round(steps_s, 2), "train_fit_s": round(rep.seconds, 2),
             "train_total_s": round(secs, 2),
@@ -326,7 +332,7 @@ def run_config(name: str, args: argparse.Namespace, paths: dict[str, Path], work
                     return encode_subset(enc_url, paths, args.encode_items, ray_workers)
                 phase(row, "encode", name, enc)
             if "train" in phases:
-                phase(row, "train", name, lambda: train(eng, ray_workers))
+                phase(row, "train", name, lambda: train(eng, ray_workers, args.holdout))
             rng = np.random.default_rng(args.seed + 1)
             known = _users(eng) if {"batch", "recommend"} & set(phases) else []
             picks = ([known[int(i)] for i in rng.choice(len(known), args.batch_users, replace=False)]
@@ -372,6 +378,9 @@ def main() -> None:
     parser.add_argument("--batch-users", type=int, default=2000)
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--configs", default="sqlite,postgresql,ray")
+    parser.add_argument("--holdout", type=float, default=None,
+                        help="training's held-out share (default: the registry's; 0: no gate "
+                        "evaluation, no Recall@20)")
     parser.add_argument("--phases", default=",".join(PHASES),
                         help=f"some of {','.join(PHASES)}; the others read what --work holds")
     parser.add_argument("--shop", type=Path, default=None,
