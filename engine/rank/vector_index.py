@@ -32,9 +32,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import os
 import re
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +40,8 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+
+from polyrec.store.vector_cache import beyond_newest, write_atomically
 
 log = logging.getLogger("polyrec.search")
 
@@ -293,10 +293,9 @@ def prune_saved(path: Path, keep: int = KEEP_FILES) -> None:
     stem = path.name[:-len(path.name.rsplit("-", 1)[1])]  # '<kind>-<space>-'
     kind = stem.split("-", 1)[0]
     try:
-        mine = sorted(path.parent.glob(f"{stem}{'?' * 32}.faiss"),
-                      key=lambda p: p.stat().st_mtime, reverse=True)
+        mine = beyond_newest(path.parent.glob(f"{stem}{'?' * 32}.faiss"), keep)
         legacy = list(path.parent.glob(f"{kind}-{'?' * 32}.faiss"))
-        for stale in [p for p in mine[keep:] if p != path] + legacy:
+        for stale in [p for p in mine if p != path] + legacy:
             stale.unlink(missing_ok=True)
     except OSError as exc:
         log.warning("could not prune old index files beside %s: %s", path, exc)
@@ -416,12 +415,4 @@ class IndexSlot:
 
 def save_atomically(index: "HnswIndex | IvfIndex", path: Path) -> None:
     """Write to a temporary file beside ``path``, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        index.save(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomically(path, index.save)

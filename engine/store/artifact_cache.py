@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from polyrec.store.artifacts import ArtifactHeader
+from polyrec.store.vector_cache import beyond_newest, write_atomically
 
 log = logging.getLogger("polyrec.models")
 
@@ -65,20 +64,11 @@ def save_cached(directory: Path | None, header: ArtifactHeader, data: bytes,
         return
     path = _path(directory, header)
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=directory)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        write_atomically(path, lambda tmp: tmp.write_bytes(data))
     except OSError as exc:
         log.warning("could not save artifact %s v%s in %s: %s", header.name, header.version,
                     directory, exc)
         return
     pattern = path.name[:-len("0" * 32 + ".pt")] + "?" * 32 + ".pt"  # this name's files
-    old = sorted(directory.glob(pattern), key=lambda p: p.stat().st_mtime, reverse=True)
-    for stale in old[keep:]:
+    for stale in beyond_newest(directory.glob(pattern), keep):
         stale.unlink(missing_ok=True)

@@ -20,7 +20,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -49,6 +49,25 @@ def index_directory(url: str) -> Path | None:
 
 #: at most this many matrix files of one encoder are kept (older ones are removed)
 KEEP = 2
+
+
+def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """Write ``path`` through ``write(temporary path)`` on a file beside it, then rename
+    it into place: a reader never sees half a file. OSError goes to the caller."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def beyond_newest(paths: Iterable[Path], keep: int) -> list[Path]:
+    """The ``paths`` that are not among the ``keep`` newest by modification time."""
+    return sorted(paths, key=lambda p: p.stat().st_mtime, reverse=True)[keep:]
 
 
 def newest_write(session: Any, encoder: str) -> float | None:
@@ -90,25 +109,20 @@ def save_arrays(directory: Path, stem: str, key: str, arrays: dict[str, np.ndarr
     """Save each array as ``<stem>-<key>.<part>.npy`` atomically (temporary file, then
     rename); keep the ``keep`` newest keys of ``stem``. Failure to write (read-only
     place, full disk) is logged, never raised."""
+    def npy(array: np.ndarray) -> Callable[[Path], None]:
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as fh:
+                np.save(fh, np.ascontiguousarray(array))
+        return write
+
     try:
-        directory.mkdir(parents=True, exist_ok=True)
         for part, array in arrays.items():
-            path = _path(directory, stem, key, part)
-            fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=directory)
-            try:
-                with os.fdopen(fd, "wb") as fh:
-                    np.save(fh, np.ascontiguousarray(array))
-                os.replace(tmp, path)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+            write_atomically(_path(directory, stem, key, part), npy(array))
     except OSError as exc:
         log.warning("could not save %s-%s in %s: %s", stem, key, directory, exc)
         return
     first = next(iter(arrays))
-    old = sorted(directory.glob(f"{_safe(stem)}-*.{first}.npy"),
-                 key=lambda p: p.stat().st_mtime, reverse=True)
-    for stale in old[keep:]:
+    for stale in beyond_newest(directory.glob(f"{_safe(stem)}-*.{first}.npy"), keep):
         stale_key = stale.name[len(_safe(stem)) + 1:-len(f".{first}.npy")]
         for part in arrays:
             _path(directory, stem, stale_key, part).unlink(missing_ok=True)
