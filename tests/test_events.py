@@ -148,7 +148,7 @@ def test_handoff_gives_bulk_ingested_events_to_the_learners(tmp_path, monkeypatc
         _Witness.seen = []
         assert handoff(eng, cursor) == 5  # handoff hands the stored log over again
         assert [ok for _, ok in _Witness.seen] == [True] * 5
-        # read in windows of ids (batch 2 here): every event once, in order, across a gap
+        # in batches of 2 (stored_events windows a kinds filter): every event once, in order, across a gap
         from polyrec.store.models import Interaction
         with eng.store.session() as s:
             ids = sorted(s.scalars(select(Interaction.id)).all())[-5:]
