@@ -15,7 +15,6 @@ Recommender scores every item with ``score_users`` as it always did.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,14 +48,6 @@ class Retrieval:
         ``query`` [D] (inner products), best first; n' <= n."""
         values, rows = self.slot.current.search(query.float(), n)
         return self.items[rows], values.float()
-
-    def scores(self, query: torch.Tensor, n: int, n_items: int) -> torch.Tensor:
-        """Scores [n_items] of the ``n`` best candidates for ``query`` [D] (their inner
-        products), ``-inf`` for every other item."""
-        items, values = self.candidates(query, n)
-        out = torch.full((n_items,), -math.inf)
-        out[items] = values
-        return out
 
 
 def _overrides(ranker: Any, name: str) -> bool:
