@@ -48,6 +48,50 @@ class _LRU(OrderedDict):
             self.popitem(last=False)
 
 
+#: rows of x x^T summed per numpy call (bounds the memory of a large batch)
+_SUM_CHUNK = 4096
+
+
+def _add_in_order(total: np.ndarray, xs: list[np.ndarray], *, outer: bool) -> np.ndarray:
+    """``total`` plus each ``x x^T`` (``outer``) or each ``x`` of ``xs``, added one after
+    the other in list order: bit for bit the sum ``total += ...`` per event would give
+    (a reduction over the first axis adds whole rows in order, no pairwise summation)."""
+    for start in range(0, len(xs), _SUM_CHUNK):
+        x = np.asarray(xs[start:start + _SUM_CHUNK], dtype=np.float64)
+        terms = x[:, :, None] * x[:, None, :] if outer else x
+        total = np.add.reduce(np.concatenate([total[None], terms]), axis=0)
+    return total
+
+
+class _Rows:
+    """Feature rows recomputed for events of one batch (item known only by its event
+    count): taken one by one while learning, their popularity and new-item columns
+    filled for all at once by :meth:`fill` with the same numpy operations
+    :meth:`ThompsonBandit.features` applies to one row."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.x = np.zeros((max(size, 1), len(FEATURES)))
+        self.counts: list[int] = []
+        self.max_pop: list[int] = []
+
+    def take(self, count: int, max_pop: int, rank_prior: float) -> np.ndarray:
+        row = self.x[len(self.counts)]
+        row[0] = 1.0
+        row[2] = rank_prior
+        self.counts.append(count)
+        self.max_pop.append(max_pop)
+        return row  # a view: the pending impressions and the sums read it after fill
+
+    def fill(self, new_item_max_events: int) -> None:
+        n = len(self.counts)
+        if not n:
+            return
+        counts = np.array(self.counts, dtype=np.float64)
+        self.x[:n, 3] = np.log1p(counts) / np.log1p(np.array(self.max_pop, dtype=np.float64))
+        self.x[:n, 4] = (counts < new_item_max_events).astype(np.float64)
+
+
 class ThompsonBandit(FeedbackLearner):
     """Linear Thompson sampling over re-ranking features; learns from impressions and clicks."""
 
@@ -167,15 +211,25 @@ class ThompsonBandit(FeedbackLearner):
     def _x_for(self, event: "Event") -> np.ndarray:
         """The features an event's item had when shown (cached, stored in the context, or
         recomputed from the rank and score the context carries)."""
+        return self._x_lazy(event, _Rows(1))
+
+    def _x_lazy(self, event: "Event", rows: "_Rows") -> np.ndarray:
+        """:meth:`_x_for`, with a recomputed row taken from ``rows`` and its popularity
+        columns filled in later (:meth:`_Rows.fill`, before anything reads them): the
+        same values as ``features(None, [item], None)[0]`` with the rank's column."""
         key = (event.user_id, event.item_id)
         if key in self._shown:
             return self._shown[key]
         ctx = event.context or {}
         if isinstance(ctx.get("x"), list) and len(ctx["x"]) == len(FEATURES):
             return np.asarray(ctx["x"], dtype=np.float64)
-        x = self.features(None, [event.item_id], None)[0]
         rank = ctx.get("rank")
-        x[2] = 1.0 / np.log2(float(rank) + 2.0) if isinstance(rank, (int, float)) and rank >= 0 else 0.5
+        prior = (1.0 / np.log2(float(rank) + 2.0)
+                 if isinstance(rank, (int, float)) and rank >= 0 else 0.5)
+        pop = self.popularity()
+        x = rows.take(pop.get(int(event.item_id), 0), max(self._max_pop, 1), prior)
+        if rows.size == 1:
+            rows.fill(self.new_item_max_events)
         return x
 
     def feature_vector(self, user_id: int, item_id: int) -> list[float] | None:
@@ -185,7 +239,13 @@ class ThompsonBandit(FeedbackLearner):
 
     # -- learning ------------------------------------------------------------------------
     def _learn(self, events: Sequence["Event"]) -> None:
+        """Fold events into the posterior, in id order: the same state as one event at a
+        time (the sums over ``x x^T`` and ``x`` are added up in event order), with the
+        features of a batch computed together rather than per event."""
         pop = self.popularity()
+        rows = _Rows(len(events))
+        to_a: list[np.ndarray] = []  # the x of each x x^T added to A, in order
+        to_b: list[np.ndarray] = []  # the x of each reward added to b, in order
         for e in events:
             if e.id <= self.last_event_id:
                 continue
@@ -197,8 +257,8 @@ class ThompsonBandit(FeedbackLearner):
                 continue
             key = (e.user_id, e.item_id)
             if e.kind == "impression":
-                x = self._x_for(e)
-                self.A += np.outer(x, x)
+                x = self._x_lazy(e, rows)
+                to_a.append(x)
                 self.impressions += 1
                 self._pending.put(key, x)
             elif e.kind in REWARD_KINDS:
@@ -206,20 +266,28 @@ class ThompsonBandit(FeedbackLearner):
                 self._max_pop = max(self._max_pop, pop[e.item_id])
                 x = self._pending.pop(key, None)
                 if x is None:  # a click on something we did not see being shown
-                    x = self._x_for(e)
-                    self.A += np.outer(x, x)
-                self.b += x
+                    x = self._x_lazy(e, rows)
+                    to_a.append(x)
+                to_b.append(x)
                 self.rewards += 1
             else:  # skip: an impression without reward
                 if self._pending.pop(key, None) is None:
-                    x = self._x_for(e)
-                    self.A += np.outer(x, x)
+                    to_a.append(self._x_lazy(e, rows))
             self._dirty += 1
+        rows.fill(self.new_item_max_events)
+        self.A = _add_in_order(self.A, to_a, outer=True)
+        self.b = _add_in_order(self.b, to_b, outer=False)
 
     def wanted_kinds(self) -> set[str]:
-        """After a bulk ingestion: impressions, skips and rewards (popularity is re-read)."""
+        """After a bulk ingestion: impressions, skips and rewards (popularity is re-read).
+        None (an empty set) when the posterior was not loaded yet (a fresh process, as
+        ``polyrec ingest``): loading it now catches up from the log, the ingested events
+        included, so they are not read a second time to be handed over."""
         with self._lock:
             self._popularity = None
+            if not self._loaded:
+                self._ensure_loaded()
+                return set()
         return set(LEARN_KINDS)
 
     def observe(self, events: Sequence["Event"]) -> None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
-from sqlalchemy import Connection, Text, func, select, type_coerce
+from sqlalchemy import Connection, Text, cast, func, select, type_coerce
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -679,7 +679,11 @@ def stored_events(engine: "Engine", *, after_id: int = 0, before_id: int | None 
             lo += step
         return out[:limit]
     config = config or hub(engine).config
-    raw_context = type_coerce(Interaction.__table__.c.context, Text)  # parsed only when set
+    # the context as text, parsed here only when set: on PostgreSQL a CAST, or the driver
+    # decodes the JSON of every row (a 'null' for most) itself
+    column = Interaction.__table__.c.context
+    raw_context = (type_coerce(column, Text) if engine.store.is_sqlite
+                   else type_coerce(cast(column, Text), Text))
     query = (select(Interaction.id, Interaction.user_id, Interaction.item_id, User.external_id,
                     Item.external_id, Interaction.kind, Interaction.value, Interaction.ts,
                     raw_context)
@@ -704,7 +708,7 @@ def stored_events(engine: "Engine", *, after_id: int = 0, before_id: int | None 
         weight = weights.get(key)
         if weight is None:
             weight = weights[key] = event_weight(r[5], r[6], config)
-        raw = r[8]  # JSON text on SQLite; already decoded by the driver on PostgreSQL
+        raw = r[8]  # JSON text (a driver that decodes it anyway gives the object)
         context = (json.loads(raw) if isinstance(raw, str) else raw) \
             if raw is not None and raw != "null" else None
         out.append(Event(id=r[0], user_id=r[1], item_id=r[2], user=r[3], item=r[4], kind=r[5],

@@ -336,6 +336,8 @@ class _Parser:
                            else (str(bad), None))
             raise ValidationError(reason, file=self.file, row=row.number, field=fld)
         for col, value in row.fields.items():
+            if value is None or type(value) is str and len(value) <= MAX_FIELD_CHARS:
+                continue  # most cells: nothing more to look at
             check_value(value, lambda message: self.error(row, str(col), message))
         return getattr(self, f"_{self.kind}")(row)
 
@@ -370,9 +372,12 @@ class _Parser:
                 "attributes": _attributes(row.fields, self.mapped)}
 
     def _interactions(self, row: Row) -> interactions.CheckedEvent:
-        raw = {fld: row.fields.get(col) for fld, col in self.mapping.items()}
-        # an empty cell is missing; a NaN is a number that is not finite (refused)
-        raw = {fld: None if _missing(v) and not _is_nan(v) else v for fld, v in raw.items()}
+        cells = row.fields
+        raw = {}
+        for fld, col in self.mapping.items():
+            v = cells.get(col)
+            # an empty cell is missing; a NaN is a number that is not finite (refused)
+            raw[fld] = None if v is None or _missing(v) and not _is_nan(v) else v
         raw["context"] = _attributes(row.fields, self.mapped) or None
         return interactions.check_event(raw, row=row.number, kinds=self.opts.kinds,
                                         source=self.file, fields=self.mapping,
@@ -414,10 +419,12 @@ class _Writer:
         self.s, self.parser, self.batch, self.source = session, parser, batch_size, source
         self.tag = tag  # experiments tag interactions (interactions.Tagger)
         self.stored: interactions.Stored | None = None
+        self.ids = interactions.IdCache()  # the items looked up once for both steps
 
     def unknown_items(self, records: list[Any]) -> tuple[dict[str, int], list[ValidationError]]:
         """Internal ids of the referenced items and one error per record naming an unknown one."""
-        ids = interactions.item_ids(self.s.connection(), {_get(r, "item") for r in records})
+        ids = interactions.item_ids(self.s.connection(), {_get(r, "item") for r in records},
+                                    self.ids)
         col = self.parser.mapping["item"]
         errors = [ValidationError(f"unknown item '{_get(r, 'item')}' (ingest the items first)",
                                   file=self.parser.file, row=_get(r, "row"), field=col)
@@ -442,7 +449,7 @@ class _Writer:
 
     def _interactions(self, records: list[Any], _: Any) -> tuple[int, int]:
         self.stored = interactions.store_events(self.s.connection(), records, now=time.time(),
-                                                tag=self.tag, batch=self.batch)
+                                                cache=self.ids, tag=self.tag, batch=self.batch)
         return len(records), self.stored.new_count
 
     def _kg(self, records: list[dict[str, Any]], _: Any) -> tuple[int, int]:

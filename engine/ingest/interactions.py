@@ -144,54 +144,61 @@ def check_event(event: Mapping[str, Any], *, row: int, kinds: Iterable[str], sou
     ``source`` (the API, or the file), ``row`` and the field. ``fields`` renames fields
     in errors (a file's column names); ``now`` stamps an event without ``ts`` (the live
     paths), None leaves its ``ts`` None (a file row)."""
-    if not isinstance(event, Mapping):
+    if type(event) is not dict and not isinstance(event, Mapping):
         raise ValidationError(f"an event is a mapping of {', '.join(EVENT_FIELDS)}, not "
                               f"{type(event).__name__}", file=source, row=row)
-
-    def bad(name: str, message: str) -> ValidationError:
-        return ValidationError(message, file=source, row=row,
-                               field=(fields or {}).get(name, name))
-
-    def convert(name: str, fn: Callable[[Any], float]) -> float | None:
-        raw = event.get(name)
-        if is_blank(raw):
-            return None
-        try:
-            return fn(raw)
-        except BadValue as exc:
-            raise bad(name, str(exc)) from None
-
-    ids = {}
+    # one row of a file of millions comes through here: no closures, no copies per call
+    get = event.get
+    ids = []
     for name in ("user", "item"):
-        raw = event.get(name)
+        raw = get(name)
         if is_missing_id(raw):
-            raise bad(name, f"missing {name} id")
+            raise _bad(source, row, fields, name, f"missing {name} id")
         try:
-            ids[name] = to_id(raw)
+            ids.append(to_id(raw))
         except BadValue as exc:
-            raise bad(name, str(exc)) from None
-    raw_kind = event.get("kind")
+            raise _bad(source, row, fields, name, str(exc)) from None
+    raw_kind = get("kind")
     kind = default_kind if is_blank(raw_kind) else str(raw_kind).strip().lower()
-    known = list(kinds)
-    if kind not in known:
-        raise bad("kind", f"unknown event kind {shown_id(kind)} (known: {', '.join(known)})")
-    value = convert("value", to_number)
-    ts = convert("ts", to_timestamp)
+    if type(kinds) not in (dict, list, tuple, set, frozenset):
+        kinds = list(kinds)
+    if kind not in kinds:
+        raise _bad(source, row, fields, "kind",
+                   f"unknown event kind {shown_id(kind)} (known: {', '.join(kinds)})")
+    value = _convert(get("value"), to_number, source, row, fields, "value")
+    ts = _convert(get("ts"), to_timestamp, source, row, fields, "ts")
     if ts is None:
         ts = now
     if kind == "rating" and value is None:
-        raise bad("value", "a rating needs a value")
-    context = event.get("context")
+        raise _bad(source, row, fields, "value", "a rating needs a value")
+    context = get("context")
     if context is not None:
         if not isinstance(context, Mapping):
-            raise bad("context", "context must be a mapping")
+            raise _bad(source, row, fields, "context", "context must be a mapping")
         context = dict(context)
         try:
             json.dumps(context, allow_nan=False)
         except (TypeError, ValueError) as exc:
-            raise bad("context", f"context is not JSON: {exc}") from None
-    return CheckedEvent(user=ids["user"], item=ids["item"], kind=kind, value=value, ts=ts,
+            raise _bad(source, row, fields, "context", f"context is not JSON: {exc}") from None
+    return CheckedEvent(user=ids[0], item=ids[1], kind=kind, value=value, ts=ts,
                         context=context, row=row)
+
+
+def _bad(source: str, row: int, fields: Mapping[str, str] | None, name: str,
+         message: str) -> ValidationError:
+    """The error of one field of an event (``fields`` renames it: a file's column)."""
+    return ValidationError(message, file=source, row=row, field=(fields or {}).get(name, name))
+
+
+def _convert(raw: Any, fn: Callable[[Any], float], source: str, row: int,
+             fields: Mapping[str, str] | None, name: str) -> float | None:
+    """``fn(raw)``, None for a blank value, the field's error for a bad one."""
+    if is_blank(raw):
+        return None
+    try:
+        return fn(raw)
+    except BadValue as exc:
+        raise _bad(source, row, fields, name, str(exc)) from None
 
 
 def dedup_keys(events: Sequence[CheckedEvent]) -> list[str]:
@@ -306,6 +313,93 @@ def _user_ids(conn: Connection, externals: Iterable[str], cache: IdCache, now: f
         cache.users.update(conn.execute(_statement(conn, "users"), {"ids": list(chunk)}).all())
 
 
+# -- inserting rows ------------------------------------------------------------------------
+#: the columns of an interaction row, in the order the bulk paths send them
+_COLUMNS = ("user_id", "item_id", "kind", "value", "ts", "context", "dedup_key")
+#: from this many rows PostgreSQL takes them through COPY (below: one INSERT per batch)
+COPY_MIN_ROWS = 1000
+_TEMP = "polyrec_new_interactions"
+
+
+def _insert(conn: Connection, rows: Sequence[dict[str, Any]], batch: int) -> dict[str, int]:
+    """Insert ``rows`` in the caller's transaction (a stored dedup key is left alone; ids
+    assigned in row order); returns dedup key -> id of the rows that are new. SQLite:
+    multi-row INSERTs with plain parameters; PostgreSQL with many rows: COPY into a
+    temporary table, then one INSERT ... SELECT per batch; otherwise SQLAlchemy's
+    insert. The same rows and ids either way (tests/test_ingest_bulk.py compares them)."""
+    if conn.dialect.name == "sqlite":
+        return _insert_sqlite(conn, rows)
+    if conn.dialect.name == "postgresql" and len(rows) >= COPY_MIN_ROWS:
+        return _insert_copy(conn, rows, batch)
+    new_ids: dict[str, int] = {}
+    for chunk in _chunks(rows, batch):
+        new_ids.update((k, i) for i, k in conn.execute(_statement(conn, "insert"), list(chunk)))
+    return new_ids
+
+
+def _json(value: Any) -> str:
+    """A context as the JSON column stores it (SQLAlchemy's serializer: ``json.dumps``;
+    None is the JSON ``null``, as the column's type writes it)."""
+    return json.dumps(value)
+
+
+def _sqlite_rows_per_statement(conn: Connection) -> int:
+    """Rows per multi-row INSERT: SQLite's limit on bound parameters (32,766 by default
+    since 3.32, 999 before) over the 7 columns, at most 4,000."""
+    try:
+        limit = conn.connection.driver_connection.getlimit(9)  # SQLITE_LIMIT_VARIABLE_NUMBER
+    except Exception:  # noqa: BLE001 - no getlimit (Python < 3.11): assume the old limit
+        limit = 999
+    return max(1, min(4000, limit // len(_COLUMNS)))
+
+
+def _insert_sqlite(conn: Connection, rows: Sequence[dict[str, Any]]) -> dict[str, int]:
+    """Multi-row ``INSERT ... ON CONFLICT DO NOTHING RETURNING`` with the parameters
+    flattened here (SQLAlchemy's per-row processing of the same statement cost more
+    than SQLite's own work)."""
+    n = _sqlite_rows_per_statement(conn)
+    head = f"INSERT INTO interactions ({', '.join(_COLUMNS)}) VALUES "
+    tail = " ON CONFLICT (dedup_key) DO NOTHING RETURNING id, dedup_key"
+    one = "(" + ", ".join("?" * len(_COLUMNS)) + ")"
+    sql: dict[int, str] = {}
+    new_ids: dict[str, int] = {}
+    for chunk in _chunks(rows, n):
+        params: list[Any] = []
+        for r in chunk:
+            params += (r["user_id"], r["item_id"], r["kind"], r["value"], r["ts"],
+                       _json(r["context"]), r["dedup_key"])
+        stmt = sql.get(len(chunk))
+        if stmt is None:
+            stmt = sql[len(chunk)] = head + ", ".join([one] * len(chunk)) + tail
+        new_ids.update((k, i) for i, k in conn.exec_driver_sql(stmt, tuple(params)))
+    return new_ids
+
+
+def _insert_copy(conn: Connection, rows: Sequence[dict[str, Any]], batch: int) -> dict[str, int]:
+    """PostgreSQL: each batch COPYed into a temporary table (gone at commit), then
+    ``INSERT ... SELECT ... ORDER BY`` the row's position ``ON CONFLICT DO NOTHING
+    RETURNING`` (ids in row order, as a multi-row INSERT assigns them)."""
+    conn.exec_driver_sql(
+        f"CREATE TEMPORARY TABLE IF NOT EXISTS {_TEMP} (seq integer, user_id integer, "
+        "item_id integer, kind text, value double precision, ts double precision, "
+        "context text, dedup_key text) ON COMMIT DROP")
+    insert = (f"INSERT INTO interactions ({', '.join(_COLUMNS)}) "
+              "SELECT user_id, item_id, kind, value, ts, CAST(context AS json), dedup_key "
+              f"FROM {_TEMP} ORDER BY seq ON CONFLICT (dedup_key) DO NOTHING "
+              "RETURNING id, dedup_key")
+    raw = conn.connection.driver_connection
+    new_ids: dict[str, int] = {}
+    for chunk in _chunks(rows, max(batch, COPY_MIN_ROWS)):
+        conn.exec_driver_sql(f"TRUNCATE {_TEMP}")
+        with raw.cursor() as cur:
+            with cur.copy(f"COPY {_TEMP} (seq, {', '.join(_COLUMNS)}) FROM STDIN") as copy:
+                for seq, r in enumerate(chunk):
+                    copy.write_row((seq, r["user_id"], r["item_id"], r["kind"], r["value"],
+                                    r["ts"], _json(r["context"]), r["dedup_key"]))
+        new_ids.update((k, i) for i, k in conn.exec_driver_sql(insert))
+    return new_ids
+
+
 def store_events(conn: Connection, events: Sequence[CheckedEvent], *, now: float,
                  cache: IdCache | None = None, tag: Tagger | None = None,
                  old_ids: bool = False, batch: int = 5000) -> Stored:
@@ -334,9 +428,7 @@ def store_events(conn: Connection, events: Sequence[CheckedEvent], *, now: float
         rows.append({"user_id": uid, "item_id": items[e.item], "kind": e.kind, "value": e.value,
                      "ts": e.ts if e.ts is not None else now, "context": context,
                      "dedup_key": key})
-    new_ids: dict[str, int] = {}
-    for chunk in _chunks(rows, batch):
-        new_ids.update((k, i) for i, k in conn.execute(_statement(conn, "insert"), list(chunk)))
+    new_ids = _insert(conn, rows, batch)
     found: dict[str, int] = {}
     if old_ids:
         old = [r["dedup_key"] for r in rows if r["dedup_key"] not in new_ids]
