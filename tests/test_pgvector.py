@@ -413,3 +413,55 @@ def test_migrate_builds_the_tables_before_the_first_search(ml_copy, monkeypatch)
     assert [t["built"] for t in json.loads(again.stdout)["pgvector"]] == [False, False]
     assert _registry(ml_copy) == reg
     _first_search_builds_nothing(ml_copy)
+
+
+def test_the_table_build_copies_exactly_the_vectors_the_trigger_would(pg_url, monkeypatch):
+    """A table build writes the stored vectors with a binary COPY (decoded in the client,
+    in ranges of ids): the table equals the source vectors as float16 (float16 blobs
+    exactly, float32 rounded to nearest) and what the trigger's SQL decoding writes from
+    the same blobs; vectors halfvec cannot hold (zero, NaN, infinite, beyond 65504) and
+    other widths are left out."""
+    monkeypatch.setattr(pgvector, "COPY_CHUNK", 7)  # several ranges of ids
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((60, 16)) * 3).astype(np.float32)
+    x[3] = 0.0
+    x[4, 2] = np.nan
+    x[5, 1] = np.inf
+    x[6, 0] = 70000.0    # beyond float16 (float16 blob: inf; float32 blob: over 65504)
+    x[7, 0] = 65504.0    # the largest float16: kept
+    x[40, 0] = 65519.0   # float32 over 65504: left out
+    x[41] = 1e-9         # not zero in float32 (kept), zero once rounded to float16
+    x[42, 5] = 1.0 + 2 ** -11  # a tie: rounds to even (1.0)
+    with _open(pg_url) as eng:
+        eng.add_items([{"external_id": f"i{n}"} for n in range(61)])
+        ids = [it.id for it in eng.items()]
+        rows = [(i, "h") for i in ids[:60]]
+        with eng.store.session() as s:
+            save_vectors(s, "enc", "fp", rows[:30], torch.from_numpy(x[:30]), dtype="float16")
+            save_vectors(s, "enc", "fp", rows[30:], torch.from_numpy(x[30:]), dtype="float32")
+            save_vectors(s, "enc", "fp", [(ids[60], "h")], torch.ones(1, 8))
+        name = eng.services.searcher().pgvector.ensure("enc", 16)
+        assert name is not None
+
+        def table() -> dict[int, np.ndarray]:
+            with eng.store.snapshot() as s:
+                return {i: np.array(v.strip("[]").split(","), dtype=np.float32)
+                        for i, v in s.execute(text(f"SELECT item_id, embedding::text FROM {name}"))}
+
+        copied = table()
+        left_out = {ids[k] for k in (3, 4, 5, 6, 40)} | {ids[60]}
+        assert set(copied) == set(ids[:61]) - left_out
+        with np.errstate(over="ignore"):
+            half = x.astype(np.float16).astype(np.float32)  # float16 blobs hold these exactly
+        for k in range(60):
+            if ids[k] in copied:
+                assert np.array_equal(copied[ids[k]], half[k]), k
+        assert copied[ids[7]][0] == 65504.0 and not copied[ids[41]].any()
+        assert copied[ids[42]][5] == 1.0
+        # the trigger rewrites every row from the same blobs (SQL decoding): no change
+        with eng.store.session() as s:
+            save_vectors(s, "enc", "fp", rows[:30], torch.from_numpy(x[:30]), dtype="float16")
+            save_vectors(s, "enc", "fp", rows[30:], torch.from_numpy(x[30:]), dtype="float32")
+        rewritten = table()
+        assert rewritten.keys() == copied.keys()
+        assert all(np.array_equal(rewritten[i], copied[i]) for i in copied)
