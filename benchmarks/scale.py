@@ -273,11 +273,11 @@ def _clock() -> str:
     return time.strftime("%H:%M:%S")
 
 
-def _rss_mb() -> int:
-    """This process's resident memory now (MB)."""
+def _rss_mb(field: str = "VmRSS") -> int:
+    """This process's resident memory now (MB); ``VmHWM``: its peak so far."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) // 1024
     except OSError:
         pass
@@ -285,16 +285,18 @@ def _rss_mb() -> int:
 
 
 def phase(row: dict[str, Any], name: str, config: str, fn: Callable[[], dict[str, Any]]) -> None:
-    """Run one phase of a configuration: its results into ``row``, its wall seconds and
-    the resident memory after it under ``phase_s`` / ``rss_mb``, a line when it starts
-    and ends (load average included)."""
+    """Run one phase of a configuration: its results into ``row``, its wall seconds, the
+    resident memory after it and the peak so far under ``phase_s`` / ``rss_mb`` /
+    ``peak_rss_mb``, a line when it starts and ends (load average included)."""
     print(f"[{_clock()}] {config}: {name} ...", flush=True)
     secs, out = timed(fn)
     row.update(out)
     row.setdefault("phase_s", {})[name] = round(secs, 1)
     row.setdefault("rss_mb", {})[name] = _rss_mb()
+    row.setdefault("peak_rss_mb", {})[name] = _rss_mb("VmHWM")
     print(f"[{_clock()}] {config}: {name} done in {secs:.0f}s "
           f"({', '.join(f'{k}={v}' for k, v in out.items())}; rss {_rss_mb()} MB, "
+          f"peak {_rss_mb('VmHWM')} MB, "
           f"load {' '.join(f'{x:.1f}' for x in os.getloadavg())})", flush=True)
 
 
@@ -428,7 +430,7 @@ def main() -> None:
         earlier = {r["config"]: r for r in json.loads(args.out.read_text()).get("results", [])}
         for r in rows:
             before = earlier.pop(r["config"], {})
-            for key in ("phase_s", "rss_mb"):
+            for key in ("phase_s", "rss_mb", "peak_rss_mb"):
                 r[key] = {**before.get(key, {}), **r.get(key, {})}
             r["phases"] = [p for p in PHASES if p in set(before.get("phases", [])) | set(r["phases"])]
             r.update({k: v for k, v in before.items() if k not in r})

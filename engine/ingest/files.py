@@ -294,6 +294,7 @@ class _Parser:
     def __init__(self, kind: str, mapping: dict[str, str], columns: list[str], file: str,
                  opts: _Options) -> None:
         self.kind, self.mapping, self.file, self.opts = kind, mapping, file, opts
+        self._parse_kind = getattr(self, f"_{kind}")
         self.mapped = set(mapping.values())
         self.template = (_ImageTemplate(opts.image_template, columns, file)
                          if opts.image_template and kind == "items" else None)
@@ -339,7 +340,7 @@ class _Parser:
             if value is None or type(value) is str and len(value) <= MAX_FIELD_CHARS:
                 continue  # most cells: nothing more to look at
             check_value(value, lambda message: self.error(row, str(col), message))
-        return getattr(self, f"_{self.kind}")(row)
+        return self._parse_kind(row)
 
     def _items(self, row: Row) -> dict[str, Any]:
         rec: dict[str, Any] = {"external_id": self.required_id(row, "external_id"),
@@ -376,9 +377,13 @@ class _Parser:
         raw = {}
         for fld, col in self.mapping.items():
             v = cells.get(col)
-            # an empty cell is missing; a NaN is a number that is not finite (refused)
-            raw[fld] = None if v is None or _missing(v) and not _is_nan(v) else v
-        raw["context"] = _attributes(row.fields, self.mapped) or None
+            if type(v) is str:  # most cells: missing when blank
+                raw[fld] = v if v.strip() else None
+            else:  # an empty cell is missing; a NaN is a number that is not finite (refused)
+                raw[fld] = None if v is None or _missing(v) and not _is_nan(v) else v
+        # the columns not mapped to a field are the event's context
+        raw["context"] = (None if cells.keys() <= self.mapped
+                          else _attributes(cells, self.mapped) or None)
         return interactions.check_event(raw, row=row.number, kinds=self.opts.kinds,
                                         source=self.file, fields=self.mapping,
                                         default_kind=self.default_kind)

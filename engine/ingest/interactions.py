@@ -34,7 +34,7 @@ import math
 from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Sequence
 
 from sqlalchemy import Connection, bindparam, select
 
@@ -116,10 +116,11 @@ def to_timestamp(value: Any) -> float:
 
 
 # -- checking ------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class CheckedEvent:
+class CheckedEvent(NamedTuple):
     """An event that passed :func:`check_event`. ``ts`` is None only for a file row
-    without a time; ``row`` is the event's 1-based position in its batch or file."""
+    without a time; ``row`` is the event's 1-based position in its batch or file.
+    (A named tuple: one per row of a file of millions, made twice as fast as a frozen
+    dataclass.)"""
 
     user: str
     item: str
@@ -319,6 +320,8 @@ _COLUMNS = ("user_id", "item_id", "kind", "value", "ts", "context", "dedup_key")
 #: from this many rows PostgreSQL takes them through COPY (below: one INSERT per batch)
 COPY_MIN_ROWS = 1000
 _TEMP = "polyrec_new_interactions"
+#: SQLite's page cache (KiB) while a large batch is inserted
+SQLITE_CACHE_KIB = 256 * 1024
 
 
 def _insert(conn: Connection, rows: Sequence[dict[str, Any]], batch: int) -> dict[str, int]:
@@ -340,7 +343,7 @@ def _insert(conn: Connection, rows: Sequence[dict[str, Any]], batch: int) -> dic
 def _json(value: Any) -> str:
     """A context as the JSON column stores it (SQLAlchemy's serializer: ``json.dumps``;
     None is the JSON ``null``, as the column's type writes it)."""
-    return json.dumps(value)
+    return "null" if value is None else json.dumps(value)
 
 
 def _sqlite_rows_per_statement(conn: Connection) -> int:
@@ -358,6 +361,20 @@ def _insert_sqlite(conn: Connection, rows: Sequence[dict[str, Any]]) -> dict[str
     flattened here (SQLAlchemy's per-row processing of the same statement cost more
     than SQLite's own work)."""
     n = _sqlite_rows_per_statement(conn)
+    # a page cache for the random inserts into the dedup-key index (SQLite's default is
+    # 2 MB), for this transaction only
+    cache = conn.exec_driver_sql("PRAGMA cache_size").scalar()
+    if len(rows) > n and cache is not None and -int(cache) < SQLITE_CACHE_KIB:
+        conn.exec_driver_sql(f"PRAGMA cache_size = -{SQLITE_CACHE_KIB}")
+    try:
+        return _insert_sqlite_rows(conn, rows, n)
+    finally:
+        if cache is not None:
+            conn.exec_driver_sql(f"PRAGMA cache_size = {int(cache)}")
+
+
+def _insert_sqlite_rows(conn: Connection, rows: Sequence[dict[str, Any]], n: int
+                        ) -> dict[str, int]:
     head = f"INSERT INTO interactions ({', '.join(_COLUMNS)}) VALUES "
     tail = " ON CONFLICT (dedup_key) DO NOTHING RETURNING id, dedup_key"
     one = "(" + ", ".join("?" * len(_COLUMNS)) + ")"
