@@ -490,7 +490,7 @@ class ColourSpace:
 
     def __init__(self, values: Sequence[tuple[str, int]], temperature: float = 6.0,
                  prior: float = 0.5) -> None:
-        self.temperature = temperature
+        self.temperature, self.prior = temperature, prior
         self.values: list[str] = []
         labs, counts = [], []
         for v, n in values:
@@ -530,18 +530,28 @@ class ColourSpace:
         from polyrec.retrieve.colour_names import COLOUR_NAMES
         return " ".join(tokens(text)).replace("gray", "grey") in COLOUR_NAMES
 
-    def distribution(self, text: str) -> list[tuple[str, float]]:
+    def distribution(self, text: str, counts: Mapping[str, int] | None = None
+                     ) -> list[tuple[str, float]]:
         """[(value, probability)] best first (CIE76 colour difference, see the class);
-        [] when ``text`` is no colour name."""
+        [] when ``text`` is no colour name. ``counts``: the items carrying each value
+        among those the rest of the query selects, in place of the catalogue's counts
+        (values none of them carries are left out; all counts zero: the catalogue's)."""
         if not self.values or not self.is_colour(text):
             return []
         lab = self.lab_of(text)
         if lab is None:
             return []
         diff = (self.labs - torch.tensor(lab)).norm(dim=1)
-        probs = torch.softmax(-diff / self.temperature + self.log_prior, dim=0)
+        prior = self.log_prior
+        if counts is not None:
+            n = torch.tensor([float(counts.get(v, 0)) for v in self.values])
+            if bool((n > 0).any()):
+                prior = torch.where(n > 0, self.prior * n.clamp(min=1).log(),
+                                    torch.tensor(float("-inf")))
+        probs = torch.softmax(-diff / self.temperature + prior, dim=0)
         top = torch.topk(probs, min(5, len(self.values)))
-        return [(self.values[int(j)], float(p)) for p, j in zip(top.values, top.indices)]
+        return [(self.values[int(j)], float(p)) for p, j in zip(top.values, top.indices)
+                if float(p) > 0.0]
 
 
 def _lab(rgb: Sequence[float]) -> tuple[float, float, float]:
@@ -694,12 +704,15 @@ class SemanticMatcher:
         return (best[1], best[2]) if best is not None else None
 
     def read_words(self, text: str, *, lexicon: "CatalogueLexicon | None" = None,
-                   colour_min: float = 0.0) -> list[tuple[str, list[tuple[Facet, float]]]]:
+                   colour_min: float = 0.0, compounds: bool = True
+                   ) -> list[tuple[str, list[tuple[Facet, float]]]]:
         """What a word (or words) means in the catalogue by its spelling alone, the
         first of: a value's whole name, words inside value names, a colour name, a
         catalogue association; per slot [(facet, probability)]. Used on the related
         words a thesaurus gives ("sweater" for "pullover"); derived forms are not tried
-        (a "covering" is no `Nipple covers`)."""
+        (a "covering" is no `Nipple covers`). ``compounds``: the words of a hyphenated
+        compound that reads nothing together read as the only one of them that reads
+        alone ("solid-coloured": `Solid`)."""
         key = tuple(w for w in terms(text))
         if not key or set(key) <= STOPWORDS:
             return []
@@ -712,24 +725,37 @@ class SemanticMatcher:
             found = [("colour", dist)]
         if not found and lexicon is not None:
             found = [(a.slot, list(a.values)) for a in lexicon.lookup(key) if a.slot in self.slots]
+        if not found and len(key) > 1 and compounds and "-" in text and " " not in text.strip():
+            # a hyphenated compound that reads nothing as a whole reads as the one of its
+            # words that reads alone ("solid-coloured": Solid), when only one does (not
+            # a phrase: "solid ground" is ground)
+            parts = [r for w in key if w not in STOPWORDS
+                     and (r := self.read_words(w, lexicon=lexicon, colour_min=colour_min,
+                                               compounds=False))]
+            if len(parts) == 1:
+                found = parts[0]
         return found
 
     def thesaurus(self, word: str, wordnet: "WordNet", *,
                   lexicon: "CatalogueLexicon | None" = None, colour_min: float = 0.0,
                   max_senses: int = 3, max_share: float = 0.25, broader: bool = True,
-                  accept: Callable[[str, Facet], bool] | None = None
+                  singletons: bool = True,
+                  accept: Callable[[str, Sequence[tuple[Facet, float]]], bool] | None = None
                   ) -> list[tuple[str, float, list[tuple[Facet, float]], tuple[str, ...]]]:
         """A word read through a general thesaurus (polyrec.retrieve.thesaurus): for each
         of its first ``max_senses`` senses per part of speech, the sense's synonyms are
         read against the catalogue (:meth:`read_words`), or, when none reads, the words
         of the senses it is a kind of or similar to ("pullover" is a kind of "sweater,
-        jumper": `Sweater`). Sense ``r`` (0 = most frequent) weighs ``1 / (1 + r)``;
+        jumper": `Sweater`). Sense ``r`` (its evidence rank, 0 = most frequent) weighs ``1 / (1 + r)``;
         senses the catalogue cannot read at all (the navy of ships) are left out of the
         total. A related word whose reading covers more than ``max_share`` of the
         catalogue's items in all its readings together (a "garment") says nothing and
-        is skipped, and so is a reading whose best value ``accept(slot, facet)``
-        refuses (the encoder's veto, see :meth:`_thesaurus`): a sense left without
-        readings is left out of the total as well. ``broader=False``: synonyms only.
+        is skipped, and so is a reading ``accept(slot, values)`` refuses (the veto, see
+        :meth:`_thesaurus`): a sense left without readings is left out of the total as
+        well. Senses WordNet has no usage counts for weigh alike (``Sense.evidence_rank``:
+        the order of "knickers"' senses, trousers before underwear, is no frequency).
+        ``broader=False``: synonyms only, and the broader words of senses that have no
+        other word (``singletons``: "burgundy", the colour, is a kind of *dark red*).
         Per slot: (slot, confidence = the
         share of the sense weight that reads the slot, [(facet, weight relative to the
         best value's)] best first, the related words read); a related word naming
@@ -742,20 +768,21 @@ class SemanticMatcher:
         for sense in wordnet.senses(word, max_senses):
             readings: list[tuple[str, str, list[tuple[Facet, float]]]] = []
             groups = [[w for w in sense.synonyms if w != word.lower()]]
-            if broader:
+            if broader or (singletons and not groups[0]):
+                # a sense with no other word (burgundy, the colour: a kind of "dark red")
+                # says what it is only through what it is a kind of
                 groups.append(list(sense.broader))
             for group in groups:
                 for related in group:
                     found = self.read_words(related, lexicon=lexicon, colour_min=colour_min)
-                    covered = set().union(*(f.items for _, dist in found for f, _ in dist))
-                    if len(covered) <= max_share * max(1, self.n_items):
+                    if self._specific(related, found, max_share):
                         readings += [(related, slot, dist) for slot, dist in found
-                                     if accept is None or accept(slot, dist[0][0])]
+                                     if accept is None or accept(slot, dist)]
                 if readings:
                     break
             if not readings:
                 continue
-            weight = 1.0 / (1 + sense.rank)
+            weight = 1.0 / (1 + sense.evidence_rank)
             total += weight
             per_slot: dict[str, dict[tuple[str, str], float]] = defaultdict(lambda: defaultdict(float))
             for related, slot, dist in readings:
@@ -781,13 +808,21 @@ class SemanticMatcher:
                    wordnet: "WordNet",
                    vias: dict[tuple[tuple[int, ...], str], tuple[tuple[str, ...], float]], *,
                    lexicon: "CatalogueLexicon | None", colour_min: float, minimum: float,
-                   agree: float, score: float, broader: bool
+                   agree: float, margin: float, score: float, broader: bool,
+                   singletons: bool = True, min_ratio: float = 0.2
                    ) -> list[tuple[str, float, list[tuple[Facet, float]], str]]:
-        """The thesaurus readings of a span from ``minimum`` confidence whose best value
-        the encoder scores (see :meth:`scores`) at least ``agree`` for the span — the
-        dictionary proposes, the encoder may veto a sense no shopper means ("plain" as
-        a knitting stitch: `Knitwear`) — as candidates scored ``score`` + confidence
-        (the related words read go to ``vias``; no veto without an encoder vector)."""
+        """The thesaurus readings of a span from ``minimum`` confidence that the span's
+        own evidence does not veto, as candidates scored ``score`` + confidence (the
+        related words read go to ``vias``). The dictionary proposes; the veto (see
+        :meth:`_agrees`) refuses a sense no shopper means ("plain" as a knitting stitch:
+        `Knitwear`, where its sense *unpatterned* reads `Solid`): among the readings the
+        word's senses give, the encoder (:meth:`scores`) may reject one it scores more
+        than ``margin`` below the one it prefers, or under ``agree``; it never rejects
+        the only reading a word has by comparison (the small encoder does not know rare
+        words: it scores "frock" -0.11 for `Dress`). Colours of a span the colour table
+        knows are judged by the table instead (the encoder does not know colour words:
+        "navy" scores `Dark Blue` 1.06): one of the best values must be among the
+        table's readings of the span (within ``min_ratio`` of its best)."""
         scores: dict[str, dict[str, float]] = {}
 
         def encoder(slot: str, value: str) -> float:
@@ -795,30 +830,87 @@ class SemanticMatcher:
                 sc = self.scores(slot, vec).tolist()  # type: ignore[arg-type]
                 scores[slot] = {f.value: x for f, x in zip(self.slots[slot][0], sc)}
             return scores[slot][value]
+        colours = {f.value: p for f, p in self.colour(text)}
+        best = float("-inf")  # the encoder's preferred reading among all the word's readings
+        if vec is not None:
+            for slot, dist in self.related_readings(text, wordnet, lexicon=lexicon,
+                                                    colour_min=colour_min):
+                if not (slot == "colour" and colours):
+                    best = max(best, max(encoder(slot, f.value) for f in _tied(dist)))
+
+        def agrees(slot: str, values: Sequence[tuple[Facet, float]]) -> bool:
+            return self._agrees(slot, values, colours, encoder if vec is not None else None,
+                                max(agree, best - margin), min_ratio)
         out = []
         for slot, conf, dist, related in self.thesaurus(
                 text, wordnet, lexicon=lexicon, colour_min=colour_min, broader=broader,
-                accept=None if vec is None else lambda sl, f: encoder(sl, f.value) >= agree):
-            if conf < minimum:
+                singletons=singletons, accept=agrees if vec is not None or colours else None):
+            if conf < minimum or not agrees(slot, dist):
                 continue
             # equal confidence: the value the encoder prefers ("swimming costume" is a
             # swimsuit and swimwear: Swimwear), without one the earlier slot
             tie = -1e-3 * _slot_rank(slot)
             if vec is not None:
-                enc = encoder(slot, dist[0][0].value)
-                if enc < agree:
-                    continue
-                tie = 1e-3 * enc
+                tie = 1e-3 * max(encoder(slot, f.value) for f in _tied(dist))
             out.append((slot, score + conf + tie, dist, "thesaurus"))
             vias[(idx, slot)] = (related, conf)
         return out
 
-    def colour(self, text: str) -> list[tuple[Facet, float]]:
-        """The colour values a colour name means, with probabilities ([] for no name)."""
+    def _specific(self, related: str, found: Sequence[tuple[str, list[tuple[Facet, float]]]],
+                  max_share: float) -> bool:
+        """Whether a related word's readings say something: they cover at most
+        ``max_share`` of the items, or the word names one catalogue label by its whole
+        name however many items carry it ("solid": Solid, 46% of H&M); a word inside
+        value names or spread over values is too general ("garment")."""
+        covered = set().union(*(f.items for _, dist in found for f, _ in dist))
+        return (len(covered) <= max_share * max(1, self.n_items)
+                or all(len(dist) == 1 and set(terms(dist[0][0].value)) <= set(terms(related))
+                       for _, dist in found))
+
+    def related_readings(self, word: str, wordnet: "WordNet", *,
+                         lexicon: "CatalogueLexicon | None" = None, colour_min: float = 0.0,
+                         max_senses: int = 3, max_share: float = 0.25
+                         ) -> list[tuple[str, list[tuple[Facet, float]]]]:
+        """Every reading (slot, [(facet, probability)]) of every related word (synonyms
+        and broader words) of the word's first ``max_senses`` senses per part of speech:
+        the competitors the encoder chooses among (see :meth:`_thesaurus`)."""
+        out = []
+        for sense in wordnet.senses(word, max_senses):
+            for related in [*sense.synonyms, *sense.broader]:
+                if related != word.lower():
+                    found = self.read_words(related, lexicon=lexicon, colour_min=colour_min)
+                    if self._specific(related, found, max_share):
+                        out += found
+        return out
+
+    @staticmethod
+    def _agrees(slot: str, values: Sequence[tuple[Facet, float]], colours: Mapping[str, float],
+                encoder: Callable[[str, str], float] | None, floor: float,
+                min_ratio: float) -> bool:
+        """Whether the span's own evidence lets a thesaurus reading stand: for a colour
+        reading of a colour name, one of the reading's best values is among the colour
+        table's readings of the name; otherwise the encoder scores one of the best
+        values (several when a related word names several: "kid" is every `Kids ...`
+        section) at least ``floor``; True without evidence."""
+        tied = _tied(values)
+        if slot == "colour" and colours:
+            top = max(colours.values())
+            return any(colours.get(f.value, 0.0) >= min_ratio * top for f in tied)
+        if encoder is None:
+            return True
+        return max(encoder(slot, f.value) for f in tied) >= floor
+
+    def colour(self, text: str, within: set[int] | None = None) -> list[tuple[Facet, float]]:
+        """The colour values a colour name means, with probabilities ([] for no name);
+        ``within``: the items the rest of the query selects, whose colours are the
+        likelier readings ("cream blouse": the cream-like colours blouses come in)."""
         if self.colours is None:
             return []
-        by_value = {f.value: f for f in self.slots["colour"][0]}
-        return [(by_value[v], p) for v, p in self.colours.distribution(text)]
+        facets = self.slots["colour"][0]
+        counts = (None if within is None
+                  else {f.value: len(f.items & within) for f in facets})
+        by_value = {f.value: f for f in facets}
+        return [(by_value[v], p) for v, p in self.colours.distribution(text, counts)]
 
     def apply(self, und: Understanding,
               embed: Callable[[Sequence[str]], Sequence[torch.Tensor | None]], *,
@@ -827,7 +919,8 @@ class SemanticMatcher:
               lexicon: "CatalogueLexicon | None" = None,
               consistent: bool = True, broader: float = 0.5,
               thesaurus: "WordNet | None" = None, thesaurus_min: float = 0.5,
-              thesaurus_agree: float = 1.5) -> Understanding:
+              thesaurus_agree: float = float("-inf"),
+              thesaurus_margin: float = 1.0) -> Understanding:
         """Add semantic matches for the words exact matching left over (stopwords
         aside; the first ``max_words`` of them): spans of at most ``max_len`` words,
         longest first, then best score; a
@@ -888,6 +981,9 @@ class SemanticMatcher:
         for mi, (a, b) in enumerate(und.spans):
             for i in range(a, b):
                 named.setdefault(i, set()).add(und.matches[mi].slot)
+        others = [ids for key, ids in und.slot_items.items()
+                  if key.split("=")[0] != "colour"]
+        within = set.intersection(*others) if others else None
         for (idx, exact), text, vec in zip(spans, texts, vectors):
             # words inside value names first ("khaki": Greenish Khaki, Khaki green;
             # "womens": every "Womens ..." section), then colour names, then what the
@@ -900,26 +996,36 @@ class SemanticMatcher:
                 found = [(slot, _FORM, [(f, 1.0) for f in fs], "word-form")
                          for slot, fs in self.word_form(key[0])]
             if not found and (dist := self.colour(text)) and dist[0][1] >= colour_min:
+                # a colour name; its reading among the colours of what the rest of the
+                # query names (the exact matches of other slots)
+                if within is not None:
+                    dist = self.colour(text, within) or dist
                 found = [("colour", _COLOUR, dist, "colour")]
             if not found and lexicon is not None:
                 found = [(a.slot, _CATALOGUE + a.strength, list(a.values), "catalogue")
                          for a in lexicon.lookup(key) if a.slot in self.slots]
+            # what the words are a kind of is never read in place of a word that names a
+            # value itself ("polka dot" is a kind of pattern, but "dot" is `Dot`)
+            kinds_allowed = exact is None and not any(named[i] for i in idx)
             if not found and thesaurus is not None:
                 # synonyms: as good as the words themselves
                 found = self._thesaurus(text, idx, vec, thesaurus, vias, lexicon=lexicon,
                                         colour_min=colour_min, minimum=thesaurus_min,
-                                        agree=thesaurus_agree, score=_THESAURUS,
-                                        broader=False)
+                                        agree=thesaurus_agree, margin=thesaurus_margin,
+                                        score=_THESAURUS, broader=False,
+                                        singletons=kinds_allowed, min_ratio=min_ratio)
             if vec is not None and not found:
                 found += [(slot, score, dist, "semantic") for slot, score, dist in self.match(vec)]
             if (thesaurus is not None and all(score < threshold for _, score, _, _ in found)
-                    and exact is None and not any(named[i] for i in idx)):
+                    and kinds_allowed):
                 # what the words are a kind of: only where the encoder reads nothing, and
                 # never in place of a word that names a value itself ("polka dot" is a
                 # kind of pattern, but "dot" is `Dot`)
                 found += self._thesaurus(text, idx, vec, thesaurus, vias, lexicon=lexicon,
                                          colour_min=colour_min, minimum=thesaurus_min,
-                                         agree=thesaurus_agree, score=threshold, broader=True)
+                                         agree=thesaurus_agree, margin=thesaurus_margin,
+                                         score=threshold, broader=True,
+                                         min_ratio=min_ratio)
             for slot, score, dist, source in found:
                 if len(idx) > 1 and source not in ("partial", "word-form") and any(
                         named[i] - {slot} for i in idx):
@@ -1001,6 +1107,12 @@ class SemanticMatcher:
         und.residual = " ".join(words[i] for i in range(len(words))
                                 if i not in used and i not in covered)
         return und
+
+
+def _tied(dist: Sequence[tuple[Facet, float]]) -> list[Facet]:
+    """The values sharing a reading's best probability."""
+    best = dist[0][1]
+    return [f for f, p in dist if p >= best - 1e-9]
 
 
 def _fields(dist: Sequence[tuple[Facet, float]]) -> set[str]:

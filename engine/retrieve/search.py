@@ -91,8 +91,13 @@ class SearchOptions:
     thesaurus: bool = True
     #: minimum share of the senses' weight behind a thesaurus reading's best value
     thesaurus_min: float = 0.5
-    #: minimum encoder score (z) of that value for the word: the encoder may veto a sense
-    thesaurus_agree: float = 1.5
+    #: minimum encoder score (z) of a thesaurus reading's value for the word (an absolute
+    #: veto; off by default: the encoder does not know rare words, "frock" -> Dress -0.11)
+    thesaurus_agree: float = float("-inf")
+    #: the encoder rejects a thesaurus reading it scores more than this below the word's
+    #: reading it prefers ("plain": Knitwear 0.04 against Solid 2.05); a word's only
+    #: reading is never rejected by comparison
+    thesaurus_margin: float = 1.0
     #: use the trained intent model (artifact "intent", polyrec train-intent) when there
     #: is one for these vectors: its confident facets join as soft facets, its demand
     #: head breaks ties
@@ -675,7 +680,8 @@ class Searcher:
         matcher.apply(und, embed, threshold=opts.semantic_threshold,
                       colour_min=opts.semantic_colour_min, lexicon=lexicon,
                       thesaurus=wordnet, thesaurus_min=opts.thesaurus_min,
-                      thesaurus_agree=opts.thesaurus_agree)
+                      thesaurus_agree=opts.thesaurus_agree,
+                      thesaurus_margin=opts.thesaurus_margin)
 
     def lexicon(self, session: Any, snap: CatalogSnapshot) -> CatalogueLexicon:
         """The associations of the catalogue's words with its facet values, mined once

@@ -52,6 +52,10 @@ class Sense:
     lexname: str = ""
     #: words of the synsets that are kinds of this sense (hyponyms): "pullover" for sweater
     narrower: tuple[str, ...] = ()
+    #: the sense's rank by evidence of use: ``rank`` for senses WordNet counted in its
+    #: sense-tagged texts, the rank after the counted ones for the others (their order in
+    #: WordNet says nothing about frequency: "knickers", "burgundy" have no counted sense)
+    evidence_rank: int = 0
 
 
 class WordNet:
@@ -65,6 +69,8 @@ class WordNet:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         self._index: dict[str, dict[str, list[int]]] = {p: {} for p in POS}
+        #: per lemma, how many of its first senses were counted in WordNet's tagged texts
+        self._tagged: dict[str, dict[str, int]] = {p: {} for p in POS}
         self._where: dict[str, dict[int, int]] = {p: {} for p in POS}
         self._exceptions: dict[str, dict[str, list[str]]] = {p: {} for p in POS}
         #: lexicographer file number -> name (the file "lexnames": 6 -> "noun.artifact")
@@ -82,6 +88,7 @@ class WordNet:
                     parts = line.split()
                     n_ptr = int(parts[3])
                     self._index[pos][parts[0]] = [int(o) for o in parts[6 + n_ptr:]]
+                    self._tagged[pos][parts[0]] = int(parts[5 + n_ptr])
             with open(self.root / f"data.{pos}", "rb") as fh:
                 where = self._where[pos]
                 at = 0
@@ -121,13 +128,16 @@ class WordNet:
 
     def senses(self, word: str, max_senses: int = 8) -> list[Sense]:
         """The word's senses, nouns then adjectives, each in WordNet's order (most
-        frequent first); [] for a word WordNet does not know."""
+        frequent first; see ``Sense.evidence_rank`` for senses without counts); [] for a
+        word WordNet does not know."""
         out: list[Sense] = []
         for pos in POS:
             seen: set[int] = set()
             rank = 0
+            counted = 0  # senses with tagged counts so far (they come first per lemma)
             for lemma in self.lemmas(word, pos):
-                for offset in self._index[pos][lemma]:
+                tagged = self._tagged[pos].get(lemma, 0)
+                for k, offset in enumerate(self._index[pos][lemma]):
                     if offset in seen or rank >= max_senses:
                         continue
                     seen.add(offset)
@@ -141,8 +151,11 @@ class WordNet:
                             for w in self._synset(tpos, target)[0]:
                                 if w not in into:
                                     into.append(w)
+                    if k < tagged:
+                        counted += 1
                     out.append(Sense(pos, rank, tuple(words), tuple(broader), gloss,
-                                     self._lexnames.get(lexfile, ""), tuple(narrower)))
+                                     self._lexnames.get(lexfile, ""), tuple(narrower),
+                                     rank if k < tagged else counted))
                     rank += 1
         return out
 
