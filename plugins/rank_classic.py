@@ -1,4 +1,5 @@
-"""Classical ID-only rankers: most-popular, item-kNN and EASE (plus a seeded random baseline).
+"""Classical ID-only rankers: most-popular, item-kNN, EASE, EDLAE and RP3beta (plus a seeded
+random baseline).
 
 They learn from interaction IDs alone, so an item that was in the fitted catalogue without
 training interactions (a cold item) cannot be scored: it gets ``-inf`` and never ranks
@@ -21,13 +22,22 @@ from typing import Any, ClassVar
 
 import torch
 
-from polyrec import ConfigError, ModelNotTrainedError, Ranker, TrainingData, hookimpl
+from polyrec import ConfigError, ModelNotTrainedError, Option, Ranker, TrainingData, hookimpl
 
 #: EASE's default regularisation grid, tuned on validation.
 EASE_L2_GRID = [10.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0]
 #: Item-kNN's default grids (neighbourhood size, shrinkage), tuned on validation.
 KNN_NEIGHBOR_GRID = [20, 50, 100, 200]
 KNN_SHRINK_GRID = [0.0, 10.0, 50.0]
+#: EDLAE's default grids (constant regularisation, dropout probability), tuned on validation.
+EDLAE_L2_GRID = [10.0, 50.0, 200.0, 500.0]
+EDLAE_DROPOUT_GRID = [0.1, 0.25, 0.5]
+#: EASE-with-side-information's default grids (l2, weight of the content pseudo-users).
+SIDE_L2_GRID = [200.0, 500.0, 1000.0]
+SIDE_WEIGHT_GRID = [0.0, 50.0, 100.0, 200.0]
+#: RP3beta's default grids (transition exponent, popularity penalty), tuned on validation.
+RP3_ALPHA_GRID = [0.5, 1.0]
+RP3_BETA_GRID = [0.0, 0.2, 0.4, 0.6]
 #: Above this many items the dense item x item models refuse to fit.
 MAX_DENSE_ITEMS = 40_000
 
@@ -43,7 +53,7 @@ class _IdRanker(Ranker):
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
         self.metric = str(options.pop("metric", "ndcg@20"))
-        self.params = {**self.defaults, **options}
+        self.params = {**self.default_options(), **options}
         self.known: torch.Tensor | None = None  # bool [n_items]: items seen in training
         self.item_ids: list[int] | None = None  # internal ids of the fitted items
         self.info: dict[str, Any] = {}
@@ -224,6 +234,159 @@ class EASERanker(_IdRanker):
         self.weights, self.l2 = state["weights"], float(state["l2"])
 
 
+def _binary_matrix(data: TrainingData, what: str) -> torch.Tensor:
+    """The float64 user x item 0/1 matrix of ``data`` (refusing catalogues too big for
+    the dense item x item models)."""
+    if data.n_items > MAX_DENSE_ITEMS:
+        raise ConfigError(f"{what} builds an item x item matrix; {data.n_items} items is more "
+                          f"than {MAX_DENSE_ITEMS}")
+    x = torch.zeros(data.n_users, data.n_items, dtype=torch.float64)
+    x[data.users, data.items] = 1.0
+    return x
+
+
+def edlae_weights(gram: torch.Tensor, l2: float, dropout: float, *,
+                  zero_diagonal: bool = True) -> torch.Tensor:
+    """EDLAE's closed form (Steck 2020, "Autoencoders that don't overfit towards the
+    identity") for the Gram matrix G = X^T X: dropout with probability p is
+    marginalised into the item-specific penalty Lambda = p / (1 - p) diag(G) + l2 I.
+    ``zero_diagonal``: B = I - P diagMat(1 / diag(P)) with P = (G + Lambda)^-1 (EASE with
+    Lambda in place of l2 I, the emphasised-denoising limit); else the denoising
+    autoencoder B = (G + Lambda)^-1 G = I - P Lambda, whose diagonal is free."""
+    if not 0 <= dropout < 1:
+        raise ConfigError(f"EDLAE's dropout must be in [0, 1), not {dropout}")
+    if l2 <= 0:
+        raise ConfigError(f"EDLAE's l2 must be positive, not {l2}")
+    lam = dropout / (1.0 - dropout) * gram.diagonal() + l2
+    p = torch.linalg.inv(gram + torch.diag(lam))
+    if zero_diagonal:
+        b = -p / p.diagonal()[None, :]
+        b.diagonal().zero_()
+        return b
+    b = -p * lam[None, :]
+    b.diagonal().add_(1.0)
+    return b
+
+
+class EDLAERanker(EASERanker):
+    """EDLAE (Steck 2020): EASE whose penalty also grows with each item's popularity,
+    Lambda = dropout / (1 - dropout) diag(X^T X) + l2 I, the closed form of a linear
+    autoencoder trained with input dropout (:func:`edlae_weights`). ``l2`` and
+    ``dropout`` are tuned on validation over their grids unless numbers are given;
+    ``zero_diagonal`` (default true) keeps EASE's constraint diag(B) = 0, false gives the
+    denoising autoencoder's own closed form."""
+
+    name = "edlae"
+    tunable = ("l2", "dropout")
+    defaults = {"l2": EDLAE_L2_GRID, "dropout": EDLAE_DROPOUT_GRID, "zero_diagonal": True,
+                "metric": "ndcg@20"}
+
+    def _gram(self, x: torch.Tensor, data: TrainingData, params: dict[str, Any]) -> torch.Tensor:
+        return x.T @ x
+
+    def _fit(self, data: TrainingData, params: dict[str, Any]) -> None:
+        x = _binary_matrix(data, self.name)
+        self.l2 = float(params["l2"])
+        self.weights = edlae_weights(self._gram(x, data, params), self.l2,
+                                     float(params.get("dropout") or 0.0),
+                                     zero_diagonal=bool(params.get("zero_diagonal", True))).float()
+
+
+def content_gram(data: TrainingData, modalities: list[str] | None = None) -> torch.Tensor:
+    """The sum over the modalities (all when None) of U U^T (float64 [n, n]), U the unit
+    item vectors of ``data.item_features`` with a zero row for an item without one: the
+    Gram matrix of the content dimensions taken as pseudo-users (positive semi-definite,
+    1 on the diagonal of an item with a vector)."""
+    out = torch.zeros(data.n_items, data.n_items, dtype=torch.float64)
+    for m, (vec, present) in sorted(data.item_features.items()):
+        if modalities is None or m in modalities:
+            unit = torch.nn.functional.normalize(vec.double(), dim=-1) * present[:, None].double()
+            out += unit @ unit.T
+    return out
+
+
+class SideEASERanker(EDLAERanker):
+    """EASE with item side information ("collective" EASE): the item content vectors
+    join the interactions as pseudo-users, X' = [X; sqrt(side) U^T], so the Gram matrix
+    becomes X^T X + side * U U^T (:func:`content_gram` over ``modalities``, default the
+    text vectors) and items with few interactions borrow weights from their content
+    neighbours. ``dropout`` > 0 gives EDLAE's penalty. ``l2`` and ``side`` are tuned on
+    validation over their grids unless numbers are given (side 0 is plain EASE); with no
+    vectors of the modalities in the data, side is 0."""
+
+    name = "ease_side"
+    tunable = ("l2", "side", "dropout")
+    defaults = {"l2": SIDE_L2_GRID, "side": SIDE_WEIGHT_GRID,
+                "dropout": Option(0.0, float, "EDLAE's dropout probability (0: EASE's penalty)",
+                                  grid=True),
+                "zero_diagonal": True, "modalities": ["text"], "metric": "ndcg@20"}
+
+    def _modalities(self, data: TrainingData) -> list[str]:
+        wanted = self.params.get("modalities")
+        return [m for m in sorted(data.item_features) if wanted is None or m in wanted]
+
+    def fit(self, data: TrainingData) -> None:
+        if self._modalities(data):
+            super().fit(data)
+            return
+        params = self.params  # nothing to add to the Gram matrix: no side grid to tune
+        self.params = {**params, "side": 0.0}
+        try:
+            super().fit(data)
+        finally:
+            self.params = params
+
+    def _gram(self, x: torch.Tensor, data: TrainingData, params: dict[str, Any]) -> torch.Tensor:
+        gram = x.T @ x
+        side = float(params["side"])
+        if side < 0:
+            raise ConfigError(f"ease_side's side weight must be non-negative, not {side}")
+        mods = self._modalities(data)
+        return gram + side * content_gram(data, mods) if side and mods else gram
+
+
+def rp3beta_weights(x: torch.Tensor, alpha: float, beta: float, neighbors: int) -> torch.Tensor:
+    """RP3beta (Paudel et al. 2017): the 3-step random walk item -> user -> item with
+    transition probabilities raised to ``alpha``, divided by the target item's
+    popularity to the power ``beta``; each item keeps its ``neighbors`` largest weights
+    (dense [n, n], zero diagonal)."""
+    deg_u = x.sum(1).clamp(min=1.0)
+    deg_i = x.sum(0)
+    w = (x / deg_i.clamp(min=1.0)[None, :]).pow(alpha).T @ (x / deg_u[:, None]).pow(alpha)
+    w = w / deg_i.clamp(min=1.0).pow(beta)[None, :]
+    w.diagonal().zero_()
+    k = max(1, min(int(neighbors), w.shape[1] - 1)) if w.shape[1] > 1 else 1
+    top = torch.topk(w, k, dim=1)
+    return torch.zeros_like(w).scatter_(1, top.indices, top.values)
+
+
+class RP3betaRanker(_IdRanker):
+    """RP3beta: score(u, j) = sum over u's items i of W[i, j], W the popularity-penalised
+    3-step random walk of :func:`rp3beta_weights`. ``alpha`` and ``beta`` are tuned on
+    validation over their grids unless numbers are given."""
+
+    name = "rp3beta"
+    tunable = ("alpha", "beta")
+    defaults = {"alpha": RP3_ALPHA_GRID, "beta": RP3_BETA_GRID, "neighbors": 200,
+                "metric": "ndcg@20"}
+
+    def _fit(self, data: TrainingData, params: dict[str, Any]) -> None:
+        x = _binary_matrix(data, self.name)
+        self.weights = rp3beta_weights(x, float(params["alpha"]), float(params["beta"]),
+                                       int(params["neighbors"])).float()
+
+    def score_users(self, user_index: torch.Tensor, data: TrainingData) -> torch.Tensor:
+        cmap = self._catalogue(data)
+        return self._finish(cmap.to_fitted(data.history(user_index)) @ self.weights, cmap)
+
+    def state(self) -> dict[str, Any]:
+        return {**super().state(), "weights": self.weights}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        super().load_state(state)
+        self.weights = state["weights"]
+
+
 class RandomRanker(Ranker):
     """Uniformly random scores, fixed per (seed, user): the chance level.
     It 'scores' every item, cold ones included."""
@@ -259,4 +422,7 @@ def register_rankers(register) -> None:
     register(PopularRanker)
     register(ItemKNNRanker)
     register(EASERanker)
+    register(EDLAERanker)
+    register(SideEASERanker)
+    register(RP3betaRanker)
     register(RandomRanker)

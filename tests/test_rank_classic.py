@@ -1,4 +1,5 @@
-"""Classical rankers: popular, item-kNN and EASE (formulas, cold items, state, ml-100k)."""
+"""Classical rankers: popular, item-kNN, EASE, EDLAE, EASE with side information and
+RP3beta (formulas against brute force, cold items, state, ml-100k)."""
 from __future__ import annotations
 
 import math
@@ -11,7 +12,9 @@ from polyrec.rank.dataset import build_training_data
 from polyrec.errors import ModelNotTrainedError
 from polyrec.rank.evaluation import evaluate_ranker, make_split, validation_split
 from polyrec.training_data import TrainingData
-from polyrec.plugins.rank_classic import EASERanker, ItemKNNRanker, PopularRanker, RandomRanker
+from polyrec.plugins.rank_classic import (EASERanker, EDLAERanker, ItemKNNRanker, PopularRanker,
+                                          RandomRanker, RP3betaRanker, SideEASERanker,
+                                          edlae_weights)
 
 
 def _tiny() -> TrainingData:
@@ -46,6 +49,134 @@ def test_ease_matches_closed_form():
     assert r.info["chosen"] == {"l2": 2.0} and "tuned_on" not in r.info
 
 
+def _ridge_zero_diagonal(x: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+    """Brute force: column by column, the ridge regression of item j on the other items
+    (penalty[i] on weight i), solved as least squares on the stacked system."""
+    n = x.shape[1]
+    b = torch.zeros(n, n, dtype=torch.float64)
+    for j in range(n):
+        others = [i for i in range(n) if i != j]
+        a = torch.cat([x[:, others], torch.diag(penalty[others].sqrt())])
+        y = torch.cat([x[:, j], torch.zeros(len(others), dtype=torch.float64)])
+        b[others, j] = torch.linalg.lstsq(a, y[:, None]).solution[:, 0]
+    return b
+
+
+def test_edlae_zero_diagonal_is_ridge_per_item_with_the_dropout_penalty():
+    data = _tiny()
+    r = EDLAERanker(l2=0.5, dropout=0.25)
+    r.fit(data)
+    x = data.matrix().double()
+    penalty = 0.25 / 0.75 * (x.T @ x).diagonal() + 0.5
+    assert torch.allclose(r.weights.double(), _ridge_zero_diagonal(x, penalty), atol=1e-5)
+    assert r.info["chosen"] == {"l2": 0.5, "dropout": 0.25}
+    scores = r.score_users(torch.arange(4), data)
+    assert torch.allclose(scores[:, :4].double(), (x @ r.weights.double())[:, :4], atol=1e-5)
+
+
+def test_edlae_free_diagonal_is_the_denoising_autoencoder_over_every_dropout_mask():
+    """The closed form without the zero-diagonal constraint equals the least-squares
+    fit of X from its dropped-out copies, every mask enumerated with its probability."""
+    data = _tiny()
+    p, l2 = 0.3, 0.5
+    x = data.matrix().double()
+    ones = torch.nonzero(x)
+    rows, targets, weights = [], [], []
+    for mask in range(2 ** len(ones)):
+        kept = x.clone()
+        dropped = [k for k in range(len(ones)) if mask >> k & 1]
+        for k in dropped:
+            kept[tuple(ones[k])] = 0.0
+        prob = p ** len(dropped) * (1 - p) ** (len(ones) - len(dropped))
+        rows.append(kept / (1 - p))
+        targets.append(x)
+        weights.append(torch.full((len(x),), prob, dtype=torch.float64))
+    a, y, w = torch.cat(rows), torch.cat(targets), torch.cat(weights).sqrt()[:, None]
+    a = torch.cat([a * w, math.sqrt(l2) * torch.eye(5, dtype=torch.float64)])
+    y = torch.cat([y * w, torch.zeros(5, 5, dtype=torch.float64)])
+    brute = torch.linalg.lstsq(a, y).solution
+    closed = edlae_weights(x.T @ x, l2, p, zero_diagonal=False)
+    assert torch.allclose(closed, brute, atol=1e-8)
+    r = EDLAERanker(l2=l2, dropout=p, zero_diagonal=False)
+    r.fit(data)
+    assert torch.allclose(r.weights.double(), brute, atol=1e-5)
+
+
+def test_edlae_without_dropout_is_ease_and_bad_options_fail():
+    data = _tiny()
+    e, d = EASERanker(l2=2.0), EDLAERanker(l2=2.0, dropout=0.0)
+    e.fit(data)
+    d.fit(data)
+    assert torch.allclose(e.weights, d.weights, atol=1e-6)
+    from polyrec import ConfigError
+    for bad in ({"l2": 1.0, "dropout": 1.0}, {"l2": 0.0, "dropout": 0.1}):
+        with pytest.raises(ConfigError):
+            EDLAERanker(**bad).fit(data)
+
+
+def _with_text(data: TrainingData) -> TrainingData:
+    """_tiny with 3-d 'text' vectors; item 3 has none."""
+    from dataclasses import replace
+    vecs = torch.tensor([[1.0, 0, 0], [1.0, 1.0, 0], [0, 1.0, 0], [0, 0, 0], [0, 0.5, 1.0]])
+    present = torch.tensor([True, True, True, False, True])
+    return replace(data, item_features={"text": (vecs, present)})
+
+
+def test_ease_side_is_ease_over_the_content_dimensions_as_pseudo_users():
+    data = _with_text(_tiny())
+    r = SideEASERanker(l2=1.0, side=4.0)
+    r.fit(data)
+    x = data.matrix().double()
+    vecs, present = data.item_features["text"]
+    unit = torch.nn.functional.normalize(vecs.double(), dim=-1) * present[:, None]
+    stacked = torch.cat([x, 2.0 * unit.T])  # sqrt(side) U^T: one pseudo-user per dimension
+    brute = _ridge_zero_diagonal(stacked, torch.full((5,), 1.0, dtype=torch.float64))
+    assert torch.allclose(r.weights.double(), brute, atol=1e-5)
+    # the content links item 4 (no interaction) to items 1 and 2, but ID rankers leave it out
+    assert float(r.weights[4, 2].abs()) > 0
+    assert torch.all(r.score_users(torch.arange(4), data)[:, 4] == -math.inf)
+    plain = SideEASERanker(l2=1.0, side=0.0)
+    plain.fit(data)
+    ease = EASERanker(l2=1.0)
+    ease.fit(data)
+    assert torch.allclose(plain.weights, ease.weights, atol=1e-6)
+
+
+def test_ease_side_without_vectors_tunes_no_side_weight():
+    gen = torch.Generator().manual_seed(0)  # 30 users with 5 of 8 items each, no vectors
+    items = torch.cat([torch.randperm(8, generator=gen)[:5] for _ in range(30)])
+    data = TrainingData(user_ids=list(range(30)), item_ids=list(range(8)),
+                        users=torch.arange(30).repeat_interleave(5), items=items,
+                        weights=torch.ones(150), ts=torch.zeros(150, dtype=torch.float64))
+    r = SideEASERanker(l2=[1.0, 5.0])
+    r.fit(data)
+    assert [sorted(g["params"]) for g in r.info["grid"]] == [["l2"], ["l2"]]  # no side grid
+    assert r.chosen["side"] == 0.0
+    assert r.params["side"] == [0.0, 50.0, 100.0, 200.0]  # the grid is kept for the next fit
+
+
+def test_rp3beta_matches_the_random_walk_by_hand():
+    data = _tiny()
+    r = RP3betaRanker(alpha=0.5, beta=0.3, neighbors=4)
+    r.fit(data)
+    x = data.matrix().double()
+    deg_u, deg_i = x.sum(1), x.sum(0)
+    w = torch.zeros(5, 5, dtype=torch.float64)
+    for i in range(5):
+        for j in range(5):
+            if i == j or deg_i[j] == 0:
+                continue
+            walk = sum((x[u, i] / deg_i[i]) ** 0.5 * (x[u, j] / deg_u[u]) ** 0.5
+                       for u in range(4) if x[u, i] and x[u, j])
+            w[i, j] = walk / deg_i[j] ** 0.3
+    assert torch.allclose(r.weights.double(), w, atol=1e-6)
+    scores = r.score_users(torch.arange(4), data)
+    assert torch.allclose(scores[:, :4].double(), (x @ w)[:, :4], atol=1e-5)
+    one = RP3betaRanker(alpha=1.0, beta=0.0, neighbors=1)
+    one.fit(data)
+    assert int((one.weights > 0).sum(1).max()) <= 1
+
+
 def test_itemknn_cosine_with_shrinkage():
     data = _tiny()
     r = ItemKNNRanker(neighbors=4, shrink=1.0)
@@ -63,7 +194,10 @@ def test_itemknn_cosine_with_shrinkage():
 
 
 @pytest.mark.parametrize("cls,opts", [(PopularRanker, {}), (ItemKNNRanker, {"neighbors": 3, "shrink": 0.0}),
-                                      (EASERanker, {"l2": 1.0})])
+                                      (EASERanker, {"l2": 1.0}),
+                                      (EDLAERanker, {"l2": 1.0, "dropout": 0.3}),
+                                      (SideEASERanker, {"l2": 1.0, "side": 2.0}),
+                                      (RP3betaRanker, {"alpha": 1.0, "beta": 0.5})])
 def test_id_rankers_never_rank_cold_items_above_warm_ones(cls, opts):
     data = _tiny()
     r = cls(**opts)
