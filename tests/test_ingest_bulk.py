@@ -91,13 +91,35 @@ def test_bulk_insert_stores_the_rows_the_plain_insert_stores(two_stores, tmp_pat
     first = _events_file(tmp_path / "a.csv", 2500, seed=1)
     second = _events_file(tmp_path / "b.csv", 3000, seed=1)  # a.csv's rows, then 500 more
     files = [first, second, first]
+    monkeypatch.setattr(interactions, "PART", 1100)  # rows made and inserted in parts
     bulk, bulk_counts = _ingest_twice(two_stores[0], files)
+    monkeypatch.setattr(interactions, "PART", 10**9)
     monkeypatch.setattr(interactions, "_insert", _plain_insert)
     plain, plain_counts = _ingest_twice(two_stores[1], files)
     assert len(bulk) > 3000
     assert bulk == plain
     assert bulk_counts == plain_counts
     assert bulk_counts[2][1] == 0 and 0 < bulk_counts[1][1] < bulk_counts[1][0]
+
+
+def test_a_batch_in_parts_returns_what_one_part_returns(tmp_path, monkeypatch):
+    """feedback_many over parts of 3 events: the same Events (ids, new flags), an
+    event_id repeated in a later part is not new and has the first one's id."""
+    def send(db: str) -> list[tuple]:
+        with _open(tmp_path / db) as eng:
+            eng.add_items([{"external_id": f"i{n}"} for n in range(5)])
+            eng.feedback_many([{"user": "a", "item": "i0", "context": {"event_id": "old"}}])
+            batch = [{"user": f"u{n % 4}", "item": f"i{n % 5}", "kind": "click", "ts": n % 3,
+                      "context": {"event_id": f"e{n % 7}"} if n % 2 else None}
+                     for n in range(20)] + [{"user": "a", "item": "i0", "ts": 99,
+                                             "context": {"event_id": "old"}}]
+            return [(e.id, e.new, e.user, e.item, e.ts) for e in eng.feedback_many(batch)]
+
+    monkeypatch.setattr(interactions, "PART", 3)
+    parts = send("parts.db")
+    monkeypatch.setattr(interactions, "PART", 10**9)
+    assert parts == send("whole.db")
+    assert sum(new for _, new, *_ in parts) == 10 + 7 and not parts[-1][1] and parts[-1][0] == 1
 
 
 @pytest.mark.parametrize("store", ["sqlite", "postgresql"])

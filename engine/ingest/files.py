@@ -295,6 +295,7 @@ class _Parser:
                  opts: _Options) -> None:
         self.kind, self.mapping, self.file, self.opts = kind, mapping, file, opts
         self._parse_kind = getattr(self, f"_{kind}")
+        self.ids: dict[str, str] = {}  # the user and item ids seen (interactions)
         self.mapped = set(mapping.values())
         self.template = (_ImageTemplate(opts.image_template, columns, file)
                          if opts.image_template and kind == "items" else None)
@@ -378,6 +379,8 @@ class _Parser:
         for fld, col in self.mapping.items():
             v = cells.get(col)
             if type(v) is str:  # most cells: missing when blank
+                if fld in ("user", "item"):  # one string per id, not one per row
+                    v = self.ids.setdefault(v, v)
                 raw[fld] = v if v.strip() else None
             else:  # an empty cell is missing; a NaN is a number that is not finite (refused)
                 raw[fld] = None if v is None or _missing(v) and not _is_nan(v) else v
@@ -454,7 +457,8 @@ class _Writer:
 
     def _interactions(self, records: list[Any], _: Any) -> tuple[int, int]:
         self.stored = interactions.store_events(self.s.connection(), records, now=time.time(),
-                                                cache=self.ids, tag=self.tag, batch=self.batch)
+                                                cache=self.ids, tag=self.tag, batch=self.batch,
+                                                keep=False)
         return len(records), self.stored.new_count
 
     def _kg(self, records: list[dict[str, Any]], _: Any) -> tuple[int, int]:

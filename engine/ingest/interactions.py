@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
 from decimal import Decimal
@@ -166,6 +167,7 @@ def check_event(event: Mapping[str, Any], *, row: int, kinds: Iterable[str], sou
     if kind not in kinds:
         raise _bad(source, row, fields, "kind",
                    f"unknown event kind {shown_id(kind)} (known: {', '.join(kinds)})")
+    kind = sys.intern(kind)  # one string per kind, not one per event of a large file
     value = _convert(get("value"), to_number, source, row, fields, "value")
     ts = _convert(get("ts"), to_timestamp, source, row, fields, "ts")
     if ts is None:
@@ -204,17 +206,20 @@ def _convert(raw: Any, fn: Callable[[Any], float], source: str, row: int,
 
 def dedup_keys(events: Sequence[CheckedEvent]) -> list[str]:
     """The dedup key of each event, by the rule in the module docstring."""
+    return list(iter_dedup_keys(events))
+
+
+def iter_dedup_keys(events: Iterable[CheckedEvent]) -> Iterator[str]:
+    """:func:`dedup_keys` one at a time (a large file's keys need not all be held)."""
     seen: dict[tuple[Any, ...], int] = {}
-    keys = []
     for e in events:
         ext = (e.context or {}).get("event_id")
         if ext is not None:
-            keys.append(catalog.interaction_key("event", str(ext), "", 0.0, None))
+            yield catalog.interaction_key("event", str(ext), "", 0.0, None)
             continue
         ident = (e.user, e.item, e.kind, e.ts, e.value)
         seen[ident] = occurrence = seen.get(ident, -1) + 1
-        keys.append(catalog.interaction_key(*ident, occurrence=occurrence))
-    return keys
+        yield catalog.interaction_key(*ident, occurrence=occurrence)
 
 
 def unknown_items_error(unknown: Sequence[str]) -> NotFoundError:
@@ -244,21 +249,23 @@ class Stored:
     """What :func:`store_events` wrote: per event, its internal user and item ids, the
     stored row (context with experiment tags, ts) and its id; ``new`` says whether the
     row is new (else its dedup key was stored before: ``id`` is that row's, 0 when not
-    looked up)."""
+    looked up). Without ``keep`` (a file: millions of events) the per-event lists stay
+    empty and only the counts are kept."""
 
     events: list[CheckedEvent]
     rows: list[dict[str, Any]]
     ids: list[int]
     new: list[bool]
+    new_total: int = 0
+    first_new: int | None = None
 
     @property
     def new_count(self) -> int:
-        return sum(self.new)
+        return self.new_total
 
     @property
     def first_new_id(self) -> int | None:
-        fresh = [i for i, n in zip(self.ids, self.new) if n]
-        return min(fresh) if fresh else None
+        return self.first_new
 
 
 _STATEMENTS: dict[tuple[str, str], Any] = {}
@@ -417,14 +424,20 @@ def _insert_copy(conn: Connection, rows: Sequence[dict[str, Any]], batch: int) -
     return new_ids
 
 
+#: events made into rows and inserted at a time: a file's rows are never all held at once
+PART = 100_000
+
+
 def store_events(conn: Connection, events: Sequence[CheckedEvent], *, now: float,
                  cache: IdCache | None = None, tag: Tagger | None = None,
-                 old_ids: bool = False, batch: int = 5000) -> Stored:
+                 old_ids: bool = False, batch: int = 5000, keep: bool = True) -> Stored:
     """Store checked events in the caller's transaction (``conn``): an event naming an
     unknown item raises :func:`unknown_items_error` (callers that report bad rows drop
     those first, see :func:`item_ids`), unknown users are created, ``tag`` adds the
     experiment variants to each context, and rows whose dedup key is already stored are
-    left alone (``old_ids``: look up their ids). ``now``: the ts of events without one."""
+    left alone (``old_ids``: look up their ids). ``now``: the ts of events without one.
+    The rows are made and inserted PART events at a time; ``keep=False`` (a file) keeps
+    only the counts in the result, not a row per event."""
     cache = cache if cache is not None else IdCache()
     if not events:
         return Stored([], [], [], [])
@@ -435,28 +448,41 @@ def store_events(conn: Connection, events: Sequence[CheckedEvent], *, now: float
     _user_ids(conn, (e.user for e in events), cache, now)
     variants = dict(tag(conn, {cache.users[u]: u for u in dict.fromkeys(e.user for e in events)})
                     if tag is not None else {})
-    rows = []
-    for e, key in zip(events, dedup_keys(events)):
-        uid = cache.users[e.user]
-        context = e.context
-        if variants.get(uid):
-            context = dict(context or {})
-            context.setdefault("experiments", dict(variants[uid]))
-        rows.append({"user_id": uid, "item_id": items[e.item], "kind": e.kind, "value": e.value,
-                     "ts": e.ts if e.ts is not None else now, "context": context,
-                     "dedup_key": key})
-    new_ids = _insert(conn, rows, batch)
-    found: dict[str, int] = {}
-    if old_ids:
-        old = [r["dedup_key"] for r in rows if r["dedup_key"] not in new_ids]
-        for chunk in _chunks(old, _IN_CHUNK):
-            found.update(conn.execute(_statement(conn, "old"), {"keys": list(chunk)}).all())
-    # a key repeated within the batch (the same event_id twice) is new once only
-    first: dict[str, int] = {}
-    new = []
-    for n, r in enumerate(rows):
-        key = r["dedup_key"]
-        is_new = key in new_ids and first.setdefault(key, n) == n
-        new.append(is_new)
-    ids = [new_ids.get(r["dedup_key"], found.get(r["dedup_key"], 0)) for r in rows]
-    return Stored(list(events), rows, ids, new)
+    stored = Stored(list(events) if keep else [], [], [], [])
+    keys = iter_dedup_keys(events)
+    inserted: dict[str, int] = {}  # every new key's id (kept with ``keep`` only)
+    for start in range(0, len(events), PART):
+        rows = []
+        for e in events[start:start + PART]:
+            uid = cache.users[e.user]
+            context = e.context
+            if variants.get(uid):
+                context = dict(context or {})
+                context.setdefault("experiments", dict(variants[uid]))
+            rows.append({"user_id": uid, "item_id": items[e.item], "kind": e.kind,
+                         "value": e.value, "ts": e.ts if e.ts is not None else now,
+                         "context": context, "dedup_key": next(keys)})
+        new_ids = _insert(conn, rows, batch)  # the keys this part's rows added
+        found: dict[str, int] = {}
+        if old_ids:
+            old = [r["dedup_key"] for r in rows if r["dedup_key"] not in new_ids]
+            for chunk in _chunks(old, _IN_CHUNK):
+                found.update(conn.execute(_statement(conn, "old"), {"keys": list(chunk)}).all())
+        # a key repeated within the batch (the same event_id twice) is new once only:
+        # in this part, the first of its rows; in a later part the insert added nothing
+        first: dict[str, int] = {}
+        for n, r in enumerate(rows):
+            key = r["dedup_key"]
+            is_new = key in new_ids and first.setdefault(key, n) == n
+            if is_new:
+                stored.new_total += 1
+                if stored.first_new is None or new_ids[key] < stored.first_new:
+                    stored.first_new = new_ids[key]
+            if keep:
+                stored.new.append(is_new)
+        if keep:
+            inserted.update(new_ids)
+            stored.rows += rows
+            stored.ids += [inserted.get(r["dedup_key"], found.get(r["dedup_key"], 0))
+                           for r in rows]
+    return stored
