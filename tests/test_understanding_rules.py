@@ -1,6 +1,7 @@
 """Rules between readings of a query (issue 13), on tiny catalogues built here: a phrase
 naming a department and a wider value of a later slot means the wider value; the encoder
-may not narrow a word inside value names of the same slot to one of them."""
+may not narrow a word inside value names of the same slot to one of them; a word inside
+value names reaches the coarser group the catalogue files its values under."""
 from __future__ import annotations
 
 import torch
@@ -61,3 +62,19 @@ def test_the_encoder_does_not_narrow_a_word_inside_value_names_of_its_slot():
     # words meaning another value together keep that reading: a bathing suit is no suit
     und = m.apply(vocab.understand("bathing suit"), embed, threshold=1.0)
     assert und.summary() == {"type": "Swimwear"}
+
+
+def test_a_partial_word_reaches_the_coarser_group_of_another_slot():
+    # "bikini" is a word of the type "Bikini top" (items 1-3); every bikini top is in the
+    # product group Swimwear (a category), which also holds swimwear bottoms (4-6)
+    vocab = Vocabulary([facet("type", "Bikini top", "product_type_name", {1, 2, 3}),
+                        facet("type", "Swimwear bottom", "product_type_name", {4, 5, 6}),
+                        facet("type", "Bra", "product_type_name", {7, 8}),
+                        facet("category", "Swimwear", "product_group_name", range(1, 7)),
+                        facet("category", "Underwear", "product_group_name", {7, 8})])
+    m = SemanticMatcher(vocab, lambda ts: [None] * len(ts), list(range(1, 9)), torch.randn(8, 4))
+    und = m.apply(vocab.understand("bikini"), lambda ts: [None] * len(ts), threshold=3.0)
+    assert und.summary() == {"type": "Bikini top"}
+    (member,) = und.soft.values()
+    assert {i: member.get(i, 0.0) for i in range(1, 9)} == {
+        1: 1.0, 2: 1.0, 3: 1.0, 4: 0.5, 5: 0.5, 6: 0.5, 7: 0.0, 8: 0.0}

@@ -679,19 +679,20 @@ class SemanticMatcher:
         return [(slot, fs) for slot, fs in out.items() if fs]
 
     def broader(self, slot: str, values: Sequence[tuple[Facet, float]],
-                min_share: float = 0.8) -> tuple[Facet, float] | None:
-        """The value of another field of ``slot`` that at least ``min_share`` of the
-        items of ``values`` carry and that has items beyond them: the coarser label
-        the catalogue files them under (sections named "Kids ..." are all in the index
-        group Baby/Children), with that share; the most shared, then the smallest.
-        None when no value of another field covers them."""
+                min_share: float = 0.8, among: Sequence[str] | None = None
+                ) -> tuple[Facet, float] | None:
+        """The value of another field of ``slot`` (or of the slots ``among``) that at
+        least ``min_share`` of the items of ``values`` carry and that has items beyond
+        them: the coarser label the catalogue files them under (sections named "Kids
+        ..." are all in the index group Baby/Children), with that share; the most
+        shared, then the smallest. None when no value of another field covers them."""
         matched = {f.value for f, _ in values}
         fields = _fields(values)
         items: set[int] = set().union(*(f.items for f, _ in values))
         if not items:
             return None
         best: tuple[tuple[float, int], Facet, float] | None = None
-        for g in self.slots[slot][0]:
+        for g in (g for sl in (among or (slot,)) if sl in self.slots for g in self.slots[sl][0]):
             if g.value in matched or g.fields & fields:
                 continue
             inside = len(items & g.items)
@@ -935,7 +936,8 @@ class SemanticMatcher:
         reading (other than words inside value names) that no item shares with the
         rest of what the query names is dropped. ``broader``: the membership (times
         the share, see :meth:`broader`) of the items of the coarser value a word's
-        values fall under ("men" names sections; they are Menswear), 0 for none.
+        values fall under, in their slot or the category slot ("men" names sections;
+        they are Menswear), 0 for none.
         ``thesaurus``: a general English thesaurus (polyrec.retrieve.thesaurus), read
         after the catalogue's associations and before the encoder for words nothing
         else reads (:meth:`thesaurus`); its reading counts from ``thesaurus_min`` when
@@ -1069,9 +1071,10 @@ class SemanticMatcher:
                     member[it] = min(1.0, member.get(it, 0.0) + p / best_p)
             alts = tuple((f.value, round(p, 4)) for f, p in kept[1:6])
             if (source in ("partial", "thesaurus") and broader > 0
-                    and (wider := self.broader(slot, kept))):
-                # the coarser value these values share ("kids" sections: Baby/Children):
-                # its other items match in part
+                    and (wider := self.broader(slot, kept, among=(slot, "category")))):
+                # the coarser value these values share, in their slot or the category
+                # slot ("kids" sections: Baby/Children; every Bikini top: the product
+                # group Swimwear): its other items match in part
                 value, share = wider
                 for it in value.items:
                     member.setdefault(it, broader * share)
