@@ -171,8 +171,10 @@ def test_uncounted_senses_weigh_alike(tmp_path):
 
     def read(wn):
         und = m.apply(vocab.understand("overall"), no_vectors, threshold=3.0, thesaurus=wn)
-        e = und.as_dict()["entities"][0]  # the value and its alternatives, relative weights
-        return {e["value"]: 1.0, **{a["value"]: a["confidence"] for a in e.get("alternatives", [])}}
+        e = und.as_dict()["entities"][0]  # the types read and their relative weights
+        types = {f.value for (slot, _), f in vocab.facets.items() if slot == "type"}
+        return {e["value"]: 1.0, **{a["value"]: a["confidence"]
+                                    for a in e.get("alternatives", []) if a["value"] in types}}
     # no usage counts: a sweater-like smock and a boilersuit are equally likely
     assert read(WordNet(write_wordnet(tmp_path / "a"))) == {"Jumpsuit": 1.0, "Sweater": 1.0}
     # counted: the first sense weighs 1, the second 1/2
