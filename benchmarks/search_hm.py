@@ -6,7 +6,7 @@ the trained intent model when the database has one (``polyrec train-intent``).
 Rounds alternate the configurations so machine load hits them alike; p50/p90/p99 over all
 requests of all rounds, and each round's p50 (the spread). Prints a table and writes
 benchmarks/results/search_hm.json. Usage:
-    .venv/bin/python benchmarks/search_hm.py --db HM.db [--rounds 3]
+    .venv/bin/python benchmarks/search_hm.py --db HM.db [--rounds 3] [--threads N]
 (HM.db: the H&M sample ingested and BERT-encoded, as tests/conftest.py hm_bert_db builds it)
 """
 from __future__ import annotations
@@ -39,7 +39,11 @@ def main() -> None:
     ap.add_argument("--db", required=True)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch intra-op threads (default: torch's, the machine's cores)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     queries = [q.query for part in ("tune", "heldout")
                for q in load_queries(ROOT / "tests" / "data" / f"hm_queries_{part}.jsonl")]
     eng = Engine(args.db, device="cpu", entrypoints=False, progress=False)

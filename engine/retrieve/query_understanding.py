@@ -940,8 +940,10 @@ class SemanticMatcher:
         they are Menswear), 0 for none.
         ``thesaurus``: a general English thesaurus (polyrec.retrieve.thesaurus), read
         after the catalogue's associations and before the encoder for words nothing
-        else reads (:meth:`thesaurus`); its reading counts from ``thesaurus_min`` when
-        the encoder scores its value at least ``thesaurus_agree``."""
+        else reads (:meth:`thesaurus`); its reading counts from ``thesaurus_min`` unless
+        vetoed (:meth:`_thesaurus`: the colour table for colours, else the encoder when
+        it scores the reading more than ``thesaurus_margin`` below the word's reading it
+        prefers or under ``thesaurus_agree``)."""
         if not self.slots:
             return und
         words = [stem(t) for t in und.tokens]
