@@ -540,19 +540,21 @@ class RerankRanker(Ranker):
 
 class HybridRanker(RerankRanker):
     """The default pipeline: EASE retrieves, and the click model re-scores its top 100
-    from the content similarity of each candidate to the user's history and latest items
-    in every modality (text, KG, image vectors), popularity, recent popularity and
+    from the score of EASE with the text vectors as side information and a dropout
+    penalty (``ease_side``, a scorer), the content similarity of each candidate to the user's history and latest
+    items in every modality (text, KG, image vectors), popularity, recent popularity and
     recency. Items EASE never saw get its content-neighbour cold score and are re-scored
     by the same model (``new_candidates``).
 
     The two-tower model is not a default scorer: on MovieLens-100k its score added
     nothing to the click model (docs/evaluation.md) while costing most of the training
-    time; ``-o scorers=two_tower`` puts it back."""
+    time; ``-o scorers=ease_side+two_tower`` puts it back, ``-o scorers=[]`` leaves
+    ``ease_side`` out."""
 
     name = "hybrid"
-    # scorers: none (an empty list is "any value": a name, names joined by "+" or ",",
-    # or a JSON list of names or {"name", "options"} specs)
-    defaults: ClassVar[dict[str, Any]] = {**DEFAULTS, "base": "ease", "scorers": []}
+    # scorers: a name, names joined by "+" or ",", or a JSON list of names or
+    # {"name", "options"} specs ([] for none)
+    defaults: ClassVar[dict[str, Any]] = {**DEFAULTS, "base": "ease", "scorers": ["ease_side"]}
 
 
 @hookimpl

@@ -124,7 +124,7 @@ def _with_text(data: TrainingData) -> TrainingData:
 
 def test_ease_side_is_ease_over_the_content_dimensions_as_pseudo_users():
     data = _with_text(_tiny())
-    r = SideEASERanker(l2=1.0, side=4.0)
+    r = SideEASERanker(l2=1.0, side=4.0, dropout=0.0, zero_diagonal=True)
     r.fit(data)
     x = data.matrix().double()
     vecs, present = data.item_features["text"]
@@ -132,10 +132,18 @@ def test_ease_side_is_ease_over_the_content_dimensions_as_pseudo_users():
     stacked = torch.cat([x, 2.0 * unit.T])  # sqrt(side) U^T: one pseudo-user per dimension
     brute = _ridge_zero_diagonal(stacked, torch.full((5,), 1.0, dtype=torch.float64))
     assert torch.allclose(r.weights.double(), brute, atol=1e-5)
+    # the default form: EDLAE's penalty from the stacked Gram's diagonal, free diagonal:
+    # least squares of X' from X' with that ridge penalty
+    free = SideEASERanker(l2=1.0, side=4.0, dropout=0.25)
+    free.fit(data)
+    penalty = 0.25 / 0.75 * (stacked ** 2).sum(0) + 1.0
+    a = torch.cat([stacked, torch.diag(penalty.sqrt())])
+    y = torch.cat([stacked, torch.zeros(5, 5, dtype=torch.float64)])
+    assert torch.allclose(free.weights.double(), torch.linalg.lstsq(a, y).solution, atol=1e-5)
     # the content links item 4 (no interaction) to items 1 and 2, but ID rankers leave it out
     assert float(r.weights[4, 2].abs()) > 0
     assert torch.all(r.score_users(torch.arange(4), data)[:, 4] == -math.inf)
-    plain = SideEASERanker(l2=1.0, side=0.0)
+    plain = SideEASERanker(l2=1.0, side=0.0, dropout=0.0, zero_diagonal=True)
     plain.fit(data)
     ease = EASERanker(l2=1.0)
     ease.fit(data)
@@ -150,9 +158,9 @@ def test_ease_side_without_vectors_tunes_no_side_weight():
                         weights=torch.ones(150), ts=torch.zeros(150, dtype=torch.float64))
     r = SideEASERanker(l2=[1.0, 5.0])
     r.fit(data)
-    assert [sorted(g["params"]) for g in r.info["grid"]] == [["l2"], ["l2"]]  # no side grid
+    assert all("side" not in g["params"] for g in r.info["grid"]) and len(r.info["grid"]) == 4
     assert r.chosen["side"] == 0.0
-    assert r.params["side"] == [0.0, 50.0, 100.0, 200.0]  # the grid is kept for the next fit
+    assert r.params["side"] == [50.0, 100.0]  # the grid is kept for the next fit
 
 
 def test_rp3beta_matches_the_random_walk_by_hand():
@@ -196,7 +204,7 @@ def test_itemknn_cosine_with_shrinkage():
 @pytest.mark.parametrize("cls,opts", [(PopularRanker, {}), (ItemKNNRanker, {"neighbors": 3, "shrink": 0.0}),
                                       (EASERanker, {"l2": 1.0}),
                                       (EDLAERanker, {"l2": 1.0, "dropout": 0.3}),
-                                      (SideEASERanker, {"l2": 1.0, "side": 2.0}),
+                                      (SideEASERanker, {"l2": 1.0, "side": 2.0, "dropout": 0.3}),
                                       (RP3betaRanker, {"alpha": 1.0, "beta": 0.5})])
 def test_id_rankers_never_rank_cold_items_above_warm_ones(cls, opts):
     data = _tiny()
