@@ -192,3 +192,28 @@ def test_a_click_model_stored_with_fewer_features_still_scores(split, fitted):
     broken.load_state(from_bytes(to_bytes(gone)))
     with pytest.raises(ConfigError, match="train again"):
         broken.score_users(torch.arange(2), split.train)
+
+
+@pytest.mark.slow
+def test_default_pipeline_trains_and_beats_ease_through_the_cli(tmp_path, ml100k_encoded_db):
+    """`polyrec train` with no ranker fits the hybrid with its ease_side scorer, and
+    `polyrec evaluate` ranks it above EASE on the docs split (docs/evaluation.md)."""
+    import json
+
+    from click.testing import CliRunner
+
+    from conftest import copy_db
+    from polyrec.cli.main import cli
+    db = copy_db(ml100k_encoded_db, tmp_path)
+    trained = CliRunner().invoke(cli, ["--db", str(db), "-q", "--device", "cpu", "train"])
+    assert trained.exit_code == 0, trained.output
+    assert "Trained hybrid" in trained.output and "ease_side_z=" in trained.output
+    res = CliRunner().invoke(cli, ["--db", str(db), "-q", "evaluate", "--models", "ease,hybrid",
+                                   "--json"])
+    assert res.exit_code == 0, res.output
+    rows = {r["model"]: r for r in json.loads(res.output)["models"]}
+    hybrid, ease = rows["hybrid"]["metrics"], rows["ease"]["metrics"]
+    assert "ease_side_z" in rows["hybrid"]["info"]["features"]
+    assert rows["hybrid"]["info"]["scorers"]["ease_side"]["tuned_on"] == "validation"
+    assert hybrid["recall@20"] > 1.02 * ease["recall@20"]
+    assert hybrid["ndcg@20"] > 1.02 * ease["ndcg@20"]
