@@ -191,13 +191,13 @@ def test_bandit_batch_learning_equals_one_event_at_a_time(engine):
     assert _state(shuffled)[:2] != _state(whole)[:2]
 
 
-def test_ingest_catch_up_equals_observing_the_log_one_event_at_a_time(tmp_path):
+def test_ingest_catch_up_equals_observing_the_log_one_event_at_a_time(store_url, tmp_path):
     """After `ingest`, the bandit (caught up from the log once, not handed the events a
     second time) holds the state of a bandit fed the stored events one by one."""
     path = _events_file(tmp_path / "e.csv", 2500, seed=4)
-    with _open(tmp_path / "t.db") as eng:
+    with _open(store_url) as eng:
         eng.add_items([{"external_id": f"i{n}"} for n in range(40)])
-    with _open(tmp_path / "t.db") as eng:  # a fresh process, as `polyrec ingest` is
+    with _open(store_url) as eng:  # a fresh process, as `polyrec ingest` is
         h = hub(eng)
         reads = []
         original = h.observe
