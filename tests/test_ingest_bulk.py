@@ -213,3 +213,30 @@ def test_ingest_catch_up_equals_observing_the_log_one_event_at_a_time(store_url,
             reference.observe([e])
         assert _state(reference)[:5] == _state(bandit)[:5]
         assert np.array_equal(reference.A, bandit.A) and bandit.rewards > 500
+
+
+def test_a_failure_while_writing_leaves_nothing_and_the_page_cache_as_it_was(tmp_path, monkeypatch):
+    """An error after part of a large file is inserted: the transaction is rolled back
+    (nothing stored), the error is the insert's, SQLite's page cache is restored."""
+    path = _events_file(tmp_path / "e.csv", 2500, seed=5)
+    written = interactions._insert_sqlite_rows
+    used = []
+
+    def half_then_fail(conn, rows, n):  # type: ignore[no-untyped-def]
+        used.append(conn.connection.driver_connection)  # the sqlite3 connection
+        assert used[0].execute("PRAGMA cache_size").fetchone()[0] == -interactions.SQLITE_CACHE_KIB
+        written(conn, rows[:len(rows) // 2], n)
+        raise RuntimeError("disk on fire")
+
+    with _open(tmp_path / "t.db") as eng:
+        eng.add_items([{"external_id": f"i{n}"} for n in range(40)])
+        with eng.store.session() as s:
+            before = s.connection().exec_driver_sql("PRAGMA cache_size").scalar()
+        monkeypatch.setattr(interactions, "_insert_sqlite_rows", half_then_fail)
+        monkeypatch.setattr(interactions, "_sqlite_rows_per_statement", lambda conn: 500)
+        with pytest.raises(RuntimeError, match="disk on fire"):
+            eng.ingest(path, "interactions")
+        assert _rows(eng) == []
+        assert used[0].execute("PRAGMA cache_size").fetchone()[0] == before
+        monkeypatch.setattr(interactions, "_insert_sqlite_rows", written)
+        assert eng.ingest(path, "interactions").new == len(_rows(eng)) > 2000

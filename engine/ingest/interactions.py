@@ -30,6 +30,7 @@ experiments tag each event's context with the user's variants (``tag``).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sys
 from dataclasses import dataclass, field
@@ -46,6 +47,8 @@ from polyrec.store.models import Interaction, Item, User
 
 if TYPE_CHECKING:  # pragma: no cover
     from polyrec.engine import Engine
+
+log = logging.getLogger("polyrec.ingest")
 
 #: The fields of an event (dict keys of the Python API, HTTP and file mappings).
 EVENT_FIELDS = ("user", "item", "kind", "value", "ts", "context")
@@ -377,7 +380,10 @@ def _insert_sqlite(conn: Connection, rows: Sequence[dict[str, Any]]) -> dict[str
         return _insert_sqlite_rows(conn, rows, n)
     finally:
         if cache is not None:
-            conn.exec_driver_sql(f"PRAGMA cache_size = {int(cache)}")
+            try:
+                conn.exec_driver_sql(f"PRAGMA cache_size = {int(cache)}")
+            except Exception:  # noqa: BLE001 - never hide the insert's own error
+                log.debug("SQLite page cache not restored", exc_info=True)
 
 
 def _insert_sqlite_rows(conn: Connection, rows: Sequence[dict[str, Any]], n: int
