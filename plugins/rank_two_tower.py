@@ -37,12 +37,16 @@ DEFAULTS: dict[str, Any] = {
     "negatives": "random", "n_random": 2048, "logq": True, "temperature": 0.1, "epochs": 40,
     "batch_size": 1024, "lr": 3e-3, "weight_decay": 0.0, "patience": 4, "metric": "ndcg@20",
     "validation": True, "refit": True, "seed": 0, "device": "auto", "threads": 1,
-    "progress": False,
+    "sparse_ids": "auto", "progress": False,
 }
 LOSSES = ("softmax", "bpr")
 #: a training step runs the item tower over only the items it needs (targets, negatives,
 #: the batch users' history items) when they are fewer than 1 / this of the catalogue
 STEP_ITEMS_FRACTION = 2
+#: ``sparse_ids`` "auto": the ID tables get sparse gradients and a lazy optimizer (only the
+#: rows a step touched are updated) from this many items on; below it a step touches most
+#: rows anyway and the dense AdamW is used
+SPARSE_ID_ROWS = 100_000
 NEGATIVES = ("in_batch", "random", "both")
 
 
@@ -76,14 +80,17 @@ class TwoTowerModel(nn.Module):
 
     def __init__(self, dims: dict[str, int], n_items: int, n_users: int, dim: int,
                  fuser: type[Fuser] | None, fuser_options: dict[str, Any],
-                 use_item_id: bool, use_user_id: bool, initialise: bool = True) -> None:
+                 use_item_id: bool, use_user_id: bool, initialise: bool = True,
+                 sparse_ids: bool = False) -> None:
         """``initialise`` False leaves the ID tables uninitialised (weights to be loaded:
-        at 1M items their random init alone took about a second)."""
+        at 1M items their random init alone took about a second). ``sparse_ids``: the ID
+        tables' gradients are sparse (only the rows a step used), for a lazy optimizer."""
         super().__init__()
 
         def table(rows: int, width: int) -> nn.Embedding:
-            return (nn.Embedding(rows, width) if initialise
-                    else nn.Embedding(rows, width, _weight=torch.empty(rows, width)))
+            return (nn.Embedding(rows, width, sparse=sparse_ids) if initialise
+                    else nn.Embedding(rows, width, sparse=sparse_ids,
+                                      _weight=torch.empty(rows, width)))
 
         self.modalities = list(dims)
         self.fuser = fuser(dims, dim, **fuser_options) if dims and fuser else None
@@ -167,8 +174,10 @@ class TwoTowerRanker(Ranker):
     loss ('softmax' | 'bpr'), negatives ('in_batch' | 'random' | 'both'), n_random,
     logq (log-q correction of sampled softmax), temperature, epochs, batch_size, lr,
     weight_decay, patience, metric, validation, refit, seed, device, threads (torch CPU
-    threads while fitting; 0 leaves torch's setting), progress; ``fusers`` (a registry
-    with ``get(name)``) resolves plugin fusers by name.
+    threads while fitting; 0 leaves torch's setting), sparse_ids ('auto', 'on', 'off':
+    sparse ID-table gradients and a lazy Adam that updates only the rows a step used;
+    auto from ``SPARSE_ID_ROWS`` items), progress; ``fusers`` (a registry with
+    ``get(name)``) resolves plugin fusers by name.
     """
 
     name = "two_tower"
@@ -187,6 +196,9 @@ class TwoTowerRanker(Ranker):
         o = self.options
         if o["loss"] not in LOSSES:
             raise ConfigError(f"two_tower: loss must be one of {LOSSES}, not '{o['loss']}'")
+        if o["sparse_ids"] not in ("auto", "on", "off"):
+            raise ConfigError(f"two_tower: sparse_ids must be auto, on or off, "
+                              f"not '{o['sparse_ids']}'")
         if o["negatives"] not in NEGATIVES:
             raise ConfigError(f"two_tower: negatives must be one of {NEGATIVES}, "
                               f"not '{o['negatives']}'")
@@ -290,9 +302,17 @@ class TwoTowerRanker(Ranker):
         self.item_ids, self.user_ids = list(data.item_ids), list(data.user_ids)
         self.model = TwoTowerModel(self.dims, data.n_items, data.n_users, int(o["dim"]),
                                    self._fuser_class() if self.dims else None, fuser_options,
-                                   bool(o["use_item_id"]), bool(o["use_user_id"])).to(self.device)
+                                   bool(o["use_item_id"]), bool(o["use_user_id"]),
+                                   sparse_ids=self._sparse_ids(data.n_items)).to(self.device)
         self._fuser_options = fuser_options
         self._apply_warm_start()
+
+    def _sparse_ids(self, n_items: int) -> bool:
+        """Sparse ID-table gradients? (the option; 'auto': a large catalogue, and not
+        data-parallel on CUDA, whose NCCL all-reduce takes no sparse tensors)"""
+        choice = self.options["sparse_ids"]
+        sparse = n_items >= SPARSE_ID_ROWS if choice == "auto" else choice == "on"
+        return sparse and not (self._parallel[1] > 1 and self.device.type == "cuda")
 
     # -- data views ----------------------------------------------------------------------
     def _tokens(self, data: TrainingData, rows: torch.Tensor | None = None
@@ -588,8 +608,7 @@ class TwoTowerRanker(Ranker):
                     old = set(_int_list(self._warm_state["item_ids"]))
                     fresh = torch.tensor([i not in old for i in self.item_ids], device=self.device)
                 model.id_bias.weight[fresh] = torch.log1p(item_counts)[fresh][:, None]
-        opt = torch.optim.AdamW(model.parameters(), lr=float(o["lr"]),
-                                weight_decay=float(o["weight_decay"]))
+        opt = _Optimizer(model, lr=float(o["lr"]), weight_decay=float(o["weight_decay"]))
         epochs = int(epochs or o["epochs"])
         gen = torch.Generator(device="cpu").manual_seed(int(o["seed"]))
         best, best_epoch, best_state, patience, history = -math.inf, 0, None, 0, []
@@ -599,7 +618,10 @@ class TwoTowerRanker(Ranker):
                            enabled=bool(o["progress"]), interval=0)
         def batch_loss(u: torch.Tensor, i: torch.Tensor, keep_id: torch.Tensor,
                        cand: torch.Tensor) -> torch.Tensor:
-            hist_row, hist_item = self._history(u, pair_i, indptr)
+            # each user's history once, however many of the batch's rows are theirs (a
+            # heavy user can have thousands of positives and dozens of rows in a batch)
+            batch_users, user_row = torch.unique(u, return_inverse=True)
+            hist_row, hist_item = self._history(batch_users, pair_i, indptr)
             theirs = hist_item  # every item these users have (their targets included)
             needed = torch.unique(torch.cat([hist_item, i, cand]))
             if len(needed) * STEP_ITEMS_FRACTION < n_items:  # the tower over these only
@@ -610,10 +632,11 @@ class TwoTowerRanker(Ranker):
             else:  # most of the catalogue is needed anyway: the tower over all of it
                 vecs, _, _, bias = model.items(tokens, present, all_items, keep_id)
                 i_row, cand_row = i, cand
-            sums = torch.zeros(len(u), vecs.shape[1], device=vecs.device, dtype=vecs.dtype)
+            sums = torch.zeros(len(batch_users), vecs.shape[1], device=vecs.device,
+                               dtype=vecs.dtype)
             sums = sums.index_add(0, hist_row, vecs[hist_item])
             n_hist = (counts[u] - 1).clamp(min=1)[:, None]
-            hmean = (sums - vecs[i_row]) / n_hist  # the target left out of the history
+            hmean = (sums[user_row] - vecs[i_row]) / n_hist  # the target left out
             uvec = model.users(hmean, u, torch.ones_like(u, dtype=torch.bool))
             return self._loss(uvec, (vecs[i_row], bias[i_row]), (vecs[cand_row], bias[cand_row]),
                               u, i, cand, key, n_items, temp, theirs)
@@ -722,8 +745,12 @@ class TwoTowerRanker(Ranker):
             self._cache["positives"] = dense
         if dense is not None and int(u.max()) < dense.shape[0]:
             return dense[u][:, cand]
-        cols = (torch.nonzero(torch.isin(cand, theirs)).flatten() if theirs is not None
-                else torch.arange(len(cand), device=cand.device))
+        if theirs is not None:  # a mark per catalogue item: cheaper than isin's sort
+            marked = torch.zeros(n_items, dtype=torch.bool, device=cand.device)
+            marked[theirs] = True
+            cols = torch.nonzero(marked[cand]).flatten()
+        else:
+            cols = torch.arange(len(cand), device=cand.device)
         query = u[:, None] * n_items + cand[cols][None, :]
         found = torch.searchsorted(key, query).clamp(max=len(key) - 1)
         hit = torch.zeros(len(u), len(cand), dtype=torch.bool, device=cand.device)
@@ -763,6 +790,40 @@ class TwoTowerRanker(Ranker):
         self.model.eval()
         self.info = dict(state.get("info") or {})
         self._cache, self._maps = {}, {}
+
+
+class _Optimizer:
+    """AdamW over the model's dense parameters and, when the ID tables have sparse
+    gradients, torch's lazy SparseAdam over those (each step updates only the rows the
+    step used, their moments too; decoupled weight decay is applied to those rows the way
+    AdamW applies it). At 1M items a dense step rewrote every row of the tables and
+    their moments."""
+
+    def __init__(self, model: nn.Module, lr: float, weight_decay: float) -> None:
+        sparse_tables = [m for m in model.modules() if isinstance(m, nn.Embedding) and m.sparse]
+        sparse_ids = {id(m.weight) for m in sparse_tables}
+        self.sparse = [m.weight for m in sparse_tables]
+        dense = [p for p in model.parameters() if id(p) not in sparse_ids]
+        self.lr, self.weight_decay = lr, weight_decay
+        self.optimizers: list[torch.optim.Optimizer] = []
+        if dense:
+            self.optimizers.append(torch.optim.AdamW(dense, lr=lr, weight_decay=weight_decay))
+        if self.sparse:
+            self.optimizers.append(torch.optim.SparseAdam(self.sparse, lr=lr))
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        if self.weight_decay:
+            with torch.no_grad():
+                for weight in self.sparse:
+                    if weight.grad is not None:
+                        rows = weight.grad.coalesce().indices()[0]
+                        weight[rows] *= 1.0 - self.lr * self.weight_decay
+        for opt in self.optimizers:
+            opt.step()
 
 
 def _weights(state: dict[str, Any]) -> dict[str, torch.Tensor]:
