@@ -985,9 +985,6 @@ class SemanticMatcher:
         for mi, (a, b) in enumerate(und.spans):
             for i in range(a, b):
                 named.setdefault(i, set()).add(und.matches[mi].slot)
-        others = [ids for key, ids in und.slot_items.items()
-                  if key.split("=")[0] != "colour"]
-        within = set.intersection(*others) if others else None
         for (idx, exact), text, vec in zip(spans, texts, vectors):
             # words inside value names first ("khaki": Greenish Khaki, Khaki green;
             # "womens": every "Womens ..." section), then colour names, then what the
@@ -1000,10 +997,8 @@ class SemanticMatcher:
                 found = [(slot, _FORM, [(f, 1.0) for f in fs], "word-form")
                          for slot, fs in self.word_form(key[0])]
             if not found and (dist := self.colour(text)) and dist[0][1] >= colour_min:
-                # a colour name; its reading among the colours of what the rest of the
-                # query names (the exact matches of other slots)
-                if within is not None:
-                    dist = self.colour(text, within) or dist
+                # a colour name (read again among the colours of the rest of the query
+                # when it is accepted, below)
                 found = [("colour", _COLOUR, dist, "colour")]
             if not found and lexicon is not None:
                 found = [(a.slot, _CATALOGUE + a.strength, list(a.values), "catalogue")
@@ -1060,11 +1055,22 @@ class SemanticMatcher:
         # items of each exact match (several values of one slot share their OR-ed set)
         exact_items = [und.slot_items.get(m.slot, und.slot_items.get(f"{m.slot}={m.value}"))
                        for m in und.matches]
-        accepted: list[set[int]] = []
+        accepted: list[tuple[str, set[int]]] = []  # (slot, strong items) of each reading
+        text_of = dict(zip((idx for idx, _ in spans), texts))
         for score, _, idx, slot, dist, exact, source in cands:
             own = set(idx) - (set(range(*und.spans[exact])) if exact is not None else set())
             if own & used or _fields(dist) & taken[slot]:
                 continue
+            if source == "colour":
+                # a colour name reads among the colours of the items the rest of the query
+                # names as understood so far ("cream blouse": the cream-like colours
+                # blouses come in); an exact match a longer reading replaced no longer
+                # counts ("tank top in maroon": Vest tops, not every Top)
+                rest = [s for mi, s in enumerate(exact_items) if s is not None
+                        and mi not in replaced and und.matches[mi].slot != "colour"]
+                rest += [s for other, s in accepted if other != "colour"]
+                if rest:
+                    dist = self.colour(text_of[idx], set.intersection(*rest)) or dist
             best_p = dist[0][1]
             kept = [(f, p) for f, p in dist if p >= min_ratio * best_p]
             member: dict[int, float] = {}
@@ -1086,12 +1092,13 @@ class SemanticMatcher:
                 # a reading no item shares with the rest of the query contradicts it
                 # ("warm" read as a value only boots carry, in "warm coat"): left out
                 others = [s for mi, s in enumerate(exact_items)
-                          if s is not None and mi != exact and mi not in replaced] + accepted
+                          if s is not None and mi != exact and mi not in replaced]
+                others += [s for _, s in accepted]
                 if others and not strong.intersection(*others):
                     continue
             used |= own
             taken[slot] |= _fields(dist)
-            accepted.append(strong)
+            accepted.append((slot, strong))
             if exact is not None:
                 replaced.add(exact)
             top = kept[0][0]
