@@ -525,11 +525,18 @@ class RerankRanker(Ranker):
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.base.load_state(state["base"])
-        stored = [x["name"] for x in state.get("scorers", [])]
-        if stored != [x["name"] for x in self.scorer_specs]:
-            raise ConfigError(f"stored re-ranker has scorers {stored}, this one "
-                              f"{[x['name'] for x in self.scorer_specs]}")
-        for ranker, st in zip(self.scorers, state.get("scorers", [])):
+        stored = state.get("scorers", [])
+        if [x["name"] for x in stored] != [x["name"] for x in self.scorer_specs]:
+            # the fitted pipeline's own scorers (its click model was fitted on their
+            # features): a version saved under other default scorers (a hybrid trained
+            # before ease_side became its default scorer, whose saved options name none)
+            # loads as it was trained
+            self.scorer_specs = [{"name": x["name"], "options": dict(x.get("options") or {})}
+                                 for x in stored]
+            self.scorers = [self._build(x["name"], x["options"]) for x in self.scorer_specs]
+            self.handles_cold_items = any(getattr(r, "handles_cold_items", False)
+                                          for r in [self.base, *self.scorers])
+        for ranker, st in zip(self.scorers, stored):
             ranker.load_state(st["state"])
         self.theta, self.mean, self.std = state["theta"], state["mean"], state["std"]
         self.feature_names = list(state["features"])

@@ -217,3 +217,24 @@ def test_default_pipeline_trains_and_beats_ease_through_the_cli(tmp_path, ml100k
     assert rows["hybrid"]["info"]["scorers"]["ease_side"]["tuned_on"] == "validation"
     assert hybrid["recall@20"] > 1.02 * ease["recall@20"]
     assert hybrid["ndcg@20"] > 1.02 * ease["ndcg@20"]
+
+
+def test_a_pipeline_stored_under_other_default_scorers_loads_as_it_was_trained(split, fitted):
+    """A hybrid saved before ease_side became its default scorer has no scorer in its
+    state and none in its saved options: built again with today's defaults, it loads
+    with the scorers it was trained with (none) and scores as before."""
+    from polyrec.plugins.rank_classic import SideEASERanker
+    from polyrec.plugins.rank_rerank import HybridRanker
+    built = []
+
+    def factory(name, options=None):  # type: ignore[no-untyped-def]
+        built.append(name)
+        return SideEASERanker(**(options or {}))
+
+    today = HybridRanker(base=EASERanker(l2=200.0), candidates=C, factory=factory)
+    assert [s["name"] for s in today.scorer_specs] == ["ease_side"]
+    today.load_state(from_bytes(to_bytes(fitted.state())))
+    assert today.scorers == [] and today.scorer_specs == [] and built == ["ease_side"]
+    users = torch.arange(4)
+    assert torch.equal(today.score_users(users, split.train),
+                       fitted.score_users(users, split.train))
