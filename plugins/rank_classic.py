@@ -351,7 +351,10 @@ def rp3beta_weights(x: torch.Tensor, alpha: float, beta: float, neighbors: int) 
     """RP3beta (Paudel et al. 2017): the 3-step random walk item -> user -> item with
     transition probabilities raised to ``alpha``, divided by the target item's
     popularity to the power ``beta``; each item keeps its ``neighbors`` largest weights
-    (dense [n, n], zero diagonal)."""
+    (dense [n, n], zero diagonal). ``alpha`` must be positive (0 ** 0 would make every
+    pair a step of the walk)."""
+    if not alpha > 0:
+        raise ConfigError(f"RP3beta's alpha must be positive, not {alpha}")
     deg_u = x.sum(1).clamp(min=1.0)
     deg_i = x.sum(0)
     w = (x / deg_i.clamp(min=1.0)[None, :]).pow(alpha).T @ (x / deg_u[:, None]).pow(alpha)

@@ -183,6 +183,10 @@ def test_rp3beta_matches_the_random_walk_by_hand():
     one = RP3betaRanker(alpha=1.0, beta=0.0, neighbors=1)
     one.fit(data)
     assert int((one.weights > 0).sum(1).max()) <= 1
+    from polyrec import ConfigError
+    for alpha in (0.0, -0.5, float("nan")):  # 0 ** 0 = 1: every pair would be a walk
+        with pytest.raises(ConfigError, match="alpha"):
+            RP3betaRanker(alpha=alpha, beta=0.0).fit(data)
 
 
 def test_itemknn_cosine_with_shrinkage():
