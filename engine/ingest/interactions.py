@@ -337,12 +337,15 @@ SQLITE_CACHE_KIB = 256 * 1024
 def _insert(conn: Connection, rows: Sequence[dict[str, Any]], batch: int) -> dict[str, int]:
     """Insert ``rows`` in the caller's transaction (a stored dedup key is left alone; ids
     assigned in row order); returns dedup key -> id of the rows that are new. SQLite:
-    multi-row INSERTs with plain parameters; PostgreSQL with many rows: COPY into a
-    temporary table, then one INSERT ... SELECT per batch; otherwise SQLAlchemy's
-    insert. The same rows and ids either way (tests/test_ingest_bulk.py compares them)."""
+    multi-row INSERTs with plain parameters; PostgreSQL through psycopg 3 with many
+    rows: COPY into a temporary table, then one INSERT ... SELECT per batch; otherwise
+    (psycopg2, SQLAlchemy's default driver when installed, has no ``cursor.copy``)
+    SQLAlchemy's insert. The same rows and ids either way (tests/test_ingest_bulk.py
+    compares them)."""
     if conn.dialect.name == "sqlite":
         return _insert_sqlite(conn, rows)
-    if conn.dialect.name == "postgresql" and len(rows) >= COPY_MIN_ROWS:
+    if (conn.dialect.name == "postgresql" and conn.dialect.driver == "psycopg"
+            and len(rows) >= COPY_MIN_ROWS):
         return _insert_copy(conn, rows, batch)
     new_ids: dict[str, int] = {}
     for chunk in _chunks(rows, batch):
