@@ -415,13 +415,17 @@ def test_migrate_builds_the_tables_before_the_first_search(ml_copy, monkeypatch)
     _first_search_builds_nothing(ml_copy)
 
 
-def test_the_table_build_copies_exactly_the_vectors_the_trigger_would(pg_url, monkeypatch):
+@pytest.mark.parametrize("path", ["binary", "sql"])
+def test_the_table_build_copies_exactly_the_vectors_the_trigger_would(pg_url, monkeypatch, path):
     """A table build writes the stored vectors with a binary COPY (decoded in the client,
     in ranges of ids): the table equals the source vectors as float16 (float16 blobs
     exactly, float32 rounded to nearest) and what the trigger's SQL decoding writes from
     the same blobs; vectors halfvec cannot hold (zero, NaN, infinite, beyond 65504) and
-    other widths are left out."""
+    other widths are left out. ``sql``: the same through the path of a driver without
+    psycopg 3's COPY (psycopg2), which decodes the blobs in SQL."""
     monkeypatch.setattr(pgvector, "COPY_CHUNK", 7)  # several ranges of ids
+    if path == "sql":
+        monkeypatch.setattr(pgvector, "_copy_range", pgvector._copy_range_in_sql)
     rng = np.random.default_rng(0)
     x = (rng.standard_normal((60, 16)) * 3).astype(np.float32)
     x[3] = 0.0

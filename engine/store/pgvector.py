@@ -441,34 +441,55 @@ def _copy_vectors(s: "Session", name: str, encoder: str, dim: int, progress: boo
     (numpy), rounded to float16 as halfvec holds them, and written with one binary COPY
     per range (vectors halfvec cannot hold left out, as the trigger does). Returns the
     rows copied. Decoding the blobs in SQL ran at ~1k vectors/s; this is bound by
-    reading the blobs and the server's inserts."""
+    reading the blobs and the server's inserts. A driver without psycopg 3's
+    ``cursor.copy`` (psycopg2, SQLAlchemy's default when installed) still decodes them
+    in SQL (:func:`_copy_range_in_sql`)."""
     total, lo, hi = s.execute(text("SELECT count(*), min(item_id), max(item_id) FROM "
                                    "item_vectors WHERE encoder = :e AND dim = :d"),
                               {"e": encoder, "d": dim}).one()
     if not total:
         return 0
     step = max(1, (hi - lo + 1) * COPY_CHUNK // total)
-    read = text("SELECT item_id, dtype, vector FROM item_vectors WHERE encoder = :e AND "
-                "dim = :d AND item_id >= :lo AND item_id < :hi ORDER BY item_id")
-    raw = s.connection().connection.driver_connection  # psycopg: the session's transaction
+    copy_range = (_copy_range if s.connection().dialect.driver == "psycopg"
+                  else _copy_range_in_sql)
     copied = 0
     bar = progress_bar(total=total, desc=f"pgvector: copy {encoder} ({dim}) into {name}",
                        unit="vector", enabled=progress)
     try:
         for start in range(lo, hi + 1, step):
-            rows = s.execute(read, {"e": encoder, "d": dim, "lo": start,
-                                    "hi": start + step}).all()
-            ids, halves = decode_halfvecs(rows, dim)
-            if len(ids):
-                with raw.cursor() as cur:
-                    with cur.copy(f"COPY {name} (item_id, embedding) FROM STDIN "
-                                  "(FORMAT BINARY)") as copy:
-                        copy.write(binary_copy(ids, halves))
-            copied += len(ids)
-            bar.update(len(rows))
+            read, written = copy_range(s, name, {"e": encoder, "d": dim, "lo": start,
+                                                 "hi": start + step})
+            copied += written
+            bar.update(read)
     finally:
         bar.close()
     return copied
+
+
+def _copy_range(s: "Session", name: str, params: dict[str, Any]) -> tuple[int, int]:
+    """One range of ids of :func:`_copy_vectors` by binary COPY: (vectors read, copied)."""
+    rows = s.execute(text("SELECT item_id, dtype, vector FROM item_vectors WHERE encoder = :e "
+                          "AND dim = :d AND item_id >= :lo AND item_id < :hi ORDER BY item_id"),
+                     params).all()
+    ids, halves = decode_halfvecs(rows, int(params["d"]))
+    if len(ids):
+        raw = s.connection().connection.driver_connection  # psycopg: the session's transaction
+        with raw.cursor() as cur:
+            with cur.copy(f"COPY {name} (item_id, embedding) FROM STDIN (FORMAT BINARY)") as copy:
+                copy.write(binary_copy(ids, halves))
+    return len(rows), len(ids)
+
+
+def _copy_range_in_sql(s: "Session", name: str, params: dict[str, Any]) -> tuple[int, int]:
+    """One range of ids of :func:`_copy_vectors` decoded in SQL by the trigger's functions
+    (~1-2k vectors/s here): (rows inserted, rows inserted; those left out are not
+    counted as read)."""
+    n = s.execute(text(
+        f"INSERT INTO {name} (item_id, embedding) SELECT item_id, vals::halfvec FROM "
+        "(SELECT item_id, polyrec_vector_values(vector, dtype) AS vals FROM item_vectors "
+        "WHERE encoder = :e AND dim = :d AND item_id >= :lo AND item_id < :hi) AS decoded "
+        "WHERE polyrec_vector_ok(vals)"), params).rowcount
+    return n, n
 
 
 def decode_halfvecs(rows: Sequence[tuple[int, str, bytes]], dim: int
