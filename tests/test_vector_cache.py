@@ -62,3 +62,46 @@ def test_a_changed_vector_is_never_read_from_a_stale_file(store, change):
         truth_ids, truth = load_vectors(session, "enc")  # straight from the blobs
     assert ids == truth_ids and torch.equal(matrix, truth)
     assert {"add": 5, "rewrite": 4, "delete": 3}[change] == len(ids)
+
+
+def test_files_vanishing_during_a_cleanup_are_skipped(tmp_path):
+    """Two writers of one folder: a file the other removed between the listing and the
+    check of its age is skipped, not an error (a server's request failed that way)."""
+    from polyrec.store.vector_cache import beyond_newest
+    old, new = tmp_path / "a.npy", tmp_path / "b.npy"
+    old.write_bytes(b"0")
+    new.write_bytes(b"1")
+    import os
+    os.utime(old, (1_000, 1_000))
+    gone = tmp_path / "gone.npy"  # listed, then removed by the other writer
+    assert beyond_newest([old, gone, new], keep=1) == [old]
+    assert beyond_newest([gone], keep=0) == []
+
+
+def test_concurrent_saves_of_one_stem_never_raise(tmp_path):
+    """Threads saving different keys of one stem at once (each save prunes the others'
+    files): every save returns, the newest files stay readable."""
+    import threading
+
+    import numpy as np
+
+    from polyrec.store.vector_cache import load_arrays, save_arrays
+    errors: list[BaseException] = []
+
+    def writer(t: int) -> None:
+        try:
+            for n in range(40):
+                save_arrays(tmp_path, "keys", f"{t}x{n}", {"ids": np.arange(3) + n,
+                                                           "matrix": np.ones((3, 2)) * n})
+        except BaseException as exc:  # noqa: BLE001 - collected for the assertion
+            errors.append(exc)
+    threads = [threading.Thread(target=writer, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert errors == []
+    save_arrays(tmp_path, "keys", "last", {"ids": np.arange(3), "matrix": np.zeros((3, 2))})
+    found = load_arrays(tmp_path, "keys", "last", ("ids", "matrix"))
+    assert found is not None and found["matrix"].shape == (3, 2)
+    assert len(list(tmp_path.glob("keys-*.ids.npy"))) <= 2 + 4  # pruned (up to one per racing writer)

@@ -70,5 +70,9 @@ def save_cached(directory: Path | None, header: ArtifactHeader, data: bytes,
                     directory, exc)
         return
     pattern = path.name[:-len("0" * 32 + ".pt")] + "?" * 32 + ".pt"  # this name's files
-    for stale in beyond_newest(directory.glob(pattern), keep):
-        stale.unlink(missing_ok=True)
+    try:  # several processes may clean up the same folder at once
+        for stale in beyond_newest(directory.glob(pattern), keep):
+            stale.unlink(missing_ok=True)
+    except OSError as exc:
+        log.warning("could not remove old files of artifact %s in %s: %s", header.name,
+                    directory, exc)

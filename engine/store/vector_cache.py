@@ -66,8 +66,16 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
 
 
 def beyond_newest(paths: Iterable[Path], keep: int) -> list[Path]:
-    """The ``paths`` that are not among the ``keep`` newest by modification time."""
-    return sorted(paths, key=lambda p: p.stat().st_mtime, reverse=True)[keep:]
+    """The ``paths`` that are not among the ``keep`` newest by modification time; a path
+    gone meanwhile (another thread or process cleaning up the same folder) is skipped."""
+    dated: list[tuple[float, Path]] = []
+    for path in paths:
+        try:
+            dated.append((path.stat().st_mtime, path))
+        except FileNotFoundError:
+            continue
+    dated.sort(key=lambda pair: pair[0], reverse=True)
+    return [path for _, path in dated[keep:]]
 
 
 def newest_write(session: Any, encoder: str) -> float | None:
@@ -122,10 +130,13 @@ def save_arrays(directory: Path, stem: str, key: str, arrays: dict[str, np.ndarr
         log.warning("could not save %s-%s in %s: %s", stem, key, directory, exc)
         return
     first = next(iter(arrays))
-    for stale in beyond_newest(directory.glob(f"{_safe(stem)}-*.{first}.npy"), keep):
-        stale_key = stale.name[len(_safe(stem)) + 1:-len(f".{first}.npy")]
-        for part in arrays:
-            _path(directory, stem, stale_key, part).unlink(missing_ok=True)
+    try:  # several threads or processes may clean up the same folder at once
+        for stale in beyond_newest(directory.glob(f"{_safe(stem)}-*.{first}.npy"), keep):
+            stale_key = stale.name[len(_safe(stem)) + 1:-len(f".{first}.npy")]
+            for part in arrays:
+                _path(directory, stem, stale_key, part).unlink(missing_ok=True)
+    except OSError as exc:
+        log.warning("could not remove old %s files in %s: %s", stem, directory, exc)
 
 
 def load_matrix(directory: Path, encoder: str, key: str) -> tuple[list[int], torch.Tensor] | None:
