@@ -246,37 +246,39 @@ class ThompsonBandit(FeedbackLearner):
         rows = _Rows(len(events))
         to_a: list[np.ndarray] = []  # the x of each x x^T added to A, in order
         to_b: list[np.ndarray] = []  # the x of each reward added to b, in order
-        for e in events:
-            if e.id <= self.last_event_id:
-                continue
-            self.last_event_id = e.id
-            if e.kind not in LEARN_KINDS:
-                if e.weight > 0:
-                    pop[e.item_id] = pop.get(e.item_id, 0) + 1
-                    self._max_pop = max(self._max_pop, pop[e.item_id])
-                continue
-            key = (e.user_id, e.item_id)
-            if e.kind == "impression":
-                x = self._x_lazy(e, rows)
-                to_a.append(x)
-                self.impressions += 1
-                self._pending.put(key, x)
-            elif e.kind in REWARD_KINDS:
-                pop[e.item_id] = pop.get(e.item_id, 0) + 1
-                self._max_pop = max(self._max_pop, pop[e.item_id])
-                x = self._pending.pop(key, None)
-                if x is None:  # a click on something we did not see being shown
+        try:
+            for e in events:
+                if e.id <= self.last_event_id:
+                    continue
+                self.last_event_id = e.id
+                if e.kind not in LEARN_KINDS:
+                    if e.weight > 0:
+                        pop[e.item_id] = pop.get(e.item_id, 0) + 1
+                        self._max_pop = max(self._max_pop, pop[e.item_id])
+                    continue
+                key = (e.user_id, e.item_id)
+                if e.kind == "impression":
                     x = self._x_lazy(e, rows)
                     to_a.append(x)
-                to_b.append(x)
-                self.rewards += 1
-            else:  # skip: an impression without reward
-                if self._pending.pop(key, None) is None:
-                    to_a.append(self._x_lazy(e, rows))
-            self._dirty += 1
-        rows.fill(self.new_item_max_events)
-        self.A = _add_in_order(self.A, to_a, outer=True)
-        self.b = _add_in_order(self.b, to_b, outer=False)
+                    self.impressions += 1
+                    self._pending.put(key, x)
+                elif e.kind in REWARD_KINDS:
+                    pop[e.item_id] = pop.get(e.item_id, 0) + 1
+                    self._max_pop = max(self._max_pop, pop[e.item_id])
+                    x = self._pending.pop(key, None)
+                    if x is None:  # a click on something we did not see being shown
+                        x = self._x_lazy(e, rows)
+                        to_a.append(x)
+                    to_b.append(x)
+                    self.rewards += 1
+                else:  # skip: an impression without reward
+                    if self._pending.pop(key, None) is None:
+                        to_a.append(self._x_lazy(e, rows))
+                self._dirty += 1
+        finally:  # the events counted so far are in the sums too, even if one failed
+            rows.fill(self.new_item_max_events)
+            self.A = _add_in_order(self.A, to_a, outer=True)
+            self.b = _add_in_order(self.b, to_b, outer=False)
 
     def wanted_kinds(self) -> set[str]:
         """After a bulk ingestion: impressions, skips and rewards (popularity is re-read).

@@ -191,6 +191,32 @@ def test_bandit_batch_learning_equals_one_event_at_a_time(engine):
     assert _state(shuffled)[:2] != _state(whole)[:2]
 
 
+def test_a_failure_inside_a_batch_keeps_the_events_before_it_in_the_posterior(engine, monkeypatch):
+    """The events of a batch counted before one that fails are in the sums as well: the
+    counters and ``last_event_id`` never run ahead of the posterior."""
+    engine.add_items([{"external_id": f"i{n}"} for n in range(40)])
+    context = hub(engine).context("bandit")
+    events = _mixed_events(400, seed=5)
+    bad = next(k for k, e in enumerate(events) if k > 200 and e.kind == "impression"
+               and not (e.context or {}).get("x"))
+    reference, failing = ThompsonBandit(context, seed=0), ThompsonBandit(context, seed=0)
+    reference._loaded = failing._loaded = True
+    reference.observe(events[:bad])
+    real = ThompsonBandit._x_lazy
+
+    def x_lazy(self, event, rows):  # type: ignore[no-untyped-def]
+        if event.id == events[bad].id:
+            raise RuntimeError("a broken event")
+        return real(self, event, rows)
+    monkeypatch.setattr(ThompsonBandit, "_x_lazy", x_lazy)
+    with pytest.raises(RuntimeError, match="a broken event"):
+        failing.observe(events)
+    assert failing.last_event_id == events[bad].id
+    assert (failing.impressions, failing.rewards) == (reference.impressions, reference.rewards)
+    assert failing.rewards > 20
+    assert np.array_equal(failing.A, reference.A) and np.array_equal(failing.b, reference.b)
+
+
 def test_ingest_catch_up_equals_observing_the_log_one_event_at_a_time(store_url, tmp_path):
     """After `ingest`, the bandit (caught up from the log once, not handed the events a
     second time) holds the state of a bandit fed the stored events one by one."""
