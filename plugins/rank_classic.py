@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from polyrec import ConfigError, ModelNotTrainedError, Ranker, TrainingData, hookimpl
+from polyrec import ConfigError, ModelNotTrainedError, Option, Ranker, TrainingData, hookimpl
 
 #: EASE's default regularisation grid, tuned on validation.
 EASE_L2_GRID = [10.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0]
@@ -321,10 +321,17 @@ class SideEASERanker(EDLAERanker):
     name = "ease_side"
     tunable = ("l2", "side", "dropout")
     defaults = {"l2": SIDE_L2_GRID, "side": SIDE_WEIGHT_GRID, "dropout": SIDE_DROPOUT_GRID,
-                "zero_diagonal": False, "modalities": ["text"], "metric": "ndcg@20"}
+                "zero_diagonal": False,
+                "modalities": Option(["text"], str, grid=True,
+                                     help='modality names, one name, or "all"'),
+                "metric": "ndcg@20"}
 
     def _modalities(self, data: TrainingData) -> list[str]:
+        """The modalities of ``data`` whose vectors join the Gram matrix: ``modalities``
+        is a list of names, one name (``--set modalities=kg``) or "all"."""
         wanted = self.params.get("modalities")
+        if isinstance(wanted, str):
+            wanted = None if wanted == "all" else [wanted]
         return [m for m in sorted(data.item_features) if wanted is None or m in wanted]
 
     def fit(self, data: TrainingData) -> None:

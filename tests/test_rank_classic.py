@@ -150,6 +150,24 @@ def test_ease_side_is_ease_over_the_content_dimensions_as_pseudo_users():
     assert torch.allclose(plain.weights, ease.weights, atol=1e-6)
 
 
+def test_ease_side_modalities_are_names_not_substrings():
+    """One name (as `--set modalities=text` gives it), a list and "all" select the same
+    vectors here; a name that is only part of one ("tex") selects none."""
+    data = _with_text(_tiny())
+
+    def weights(modalities):  # type: ignore[no-untyped-def]
+        r = SideEASERanker(l2=1.0, side=4.0, dropout=0.0, zero_diagonal=True,
+                           modalities=modalities)
+        r.fit(data)
+        return r.weights
+    listed = weights(["text"])
+    assert torch.equal(weights("text"), listed) and torch.equal(weights("all"), listed)
+    ease = EASERanker(l2=1.0)
+    ease.fit(data)
+    assert torch.allclose(weights("tex"), ease.weights, atol=1e-6)
+    assert not torch.allclose(listed, ease.weights, atol=1e-3)
+
+
 def test_ease_side_without_vectors_tunes_no_side_weight():
     gen = torch.Generator().manual_seed(0)  # 30 users with 5 of 8 items each, no vectors
     items = torch.cat([torch.randperm(8, generator=gen)[:5] for _ in range(30)])
