@@ -172,8 +172,9 @@ def encode_subset(url: str | None, paths: dict[str, Path], n: int, ray_workers: 
 def train(eng: Engine, ray_workers: int | None, holdout: float | None = None
           ) -> dict[str, Any]:
     """The two-tower, one epoch; ``holdout``: the registry's held-out share (None: its
-    default; 0: none, so no gate evaluation and no Recall@20: at 1M items that
-    evaluation scores every held-out user over the whole catalogue)."""
+    default; 0: none, so no gate evaluation and no Recall@20). The gate measures at most
+    its ``holdout_users`` (2,000) held-out users, each over the whole catalogue:
+    ``gate_users`` of ``held_out_users``."""
     extra = {} if holdout is None else {"holdout": holdout}
     if ray_workers:
         from polyrec.cluster.train import train as ray_train
@@ -185,7 +186,9 @@ def train(eng: Engine, ray_workers: int | None, holdout: float | None = None
     steps_s = rep.interactions / rep.info["throughput"]  # the epoch's steps (two_tower info)
     return {"train_s_per_epoch": round(steps_s, 2), "train_fit_s": round(rep.seconds, 2),
             "train_total_s": round(secs, 2),
-            "train_positives": rep.interactions, "recall@20": rep.metrics.get("recall@20")}
+            "train_positives": rep.interactions, "recall@20": rep.metrics.get("recall@20"),
+            "gate_users": rep.metrics.get("users"),
+            "held_out_users": rep.metrics.get("held_out_users", rep.metrics.get("users"))}
 
 
 def batch(eng: Engine, users: list[str], ray_workers: int | None) -> dict[str, Any]:

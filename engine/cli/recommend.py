@@ -97,7 +97,10 @@ def train_command(ctx: click.Context, ranker: str | None, epochs: int | None, se
                    + ", ".join(f"{k}={v:g}" for k, v in weights.items()))
     metrics = {k: v for k, v in report.metrics.items() if k in ("recall@20", "ndcg@20")}
     if metrics:
-        click.echo("holdout: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        sampled = report.metrics.get("held_out_users")
+        click.echo("holdout: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+                   + (f" on {report.metrics.get('users', 0):,} of the {sampled:,} held-out "
+                      f"users (a fixed sample: gate setting holdout_users)" if sampled else ""))
     click.echo(f"Saved as artifact 'pipeline' version {report.version}")
     if report.forced:
         click.echo(f"Version {report.version} is live (--force) although it failed the gate: "

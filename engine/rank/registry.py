@@ -16,7 +16,11 @@ version passes before it goes live, rollback and pruning.
   is not below the live one's by more than max(``tolerance``, 2 x the standard error
   of the paired per-user difference) (``tolerance`` 0.02 absolute by default; setting
   ``models.gate``): on a small holdout the noise, not the tolerance, decides. A version
-  that fails is stored but not made live.
+  that fails is stored but not made live. The held-out users measured are at most
+  ``holdout_users`` (2,000 by default; 0: all): beyond that, those with the smallest
+  stable hash of their external id (:func:`evaluated_users`), so the metrics and check
+  (c) of a large catalogue cost a bounded time and the sample does not depend on the
+  seed, the order of the data or the run.
 - **Good** versions (:func:`is_good`): the gate passed, or the version predates the gate
   (no verdict recorded). Rollback and the serving fallback only go to good versions.
 """
@@ -57,6 +61,7 @@ GATE_DEFAULTS: dict[str, Any] = {
     "tolerance": 0.02,       # absolute: fails when live - new > max(tolerance, 2 * SE)
     "sample_users": 64,      # users of checks (a) and (b)
     "k": 10,                 # recommendations asked for in the smoke test (b)
+    "holdout_users": 2000,   # held-out users measured (metrics, check (c)); 0: all of them
 }
 
 
@@ -66,37 +71,82 @@ def _pair_hash(user: str, item: str) -> float:
     return int.from_bytes(digest, "big") / 2 ** 64
 
 
-def holdout_mask(engine: "Engine", data: TrainingData, share: float = HOLDOUT_SHARE
-                 ) -> torch.Tensor:
-    """bool [n_interactions]: the pairs of ``data`` in the deterministic holdout."""
-    if share <= 0 or len(data.users) == 0:
-        return torch.zeros(len(data.users), dtype=torch.bool)
+def _user_hash(user: str) -> int:
+    return int.from_bytes(hashlib.blake2b(f"eval\x1f{user}".encode(), digest_size=8).digest(),
+                          "big")
+
+
+def _user_external_ids(engine: "Engine", data: TrainingData) -> list[str]:
     with engine.store.session() as s:
         users = dict(s.execute(select(User.id, User.external_id)).all())
+    return [str(users[u]) for u in data.user_ids]
+
+
+def holdout_mask(engine: "Engine", data: TrainingData, share: float = HOLDOUT_SHARE,
+                 user_external: list[str] | None = None) -> torch.Tensor:
+    """bool [n_interactions]: the pairs of ``data`` in the deterministic holdout
+    (``user_external``: the users' external ids when the caller has them)."""
+    if share <= 0 or len(data.users) == 0:
+        return torch.zeros(len(data.users), dtype=torch.bool)
+    uext = user_external if user_external is not None else _user_external_ids(engine, data)
+    with engine.store.session() as s:
         items = dict(s.execute(select(Item.id, Item.external_id)).all())
-    uext = [str(users[u]) for u in data.user_ids]
     iext = [str(items[i]) for i in data.item_ids]
     flags = [_pair_hash(uext[u], iext[i]) < share
              for u, i in zip(data.users.tolist(), data.items.tolist())]
     return torch.tensor(flags, dtype=torch.bool)
 
 
-def holdout_record(share: float, pairs: int) -> dict[str, Any]:
-    return {"rule": HOLDOUT_RULE, "share": share, "pairs": int(pairs)}
+def evaluated_users(held_users: torch.Tensor, user_external: list[str],
+                    max_users: int) -> torch.Tensor:
+    """The ``max_users`` of ``held_users`` (user indices with held-out pairs) whose
+    blake2b hash of the external id is smallest, ascending; all of them when they are
+    no more than ``max_users`` or ``max_users`` is 0. Depends on the ids only: the same
+    users for any seed or data order, and mostly the same as the data grows."""
+    if max_users <= 0 or len(held_users) <= max_users:
+        return held_users
+    keyed = sorted(held_users.tolist(), key=lambda u: (_user_hash(user_external[u]), u))
+    return torch.tensor(sorted(keyed[:max_users]), dtype=torch.long)
 
 
-def split_holdout(engine: "Engine", data: TrainingData, share: float = HOLDOUT_SHARE
+def holdout_record(share: float, pairs: int, users: int | None = None,
+                   evaluated: int | None = None, max_users: int = 0) -> dict[str, Any]:
+    """The holdout rule and sizes stored in a version's meta: held-out ``pairs`` and
+    ``users``, the ``evaluated_users`` measured and the cap ``max_users`` (0: none)."""
+    record: dict[str, Any] = {"rule": HOLDOUT_RULE, "share": share, "pairs": int(pairs)}
+    if users is not None:
+        record.update(users=int(users), evaluated_users=int(evaluated if evaluated is not None
+                                                            else users),
+                      max_users=int(max_users))
+    return record
+
+
+def split_holdout(engine: "Engine", data: TrainingData, share: float = HOLDOUT_SHARE,
+                  max_users: int = 0
                   ) -> tuple[TrainingData, list[torch.Tensor], dict[str, Any]]:
-    """(training data without the holdout, held-out item indices per user, record)."""
-    held = holdout_mask(engine, data, share)
+    """(training data without the holdout, held-out item indices per user, record).
+    Every held-out pair is left out of the training; with ``max_users`` > 0 only the
+    pairs of at most that many users (:func:`evaluated_users`) are kept in the test
+    lists, the others' lists are empty (not measured)."""
+    uext = _user_external_ids(engine, data) if share > 0 and len(data.users) else []
+    held = holdout_mask(engine, data, share, uext)
     train = data.subset(~held)
     test = [torch.empty(0, dtype=torch.long) for _ in range(data.n_users)]
+    n_users = n_evaluated = 0
     if bool(held.any()):
         hu, hi = data.users[held], data.items[held]
         order = torch.argsort(hu, stable=True)
-        counts = torch.bincount(hu, minlength=data.n_users).tolist()
-        test = list(torch.split(hi[order], counts))
-    return train, test, holdout_record(share, int(held.sum()))
+        counts = torch.bincount(hu, minlength=data.n_users)
+        test = list(torch.split(hi[order], counts.tolist()))
+        users = torch.nonzero(counts > 0).flatten()
+        keep = evaluated_users(users, uext, max_users)
+        n_users, n_evaluated = len(users), len(keep)
+        if n_evaluated < n_users:
+            dropped = torch.ones(data.n_users, dtype=torch.bool)
+            dropped[keep] = False
+            for u in torch.nonzero(dropped & (counts > 0)).flatten().tolist():
+                test[u] = torch.empty(0, dtype=torch.long)
+    return train, test, holdout_record(share, int(held.sum()), n_users, n_evaluated, max_users)
 
 
 def per_user_metrics(ranker: "Ranker", train: TrainingData, test: list[torch.Tensor],
@@ -160,12 +210,15 @@ def gate_config(engine: "Engine", overrides: Mapping[str, Any] | None = None) ->
     if unknown:
         raise ConfigError(f"unknown gate setting(s) {', '.join(sorted(unknown))} "
                           f"(known: {', '.join(sorted(GATE_DEFAULTS))})")
-    for key, kind in (("tolerance", float), ("sample_users", int)):
+    for key, kind in (("tolerance", float), ("sample_users", int), ("holdout_users", int)):
         try:
             config[key] = kind(config[key])
         except (TypeError, ValueError):
             raise ConfigError(f"gate setting '{key}' must be a {kind.__name__} number, "
                               f"not {config[key]!r}") from None
+    if config["holdout_users"] < 0:
+        raise ConfigError(f"gate setting 'holdout_users' must be 0 (all held-out users) or "
+                          f"a positive number, not {config['holdout_users']}")
     return config
 
 

@@ -172,7 +172,8 @@ def train(engine: "Engine", ranker: str | None = None, *, options: Mapping[str, 
             data = build_training_data(engine, min_rating=min_rating, session=s)
     if len(data.users) == 0:
         raise ConfigError("no positive interactions to train on; ingest interactions first")
-    fit_data, test, held = registry.split_holdout(engine, data, holdout)
+    fit_data, test, held = registry.split_holdout(engine, data, holdout,
+                                                  int(gate_settings["holdout_users"]))
     model = build_ranker(engine, name, opts)
     warm = _warm_start(engine, model, name, warm_start)
     stage(f"train: fitting {name} on {len(fit_data.users):,} positives of {data.n_users:,} users "
@@ -183,11 +184,13 @@ def train(engine: "Engine", ranker: str | None = None, *, options: Mapping[str, 
     else:
         fit(model, fit_data)
     seconds = time.perf_counter() - start
-    stage(f"train: {name} fitted in {seconds:.1f}s; measuring it on the holdout", show)
+    stage(f"train: {name} fitted in {seconds:.1f}s; measuring it on {_evaluated(held)}", show)
     per_user: dict[str, torch.Tensor] = {}
     try:
         per_user = registry.per_user_metrics(model, fit_data, test)
         metrics: dict[str, Any] = registry.summarise(per_user, test)
+        if metrics and held.get("evaluated_users", 0) < held.get("users", 0):
+            metrics["held_out_users"] = held["users"]  # the metrics are of a sample of them
     except Exception as exc:  # noqa: BLE001 - the gate reports a broken ranker
         metrics = {"error": f"{type(exc).__name__}: {exc}"}
     info = dict(getattr(model, "info", {}) or {})
@@ -226,6 +229,15 @@ def train(engine: "Engine", ranker: str | None = None, *, options: Mapping[str, 
                        int(len(fit_data.users)), list(data.item_features), _jsonable(info),
                        activated=activated, forced=forced, live_version=registry.live_version(engine),
                        gate=_jsonable(verdict), metrics=metrics, warm_start=warm)
+
+
+def _evaluated(held: Mapping[str, Any]) -> str:
+    """'the N held-out users' or 'N of the M held-out users (gate setting holdout_users)'."""
+    users, evaluated = int(held.get("users", 0)), int(held.get("evaluated_users", 0))
+    if evaluated < users:
+        return (f"{evaluated:,} of the {users:,} held-out users (a fixed sample: gate setting "
+                f"holdout_users)")
+    return f"the {users:,} held-out users"
 
 
 def _warm_start(engine: "Engine", model: Ranker, name: str, version: int | None
