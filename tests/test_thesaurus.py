@@ -37,14 +37,16 @@ SYNSETS = {
 }
 
 
-def write_wordnet(root: Path, tagged: dict[str, int] | None = None) -> Path:
+def write_wordnet(root: Path, tagged: dict[str, int] | None = None,
+                  synsets: dict | None = None) -> Path:
     """A Princeton-format database with Windows line ends (as some packages ship it);
-    ``tagged``: lemma -> how many of its first senses have usage counts (default none)."""
+    ``tagged``: lemma -> how many of its first senses have usage counts (default none);
+    ``synsets``: in place of SYNSETS."""
     tagged = tagged or {}
     root.mkdir(parents=True, exist_ok=True)
     lines: dict[str, list[str]] = {"noun": ["  1 license line"], "adj": ["  1 license line"]}
     index: dict[str, dict[str, list[int]]] = {"noun": {}, "adj": {}}
-    for off, (pos, words, ptrs, gloss) in SYNSETS.items():
+    for off, (pos, words, ptrs, gloss) in (SYNSETS if synsets is None else synsets).items():
         name = "noun" if pos == "n" else "adj"
         ws = " ".join(f"{w} 0" for w in words)
         ps = " ".join(f"{sym} {o:08d} {p} 0000" for sym, o, p in ptrs)
@@ -91,6 +93,18 @@ def test_senses_without_usage_counts_share_one_rank(tmp_path):
     assert [s.evidence_rank for s in one.senses("overall")] == [0, 1]
     both = WordNet(write_wordnet(tmp_path / "both", tagged={"overall": 2}))
     assert [(s.rank, s.evidence_rank) for s in both.senses("overall")] == [(0, 0), (1, 1)]
+
+
+def test_a_counted_sense_of_another_lemma_ranks_before_uncounted_ones(tmp_path):
+    """"trunks" has two senses of its own without usage counts and, through the lemma
+    "trunk", one WordNet counted: that one is the most frequent sense by evidence."""
+    synsets = {801: ("n", ["trunks"], [], "swimming shorts"),
+               802: ("n", ["trunks"], [], "a sense no one counted"),
+               803: ("n", ["trunk"], [], "the main stem of a tree")}
+    wn = WordNet(write_wordnet(tmp_path / "lemmas", tagged={"trunk": 1}, synsets=synsets))
+    got = [(s.gloss, s.rank, s.evidence_rank) for s in wn.senses("trunks")]
+    assert got == [("swimming shorts", 0, 1), ("a sense no one counted", 1, 1),
+                   ("the main stem of a tree", 2, 0)]
 
 
 def test_wordnet_gives_kinds_and_lexicographer_files(wordnet):
@@ -297,9 +311,11 @@ def test_hm_words_the_catalogue_never_spells(hm):
     r = hm.search("slacks", 10)  # a kind of trouser in WordNet; two H&M titles only
     assert ("slacks", "type", "Trousers", "thesaurus") in entities(r)
     assert "trouser" in r.as_dict()["entities"][0]["via"]
+    assert len(r.results) == 10
     assert all(h.attributes["product_type_name"] == "Trousers" for h in r.results)
     r = hm.search("checkered", 10)  # similar to checked: the pattern Check
     assert ("checkered", "pattern", "Check", "thesaurus") in entities(r)
+    assert len(r.results) == 10
     assert all(h.attributes["graphical_appearance_name"] == "Check" for h in r.results)
     r = hm.search("purse", 10)  # a synonym of bag
     assert ("purse", "type", "Bag", "thesaurus") in entities(r)
@@ -311,8 +327,11 @@ def test_hm_colour_readings_are_judged_by_the_colour_table(hm):
     # not know colour words), the colour table has Off White among ivory's colours
     r = hm.search("ivory", 10, thesaurus_agree=1.5)
     assert ("ivory", "colour", "Off White", "thesaurus") in entities(r)
+    assert len(r.results) == 10
     assert all(h.attributes["colour_group_name"] == "Off White" for h in r.results)
-    # "mauve" is a kind of purple in WordNet; the table's mauve is a dusty pink or grey
+    # "mauve" is a kind of purple in WordNet; the table's mauve is a dusty pink or grey,
+    # so the thesaurus reading is refused
+    assert any("purple" in s.broader for s in WordNet.find().senses("mauve"))
     assert hm.search("mauve", 5).understood.get("colour") != "Purple"
 
 
@@ -321,11 +340,13 @@ def test_hm_a_words_only_reading_stands(hm):
     # other reading of the word to prefer
     r = hm.search("frock", 10)
     assert ("frock", "type", "Dress", "thesaurus") in entities(r)
+    assert len(r.results) == 10
     assert all(h.attributes["product_type_name"] == "Dress" for h in r.results)
     # "unpatterned" is similar to solid-coloured: the pattern Solid (46% of the items,
     # named by its whole name: specific enough)
     r = hm.search("unpatterned", 10)
     assert ("unpatterned", "pattern", "Solid", "thesaurus") in entities(r)
+    assert len(r.results) == 10
     assert all(h.attributes["graphical_appearance_name"] == "Solid" for h in r.results)
 
 

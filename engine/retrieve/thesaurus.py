@@ -24,6 +24,7 @@ import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 #: WordNet parts of speech read here: nouns (garments, colours) and adjectives (plain, sparkly)
 POS: tuple[str, ...] = ("noun", "adj")
@@ -134,7 +135,8 @@ class WordNet:
         for pos in POS:
             seen: set[int] = set()
             rank = 0
-            counted = 0  # senses with tagged counts so far (they come first per lemma)
+            # (sense fields but the evidence rank, whether WordNet counted its uses)
+            found: list[tuple[tuple[Any, ...], bool]] = []
             for lemma in self.lemmas(word, pos):
                 tagged = self._tagged[pos].get(lemma, 0)
                 for k, offset in enumerate(self._index[pos][lemma]):
@@ -151,12 +153,17 @@ class WordNet:
                             for w in self._synset(tpos, target)[0]:
                                 if w not in into:
                                     into.append(w)
-                    if k < tagged:
-                        counted += 1
-                    out.append(Sense(pos, rank, tuple(words), tuple(broader), gloss,
-                                     self._lexnames.get(lexfile, ""), tuple(narrower),
-                                     rank if k < tagged else counted))
+                    found.append(((pos, rank, tuple(words), tuple(broader), gloss,
+                                   self._lexnames.get(lexfile, ""), tuple(narrower)),
+                                  k < tagged))
                     rank += 1
+            # counted senses rank by their order among the counted ones (over all the
+            # word's lemmas); every uncounted sense comes after them, alike
+            n_counted = sum(c for _, c in found)
+            order = 0
+            for fields, was_counted in found:
+                out.append(Sense(*fields, evidence_rank=order if was_counted else n_counted))
+                order += was_counted
         return out
 
     def _synset(self, pos: str, offset: int
