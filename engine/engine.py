@@ -190,6 +190,27 @@ class Engine:
         from polyrec.retrieve.search import search
         return search(self, query, k, user=user, filters=filters, **options)
 
+    def synonyms(self) -> Any:
+        """The shop's search synonyms stored in this database (a
+        polyrec.retrieve.synonyms.Synonyms; empty when none were set)."""
+        from polyrec.retrieve.synonyms import load
+        with self.store.session() as s:
+            return load(s)
+
+    def set_synonyms(self, synonyms: Any, *, source: str | None = None) -> int:
+        """Replace the stored search synonyms with ``synonyms``: a Synonyms, the text
+        of a synonyms file (``"plaid, tartan => check"``, one rule a line) or None to
+        remove them all. Searches of every process on this store use them from their
+        next request. Returns the number of rules stored."""
+        from polyrec.retrieve.synonyms import Synonyms, save
+        if synonyms is None:
+            synonyms = Synonyms()
+        elif isinstance(synonyms, str):
+            synonyms = Synonyms.parse(synonyms, source or "<text>")
+        with self.store.session() as s:
+            save(s, synonyms, source)
+        return len(synonyms)
+
     def similar(self, item: str, k: int = 10, *, filters: Mapping[str, Any] | None = None,
                 basis: str = "auto") -> Any:
         """Items most similar to ``item`` by fused (else encoder) vectors. Returns a

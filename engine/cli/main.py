@@ -31,6 +31,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "polyrec.cli.feedback",
     "polyrec.cli.serve",
     "polyrec.cli.search_eval",
+    "polyrec.cli.synonyms",
     "polyrec.cli.kg",
 )
 

@@ -61,6 +61,9 @@ def search_command(state: CliState, query: str, k: int, user: str | None,
     if soft:  # matches by meaning: the span, the value, how it was read, how sure
         click.echo("matched: " + "; ".join(f"'{m.text}' -> {m.slot}: {m.value} ({m.source} "
                                            f"{m.confidence:.2f})" for m in soft))
+    if response.understanding.synonyms:
+        click.echo("synonyms: " + ", ".join(f"{a} -> {b}" for a, b in
+                                            response.understanding.synonyms.items()))
     if response.understanding.corrected:
         click.echo("corrected: " + ", ".join(f"{a} -> {b}" for a, b in
                                              response.understanding.corrected.items()))

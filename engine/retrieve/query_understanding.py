@@ -146,6 +146,8 @@ class Understanding:
     spans: list[tuple[int, int]] = field(default_factory=list)
     #: misspelt words read as catalogue words: {"jaket": "jacket"}
     corrected: dict[str, str] = field(default_factory=dict)
+    #: phrases the shop's synonyms rewrote before reading: {"plaid": "check"}
+    synonyms: dict[str, str] = field(default_factory=dict)
     #: what a trained intent model read in the query (its facets and demand), if used
     intent_model: dict[str, Any] | None = None
 

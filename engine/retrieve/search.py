@@ -36,12 +36,14 @@ from polyrec.errors import (ConfigError, ModelNotTrainedError, PolyrecError,
 from polyrec.rank.vector_index import IndexSettings, IndexSlot
 from polyrec.retrieve.lexical import LexicalIndex, Signature, _attributes, make_index
 from polyrec.retrieve.catalogue_lexicon import CatalogueLexicon
+from polyrec.retrieve.synonyms import SETTING as SYNONYMS_SETTING, Synonyms
 from polyrec.retrieve.thesaurus import WordNet
 from polyrec.retrieve.query_understanding import (SEMANTIC_SLOTS, STOPWORDS, IntentClassifier,
                                                   Match, SemanticMatcher, Understanding,
                                                   Vocabulary, intent_slot, slot_of)
 from polyrec.store import vector_cache
 from polyrec.store.models import Interaction, Item, ItemVector
+from polyrec.store.settings import get_setting
 from polyrec.store.pgvector import PgVectors
 from polyrec.store.vector_cache import index_directory
 
@@ -69,6 +71,9 @@ class SearchOptions:
     candidates: int = 200
     #: "boost" (matches first), "filter" (only full matches) or "off".
     understanding: str = "boost"
+    #: rewrite the query with the shop's synonyms first (polyrec.retrieve.synonyms;
+    #: ``polyrec synonyms import FILE``)
+    synonyms: bool = True
     facet_boost: float = 1.0
     intent_boost: float = 0.02
     intent_threshold: float = 0.5
@@ -188,6 +193,8 @@ class SearchResponse:
                "entities": [m.as_dict() for m in u.matches], "intent": u.intent,
                "rankings": self.rankings, "personalised": self.personalised,
                "notes": self.notes, "results": [h.as_dict() for h in self.results]}
+        if u.synonyms:
+            out["synonyms"] = dict(u.synonyms)
         if u.corrected:
             out["corrected"] = dict(u.corrected)
         if u.intent_model is not None:
@@ -520,6 +527,13 @@ class Searcher:
                 self._memo = memo
         return found
 
+    def synonyms(self, session: Any) -> Synonyms:
+        """The shop's synonyms stored in the database (polyrec.retrieve.synonyms), parsed
+        once per stored version."""
+        value = get_setting(session, SYNONYMS_SETTING)
+        stamp = value.get("at") if isinstance(value, dict) else None
+        return self.memo(("synonyms", stamp), lambda: Synonyms.from_json(value))
+
     def lexical(self, session: Any, backend: str = "auto") -> LexicalIndex:
         found = self._lexical.get(backend)
         if found is None:
@@ -768,8 +782,12 @@ class Searcher:
             state = self.state(s)
             snap = self.catalog(s, state)
             allowed = snap.allowed(filters)
-            und = (snap.vocabulary.understand(query) if opts.understanding != "off"
-                   else Understanding(query))
+            # the shop's own synonyms first: every retriever reads the rewritten query
+            rewritten, applied = (self.synonyms(s).rewrite(query) if opts.synonyms
+                                  else (query, {}))
+            und = (snap.vocabulary.understand(rewritten) if opts.understanding != "off"
+                   else Understanding(rewritten))
+            und.synonyms = applied
             pool = max(opts.candidates, 5 * k)
             text = corrected_query(und)  # misspelt words read as the catalogue's words
             if opts.understanding != "off" and opts.semantic:
