@@ -52,6 +52,7 @@ def _patterns(response) -> list[str]:
     return [h.attributes["graphical_appearance_name"] for h in response.results]
 
 
+@pytest.mark.slow
 def test_cli_import_list_try_and_search(hm, tmp_path):
     run = CliRunner()
     rules = tmp_path / "synonyms.txt"
@@ -78,6 +79,7 @@ def test_cli_import_list_try_and_search(hm, tmp_path):
     assert "no synonyms" in run.invoke(cli, ["--db", str(hm), "synonyms", "list"]).output
 
 
+@pytest.mark.slow
 def test_python_api_every_engine_on_the_store_reads_them(hm):
     with Engine(hm, device="cpu", entrypoints=False, progress=False) as writer, \
             Engine(hm, device="cpu", entrypoints=False, progress=False) as reader:
