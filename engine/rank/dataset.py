@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 import torch
-from sqlalchemy import select
+from sqlalchemy import and_, case, literal, or_, select
 from sqlalchemy.orm import Session
 
 from polyrec.store.catalog import DEFAULT_KIND_WEIGHTS
@@ -54,50 +54,76 @@ def build_training_data(engine: "Engine", *, min_rating: float = 4.0,
     weights = {k: float(DEFAULT_KIND_WEIGHTS.get(k, 1.0)) for k in chosen}
     with ExitStack() as stack:
         s = session if session is not None else stack.enter_context(engine.store.snapshot())
-        user_ids = list(s.execute(select(User.id).order_by(User.id)).scalars())
-        item_ids = list(s.execute(select(Item.id).order_by(Item.id)).scalars())
-        rows = s.execute(select(Interaction.user_id, Interaction.item_id, Interaction.kind,
-                                Interaction.value, Interaction.ts)
-                         .where(Interaction.kind.in_(chosen))).all()
+        user_ids = [int(r[0]) for r in _fetch(s, select(User.id).order_by(User.id))]
+        item_ids = [int(r[0]) for r in _fetch(s, select(Item.id).order_by(Item.id))]
+        events = _positive_events(s, weights, min_rating)
         feats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         sources: dict[str, str] = {}
         keys: dict[str, str] = {}
         if features:
             feats, sources, keys = _item_features(engine, s, item_ids, encoders)
-    users, items, w, ts = _positives(rows, user_ids, item_ids, weights, min_rating)
+    users, items, w, ts = _pairs(events, user_ids, item_ids)
     return TrainingData(user_ids=user_ids, item_ids=item_ids, users=users, items=items,
                         weights=w, ts=ts, item_features=feats, feature_encoders=sources,
                         feature_keys=keys)
 
 
-def _positives(rows: list, user_ids: list[int], item_ids: list[int],
-               weights: dict[str, float], min_rating: float
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Dense (users, items, weights, ts), one row per positive (user, item) pair,
-    sorted by user then time."""
-    uidx = {u: i for i, u in enumerate(user_ids)}
-    iidx = {it: i for i, it in enumerate(item_ids)}
-    us, its, ws, tss = [], [], [], []
-    for user, item, kind, value, ts in rows:
-        if kind == "rating" and (value is None or value < min_rating):
-            continue
-        weight = weights[kind]
-        if weight <= 0:
-            continue
-        u, i = uidx.get(user), iidx.get(item)
-        if u is None or i is None:  # only without isolation (one shared in-memory connection)
-            continue
-        us.append(u)
-        its.append(i)
-        ws.append(weight)
-        tss.append(ts)
-    if not us:
+def _fetch(session: Session, stmt) -> list[tuple]:  # type: ignore[no-untyped-def]
+    """The rows of a Core ``stmt`` as plain tuples, read through the driver's cursor in
+    ``session``'s transaction: SQLAlchemy's row objects cost most of a refresh (100k
+    interactions: 0.8 s of rows against ~0.1 s of tuples). Bound values are our own
+    constants (kinds, weights, the rating threshold), rendered as literals."""
+    conn = session.connection()
+    sql = str(stmt.compile(dialect=conn.dialect, compile_kwargs={"literal_binds": True}))
+    cursor = conn.connection.cursor()
+    try:
+        cursor.execute(sql)
+        return cursor.fetchall()
+    finally:
+        cursor.close()
+
+
+def _positive_events(session: Session, weights: dict[str, float], min_rating: float
+                     ) -> np.ndarray:
+    """(user id, item id, weight, ts) float64 [n, 4] of every event that counts as a
+    positive: a kind of positive weight, a rating only from ``min_rating``; the weight of
+    its kind computed by the database (``CASE kind``)."""
+    positive = {k: w for k, w in weights.items() if w > 0}
+    if not positive:
+        return np.empty((0, 4))
+    weight = case({k: literal(float(w)) for k, w in positive.items()}, value=Interaction.kind)
+    counts = or_(Interaction.kind != "rating",
+                 and_(Interaction.value.is_not(None), Interaction.value >= float(min_rating)))
+    rows = _fetch(session, select(Interaction.user_id, Interaction.item_id, weight,
+                                  Interaction.ts)
+                  .where(Interaction.kind.in_(sorted(positive)), counts))
+    return np.asarray(rows, dtype=np.float64).reshape(-1, 4)
+
+
+def _dense(ids: np.ndarray, known: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(dense index of each id in the sorted ``known`` ids, whether it is known)."""
+    ref = np.asarray(known, dtype=np.int64)
+    pos = np.searchsorted(ref, ids)
+    ok = pos < len(ref)
+    ok[ok] = ref[pos[ok]] == ids[ok]
+    return pos, ok
+
+
+def _pairs(events: np.ndarray, user_ids: list[int], item_ids: list[int]
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dense (users, items, weights, ts), one row per positive (user, item) pair (its
+    largest weight, its first time), sorted by user then time. Events of users or items
+    not in the ids are dropped (only without isolation: one shared in-memory
+    connection)."""
+    u, u_ok = _dense(events[:, 0].astype(np.int64), user_ids)
+    i, i_ok = _dense(events[:, 1].astype(np.int64), item_ids)
+    keep = u_ok & i_ok
+    if not keep.any():
         empty = torch.empty(0, dtype=torch.long)
         return empty, empty.clone(), torch.empty(0), torch.empty(0, dtype=torch.float64)
-    u = np.asarray(us, dtype=np.int64)
-    i = np.asarray(its, dtype=np.int64)
-    w = np.asarray(ws, dtype=np.float32)
-    t = np.asarray(tss, dtype=np.float64)
+    u, i = u[keep], i[keep]
+    w = events[keep, 2].astype(np.float32)
+    t = events[keep, 3]
     key = u * len(item_ids) + i
     order = np.lexsort((t, key))  # by pair, earliest event first
     key, w, t = key[order], w[order], t[order]
