@@ -114,3 +114,74 @@ def test_ml100k_positives(ml100k_db):
     assert (data.n_users, data.n_items) == (943, 1682)
     assert len(data.users) == 55375  # ratings of 4 and 5 in MovieLens-100k
     assert int((data.item_counts() == 0).sum()) == 235
+
+
+def _same(a, b) -> None:
+    assert a.user_ids == b.user_ids and a.item_ids == b.item_ids
+    for name in ("users", "items", "weights", "ts"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert x.dtype == y.dtype and torch.equal(x, y), name
+
+
+def test_extending_with_appended_events_equals_a_full_build(shop):
+    """New users and events merged into the previous pairs give exactly what reading
+    everything again gives: a pair's largest weight and earliest time, new users at the
+    end, ratings under the threshold and weightless kinds left out."""
+    from sqlalchemy import func, select
+
+    from polyrec.rank.dataset import extend_training_data
+    from polyrec.store.models import Interaction, User
+
+    def marks():
+        with shop.store.snapshot() as s:
+            return (s.execute(select(func.max(Interaction.id))).scalar_one(),
+                    s.execute(select(func.max(User.id))).scalar_one())
+    data = build_training_data(shop, features=False)
+    after_event, after_user = marks()
+    shop.add_users([{"external_id": "quiet"}])  # a new user with no event
+    shop.add_interactions([
+        {"user": "a", "item": "i2", "kind": "purchase", "ts": 5},   # an older, heavier event
+        {"user": "a", "item": "i1", "kind": "rating", "value": 5, "ts": 30},  # now positive
+        {"user": "b", "item": "i4", "kind": "rating", "value": 2, "ts": 31},  # too low
+        {"user": "new", "item": "i0", "kind": "click", "ts": 32},
+        {"user": "new", "item": "i0", "kind": "click", "ts": 33},   # the same pair again
+        {"user": "new", "item": "i3", "kind": "impression", "ts": 34},  # weighs nothing
+    ])
+    with shop.store.snapshot() as s:
+        grown = extend_training_data(data, s, after_interaction=after_event,
+                                     after_user=after_user)
+    full = build_training_data(shop, features=False)
+    _same(grown, full)
+    assert grown.n_users == data.n_users + 2 and len(grown.users) == len(data.users) + 2
+
+
+def test_a_click_is_merged_into_the_served_snapshot_without_a_full_read(tmp_path, monkeypatch):
+    """The recommender's refresh after new events and users extends its snapshot (no
+    full read of the events) and serves what a full read would; a deletion falls back
+    to the full read."""
+    import polyrec.rank.recommend as recommend_module
+    shop = Engine(tmp_path / "live.db", device="cpu", entrypoints=False, progress=False)
+    shop.add_items([{"external_id": f"i{k}"} for k in range(6)])
+    shop.add_interactions([{"user": f"u{n}", "item": f"i{(n * k) % 6}", "kind": "click",
+                            "ts": n * 10 + k} for n in range(1, 8) for k in range(3)])
+    shop.train("popular")
+    shop.recommend("u1", 3)
+    rec = shop.services.recommender()
+    full_reads: list[int] = []
+    real = recommend_module.build_training_data
+
+    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
+        full_reads.append(1)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(recommend_module, "build_training_data", counting)
+    shop.feedback("newcomer", "i3", kind="purchase")
+    snap = rec.refresh(wait=True)
+    assert full_reads == []
+    _same(snap.data, build_training_data(shop, features=False))
+    assert [r.item for r in shop.recommend("newcomer", 5)] == [
+        r.item for r in shop.recommend("newcomer", 5)]  # served, stable
+    shop.forget_user("newcomer")
+    snap = rec.refresh(wait=True)
+    assert full_reads == [1]
+    _same(snap.data, build_training_data(shop, features=False))
+    shop.close()

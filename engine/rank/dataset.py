@@ -83,20 +83,23 @@ def _fetch(session: Session, stmt) -> list[tuple]:  # type: ignore[no-untyped-de
         cursor.close()
 
 
-def _positive_events(session: Session, weights: dict[str, float], min_rating: float
-                     ) -> np.ndarray:
+def _positive_events(session: Session, weights: dict[str, float], min_rating: float,
+                     after: int | None = None) -> np.ndarray:
     """(user id, item id, weight, ts) float64 [n, 4] of every event that counts as a
     positive: a kind of positive weight, a rating only from ``min_rating``; the weight of
-    its kind computed by the database (``CASE kind``)."""
+    its kind computed by the database (``CASE kind``). ``after``: only events with a
+    larger id."""
     positive = {k: w for k, w in weights.items() if w > 0}
     if not positive:
         return np.empty((0, 4))
     weight = case({k: literal(float(w)) for k, w in positive.items()}, value=Interaction.kind)
     counts = or_(Interaction.kind != "rating",
                  and_(Interaction.value.is_not(None), Interaction.value >= float(min_rating)))
-    rows = _fetch(session, select(Interaction.user_id, Interaction.item_id, weight,
-                                  Interaction.ts)
-                  .where(Interaction.kind.in_(sorted(positive)), counts))
+    stmt = (select(Interaction.user_id, Interaction.item_id, weight, Interaction.ts)
+            .where(Interaction.kind.in_(sorted(positive)), counts))
+    if after is not None:
+        stmt = stmt.where(Interaction.id > int(after))
+    rows = _fetch(session, stmt)
     return np.asarray(rows, dtype=np.float64).reshape(-1, 4)
 
 
@@ -118,23 +121,61 @@ def _pairs(events: np.ndarray, user_ids: list[int], item_ids: list[int]
     u, u_ok = _dense(events[:, 0].astype(np.int64), user_ids)
     i, i_ok = _dense(events[:, 1].astype(np.int64), item_ids)
     keep = u_ok & i_ok
-    if not keep.any():
+    return _dedup(u[keep], i[keep], events[keep, 2].astype(np.float32), events[keep, 3],
+                  len(item_ids))
+
+
+def _dedup(u: np.ndarray, i: np.ndarray, w: np.ndarray, t: np.ndarray, n_items: int
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One row per (user, item) pair of the rows given: the largest weight and the
+    earliest time, sorted by user, then time, then item. Pairs merged with later
+    events give what all the events give at once (max and min are associative)."""
+    if not len(u):
         empty = torch.empty(0, dtype=torch.long)
         return empty, empty.clone(), torch.empty(0), torch.empty(0, dtype=torch.float64)
-    u, i = u[keep], i[keep]
-    w = events[keep, 2].astype(np.float32)
-    t = events[keep, 3]
-    key = u * len(item_ids) + i
+    key = u * n_items + i
     order = np.lexsort((t, key))  # by pair, earliest event first
     key, w, t = key[order], w[order], t[order]
     first = np.r_[True, key[1:] != key[:-1]]
     starts = np.flatnonzero(first)
     pair_w = np.maximum.reduceat(w, starts)
     pair_t = t[starts]
-    pair_u, pair_i = key[starts] // len(item_ids), key[starts] % len(item_ids)
+    pair_u, pair_i = key[starts] // n_items, key[starts] % n_items
     final = np.lexsort((pair_i, pair_t, pair_u))  # by user, then time, then item
     return (torch.from_numpy(pair_u[final]), torch.from_numpy(pair_i[final]),
             torch.from_numpy(pair_w[final]), torch.from_numpy(pair_t[final]))
+
+
+def extend_training_data(previous: TrainingData, session: Session, *,
+                         after_interaction: int, after_user: int,
+                         min_rating: float = 4.0, kinds: Iterable[str] | None = None
+                         ) -> TrainingData:
+    """``previous`` (built by :func:`build_training_data` with the same ``min_rating``
+    and ``kinds``, up to interaction id ``after_interaction`` and user id
+    ``after_user``) plus what was appended since: the users created after it (new
+    dense indices at the end) and the positive events after it, merged into the pairs.
+    The same data a full build gives when nothing but appends happened (no deletion, no
+    new or changed item: the caller checks), without reading the older events again.
+    Features and the item index are shared with ``previous``."""
+    chosen = tuple(DEFAULT_KINDS if kinds is None else dict.fromkeys(kinds))
+    weights = {k: float(DEFAULT_KIND_WEIGHTS.get(k, 1.0)) for k in chosen}
+    new_users = [int(r[0]) for r in _fetch(session, select(User.id).where(
+        User.id > after_user).order_by(User.id))]
+    user_ids = previous.user_ids + new_users if new_users else previous.user_ids
+    events = _positive_events(session, weights, min_rating, after=after_interaction)
+    u, u_ok = _dense(events[:, 0].astype(np.int64), user_ids)
+    i, i_ok = _dense(events[:, 1].astype(np.int64), previous.item_ids)
+    keep = u_ok & i_ok
+    users, items, w, ts = _dedup(
+        np.concatenate([previous.users.numpy(), u[keep]]),
+        np.concatenate([previous.items.numpy(), i[keep]]),
+        np.concatenate([previous.weights.numpy(), events[keep, 2].astype(np.float32)]),
+        np.concatenate([previous.ts.numpy(), events[keep, 3]]),
+        previous.n_items)
+    return TrainingData(user_ids=user_ids, item_ids=previous.item_ids, users=users,
+                        items=items, weights=w, ts=ts, item_features=previous.item_features,
+                        feature_encoders=previous.feature_encoders,
+                        feature_keys=previous.feature_keys)
 
 
 def _item_features(engine: "Engine", session, item_ids: list[int],

@@ -22,7 +22,7 @@ import torch
 from sqlalchemy import func, select
 
 from polyrec.errors import ConfigError, ModelNotTrainedError, NotFoundError
-from polyrec.rank.dataset import build_training_data
+from polyrec.rank.dataset import build_training_data, extend_training_data
 from polyrec.rank.registry import (check_scores, good_before, live_version, ranker_label,
                                    show_model)
 from polyrec.rank.retrieval import Retrieval, open_retrieval
@@ -439,6 +439,14 @@ class Recommender:
                 external = external_ids(s)
                 snap_views = ItemLookup(self.engine.store, data.item_ids, external)
                 titles = Titles(snap_views)
+            elif _appended_only(s, previous.key[0], key[0]):
+                # only new events and users since: merge them into the previous pairs
+                # instead of reading every event again
+                data = extend_training_data(previous.data, s,
+                                            after_interaction=previous.key[0][1] or 0,
+                                            after_user=previous.key[0][3] or 0,
+                                            min_rating=self.min_rating)
+                snap_views, external, titles = previous.views, previous.external, previous.titles
             else:  # same items and vectors: reuse the loaded features
                 data = build_training_data(self.engine, min_rating=self.min_rating,
                                            features=False, session=s)
@@ -827,3 +835,18 @@ class Recommender:
 def recommend(engine: "Engine", user: str, k: int = 10, **options: Any) -> list[Recommendation]:
     """Recommendations for one user from the engine's live pipeline."""
     return engine.services.recommender().recommend(user, k, **options)
+
+
+def _appended_only(session: Any, old: tuple, new: tuple) -> bool:
+    """Whether the interactions and users keys (count, max id, user count, max user id)
+    moved from ``old`` to ``new`` by appends alone: every row counted since has an id
+    above the old maximum (a deletion or a rewrite makes the counts disagree)."""
+    count0, max0, users0, umax0 = (x or 0 for x in old)
+    count1, max1, users1, umax1 = (x or 0 for x in new)
+    if count1 < count0 or users1 < users0 or max1 < max0 or umax1 < umax0:
+        return False
+    added = session.execute(select(func.count()).select_from(Interaction)
+                            .where(Interaction.id > max0)).scalar_one()
+    joined = session.execute(select(func.count()).select_from(User)
+                             .where(User.id > umax0)).scalar_one()
+    return added == count1 - count0 and joined == users1 - users0
