@@ -14,7 +14,7 @@ from conftest import _checkpoint, copy_db
 
 from polyrec import Engine
 from polyrec.cli.main import cli
-from polyrec.errors import ConfigError, NotFoundError
+from polyrec.errors import ConfigError, NotFoundError, ValidationError
 from polyrec.rank.export import RecommendationWriter
 
 pytestmark = [pytest.mark.slow,  # the module's fixtures train on ml-100k (over ~5 s)
@@ -120,6 +120,25 @@ def test_all_users_and_bad_requests(ease_db):
             eng.recommend_many(["1"], 0)
         with pytest.raises(ConfigError, match="batch_size"):
             eng.recommend_many(["1"], 5, batch_size=0)
+
+
+def test_an_unknown_filter_field_is_one_error_on_every_path(ease_db, tmp_path):
+    """recommend, recommend_many and the CLI refuse a filter key the catalogue does not
+    have, with search's (and HTTP's 422) message, instead of an empty answer."""
+    message = "unknown filter field 'nosuch' (attribute fields: "
+    with _open(ease_db) as eng:
+        with pytest.raises(ValidationError, match=message.replace("(", r"\(")):
+            eng.recommend("1", 5, filters={"nosuch": "1"})
+        with pytest.raises(ValidationError, match="'nosuch'.*class"):
+            eng.recommend_many(["1", "2"], 5, filters={"class": "Drama", "nosuch": "1"})
+        assert eng.recommend("1", 3, filters={"class": "Drama"})  # a known field still works
+    out = tmp_path / "x.csv"
+    for args in (["1"], ["--all", "--out", str(out)]):
+        result = _run(ease_db, "recommend", *args, "--filter", "nosuch=1")
+        assert result.exit_code == 1, result.output
+        assert result.output.startswith("Error: ") and message in result.output
+        assert len(result.output.strip().splitlines()) == 1
+    assert not out.exists()
 
 
 # -- the CLI ------------------------------------------------------------------------------

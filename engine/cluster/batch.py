@@ -19,7 +19,7 @@ from polyrec.errors import ConfigError, ModelNotTrainedError
 from polyrec.rank import registry
 from polyrec.rank.batch import (BATCH_SIZE, MAX_BLOCK_CELLS, BatchOptions, recommend_block,
                                 resolve_users)
-from polyrec.rank.recommend import Recommendation, matches
+from polyrec.rank.recommend import Recommendation, check_filters, matches
 
 if TYPE_CHECKING:  # pragma: no cover
     from polyrec.engine import Engine
@@ -76,6 +76,7 @@ def recommend_many(engine: "Engine", users: Iterable[str] | None = None, k: int 
     shard = SHARD_USERS if shard is None else shard
     if batch_size < 1 or shard < 1:
         raise ConfigError(f"batch_size and shard must be at least 1, not {batch_size}, {shard}")
+    check_filters(engine, options.filters)
     live = registry.live_version(engine)
     if live is None:
         raise ModelNotTrainedError("no live model: run `polyrec train` first")

@@ -20,7 +20,7 @@ from sqlalchemy import select
 
 from polyrec.errors import ConfigError, NotFoundError
 from polyrec.progress import progress_bar
-from polyrec.rank.recommend import Recommendation, matches, mmr
+from polyrec.rank.recommend import Recommendation, check_filters, matches, mmr
 from polyrec.store.models import Interaction, User
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -210,6 +210,7 @@ def recommend_many(engine: "Engine", users: Iterable[str] | None = None, k: int 
     options.check()
     if batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, not {batch_size}")
+    check_filters(engine, options.filters)
     rec = engine.services.recommender()
     rec.check_live()
     snap = rec.refresh()

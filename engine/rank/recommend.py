@@ -107,6 +107,22 @@ def matches(attributes: Mapping[str, Any], filters: Mapping[str, Any]) -> bool:
     return True
 
 
+def check_filters(engine: "Engine", filters: Mapping[str, Any] | None) -> None:
+    """Refuse a filter key that is neither an attribute field of the catalogue nor a
+    query-understanding slot, with search's ValidationError (one line in the CLI, 422
+    over HTTP): an unknown key would otherwise match nothing and look like an empty list."""
+    if not filters:
+        return
+    searcher = engine.services.searcher()
+    with engine.store.snapshot() as s:
+        catalog = searcher.catalog(s)
+    slots = set(catalog.vocabulary.slots())
+    unknown = {key: want for key, want in filters.items()
+               if key not in catalog.fields and key not in slots}
+    if unknown:  # the catalogue's own check names the key and the known fields
+        catalog.allowed(unknown)
+
+
 def mmr(candidates: torch.Tensor, relevance: torch.Tensor, vectors: torch.Tensor, k: int,
         diversity: float) -> list[int]:
     """Maximal marginal relevance: pick ``k`` of ``candidates`` (item indices, relevance
@@ -704,6 +720,7 @@ class Recommender:
             raise ConfigError(f"k must be at least 1, not {k}")
         if not 0.0 <= diversity <= 1.0:
             raise ConfigError(f"diversity must be between 0 and 1, not {diversity}")
+        check_filters(self.engine, filters)
         self.check_live()
         user_id, snap = self._user_snapshot(str(user))
         with self.pinned(snap):  # the whole request reads one data snapshot
