@@ -9,7 +9,7 @@ import torch
 
 from polyrec import Engine
 from polyrec.rank.dataset import build_training_data
-from polyrec.errors import ModelNotTrainedError
+from polyrec.errors import ConfigError, ModelNotTrainedError
 from polyrec.rank.evaluation import evaluate_ranker, make_split, validation_split
 from polyrec.training_data import TrainingData
 from polyrec.plugins.rank_classic import (EASERanker, EDLAERanker, ItemKNNRanker, PopularRanker,
@@ -24,6 +24,24 @@ def _tiny() -> TrainingData:
     return TrainingData(user_ids=[1, 2, 3, 4], item_ids=[10, 11, 12, 13, 14],
                         users=torch.tensor(users), items=torch.tensor(items),
                         weights=torch.ones(len(pairs)), ts=torch.zeros(len(pairs), dtype=torch.float64))
+
+
+def test_tuning_on_data_too_sparse_for_validation_says_so_and_what_to_do():
+    """One interaction per user: no user keeps a held-out validation item, so a grid
+    cannot be tuned; the error says that and how to fix the value (not 'unknown metric')."""
+    pairs = [(u, u % 7) for u in range(40)]
+    users, items = zip(*pairs)
+    data = TrainingData(user_ids=list(range(1, 41)), item_ids=list(range(100, 107)),
+                        users=torch.tensor(users), items=torch.tensor(items),
+                        weights=torch.ones(len(pairs)), ts=torch.zeros(len(pairs), dtype=torch.float64))
+    with pytest.raises(ConfigError) as err:
+        EASERanker().fit(data)
+    message = str(err.value)
+    assert "not enough interactions to carve validation data for tuning l2" in message
+    assert "--set l2=500" in message and "unknown tuning metric" not in message
+    fixed = EASERanker(l2=500.0)  # the suggested fix trains
+    fixed.fit(data)
+    assert fixed.info["chosen"] == {"l2": 500.0}
 
 
 def test_popular_counts_and_cold_items():

@@ -490,6 +490,11 @@ def run_evaluation(engine: "Engine", models: str | Iterable[str | ModelSpec] = "
 
 
 # -- tuning -------------------------------------------------------------------------------
+def _plain(value: Any) -> str:
+    """A grid value as typed on the command line (500, not 500.0)."""
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
 def tune_on_validation(build: Callable[[dict[str, Any]], Ranker], grid: Mapping[str, Sequence[Any]],
                        train: TrainingData, *, metric: str = "ndcg@20",
                        seed: int | None = None, warm_only: bool = False
@@ -506,6 +511,14 @@ def tune_on_validation(build: Callable[[dict[str, Any]], Ranker], grid: Mapping[
     ks = [int(k)] if k else list(DEFAULT_KS)
     val = validation_split(train, seed=seed, warm_only=warm_only)
     keys = list(grid)
+    if len(val.eval_users) == 0:  # every metric but coverage would be missing
+        example = {key: list(grid[key])[len(grid[key]) // 2] for key in keys}
+        raise ConfigError(
+            f"not enough interactions to carve validation data for tuning {', '.join(keys)}: "
+            f"{len(train.users):,} interactions of {train.n_users:,} users leave no user "
+            "with a held-out item; give one value instead of the grid, e.g. "
+            f"{' '.join(f'--set {k}={_plain(v)}' for k, v in example.items())} "
+            f"(Python: options={ {k: v for k, v in example.items()} })")
     tried: list[dict[str, Any]] = []
     best: tuple[float, dict[str, Any]] | None = None
     for values in itertools.product(*(grid[key] for key in keys)):
