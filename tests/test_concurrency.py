@@ -55,10 +55,22 @@ def _write_between_selects(eng: Engine, path) -> list[int]:
                 con.close()
 
     event.listen(eng.store.engine, "before_cursor_execute", before)
+    # the training data's reads go through the driver's cursor (polyrec.rank.dataset._fetch),
+    # which SQLAlchemy's event does not see: the same write before its interactions SELECT
+    from polyrec.rank import dataset
+    fetch = dataset._fetch
+
+    def fetch_after_write(session, stmt):  # type: ignore[no-untyped-def]
+        if "FROM interactions" in str(stmt):
+            before(None, None, "FROM interactions")
+        return fetch(session, stmt)
+    dataset._fetch = fetch_after_write
     return written
 
 
-def test_training_data_is_read_in_one_snapshot(tmp_path):
+def test_training_data_is_read_in_one_snapshot(tmp_path, monkeypatch):
+    from polyrec.rank import dataset
+    monkeypatch.setattr(dataset, "_fetch", dataset._fetch)  # restored after the test
     path = tmp_path / "race.db"
     with _open(path, encode_on_arrival=False) as eng:
         _small_store(eng)
