@@ -130,3 +130,16 @@ def test_cli_shows_what_each_span_matched(hm_bert_db):
     assert "'maroon' -> colour: Dark Red (colour 0." in res.output
     res = CliRunner().invoke(cli, ["--db", str(hm_bert_db), "search", "jaket", "-k", "1"])
     assert "corrected: jaket -> jacket" in res.output and "understood: type: Jacket" in res.output
+
+
+def test_prepositions_name_no_value_and_shared_words_say_so(hm, hm_bert_db):
+    """"under" in "dress under 30" is no reading of the category "Under-, Nightwear";
+    "mens", a word inside every Men section's name, is shown as one of several alike."""
+    from click.testing import CliRunner
+
+    from polyrec.cli.main import cli
+    r = hm.search("dress under 30", 10)
+    assert r.understood == {"type": "Dress"}
+    res = CliRunner().invoke(cli, ["--db", str(hm_bert_db), "search", "mens shirt", "-k", "3"])
+    assert res.exit_code == 0, res.output
+    assert "'mens' -> category: " in res.output and "more alike (partial 1.00)" in res.output

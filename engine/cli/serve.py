@@ -36,6 +36,16 @@ def _describe(attributes: dict[str, Any]) -> str:
     return " | ".join(parts)
 
 
+def _values(match: Any) -> str:
+    """A match's value, and how many more values it names alike ("mens": every Men
+    section, one of them shown): a word inside several value names is no one of them."""
+    alike = [v for v, p in match.alternatives if p >= match.confidence - 1e-6]
+    if match.source not in ("partial", "word-form") or not alike:
+        return match.value
+    more = f"{len(alike)}+" if len(alike) >= 5 else str(len(alike))
+    return f"{match.value} and {more} more alike"
+
+
 @click.command("search")
 @click.argument("query")
 @click.option("-k", "--k", "k", default=10, show_default=True, type=int, help="How many results.")
@@ -59,7 +69,7 @@ def search_command(state: CliState, query: str, k: int, user: str | None,
                                              for s, v in understood.items()) or "-"))
     soft = [m for m in response.understanding.matches if m.source not in ("attribute", "graph")]
     if soft:  # matches by meaning: the span, the value, how it was read, how sure
-        click.echo("matched: " + "; ".join(f"'{m.text}' -> {m.slot}: {m.value} ({m.source} "
+        click.echo("matched: " + "; ".join(f"'{m.text}' -> {m.slot}: {_values(m)} ({m.source} "
                                            f"{m.confidence:.2f})" for m in soft))
     if response.understanding.synonyms:
         click.echo("synonyms: " + ", ".join(f"{a} -> {b}" for a, b in
@@ -121,8 +131,9 @@ def similar_command(state: CliState, item: str, k: int, filters: tuple[str, ...]
 @click.option("--encode-on-arrival/--no-encode-on-arrival", default=True, show_default=True,
               help="Encode items written by PUT /items in the background.")
 @click.option("--image-root", default=None, type=click.Path(file_okay=False, exists=True),
-              help="The admin pages serve item images only from under this folder "
-                   "(default: wherever the stored image paths point).")
+              help="Item images written by PUT /items must lie under this folder, and the "
+                   "admin pages serve images only from under it (default: the folders "
+                   "the store recorded at ingestion).")
 @click.option("--torch-threads", default=1, show_default=True, type=click.IntRange(min=1),
               help="Torch threads per serving process. Requests run on parallel threads, so "
                    "one each avoids oversubscribing the cores (several per request made a "
@@ -150,7 +161,7 @@ def serve_command(state: CliState, host: str, port: int, workers: int, token: st
                    f"processes (writes {'need a bearer token' if token else 'are open'})", err=True)
         serve_workers(url, host, port, workers=workers, device=state.device,
                       lock_timeout=state.lock_timeout, log_level=log_level, token=token,
-                      encode_on_arrival=encode_on_arrival)
+                      encode_on_arrival=encode_on_arrival, image_root=image_root)
         return
     click.echo(f"polyrec serving {state.engine().url} on http://{host}:{port} "
                f"(admin pages: /; API docs: /docs, /redoc; writes "

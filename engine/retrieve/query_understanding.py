@@ -59,10 +59,12 @@ INTENT_SLOTS: tuple[str, ...] = ("type", "genre", "category")
 #: Shortest (stemmed) query word a spelling correction is tried on.
 MIN_CORRECT = 4
 #: Function words: never corrected, never a semantic span on their own.
-STOPWORDS = frozenset("""a an and any are as at be buy by clothes clothing color colour for from
+STOPWORDS = frozenset("""a about above after an and any are around as at be below between buy
+by clothes clothing color colour for from
 get go good i in into is it
-its look looking me my need new nice of on or other our some something somebody someone that the
-their them these this those to want wear wearing what with without you your""".split())
+its less like look looking me more my near need new nice of on or other our over some something
+somebody someone than that the
+their them these this those to under want wear wearing what with without you your""".split())
 #: Values that name nothing.
 STOP_VALUES = frozenset({"unknown", "undefined", "other", "others", "none", "n/a", "na", "nan",
                          "null", "misc", "-", "various"})
