@@ -14,6 +14,7 @@ from sqlalchemy import func, select
 
 from polyrec.store import catalog
 from polyrec.device import resolve_device
+from polyrec.ingest.images import check_item_images
 from polyrec.ingest.records import check_records
 from polyrec.plugin_host import DEFAULT_PLUGINS, PluginHost, Registry
 from polyrec.services import Services
@@ -32,15 +33,21 @@ class Engine:
     def __init__(self, url: str | Path | None = None, *, device: str | torch.device = "auto",
                  entrypoints: bool = True, builtins: Iterable[str] = DEFAULT_PLUGINS,
                  plugins: Iterable[object] = (), progress: bool = True,
-                 encode_on_arrival: bool = True, lock_timeout: float | None = None) -> None:
+                 encode_on_arrival: bool = True, lock_timeout: float | None = None,
+                 image_root: str | Path | None = None) -> None:
         """``lock_timeout``: seconds to keep retrying a database locked by another
-        process before "database is locked" (default 30; engine/store/__init__.py)."""
+        process before "database is locked" (default 30; engine/store/__init__.py).
+        ``image_root``: the folder local item images written by :meth:`add_items` must
+        lie under (relative paths are taken under it); None: the roots this store
+        recorded before (engine/ingest/images.py)."""
         self.device = resolve_device(device)
         # plugins first: a built-in that fails to load raises before any database is opened
         self.plugins = PluginHost(builtins=builtins, entrypoints=entrypoints, extra=plugins)
         self.store = Store(url) if lock_timeout is None else Store(url, lock_timeout=lock_timeout)
         #: encode items written by add_items in the background (engine/encode/on_arrival.py)
         self.encode_on_arrival = encode_on_arrival
+        #: the image root of add_items (engine/ingest/images.py)
+        self.image_root = None if image_root is None else str(Path(image_root).expanduser())
         self.progress = progress
         self._encoders: dict = {}  # prepared encoders by configuration (engine/encode/pipeline.py)
         self.services = Services(self)  # recommender, feedback hub, searcher: made once, under a lock
@@ -75,13 +82,16 @@ class Engine:
     # -- catalogue -----------------------------------------------------------------------
     def add_items(self, items: Sequence[Mapping[str, Any]]) -> int:
         """Insert or update items (dicts with ``external_id`` and any of title, text,
-        image, attributes). Returns how many records were written.
+        image, attributes). Returns how many records were written. A local ``image``
+        must lie under the image root (``image_root``; engine/ingest/images.py) and is
+        stored as an absolute path; URLs and ``data:`` URIs are kept as they are.
 
         With ``encode_on_arrival`` (the default) the written items are then encoded in
         the background by the encoders that already have stored vectors
         (:meth:`wait_for_encoding` waits for it)."""
         items = check_records(items, "add_items", "item")
         with self.store.session() as s:
+            items = check_item_images(s, items, self.image_root, "add_items")
             written = catalog.upsert_items(s, items)
             ids = (catalog.item_ids(s, (str(r["external_id"]) for r in items))
                    if self.encode_on_arrival else {})

@@ -44,7 +44,8 @@ def top(engine: Engine, model, n: int) -> list:
 def prepare(db: Path, images: Path) -> str:
     """Add posters, a second model version and an experiment; returns a user to preview."""
     from PIL import Image, ImageDraw
-    with Engine(db, device="cpu", progress=False, encode_on_arrival=False) as eng:
+    with Engine(db, device="cpu", progress=False, encode_on_arrival=False,
+                image_root=images) as eng:  # the posters lie under the image root
         popular = top(eng, Item, 200)
         images.mkdir(parents=True, exist_ok=True)
         rows = []

@@ -57,7 +57,7 @@ def _fill(db: Path, images: Path) -> None:
     from polyrec.feedback import experiments
 
     with torch_threads(1), Engine(db, device="cpu", entrypoints=False, progress=False,
-                                  encode_on_arrival=False) as eng:
+                                  encode_on_arrival=False, image_root=images) as eng:
         popular = popular_items(eng, 200)
         made = posters(images, {i: t or i for i, t in popular})
         eng.add_items([{"external_id": i, "image": str(p)} for i, p in made.items()]

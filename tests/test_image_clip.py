@@ -70,6 +70,7 @@ def test_hm_images_end_to_end_with_a_missing_and_a_corrupt_file(hm_db, tmp_path,
 
         corrupt = tmp_path / "corrupt.jpg"
         corrupt.write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
+        eng.image_root = str(tmp_path)  # local images lie under the image root
         eng.add_items([{"external_id": "gone", "title": "Missing", "image": str(tmp_path / "gone.jpg")},
                        {"external_id": "bad", "title": "Corrupt", "image": str(corrupt)}])
         rep = eng.encode(["clip"])["clip"]  # the stored tiny options are reused
@@ -86,7 +87,8 @@ def test_changed_or_removed_file_is_reencoded_or_dropped(tmp_path, tiny_dir, ima
     root.mkdir()
     for k, name in enumerate("abc"):
         shutil.copyfile(images[k], root / f"{name}.jpg")
-    with Engine(tmp_path / "c.db", device="cpu", entrypoints=False, progress=False) as eng:
+    with Engine(tmp_path / "c.db", device="cpu", entrypoints=False, progress=False,
+                image_root=root) as eng:
         eng.add_items([{"external_id": n, "image": f"{n}.jpg"} for n in "abc"])
         opts = tiny_options(tiny_dir, image_root=str(root), num_workers=0)
         with pytest.warns(NoPretrainedWeightsWarning):
@@ -152,7 +154,8 @@ def test_unloadable_weights_say_so_and_how_to_fix(pretrained, message):
 
 def test_cli_reports_unloadable_weights_in_one_line(tmp_path, tiny_dir, images):
     db = tmp_path / "w.db"
-    with Engine(db, device="cpu", entrypoints=False, progress=False) as eng:
+    with Engine(db, device="cpu", entrypoints=False, progress=False,
+                image_root=images[0].parent) as eng:
         eng.add_items([{"external_id": "p", "image": str(images[0])}])
     result = CliRunner().invoke(cli, ["--db", str(db), "-q", "encode", "-e", "clip",
                                       "--set", f"clip.model={tiny_dir}"])

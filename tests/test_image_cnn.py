@@ -134,6 +134,7 @@ def test_image_cnn_is_in_use_unless_clip_has_a_checkpoint(tmp_path):
         assert "image_cnn" in names and "clip" not in names
         names = [r.encoder for r in eng.encode(options=given).encoders]
         assert "clip" in names and "image_cnn" not in names
+        eng.image_root = str(tmp_path)  # local images lie under the image root
         eng.add_items([{"external_id": "p", "image": str(tmp_path / "p.jpg")}])
         report = eng.doctor()
         image = [e for e in report["encoders"] if e["modality"] == "image"]
@@ -149,7 +150,7 @@ def test_doctor_warns_when_no_image_encoder_has_weights(tmp_path, monkeypatch):
     import polyrec.plugins.image_cnn as image_cnn
 
     db = tmp_path / "w.db"
-    with Engine(db, device="cpu", entrypoints=False, progress=False) as eng:
+    with Engine(db, device="cpu", entrypoints=False, progress=False, image_root=tmp_path) as eng:
         eng.add_items([{"external_id": "p", "image": str(tmp_path / "p.jpg")}])
         no_file = {"image_cnn": {"weights": str(tmp_path / "no.pth")}}
         [choice] = choices(eng, no_file)

@@ -243,6 +243,7 @@ def test_doctor_flags_files_that_are_not_images(eng, tmp_path):
     from PIL import Image
     Image.new("RGB", (4, 4)).save(tmp_path / "ok.png")
     write(tmp_path / "fake.jpg", b"not an image at all")
+    eng.image_root = str(tmp_path)  # local images lie under the image root
     eng.add_items([{"external_id": "real", "image": str(tmp_path / "ok.png")},
                    {"external_id": "fake", "image": str(tmp_path / "fake.jpg")}])
     report = eng.doctor()

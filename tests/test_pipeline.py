@@ -117,6 +117,7 @@ def test_default_set_skips_image_encoder_without_images(db):
 def test_one_encoder_failing_to_load_does_not_stop_the_others(db, hm_dir):
     with open_engine(db) as eng:
         image = sorted((hm_dir / "images").glob("*.jpg"))[0]
+        eng.image_root = str(hm_dir)  # local images lie under the image root
         eng.add_items([{"external_id": "photo", "title": "A photo", "image": str(image)}])
         report = eng.encode(["clip", "bert"])  # clip: default pretrained tag, offline
         assert "no pretrained weights could be loaded" in report.errors["clip"]

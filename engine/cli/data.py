@@ -60,8 +60,9 @@ def _parse_map(pairs: tuple[str, ...]) -> dict[str, str]:
 @click.option("--image-template", help="Items: image path built from columns, e.g. "
               "'images/{article_id:010d}.jpg' (kept only where the file exists).")
 @click.option("--image-root", type=click.Path(file_okay=False, path_type=Path),
-              help="Directory that relative image references are resolved against "
-              "(default: the data file's directory).")
+              help="Directory that relative image references are resolved against and "
+              "that local images must lie under; recorded in the store for the admin "
+              "pages and the API (default: the data file's directory).")
 @click.option("--links", type=click.Path(dir_okay=False, path_type=Path),
               help="kg: also ingest this item->entity link file (RecBole .link).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=5000, show_default=True,

@@ -31,19 +31,30 @@ NOT_MODELS = ("kg_embeddings",)
 
 
 def latest_model(engine: "Engine") -> dict[str, Any] | None:
-    """{name, version, created_at, meta} of the newest trained model artifact, or None."""
+    """{name, version, created_at, meta} of the model staleness is measured from: the
+    live version of the pipeline when one is live (what serves: after a rollback to an
+    older version, that one), else the newest trained model artifact; None without one."""
     try:  # the serving module names its artifact
+        from polyrec.rank.registry import live_version
         from polyrec.rank.train import PIPELINE_ARTIFACT
         names = [PIPELINE_ARTIFACT]
+        live = live_version(engine)
     except (ImportError, AttributeError):
-        names = None
+        names, live = None, None
     query = select(Artifact.name, Artifact.version, Artifact.created_at, Artifact.meta)
     if names:
         query = query.where(Artifact.name.in_(list(names)))
+        if live is not None:
+            query = query.where(Artifact.version == int(live))
     else:
         query = query.where(Artifact.kind.notin_(NOT_MODELS))
+    order = (Artifact.created_at.desc(), Artifact.id.desc())
     with engine.store.session() as s:
-        row = s.execute(query.order_by(Artifact.created_at.desc(), Artifact.id.desc()).limit(1)).first()
+        row = s.execute(query.order_by(*order).limit(1)).first()
+        if row is None and live is not None:  # the pointer names no stored version
+            row = s.execute(select(Artifact.name, Artifact.version, Artifact.created_at,
+                                   Artifact.meta).where(Artifact.name.in_(list(names or [])))
+                            .order_by(*order).limit(1)).first()
     if row is None:
         return None
     return {"name": row[0], "version": row[1], "created_at": row[2], "meta": dict(row[3] or {})}

@@ -28,7 +28,7 @@ from sqlalchemy import func, select
 from polyrec.contracts import Reader, Row
 from polyrec.progress import progress_bar
 from polyrec.errors import ConfigError, NotFoundError, ValidationError
-from polyrec.ingest import interactions
+from polyrec.ingest import images, interactions
 from polyrec.ingest.interactions import BadValue, is_blank, to_id, to_number, to_timestamp  # noqa: F401
 from polyrec.store.ids import is_missing_id
 from polyrec.knowledge_graph import store as kg_store
@@ -230,24 +230,13 @@ def _attributes(fields: Mapping[Any, Any], exclude: set[str]) -> dict[str, Any]:
 
 
 # -- images --------------------------------------------------------------------------------
-def _is_url(ref: str) -> bool:
-    return "://" in ref or ref.startswith("data:")
-
-
 def resolve_image(ref: str, root: Path) -> str:
-    """A URL unchanged; a local path made absolute against ``root`` when relative. A
-    local path must lie under ``root`` (symbolic links followed): one that escapes it
-    (``../../etc/shadow``, ``/etc/shadow``) is a BadValue."""
-    if _is_url(ref):
-        return ref
-    p = Path(ref).expanduser()
-    resolved = os.path.abspath(p if p.is_absolute() else root / p)
-    real_root = os.path.realpath(root)
-    real = os.path.realpath(resolved)
-    if os.path.commonpath([real_root, real]) != real_root:
-        raise _Bad(f"image path {ref!r} is outside the image root {str(root)!r} "
-                   "(choose the root with --image-root)")
-    return resolved
+    """The image-root rule of engine/ingest/images.py: a URL unchanged, a local path made
+    absolute under ``root``; one that escapes it (``../../etc/shadow``) is a BadValue."""
+    try:
+        return images.resolve_image(ref, root)
+    except images.OutsideRoot as exc:
+        raise _Bad(str(exc)) from None
 
 
 class _ImageTemplate:
@@ -364,7 +353,7 @@ class _Parser:
                 raise self.error(row, "image", str(exc)) from None
             if resolved:
                 # a template is a guess at a path: keep it only where the file exists
-                image = resolved if _is_url(resolved) or os.path.isfile(resolved) else None
+                image = resolved if images.is_url(resolved) or os.path.isfile(resolved) else None
         if "image" in self.mapping or self.template is not None:
             rec["image"] = image
         return rec
@@ -605,6 +594,9 @@ def ingest_file(engine: "Engine", path: str | Path, kind: str, *, format: str | 
             raise ValidationError(first.reason + more, file=first.file, row=first.row,
                                   field=first.field)
         report.written, report.new = writer.write(kind, records, lookups) if records else (0, 0)
+        if kind == "items" and any(r.get("image") and not images.is_url(r["image"])
+                                   for r in records):
+            images.record_root(session, root)  # the admin serves images from under it
     first_new = writer.stored.first_new_id if writer.stored is not None else None
     if first_new is not None:  # committed: now the feedback learners see the new events
         engine.services.interactions_stored(first_new - 1)

@@ -253,8 +253,9 @@ def create_app(engine: "Engine", *, token: str | None = None,
     processes (writes through this app are seen at once). ``encode_on_arrival``: set the
     engine's option (items written by ``PUT /items`` are encoded in the background);
     None keeps the engine's own setting. ``admin``: the admin pages at ``/``
-    (engine/serve/admin/); ``image_root``: the only folder they serve item images from
-    (None: wherever the stored paths point)."""
+    (engine/serve/admin/). ``image_root``: the image root (engine/ingest/images.py) of
+    ``PUT /items`` (it becomes the engine's) and the only folder the admin serves item
+    images from; None: the engine's own, else the roots the store recorded."""
     from fastapi import Depends, FastAPI, Header, HTTPException, Request
     from fastapi import Path as FPath
     from fastapi.exceptions import RequestValidationError
@@ -265,6 +266,9 @@ def create_app(engine: "Engine", *, token: str | None = None,
     M = _models()
     if encode_on_arrival is not None:
         engine.encode_on_arrival = bool(encode_on_arrival)
+    if image_root is not None:
+        engine.image_root = str(image_root)
+    image_root = engine.image_root
     srch = searcher(engine)
     srch.check_interval = float(check_interval)
     app = FastAPI(title="polyrec", version=pkg.__version__,

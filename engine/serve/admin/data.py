@@ -19,6 +19,7 @@ from urllib.parse import quote, unquote_to_bytes
 
 from sqlalchemy import Integer, cast, func, select
 
+from polyrec.ingest import images
 from polyrec.store import catalog
 from polyrec.store.models import Interaction, Item, User
 
@@ -122,9 +123,11 @@ def recent_users(engine: "Engine", n: int = 12, window: int = 2000) -> list[str]
 def image_file(engine: "Engine", item: str, root: str | None) -> tuple[bytes | str, str] | None:
     """(a local path or the bytes of a ``data:`` URI, its media type) of ``item``'s image,
     None when it has none that may be served: remote URLs are not fetched, files must be
-    images by name and, with ``root``, lie under it (links followed)."""
+    images by name and lie under ``root`` or, without one, under a root the store
+    recorded (engine/ingest/images.py; links followed), whatever path was stored."""
     with engine.store.session() as s:
         ref = s.execute(select(Item.image).where(Item.external_id == item)).scalar()
+        roots = [root] if root is not None else (images.recorded_roots(s) if ref else [])
     if not ref:
         return None
     if ref.startswith("data:"):
@@ -139,12 +142,9 @@ def image_file(engine: "Engine", item: str, root: str | None) -> tuple[bytes | s
         return data, media
     if "://" in ref:
         return None
-    path = ref if os.path.isabs(ref) or root is None else os.path.join(root, ref)
-    real = os.path.realpath(path)
-    if root is not None:
-        real_root = os.path.realpath(root)
-        if os.path.commonpath([real_root, real]) != real_root:
-            return None
+    real = images.servable_path(ref, roots)
+    if real is None:
+        return None
     media = mimetypes.guess_type(real)[0] or ""
     if not media.startswith("image/") or not os.path.isfile(real):
         return None
