@@ -465,7 +465,9 @@ class Ranker(ABC):
         ``user_index`` [b] clicks each of the items ``items`` [b, c] (dense item indices:
         the items recommended to that user, best first), reported as the score of the
         recommendations. ``Engine.recommend`` asks for one user, ``recommend_many`` for a
-        block of users at once. None (the default): the ranker's scores are reported."""
+        block of users at once. An item's probability must not depend on which other
+        items are asked with it (the k of the request): the one it was ranked with.
+        None (the default): the ranker's scores are reported."""
         return None
 
     # -- retrieval in large catalogues (optional) ----------------------------------------

@@ -244,10 +244,11 @@ class RerankRanker(Ranker):
 
     def _features(self, users: torch.Tensor, cand: torch.Tensor, base: torch.Tensor,
                   data: TrainingData, history: list[torch.Tensor],
-                  stats: dict[str, torch.Tensor], scorer_z: list[torch.Tensor] | None = None
-                  ) -> tuple[torch.Tensor, list[str]]:
+                  stats: dict[str, torch.Tensor], scorer_z: list[torch.Tensor] | None = None,
+                  center: bool = True) -> tuple[torch.Tensor, list[str]]:
         """Features [b, C, F] of each user's candidates and their names; ``scorer_z``:
-        the scorers' z-scores [b, n] when already computed."""
+        the scorers' z-scores [b, n] when already computed; ``center=False`` leaves out
+        the centring on the list (option ``center``)."""
         z = _zscore(base)
         cz = torch.gather(z, 1, cand)
         # rank of each candidate in the retrieval order (items scored higher before it)
@@ -291,7 +292,7 @@ class RerankRanker(Ranker):
                 raise ConfigError(f"{self.name}: the stored click model uses features this "
                                   f"version does not compute ({', '.join(missing)}); train again")
             feats, names = feats[..., [index[n] for n in self.feature_names]], list(self.feature_names)
-        if self.options["center"]:  # relative to the user's other candidates
+        if center and self.options["center"]:  # relative to the user's other candidates
             feats = feats - feats.mean(dim=1, keepdim=True)
         return feats, names
 
@@ -505,13 +506,31 @@ class RerankRanker(Ranker):
 
     def click_probability(self, user_index: torch.Tensor, items: torch.Tensor,
                           data: TrainingData) -> torch.Tensor:
-        """sigma(theta^T f(user, item)) for item indices [b, c] of the given users."""
+        """sigma(theta^T f(user, item)) for item indices [b, c] of the given users: the
+        click logit each item was ranked with (score_users), whichever items are asked
+        for. A re-scored candidate's features are centred over the user's candidates, an
+        item only the scorers score over those items, as in ranking; an item that was not
+        re-scored (a filler, a seen item) is centred over the candidates too."""
         if self.theta is None:
             raise ModelNotTrainedError("rerank is not fitted")
         history = data.user_items()
-        _, base, _, _ = self._candidates(user_index, data, history)
-        feats, _ = self._features(user_index, items, base, data, history, self._item_stats(data))
-        return torch.sigmoid(self._logits(feats))
+        stats = self._item_stats(data)
+        _, base, cand, valid, feats, extras = self._tiers(user_index, data, history, stats)
+        logits = torch.full(base.shape, math.nan)
+        rows, cols = torch.nonzero(valid, as_tuple=True)
+        logits[rows, cand[rows, cols]] = self._logits(feats)[rows, cols]
+        for r, idx, extra in extras:
+            logits[r, idx] = self._logits(extra)[0]
+        out = torch.gather(logits, 1, items)
+        rest = torch.isnan(out)
+        if bool(rest.any()):  # not re-scored: features centred over the same candidates
+            c = cand.shape[1]
+            both, _ = self._features(user_index, torch.cat([cand, items], dim=1), base, data,
+                                     history, stats, center=False)
+            if self.options["center"]:
+                both = both - both[:, :c].mean(dim=1, keepdim=True)
+            out = torch.where(rest, self._logits(both[:, c:]), out)
+        return torch.sigmoid(out)
 
     # -- artifacts -----------------------------------------------------------------------
     def state(self) -> dict[str, Any]:

@@ -65,6 +65,18 @@ def test_recommend_returns_k_unseen_items_in_score_order(eng):
     assert all(r.title for r in recs) and all(r.explanation == {} for r in recs)
 
 
+def test_an_items_click_probability_does_not_depend_on_k(eng):
+    """`score` is the click model's probability of the item, the same in a list of 1, 5
+    or 20 (one user at a time or in a batch)."""
+    for user in (USER, "2"):
+        lists = {k: [(r.item, r.score) for r in eng.recommend(user, k=k)] for k in (1, 5, 20)}
+        assert lists[1] == lists[5][:1] and lists[5] == lists[20][:5]
+        assert all(0 < s < 1 for _, s in lists[20])
+        (_, many), = eng.recommend_many([user], 5)
+        assert [r.item for r in many] == [i for i, _ in lists[5]]
+        assert [r.score for r in many] == pytest.approx([s for _, s in lists[5]], rel=1e-4)
+
+
 def test_reopened_engine_gives_the_same_list(trained, eng):
     first = [(r.item, round(r.score, 4)) for r in eng.recommend("42", k=10)]
     with _open(trained[0]) as again:

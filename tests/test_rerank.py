@@ -59,6 +59,31 @@ def test_candidates_are_rescored_by_click_probability(split, fitted):
         assert torch.allclose(torch.sigmoid(scores[r, cand] - CANDIDATE_OFFSET), probs, atol=2e-3)
 
 
+def test_click_probability_of_an_item_does_not_depend_on_the_list(split, fitted):
+    """An item's probability is the one it was ranked with, whether it is asked for
+    alone, in the top 5 or the top 20, with a user's candidates or with items that were
+    not re-scored (its features are centred over the candidates, not over the list)."""
+    data = split.train
+    users = torch.arange(4)
+    scores = fitted.score_users(users, data)
+    for r in range(len(users)):
+        top = torch.topk(scores[r], 20).indices
+        got = {k: fitted.click_probability(users[r:r + 1], top[None, :k], data)[0]
+               for k in (1, 5, 20)}
+        assert torch.equal(got[1], got[5][:1]) and torch.equal(got[5], got[20][:5])
+        # the logit it was ranked with (float32 around the offset: ~1e-3)
+        assert torch.allclose(got[20], torch.sigmoid(scores[r, top] - CANDIDATE_OFFSET),
+                              atol=2e-3)
+        below = torch.topk(scores[r], C + 10).indices[C:]  # not re-scored: retrieval order
+        alone = fitted.click_probability(users[r:r + 1], below[None, :1], data)[0]
+        mixed = fitted.click_probability(users[r:r + 1], torch.cat([top, below])[None, :], data)[0]
+        assert torch.equal(alone, mixed[20:21]) and ((mixed > 0) & (mixed < 1)).all()
+    # several users at once: the same as one at a time
+    top = torch.topk(scores, 5, dim=1).indices
+    rows = fitted.click_probability(users, top, data)
+    assert torch.equal(rows[2], fitted.click_probability(users[2:3], top[2:3], data)[0])
+
+
 @pytest.mark.slow
 def test_rerank_keeps_retrieval_quality(split, fitted):
     base = EASERanker(l2=200.0)
