@@ -169,6 +169,35 @@ def test_online_scores_blend_into_the_model_scores(engine):
     assert torch.equal(online_scores(engine, rec, other, model.clone()), model)
 
 
+def test_tied_model_scores_share_their_rank_and_the_newest_items_gain_nothing(engine):
+    """A model that cannot tell items apart (EASE for a user whose items co-occur with
+    nothing: all zeros) leaves the order to the online state; the items last in the index
+    (the newest) get no better quantile than the ones tied with them."""
+    from types import SimpleNamespace
+
+    from polyrec.feedback.events import _gauss_ranks, online_scores
+    x = torch.tensor([0.0, 2.0, 0.0, 1.0, 0.0, float("-inf"), 2.0])
+    g = _gauss_ranks(x, torch.isfinite(x))
+    assert g[0] == g[2] == g[4] < g[3] < g[1] == g[6] and g[5] == 0
+    # 6 scorable: the three 0s share rank 1 of 0..5, the two 2s rank 4.5
+    icdf = torch.distributions.Normal(0.0, 1.0).icdf
+    assert torch.allclose(g[[0, 3, 1]], icdf(torch.tensor([1.5, 3.5, 5.0]) / 6), atol=1e-5)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(_gauss_ranks(x[perm], torch.isfinite(x[perm])), g[perm])
+
+    _toy_catalogue(engine)
+    set_config(engine, {"online.space": "toy", "online.session_weight": 0})
+    ids = [v.id for v in engine.items()]
+    rec = SimpleNamespace(version=1, meta={}, data=SimpleNamespace(item_ids=ids))
+    uid = engine.feedback("m", "comedy4", "click").user_id
+    out = online_scores(engine, rec, uid, torch.zeros(len(ids)))
+    space = hub(engine).item_space()
+    mine = torch.stack([space.vector(i) for i in ids]) @ engine.user_state("m")
+    top = torch.topk(out, 5).indices
+    assert torch.equal(top, torch.topk(mine, 5).indices)  # the state's order, not the index's
+    assert len(ids) - 1 not in top.tolist() or int(torch.argmax(mine)) == len(ids) - 1
+
+
 def test_session_similarity_scores_the_recent_items_neighbours(engine):
     """The session part: items like the ones just clicked (cosine in every space) score
     highest, the most recent click counting most."""

@@ -790,14 +790,19 @@ def _sync_space(h: FeedbackHub, rec: Any) -> ItemSpace | None:
 def _gauss_ranks(x: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
     """Scores replaced by the normal quantiles of their ranks among the ``ok`` entries
     (the best gets the highest): comparable across rankers whatever their scale, and
-    robust to offsets such as a re-ranker's candidates-above-the-rest (0 elsewhere)."""
+    robust to offsets such as a re-ranker's candidates-above-the-rest (0 elsewhere).
+    Tied scores share their average rank: the order of items in the index (the newest
+    last) never ranks one of them above another."""
     out = torch.zeros_like(x, dtype=torch.float32)
     n = int(ok.sum())
     if n < 2:
         return out
     idx = torch.nonzero(ok).flatten()
-    order = torch.argsort(x[idx].float(), stable=True)  # ascending
-    p = (torch.arange(n, dtype=torch.float32) + 0.5) / n
+    values, order = torch.sort(x[idx].float())  # ascending
+    _, counts = torch.unique_consecutive(values, return_counts=True)
+    ends = torch.cumsum(counts, 0).float()  # one past each tie group's last position
+    average = torch.repeat_interleave(ends - (counts.float() + 1.0) / 2.0, counts)
+    p = (average + 0.5) / n
     out[idx[order]] = math.sqrt(2.0) * torch.erfinv(2.0 * p - 1.0)
     return out
 
