@@ -140,3 +140,43 @@ def test_admin_never_serves_a_stored_path_outside_the_roots(eng, tmp_path, outsi
         s.execute(update(Item).where(Item.external_id == "old").values(image="../elsewhere/secret.png"))
     assert relative.get("/admin/image", params={"item": "old"}).status_code == 404
 
+
+# -- 4. unknown fields are refused, not dropped ----------------------------------------------
+def test_api_refuses_unknown_item_and_user_fields(eng):
+    with pytest.raises(ValidationError) as err:
+        eng.add_items([{"external_id": "NEW-3", "titel": "typo field"}])
+    e = err.value
+    assert (e.file, e.row, e.field) == ("add_items", 1, "titel")
+    assert "unknown field 'titel'" in e.reason and "title" in e.reason and "attributes" in e.reason
+    with pytest.raises(ValidationError, match="unknown field 'atributes'.*known: external_id, attributes"):
+        eng.add_users([{"external_id": "u1", "atributes": {"age": 3}}])
+    assert {i.external_id for i in eng.items()} == {"i1"} and eng.stats()["users"] == 0
+
+
+@pytest.mark.parametrize("write", ["add_interactions", "feedback_many"])
+def test_api_refuses_unknown_event_fields(eng, write):
+    with pytest.raises(ValidationError) as err:
+        getattr(eng, write)([{"user": "u1", "item": "i1"},
+                             {"user": "u1", "item": "i1", "knid": "purchase"}])
+    e = err.value
+    assert (e.row, e.field) == (2, "knid") and "unknown field 'knid'" in e.reason
+    assert "user, item, kind, value, ts, context" in e.reason
+    assert eng.stats()["interactions"] == 0  # nothing of the batch
+
+
+def test_http_refuses_the_same_unknown_fields(eng):
+    http = client(eng)
+    r = http.put("/items", json={"items": [{"external_id": "NEW-3", "titel": "typo"}]}, headers=AUTH)
+    assert r.status_code == 422 and "titel" in r.json()["message"]
+    r = http.post("/feedback/batch", json={"events": [{"user": "u1", "item": "i1", "knid": "x"}]},
+                  headers=AUTH)
+    assert r.status_code == 422 and "knid" in r.json()["message"]
+
+
+def test_cli_stream_refuses_an_unknown_event_field(eng, tmp_path):
+    eng.close()
+    result = CliRunner().invoke(cli, ["--db", str(tmp_path / "r.db"), "-q", "feedback", "stream"],
+                                input='{"user": "u1", "item": "i1"}\n{"user": "u1", "itme": "i1"}\n')
+    assert result.exit_code == 1
+    assert "stdin, row 2, field 'itme': unknown field 'itme'" in result.output
+

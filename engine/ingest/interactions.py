@@ -8,7 +8,8 @@ with the same messages and store them under the same dedup rule.
 
 The checks (:func:`check_event`): a user id and an item id (an external id, not blank);
 a kind among the known ones (DEFAULT_KIND_WEIGHTS plus the kinds added in the feedback
-setting ``kind_weights``; case and surrounding spaces are ignored); ``value`` and ``ts``
+setting ``kind_weights``; case and surrounding spaces are ignored); no field but
+EVENT_FIELDS (a misspelt key is refused, as HTTP's schema refuses it); ``value`` and ``ts``
 finite numbers (``ts`` may also be a datetime or an ISO 8601 string); a ``rating`` has a
 value; ``context`` a JSON-able mapping. Items must exist: an event naming an unknown
 item is refused (:func:`unknown_items_error`); users are created on first sight.
@@ -52,6 +53,7 @@ log = logging.getLogger("polyrec.ingest")
 
 #: The fields of an event (dict keys of the Python API, HTTP and file mappings).
 EVENT_FIELDS = ("user", "item", "kind", "value", "ts", "context")
+_EVENT_KEYS = frozenset(EVENT_FIELDS)
 DEFAULT_KIND = "click"
 _IN_CHUNK = 900  # stay under SQLite's bound-parameter limit
 
@@ -153,6 +155,11 @@ def check_event(event: Mapping[str, Any], *, row: int, kinds: Iterable[str], sou
         raise ValidationError(f"an event is a mapping of {', '.join(EVENT_FIELDS)}, not "
                               f"{type(event).__name__}", file=source, row=row)
     # one row of a file of millions comes through here: no closures, no copies per call
+    if not event.keys() <= _EVENT_KEYS:
+        key = next(k for k in event if k not in _EVENT_KEYS)
+        raise ValidationError(f"unknown field {str(key)!r} of an event (known: "
+                              f"{', '.join(EVENT_FIELDS)})", file=source, row=row,
+                              field=(fields or {}).get(str(key), str(key)))
     get = event.get
     ids = []
     for name in ("user", "item"):

@@ -1,6 +1,7 @@
 """Checks of the item and user records written through the Python API and HTTP
 (``Engine.add_items``, ``Engine.add_users``, ``PUT /items``, ``PUT /users``): the same
-id rule as files (engine/store/ids.py) and attributes that are JSON with finite numbers.
+id rule as files (engine/store/ids.py), attributes that are JSON with finite numbers,
+and no field but the known ones (a misspelt key is an error, as HTTP refuses it).
 """
 from __future__ import annotations
 
@@ -8,7 +9,11 @@ import json
 from typing import Any, Mapping, Sequence
 
 from polyrec.errors import ValidationError
+from polyrec.store.catalog import ITEM_FIELDS
 from polyrec.store.ids import BadId, check_id, is_missing_id
+
+#: the fields a record may have, by ``what``
+FIELDS = {"item": ("external_id", *ITEM_FIELDS), "user": ("external_id", "attributes")}
 
 
 def check_records(records: Sequence[Mapping[str, Any]], source: str,
@@ -21,6 +26,11 @@ def check_records(records: Sequence[Mapping[str, Any]], source: str,
         if not isinstance(rec, Mapping):
             raise ValidationError(f"a {what} is a mapping, not {type(rec).__name__}",
                                   file=source, row=n)
+        extra = [str(k) for k in rec if k not in FIELDS[what]]
+        if extra:
+            raise ValidationError(f"unknown field {extra[0]!r} of {'an' if what == 'item' else 'a'} "
+                                  f"{what} (known: {', '.join(FIELDS[what])})",
+                                  file=source, row=n, field=extra[0])
         raw = rec.get("external_id")
         if is_missing_id(raw):
             raise ValidationError(f"missing {what} id", file=source, row=n, field="external_id")
