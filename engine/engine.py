@@ -112,8 +112,8 @@ class Engine:
 
     def add_interactions(self, events: Sequence[Mapping[str, Any]]) -> int:
         """Store events given as dicts with ``user``, ``item`` (external ids), ``kind``
-        (default 'click'), optional ``value``, ``ts`` (epoch seconds or an ISO 8601 time)
-        and ``context``; any other key is refused.
+        (default 'click'), optional ``value``, ``ts`` (epoch seconds or an ISO 8601 time,
+        1970-01-01 to 2200-01-01 UTC) and ``context``; any other key is refused.
         Unknown users are created; an unknown item or a bad event is an error and
         nothing is stored. The same writer as :meth:`feedback_many` (checks, dedup rule,
         experiments, then the feedback learners; engine/ingest/interactions.py).

@@ -10,7 +10,8 @@ The checks (:func:`check_event`): a user id and an item id (an external id, not 
 a kind among the known ones (DEFAULT_KIND_WEIGHTS plus the kinds added in the feedback
 setting ``kind_weights``; case and surrounding spaces are ignored); no field but
 EVENT_FIELDS (a misspelt key is refused, as HTTP's schema refuses it); ``value`` and ``ts``
-finite numbers (``ts`` may also be a datetime or an ISO 8601 string); a ``rating`` has a
+finite numbers (``ts`` may also be a datetime or an ISO 8601 string, and lies in
+[MIN_TS, MAX_TS): 1970-01-01 to 2200-01-01 UTC); a ``rating`` has a
 value; ``context`` a JSON-able mapping. Items must exist: an event naming an unknown
 item is refused (:func:`unknown_items_error`); users are created on first sight.
 
@@ -100,9 +101,26 @@ def to_number(value: Any) -> float:
     return out
 
 
+#: The event times accepted (epoch seconds): from 1970-01-01 (0) up to, not including,
+#: 2200-01-01 UTC. A time outside (a year of 3 million, milliseconds taken for seconds)
+#: is refused on every path; pages that show stored times never fail on one.
+MIN_TS = 0.0
+MAX_TS = 7_258_118_400.0
+TS_RANGE = "1970-01-01 .. 2200-01-01 UTC"
+
+
 def to_timestamp(value: Any) -> float:
     """Epoch seconds from a number, a datetime/date, or an ISO 8601 string (dates and
-    naive times are taken as UTC)."""
+    naive times are taken as UTC), within [MIN_TS, MAX_TS)."""
+    ts = _timestamp(value)
+    if not MIN_TS <= ts < MAX_TS:
+        hint = (" (epoch seconds are expected; this looks like milliseconds)"
+                if MAX_TS * 1000 > ts >= 1e11 else "")
+        raise BadValue(f"timestamp {_shown(value)} is outside {TS_RANGE}{hint}")
+    return ts
+
+
+def _timestamp(value: Any) -> float:
     if isinstance(value, datetime):
         return (value if value.tzinfo else value.replace(tzinfo=timezone.utc)).timestamp()
     if isinstance(value, date):
@@ -118,7 +136,7 @@ def to_timestamp(value: Any) -> float:
         parsed = datetime.fromisoformat(text.replace("Z", "+00:00") if text.endswith("Z") else text)
     except ValueError:
         raise BadValue(f"not a timestamp (epoch seconds or ISO date): {_shown(value)}") from None
-    return to_timestamp(parsed)
+    return _timestamp(parsed)
 
 
 # -- checking ------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from urllib.parse import quote, unquote_to_bytes
 from sqlalchemy import Integer, cast, func, select
 
 from polyrec.ingest import images
+from polyrec.ingest.interactions import MAX_TS, MIN_TS
 from polyrec.store import catalog
 from polyrec.store.models import Interaction, Item, User
 
@@ -32,21 +33,28 @@ SECONDS_PER_DAY = 86_400
 
 
 def day(ts: float | None) -> str:
-    """Epoch seconds as a UTC date (``2026-11-30``); '' for None."""
+    """Epoch seconds as a UTC date (``2026-11-30``); '' for None, '?' for a time no date
+    can show (a row stored before times were checked must not fail a page)."""
     if ts is None:
         return ""
-    return datetime.fromtimestamp(float(ts), tz=timezone.utc).strftime("%Y-%m-%d")
+    try:
+        return datetime.fromtimestamp(float(ts), tz=timezone.utc).strftime("%Y-%m-%d")
+    except (ValueError, OverflowError, OSError, TypeError):
+        return "?"
 
 
 def interactions_per_day(engine: "Engine", days: int = DAYS) -> list[tuple[str, int]]:
     """(UTC date, interactions) of the ``days`` most recent days that have events, oldest
-    first; one GROUP BY in the database (a dataset from years ago still shows)."""
+    first; one GROUP BY in the database (a dataset from years ago still shows). Events
+    with a time outside the accepted range (MIN_TS..MAX_TS; stored before it was
+    checked) are left out."""
     with engine.store.session() as s:
         dialect = s.get_bind().dialect.name
         scaled = Interaction.ts / SECONDS_PER_DAY
         # SQLite's CAST truncates (timestamps are positive); elsewhere floor() is portable
         bucket = cast(scaled, Integer) if dialect == "sqlite" else cast(func.floor(scaled), Integer)
-        rows = s.execute(select(bucket.label("d"), func.count()).group_by("d")
+        rows = s.execute(select(bucket.label("d"), func.count())
+                         .where(Interaction.ts >= MIN_TS, Interaction.ts < MAX_TS).group_by("d")
                          .order_by(bucket.desc()).limit(days)).all()
     return [(day(int(d) * SECONDS_PER_DAY), int(n)) for d, n in reversed(rows)]
 

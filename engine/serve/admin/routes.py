@@ -50,10 +50,20 @@ def templates() -> Any:
                        pct=lambda v, d=1: "-" if v is None else f"{float(v):.{d}%}",
                        fixed=lambda v, d=4: "-" if v is None else f"{float(v):.{d}f}",
                        day=data.day,
-                       when=lambda ts: "-" if not ts else time.strftime("%Y-%m-%d %H:%M", time.localtime(ts)),
+                       when=_when,
                        compact=lambda v: json.dumps(v, sort_keys=True, default=str),
                        describe=_describe)
     return env
+
+
+def _when(ts: float | None) -> str:
+    """Epoch seconds as local time, '-' for none, '?' for one no date can show."""
+    if not ts:
+        return "-"
+    try:
+        return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts))
+    except (ValueError, OverflowError, OSError, TypeError):
+        return "?"
 
 
 def _describe(attributes: dict[str, Any] | None) -> str:
