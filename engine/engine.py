@@ -6,6 +6,7 @@ finds ingestion in engine/ingest/files.py, encoding in engine/encode/pipeline.py
 from __future__ import annotations
 
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
@@ -142,9 +143,11 @@ class Engine:
 
     # -- feedback (engine/feedback/events.py, engine/feedback/experiments.py, engine/feedback/retrain.py) ------------
     def feedback(self, user: str, item: str, kind: str = "click", value: float | None = None,
-                 ts: float | None = None, context: Mapping[str, Any] | None = None) -> Any:
+                 ts: float | str | datetime | None = None,
+                 context: Mapping[str, Any] | None = None) -> Any:
         """Store one event durably (an unknown user is created, an unknown item is an
-        error), then hand it to the feedback learners. Returns the stored Event."""
+        error), then hand it to the feedback learners. ``ts``: epoch seconds or an ISO
+        8601 time (default now), as for :meth:`add_interactions`. Returns the stored Event."""
         from polyrec.feedback import events
         return events.feedback(self, user, item, kind, value=value, ts=ts, context=context)
 

@@ -237,3 +237,41 @@ def test_admin_pages_survive_a_stored_absurd_time(eng):
     r = http.get("/admin/preview", params={"user": "u1"})
     assert r.status_code == 200 and "(2 interactions)" in r.text
 
+
+# -- 3. a time may be epoch seconds or ISO 8601 on every path --------------------------------
+ISO = "2026-12-01T10:00:00+02:00"
+EPOCH = 1_796_112_000.0  # the same instant
+
+
+def stored_times(eng: Engine) -> list[float]:
+    from sqlalchemy import select
+
+    from polyrec.store.models import Interaction
+    with eng.store.session() as s:
+        return list(s.execute(select(Interaction.ts).order_by(Interaction.id)).scalars())
+
+
+def test_http_takes_iso_times_like_the_python_api(eng):
+    http = client(eng)
+    r = http.post("/feedback", json={"user": "u1", "item": "i1", "ts": ISO}, headers=AUTH)
+    assert r.status_code == 200, r.text
+    assert r.json()["event"]["ts"] == EPOCH
+    r = http.post("/feedback/batch", json={"events": [
+        {"user": "u2", "item": "i1", "ts": ISO}, {"user": "u3", "item": "i1", "ts": EPOCH},
+        {"user": "u4", "item": "i1", "ts": str(int(EPOCH))}]}, headers=AUTH)
+    assert r.status_code == 200, r.text
+    eng.feedback("u5", "i1", ts=ISO)
+    assert stored_times(eng) == [EPOCH] * 5
+    r = http.post("/feedback", json={"user": "u1", "item": "i1", "ts": "next tuesday"}, headers=AUTH)
+    assert r.status_code == 422 and "not a timestamp" in r.json()["message"]
+    r = http.post("/feedback", json={"user": "u1", "item": "i1", "ts": True}, headers=AUTH)
+    assert r.status_code == 422
+
+
+def test_cli_feedback_send_takes_an_iso_time(eng, tmp_path):
+    eng.close()
+    result = CliRunner().invoke(cli, ["--db", str(tmp_path / "r.db"), "-q", "feedback", "send",
+                                      "u1", "i1", "--ts", ISO, "--json"])
+    assert result.exit_code == 0, result.output
+    with Engine(tmp_path / "r.db", device="cpu", entrypoints=False, progress=False) as again:
+        assert stored_times(again) == [EPOCH]

@@ -37,12 +37,13 @@ def feedback_group() -> None:
 @click.option("--kind", default="click", show_default=True,
               help="impression, view, click, cart, purchase, rating, skip (or a configured kind).")
 @click.option("--value", type=float, help="The event's value (the rating for kind rating).")
-@click.option("--ts", type=float, help="Event time, seconds since the epoch (default now).")
+@click.option("--ts", help="Event time: seconds since the epoch or an ISO 8601 time, e.g. "
+              "2026-12-01T10:00:00+02:00 (default now).")
 @click.option("--context", "context_json", help="Context as a JSON object.")
 @click.option("--json", "as_json", is_flag=True, help="Print the stored event as JSON.")
 @click.pass_obj
 def send_command(state: CliState, user: str, item: str, kind: str, value: float | None,
-                 ts: float | None, context_json: str | None, as_json: bool) -> None:
+                 ts: str | None, context_json: str | None, as_json: bool) -> None:
     """Store one event of USER on ITEM, then update the learners."""
     event = state.engine().feedback(user, item, kind, value=value, ts=ts,
                                     context=_json_option(context_json, "--context"))

@@ -136,7 +136,10 @@ def _models() -> dict[str, Any]:
         item: Id
         kind: Annotated[str, Field(min_length=1, max_length=32)] = "click"
         value: float | None = None
-        ts: float | None = None
+        ts: Annotated[float | Annotated[str, Field(min_length=1, max_length=64)] | None,
+                      Field(description="epoch seconds or an ISO 8601 time (e.g. "
+                                        '"2026-12-01T10:00:00+02:00"), from 1970-01-01 to '
+                                        "2200-01-01 UTC; default: when it arrives")] = None
         context: dict[str, Any] | None = None
 
     class EventsIn(Strict):
