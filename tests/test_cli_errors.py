@@ -121,6 +121,33 @@ def test_bad_option_value(db):
     one_line_error(run(db, "train", "--ranker", "ease", "--set", "l2=abc"), "l2", "abc")
 
 
+@pytest.mark.parametrize("args, fragments", [
+    (["recommend", "1", "--diversity", "2"], ["--diversity", "recommend --help'"]),
+    (["ingest", "widgets", "items.csv"], ["'widgets' is not one of", "ingest --help'"]),
+    (["models", "activate", "x1"], ["no version", "models activate --help'"]),
+    (["nosuchcommand"], ["No such command", "--help'"]),
+])
+def test_usage_errors_of_commands_are_one_line_too(db, args, fragments):
+    one_line_error(run(db, *args), *fragments)
+
+
+def test_model_versions_are_read_as_models_list_shows_them(db, tmp_path):
+    assert run(db, "ingest", "items", str(tmp_path / "items.csv")).exit_code == 0
+    res = run(db, "ingest", "interactions", _events(tmp_path))
+    assert res.exit_code == 0, res.output
+    assert run(db, "train", "--ranker", "popular", "--force").exit_code == 0
+    for version in ("1", "v1", "V1"):
+        res = run(db, "models", "show", version)
+        assert res.exit_code == 0 and res.output.startswith("version 1"), res.output
+
+
+def _events(tmp_path) -> str:
+    path = tmp_path / "events.csv"
+    path.write_text("user_id,item_id,kind\n" + "".join(
+        f"u{n},{'ab'[(n + k) % 2]},click\n" for n in range(6) for k in range(2)))
+    return str(path)
+
+
 def test_os_and_unexpected_errors_are_one_line_with_a_hint(db, monkeypatch):
     from polyrec.engine import Engine
 

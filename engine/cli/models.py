@@ -11,6 +11,23 @@ import click
 from polyrec.cli.main import CliState, echo_json
 
 
+class _Version(click.ParamType):
+    """A model version as `models list` shows it ("v3") or as a number ("3")."""
+
+    name = "VERSION"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int:
+        text = str(value).strip()
+        digits = text[1:] if text[:1] in ("v", "V") else text
+        if not digits.isdigit():
+            self.fail(f"'{value}' is no version (a number such as 3, or v3 as "
+                      "`polyrec models list` shows it)", param, ctx)
+        return int(digits)
+
+
+VERSION = _Version()
+
+
 def _when(ts: float) -> str:
     return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "?"
 
@@ -83,7 +100,7 @@ def list_command(state: CliState, as_json: bool) -> None:
 
 
 @models_group.command("show")
-@click.argument("version", type=int)
+@click.argument("version", type=VERSION)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_obj
 def show_command(state: CliState, version: int, as_json: bool) -> None:
@@ -96,7 +113,7 @@ def show_command(state: CliState, version: int, as_json: bool) -> None:
 
 
 @models_group.command("activate")
-@click.argument("version", type=int)
+@click.argument("version", type=VERSION)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_obj
 def activate_command(state: CliState, version: int, as_json: bool) -> None:
