@@ -157,14 +157,19 @@ class Explainer:
             order = torch.argsort(sims, descending=True).tolist()
             similar = [(history[j], float(sims[j])) for j in order[:max(self.top_history,
                                                                        self.path_candidates)]]
-            out["because"] = [{**self._item(h), "similarity": round(s, 4)}
-                              for h, s in similar[:self.top_history]]
+            # only what is like the item says why: a history item pointing away from it
+            # (similarity 0 or below) is no reason
+            liked = [(h, s) for h, s in similar[:self.top_history] if s > 0]
+            if liked:
+                out["because"] = [{**self._item(h), "similarity": round(s, 4)}
+                                  for h, s in liked]
         if scores:
             out["scores"] = {k: round(float(v), 4) for k, v in scores.items()}
         path = self._kg_path(item, [h for h, _ in similar] or history[:self.path_candidates])
         if path is not None:
             out["kg_path"] = path
-        out["text"] = self._sentence(out)
+        out["text"] = self._sentence(out, has_history=bool(history),
+                                     model=str(getattr(self.ranker, "name", "") or ""))
         return out
 
     def _kg_path(self, item: int, liked: list[int]) -> dict[str, Any] | None:
@@ -197,11 +202,14 @@ class Explainer:
                 "relations": [s.relation for s in p.steps], "sentence": path_sentence(p, title)}
 
     @staticmethod
-    def _sentence(out: dict[str, Any]) -> str:
+    def _sentence(out: dict[str, Any], has_history: bool = False, model: str = "") -> str:
         parts = []
         if out.get("because"):
             names = [b["title"] or b["item"] for b in out["because"][:2]]
             parts.append("because you liked " + " and ".join(names))
+        elif has_history:  # scored from the history, with no liked item like it to name
+            models = ", ".join(out.get("scores") or {}) or model
+            parts.append("ranked for your history" + (f" by {models}" if models else ""))
         else:  # no history: the pipeline falls back to popularity
             parts.append("popular with other users")
         if out.get("kg_path"):
