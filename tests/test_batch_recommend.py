@@ -141,6 +141,21 @@ def test_an_unknown_filter_field_is_one_error_on_every_path(ease_db, tmp_path):
     assert not out.exists()
 
 
+def test_a_search_slot_filters_like_the_attribute_it_reads(ease_db):
+    """A query-understanding slot ('genre', read from the attribute 'class') filters as
+    search does, instead of matching no item: one user and a batch alike."""
+    with _open(ease_db) as eng:
+        by_slot = eng.recommend("1", 8, filters={"genre": "Comedy"})
+        assert [r.item for r in by_slot] == \
+            [r.item for r in eng.recommend("1", 8, filters={"class": "Comedy"})]
+        views = {v.external_id: v for v in eng.items()}
+        assert len(by_slot) == 8 and all("Comedy" in views[r.item].attributes["class"]
+                                         for r in by_slot)
+        (_, many), = eng.recommend_many(["1"], 8, filters={"genre": "Comedy", "class": "Drama"})
+        assert many and all({"Comedy", "Drama"} <= set(views[r.item].attributes["class"])
+                            for r in many)
+
+
 # -- the CLI ------------------------------------------------------------------------------
 def _run(db, *args):
     return CliRunner().invoke(cli, ["--db", str(db), "--device", "cpu", "--quiet", *args])

@@ -126,7 +126,8 @@ def train_command(ctx: click.Context, ranker: str | None, epochs: int | None, se
 @click.option("-k", "k", default=10, show_default=True, type=int, help="How many items.")
 @click.option("--explain", is_flag=True, help="Say why each item is recommended (one USER).")
 @click.option("--filter", "filters", multiple=True, metavar="ATTRIBUTE=VALUE",
-              help="Only items whose attribute matches; repeatable.")
+              help="Only items whose attribute (or search slot, e.g. genre) matches; "
+                   "repeatable. An unknown field is an error.")
 @click.option("--diversity", default=0.0, show_default=True, type=click.FloatRange(0, 1),
               help="MMR trade-off: 0 = pure relevance, 1 = pure novelty.")
 @click.option("--include-seen", is_flag=True, help="Allow items the user already interacted with.")

@@ -17,9 +17,9 @@ import torch
 from polyrec.cluster import connected, workers
 from polyrec.errors import ConfigError, ModelNotTrainedError
 from polyrec.rank import registry
-from polyrec.rank.batch import (BATCH_SIZE, MAX_BLOCK_CELLS, BatchOptions, recommend_block,
-                                resolve_users)
-from polyrec.rank.recommend import Recommendation, check_filters, matches
+from polyrec.rank.batch import (BATCH_SIZE, MAX_BLOCK_CELLS, BatchOptions, keep_mask,
+                                recommend_block, resolve_users)
+from polyrec.rank.recommend import Recommendation, check_filters
 
 if TYPE_CHECKING:  # pragma: no cover
     from polyrec.engine import Engine
@@ -40,10 +40,7 @@ class ScoreActor:
         self.options = options
         data = self.snap.data
         self.item_index = data.item_index()
-        self.keep = None
-        if options.filters:
-            self.keep = torch.tensor([matches(v.attributes, options.filters)
-                                      for v in self.snap.views], dtype=torch.bool)
+        self.keep = keep_mask(self.engine, self.snap, options.filters)
         self.batch_size = max(1, min(batch_size, MAX_BLOCK_CELLS // max(data.n_items, 1)))
 
     def version(self) -> int | None:

@@ -20,7 +20,7 @@ from sqlalchemy import select
 
 from polyrec.errors import ConfigError, NotFoundError
 from polyrec.progress import progress_bar
-from polyrec.rank.recommend import Recommendation, check_filters, matches, mmr
+from polyrec.rank.recommend import Recommendation, check_filters, mmr
 from polyrec.store.models import Interaction, User
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -126,6 +126,16 @@ def _click_probabilities(rec: "Recommender", dense: list[int | None], picked: li
     return out
 
 
+def keep_mask(engine: "Engine", snap: "DataSnapshot", filters: Mapping[str, Any] | None
+              ) -> torch.Tensor | None:
+    """bool [n_items] of ``snap``: the items passing ``filters`` (check_filters); None
+    without filters."""
+    passes = check_filters(engine, filters)
+    if passes is None:
+        return None
+    return torch.tensor([passes(v) for v in snap.views], dtype=torch.bool)
+
+
 def recommend_block(rec: "Recommender", snap: "DataSnapshot", users: Sequence[tuple[str, int]],
                     options: BatchOptions, *, keep: torch.Tensor | None = None,
                     item_index: Mapping[int, int] | None = None) -> list[list[Recommendation]]:
@@ -136,9 +146,8 @@ def recommend_block(rec: "Recommender", snap: "DataSnapshot", users: Sequence[tu
     engine = rec.engine
     if item_index is None:
         item_index = snap.data.item_index()
-    if keep is None and options.filters:
-        keep = torch.tensor([matches(v.attributes, options.filters) for v in snap.views],
-                            dtype=torch.bool)
+    if keep is None:
+        keep = keep_mask(engine, snap, options.filters)
     with rec.pinned(snap):  # every read below (hooks included) sees this snapshot
         dense = [snap.user_index.get(uid) for _, uid in users]
         known = [r for r, u in enumerate(dense) if u is not None]
@@ -210,7 +219,7 @@ def recommend_many(engine: "Engine", users: Iterable[str] | None = None, k: int 
     options.check()
     if batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, not {batch_size}")
-    check_filters(engine, options.filters)
+    check_filters(engine, options.filters)  # before anything is scored
     rec = engine.services.recommender()
     rec.check_live()
     snap = rec.refresh()
@@ -223,10 +232,7 @@ def _blocks(rec: "Recommender", snap: "DataSnapshot", pairs: list[tuple[str, int
             options: BatchOptions, batch_size: int, progress: bool
             ) -> Iterator[tuple[str, list[Recommendation]]]:
     item_index = snap.data.item_index()
-    keep = None
-    if options.filters:
-        keep = torch.tensor([matches(v.attributes, options.filters) for v in snap.views],
-                            dtype=torch.bool)
+    keep = keep_mask(rec.engine, snap, options.filters)
     batch_size = max(1, min(batch_size, MAX_BLOCK_CELLS // max(snap.data.n_items, 1)))
     with progress_bar(total=len(pairs), desc="recommend", unit="users", enabled=progress) as bar:
         for start in range(0, len(pairs), batch_size):

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 import torch
 from sqlalchemy import func, select
 
+from polyrec.contracts import ItemView
 from polyrec.errors import ConfigError, ModelNotTrainedError, NotFoundError
 from polyrec.rank.dataset import build_training_data, extend_training_data
 from polyrec.rank.registry import (check_scores, good_before, live_version, ranker_label,
@@ -107,12 +108,17 @@ def matches(attributes: Mapping[str, Any], filters: Mapping[str, Any]) -> bool:
     return True
 
 
-def check_filters(engine: "Engine", filters: Mapping[str, Any] | None) -> None:
-    """Refuse a filter key that is neither an attribute field of the catalogue nor a
-    query-understanding slot, with search's ValidationError (one line in the CLI, 422
-    over HTTP): an unknown key would otherwise match nothing and look like an empty list."""
+ItemFilter = Callable[[ItemView], bool]
+
+
+def check_filters(engine: "Engine", filters: Mapping[str, Any] | None) -> ItemFilter | None:
+    """The test an item must pass for ``filters`` (None without filters), as search
+    reads them: a key is an attribute field (:func:`matches`) or, when no item has that
+    attribute, a query-understanding slot ('genre', 'colour', ...: the items of that
+    facet). Any other key is refused with search's ValidationError (one line in the CLI,
+    422 over HTTP): it would otherwise match nothing and look like an empty list."""
     if not filters:
-        return
+        return None
     searcher = engine.services.searcher()
     with engine.store.snapshot() as s:
         catalog = searcher.catalog(s)
@@ -121,6 +127,14 @@ def check_filters(engine: "Engine", filters: Mapping[str, Any] | None) -> None:
                if key not in catalog.fields and key not in slots}
     if unknown:  # the catalogue's own check names the key and the known fields
         catalog.allowed(unknown)
+    on_attributes = {key: want for key, want in filters.items() if key in catalog.fields}
+    on_slots = {key: want for key, want in filters.items() if key not in catalog.fields}
+    in_facets = catalog.allowed(on_slots) if on_slots else None
+
+    def passes(view: ItemView) -> bool:
+        return ((not on_attributes or matches(view.attributes, on_attributes))
+                and (in_facets is None or view.id in in_facets))
+    return passes
 
 
 def mmr(candidates: torch.Tensor, relevance: torch.Tensor, vectors: torch.Tensor, k: int,
@@ -720,21 +734,22 @@ class Recommender:
             raise ConfigError(f"k must be at least 1, not {k}")
         if not 0.0 <= diversity <= 1.0:
             raise ConfigError(f"diversity must be between 0 and 1, not {diversity}")
-        check_filters(self.engine, filters)
+        keep = check_filters(self.engine, filters)
         self.check_live()
         user_id, snap = self._user_snapshot(str(user))
         with self.pinned(snap):  # the whole request reads one data snapshot
-            return self._recommend(user_id, snap.user_index.get(user_id), k, filters=filters,
+            return self._recommend(user_id, snap.user_index.get(user_id), k, keep=keep,
                                    exclude_seen=exclude_seen, diversity=diversity,
                                    explain=explain, online=online, explore=explore)
 
     def _recommend(self, user_id: int, u: int | None, k: int, *,
-                   filters: Mapping[str, Any] | None, exclude_seen: bool, diversity: float,
+                   keep: ItemFilter | None, exclude_seen: bool, diversity: float,
                    explain: bool, online: bool | None, explore: bool | None
                    ) -> list[Recommendation]:
         """``u`` is the user's dense index in the pinned snapshot; None for a guest (a user
         newer than the snapshot): scored like a user with no history (popularity), then
-        the online hook blends in what the feedback learners know of them already."""
+        the online hook blends in what the feedback learners know of them already.
+        ``keep``: the filters' item test (check_filters)."""
         seen = self._seen(user_id) if exclude_seen else torch.zeros(0, dtype=torch.long)
         # a large catalogue and a dot-product ranker: score a candidate pool from the
         # vector index, widened when seen items and filters leave fewer than k
@@ -748,12 +763,12 @@ class Recommender:
             scores[seen] = -math.inf
             if exclude_seen and u is not None:
                 scores[self.history[u]] = -math.inf
-            if filters:  # only items still in the running are checked
+            if keep is not None:  # only items still in the running are checked
                 views = self.views
                 running = (torch.isfinite(scores).nonzero().flatten() if candidates is None
                            else candidates[torch.isfinite(scores[candidates])]).tolist()
                 views.prefetch_indices(running)
-                drop = [i for i in running if not matches(views[i].attributes, filters)]
+                drop = [i for i in running if not keep(views[i])]
                 scores[drop] = -math.inf
             # a candidate pool: counted and ranked over its items only (the rest is -inf;
             # over 1M items the dense isfinite and topk cost more than the index search)
