@@ -37,7 +37,7 @@ DEFAULTS: dict[str, Any] = {
     "negatives": "random", "n_random": 2048, "logq": True, "temperature": 0.1, "epochs": 40,
     "batch_size": 1024, "lr": 3e-3, "weight_decay": 0.0, "patience": 4, "metric": "ndcg@20",
     "validation": True, "refit": True, "seed": 0, "device": "auto", "threads": 1,
-    "sparse_ids": "auto", "progress": False,
+    "sparse_ids": "auto", "history_sample": None, "progress": False,
 }
 LOSSES = ("softmax", "bpr")
 #: a training step runs the item tower over only the items it needs (targets, negatives,
@@ -47,6 +47,9 @@ STEP_ITEMS_FRACTION = 2
 #: rows a step touched are updated) from this many items on; below it a step touches most
 #: rows anyway and the dense AdamW is used
 SPARSE_ID_ROWS = 100_000
+#: ``history_sample`` None (auto): from ``SPARSE_ID_ROWS`` items a training step reads at most
+#: this many of each batch user's history items, drawn at random (below it, all of them)
+HISTORY_SAMPLE = 256
 NEGATIVES = ("in_batch", "random", "both")
 
 
@@ -176,7 +179,11 @@ class TwoTowerRanker(Ranker):
     weight_decay, patience, metric, validation, refit, seed, device, threads (torch CPU
     threads while fitting; 0 leaves torch's setting), sparse_ids ('auto', 'on', 'off':
     sparse ID-table gradients and a lazy Adam that updates only the rows a step used;
-    auto from ``SPARSE_ID_ROWS`` items), progress; ``fusers`` (a registry with
+    auto from ``SPARSE_ID_ROWS`` items), history_sample (while training, at most this many
+    of a batch user's history items, drawn at random each step, make its history mean: an
+    unbiased estimate of the mean of all of them, at a bounded cost for heavy users; 0 for
+    all; None (auto): ``HISTORY_SAMPLE`` from ``SPARSE_ID_ROWS`` items, else all; serving
+    always reads the whole history), progress; ``fusers`` (a registry with
     ``get(name)``) resolves plugin fusers by name.
     """
 
@@ -199,6 +206,11 @@ class TwoTowerRanker(Ranker):
         if o["sparse_ids"] not in ("auto", "on", "off"):
             raise ConfigError(f"two_tower: sparse_ids must be auto, on or off, "
                               f"not '{o['sparse_ids']}'")
+        sample = o["history_sample"]
+        if not (sample is None or (isinstance(sample, int) and not isinstance(sample, bool)
+                                   and sample >= 0)):
+            raise ConfigError(f"two_tower: history_sample must be none (auto) or a whole "
+                              f"number >= 0 (0: every history item), not {sample!r}")
         if o["negatives"] not in NEGATIVES:
             raise ConfigError(f"two_tower: negatives must be one of {NEGATIVES}, "
                               f"not '{o['negatives']}'")
@@ -313,6 +325,27 @@ class TwoTowerRanker(Ranker):
         choice = self.options["sparse_ids"]
         sparse = n_items >= SPARSE_ID_ROWS if choice == "auto" else choice == "on"
         return sparse and not (self._parallel[1] > 1 and self.device.type == "cuda")
+
+    def _history_cap(self, n_items: int) -> int:
+        """How many history items of a user a training step reads at most (0: all)."""
+        choice = self.options["history_sample"]
+        if choice is None:
+            return HISTORY_SAMPLE if n_items >= SPARSE_ID_ROWS else 0
+        return int(choice)
+
+    @staticmethod
+    def _sample_history(rows: torch.Tensor, items: torch.Tensor, lengths: torch.Tensor,
+                        cap: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """At most ``cap`` of each user's history entries, uniformly at random without
+        replacement: ``rows`` (sorted, one run per user, ``lengths`` long) and ``items``
+        of the kept entries, in row order."""
+        noise = torch.rand(len(rows), generator=gen).to(rows.device)
+        order = torch.argsort(rows.double() + noise.double())  # a random order per user
+        starts = torch.cumsum(lengths, 0) - lengths
+        position = torch.arange(len(rows), device=rows.device) - starts[rows[order]]
+        kept = order[position < cap]
+        kept = kept[torch.argsort(rows[kept], stable=True)]
+        return rows[kept], items[kept]
 
     # -- data views ----------------------------------------------------------------------
     def _tokens(self, data: TrainingData, rows: torch.Tensor | None = None
@@ -613,6 +646,7 @@ class TwoTowerRanker(Ranker):
         gen = torch.Generator(device="cpu").manual_seed(int(o["seed"]))
         best, best_epoch, best_state, patience, history = -math.inf, 0, None, 0, []
         bs, temp = int(o["batch_size"]), float(o["temperature"])
+        cap = self._history_cap(n_items)
         seen, train_seconds = 0, 0.0
         bar = progress_bar(range(epochs), desc="two_tower epoch", unit="epochs",
                            enabled=bool(o["progress"]), interval=0)
@@ -623,6 +657,17 @@ class TwoTowerRanker(Ranker):
             batch_users, user_row = torch.unique(u, return_inverse=True)
             hist_row, hist_item = self._history(batch_users, pair_i, indptr)
             theirs = hist_item  # every item these users have (their targets included)
+            lengths = indptr[batch_users + 1] - indptr[batch_users]
+            sampled = cap > 0 and bool((lengths > cap).any())
+            if sampled:  # heavy users: the mean of a random part of their history
+                hist_row, hist_item = self._sample_history(hist_row, hist_item, lengths,
+                                                           cap, gen)
+                kept_n = lengths.clamp(max=cap)
+                # was this row's target drawn? then it is left out of that user's mean
+                drawn = torch.sort(hist_row * n_items + hist_item).values
+                target = user_row * n_items + i
+                at = torch.searchsorted(drawn, target).clamp(max=len(drawn) - 1)
+                in_draw = drawn[at] == target
             needed = torch.unique(torch.cat([hist_item, i, cand]))
             if len(needed) * STEP_ITEMS_FRACTION < n_items:  # the tower over these only
                 vecs, _, _, bias = model.items({m: t[needed] for m, t in tokens.items()},
@@ -635,8 +680,12 @@ class TwoTowerRanker(Ranker):
             sums = torch.zeros(len(batch_users), vecs.shape[1], device=vecs.device,
                                dtype=vecs.dtype)
             sums = sums.index_add(0, hist_row, vecs[hist_item])
-            n_hist = (counts[u] - 1).clamp(min=1)[:, None]
-            hmean = (sums[user_row] - vecs[i_row]) / n_hist  # the target left out
+            if sampled:
+                n_hist = (kept_n[user_row] - in_draw.long()).clamp(min=1)[:, None].float()
+                hmean = (sums[user_row] - vecs[i_row] * in_draw[:, None]) / n_hist
+            else:
+                n_hist = (counts[u] - 1).clamp(min=1)[:, None]
+                hmean = (sums[user_row] - vecs[i_row]) / n_hist  # the target left out
             uvec = model.users(hmean, u, torch.ones_like(u, dtype=torch.bool))
             return self._loss(uvec, (vecs[i_row], bias[i_row]), (vecs[cand_row], bias[cand_row]),
                               u, i, cand, key, n_items, temp, theirs)

@@ -382,3 +382,48 @@ def test_sparse_id_tables_update_only_the_rows_a_step_used_and_still_learn(rando
         quality[mode] = evaluate_ranker(trained, random_split, ks=(20,))["ndcg@20"]
     assert quality["on"] > 0.05 and abs(quality["on"] - quality["off"]) < 0.02 * quality["off"], \
         quality
+
+
+def test_history_sampling_draws_at_most_cap_items_of_each_user_uniformly():
+    """_sample_history: per user at most ``cap`` of their own entries, no repeats, every
+    entry of a heavy user drawn about equally often (an unbiased history mean)."""
+    rows = torch.tensor([0] * 10 + [1] * 2 + [2] * 5)
+    items = torch.cat([torch.arange(10), torch.tensor([20, 21]), torch.arange(30, 35)])
+    lengths = torch.tensor([10, 2, 5])
+    gen = torch.Generator().manual_seed(0)
+    hits = torch.zeros(40)
+    for _ in range(3000):
+        r, i = TwoTowerRanker._sample_history(rows, items, lengths, 3, gen)
+        assert torch.equal(torch.bincount(r, minlength=3), torch.tensor([3, 2, 3]))
+        assert bool((r[1:] >= r[:-1]).all())  # row order kept
+        for user, own in ((0, set(range(10))), (1, {20, 21}), (2, set(range(30, 35)))):
+            mine = i[r == user].tolist()
+            assert len(set(mine)) == len(mine) and set(mine) <= own
+        hits.index_add_(0, i, torch.ones(len(i)))
+    share = hits[:10] / 3000  # each of user 0's 10 items: drawn 3 times in 10
+    assert torch.allclose(share, torch.full((10,), 0.3), atol=0.04)
+    assert torch.equal(hits[20:22], torch.full((2,), 3000.0))  # under the cap: always
+
+
+@pytest.mark.slow
+def test_history_sampling_bounds_a_step_and_still_learns(random_split, fitted):
+    """A cap above every history trains exactly the model without one; a small cap
+    (heavy users' means from a few items each step) still learns: better than popularity,
+    close to the full mean (the `fitted` model: the same options, no cap)."""
+    with pytest.raises(ConfigError, match="history_sample"):
+        TwoTowerRanker(**FAST, history_sample=-1)
+    assert TwoTowerRanker(**FAST)._history_cap(random_split.train.n_items) == 0  # auto: small
+    from polyrec.plugins.rank_two_tower import HISTORY_SAMPLE, SPARSE_ID_ROWS
+    assert TwoTowerRanker(**FAST)._history_cap(SPARSE_ID_ROWS) == HISTORY_SAMPLE
+    longest = int(torch.bincount(random_split.train.users).max())
+    above = TwoTowerRanker(**FAST, epochs=8, history_sample=longest + 1)
+    above.fit(random_split.train)
+    assert all(torch.equal(a, b) for a, b in zip(fitted.model.state_dict().values(),
+                                                  above.model.state_dict().values()))
+    small = TwoTowerRanker(**FAST, epochs=8, history_sample=16)
+    small.fit(random_split.train)
+    pop = PopularRanker()
+    pop.fit(random_split.train)
+    ndcg = {name: evaluate_ranker(r, random_split, ks=(20,))["ndcg@20"]
+            for name, r in (("all", fitted), ("small", small), ("popular", pop))}
+    assert ndcg["small"] > ndcg["popular"] and ndcg["small"] >= 0.9 * ndcg["all"], ndcg
