@@ -647,6 +647,10 @@ class TwoTowerRanker(Ranker):
         best, best_epoch, best_state, patience, history = -math.inf, 0, None, 0, []
         bs, temp = int(o["batch_size"]), float(o["temperature"])
         cap = self._history_cap(n_items)
+        # the history draws have a stream of their own (per worker), so the batches,
+        # negatives and ID dropout stay those of the seed whatever is drawn
+        hist_gen = torch.Generator(device="cpu").manual_seed(
+            int(o["seed"]) * 1_000_003 + 7_919 * (self._parallel[0] + 1))
         seen, train_seconds = 0, 0.0
         bar = progress_bar(range(epochs), desc="two_tower epoch", unit="epochs",
                            enabled=bool(o["progress"]), interval=0)
@@ -661,7 +665,7 @@ class TwoTowerRanker(Ranker):
             sampled = cap > 0 and bool((lengths > cap).any())
             if sampled:  # heavy users: the mean of a random part of their history
                 hist_row, hist_item = self._sample_history(hist_row, hist_item, lengths,
-                                                           cap, gen)
+                                                           cap, hist_gen)
                 kept_n = lengths.clamp(max=cap)
                 # was this row's target drawn? then it is left out of that user's mean
                 drawn = torch.sort(hist_row * n_items + hist_item).values
