@@ -48,10 +48,7 @@ def build_training_data(engine: "Engine", *, min_rating: float = 4.0,
     interaction without its user or item. ``session``: read in that session instead (a
     caller's own snapshot, to read more in the same one).
     """
-    chosen = tuple(DEFAULT_KINDS if kinds is None else dict.fromkeys(kinds))
-    if not chosen:
-        raise ConfigError("build_training_data needs at least one interaction kind")
-    weights = {k: float(DEFAULT_KIND_WEIGHTS.get(k, 1.0)) for k in chosen}
+    weights = _kind_weights(kinds)
     with ExitStack() as stack:
         s = session if session is not None else stack.enter_context(engine.store.snapshot())
         user_ids = [int(r[0]) for r in _fetch(s, select(User.id).order_by(User.id))]
@@ -66,6 +63,15 @@ def build_training_data(engine: "Engine", *, min_rating: float = 4.0,
     return TrainingData(user_ids=user_ids, item_ids=item_ids, users=users, items=items,
                         weights=w, ts=ts, item_features=feats, feature_encoders=sources,
                         feature_keys=keys)
+
+
+def _kind_weights(kinds: Iterable[str] | None) -> dict[str, float]:
+    """kind -> weight of the kinds read (default :data:`DEFAULT_KINDS`; a kind the
+    engine does not know weighs 1.0)."""
+    chosen = tuple(DEFAULT_KINDS if kinds is None else dict.fromkeys(kinds))
+    if not chosen:
+        raise ConfigError("build_training_data needs at least one interaction kind")
+    return {k: float(DEFAULT_KIND_WEIGHTS.get(k, 1.0)) for k in chosen}
 
 
 def _fetch(session: Session, stmt) -> list[tuple]:  # type: ignore[no-untyped-def]
@@ -112,17 +118,22 @@ def _dense(ids: np.ndarray, known: list[int]) -> tuple[np.ndarray, np.ndarray]:
     return pos, ok
 
 
-def _pairs(events: np.ndarray, user_ids: list[int], item_ids: list[int]
-           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Dense (users, items, weights, ts), one row per positive (user, item) pair (its
-    largest weight, its first time), sorted by user then time. Events of users or items
-    not in the ids are dropped (only without isolation: one shared in-memory
+def _indexed(events: np.ndarray, user_ids: list[int], item_ids: list[int]
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Events as (dense user, dense item, weight float32, ts) arrays; events of users or
+    items not in the ids are dropped (only without isolation: one shared in-memory
     connection)."""
     u, u_ok = _dense(events[:, 0].astype(np.int64), user_ids)
     i, i_ok = _dense(events[:, 1].astype(np.int64), item_ids)
     keep = u_ok & i_ok
-    return _dedup(u[keep], i[keep], events[keep, 2].astype(np.float32), events[keep, 3],
-                  len(item_ids))
+    return u[keep], i[keep], events[keep, 2].astype(np.float32), events[keep, 3]
+
+
+def _pairs(events: np.ndarray, user_ids: list[int], item_ids: list[int]
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dense (users, items, weights, ts), one row per positive (user, item) pair (its
+    largest weight, its first time), sorted by user then time."""
+    return _dedup(*_indexed(events, user_ids, item_ids), len(item_ids))
 
 
 def _dedup(u: np.ndarray, i: np.ndarray, w: np.ndarray, t: np.ndarray, n_items: int
@@ -157,20 +168,15 @@ def extend_training_data(previous: TrainingData, session: Session, *,
     The same data a full build gives when nothing but appends happened (no deletion, no
     new or changed item: the caller checks), without reading the older events again.
     Features and the item index are shared with ``previous``."""
-    chosen = tuple(DEFAULT_KINDS if kinds is None else dict.fromkeys(kinds))
-    weights = {k: float(DEFAULT_KIND_WEIGHTS.get(k, 1.0)) for k in chosen}
+    weights = _kind_weights(kinds)
     new_users = [int(r[0]) for r in _fetch(session, select(User.id).where(
         User.id > after_user).order_by(User.id))]
     user_ids = previous.user_ids + new_users if new_users else previous.user_ids
     events = _positive_events(session, weights, min_rating, after=after_interaction)
-    u, u_ok = _dense(events[:, 0].astype(np.int64), user_ids)
-    i, i_ok = _dense(events[:, 1].astype(np.int64), previous.item_ids)
-    keep = u_ok & i_ok
+    old = (previous.users, previous.items, previous.weights, previous.ts)
     users, items, w, ts = _dedup(
-        np.concatenate([previous.users.numpy(), u[keep]]),
-        np.concatenate([previous.items.numpy(), i[keep]]),
-        np.concatenate([previous.weights.numpy(), events[keep, 2].astype(np.float32)]),
-        np.concatenate([previous.ts.numpy(), events[keep, 3]]),
+        *(np.concatenate([before.numpy(), added]) for before, added in
+          zip(old, _indexed(events, user_ids, previous.item_ids))),
         previous.n_items)
     return TrainingData(user_ids=user_ids, item_ids=previous.item_ids, users=users,
                         items=items, weights=w, ts=ts, item_features=previous.item_features,
