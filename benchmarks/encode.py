@@ -53,6 +53,21 @@ TINY = {"model_cfg": {"embed_dim": 32,
                                    "heads": 2, "layers": 1}}}
 
 
+def cpu_description() -> str:
+    """The CPU model and the instruction sets that decide int8 / bf16 speed (from
+    /proc/cpuinfo where it exists): the ratios of the bert rows depend on them."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines()
+                  if line.startswith("model name")), platform.machine())
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines()
+                  if line.startswith("flags")), [])
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
+    return f"{model}; {' '.join(f for f in wanted if f in flags) or 'no avx2'}"
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -252,7 +267,7 @@ def main() -> None:
     rows = ([] if args.skip_bert else bench_bert(args, device)) + \
         ([] if args.skip_clip else bench_clip(args, device)) + \
         ([] if args.skip_image_cnn else bench_image_cnn(args, device))
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_description()
     print(f"device: {device} ({name}), torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"{'encoder':<10} {'workload':<18} {'items':>6} {'ours/s':>9} {'peer':<22} "
