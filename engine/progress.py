@@ -128,12 +128,13 @@ def is_terminal(stream: Any = None) -> bool:
 
 def progress_bar(iterable: Iterable[Any] | None = None, *, total: int | None = None,
                  desc: str = "", unit: str = "it", enabled: bool = True,
-                 interval: float = LINE_INTERVAL, leave: bool = True) -> Any:
+                 interval: float | None = None, leave: bool = True) -> Any:
     """A progress display for a loop: tqdm on a terminal, log lines elsewhere, nothing
     when ``enabled`` is false. ``interval``: seconds between lines off a terminal (0:
-    a line per update)."""
+    a line per update; default :data:`LINE_INTERVAL`)."""
     if enabled and not is_terminal():
-        return LineProgress(iterable, total=total, desc=desc, unit=unit, interval=interval)
+        return LineProgress(iterable, total=total, desc=desc, unit=unit,
+                            interval=LINE_INTERVAL if interval is None else interval)
     return tqdm(iterable, total=total, desc=desc, unit=unit, disable=not enabled, leave=leave)
 
 

@@ -50,6 +50,9 @@ SPARSE_ID_ROWS = 100_000
 #: ``history_sample`` None (auto): from ``SPARSE_ID_ROWS`` items a training step reads at most
 #: this many of each batch user's history items, drawn at random (below it, all of them)
 HISTORY_SAMPLE = 256
+#: An epoch of at least this many steps also shows its steps (a line every 10 s off a
+#: terminal): at 10M interactions one epoch is about an hour.
+STEP_PROGRESS_STEPS = 100
 NEGATIVES = ("in_batch", "random", "both")
 
 
@@ -703,6 +706,10 @@ class TwoTowerRanker(Ranker):
             step.train()
             started = time.perf_counter()
             order = torch.randperm(len(pair_u), generator=gen).to(self.device)
+            n_steps = -(-len(order) // bs)
+            show_steps = bool(o["progress"]) and n_steps >= STEP_PROGRESS_STEPS
+            steps = progress_bar(total=n_steps, desc=f"two_tower epoch {epoch + 1}/{epochs}",
+                                 unit="steps", leave=False, enabled=show_steps)
             for start in range(0, len(order), bs):
                 idx = order[start:start + bs]
                 keep_id = warm & (torch.rand(n_items, generator=gen).to(self.device)
@@ -717,6 +724,10 @@ class TwoTowerRanker(Ranker):
                 loss.backward()
                 opt.step()
                 seen += len(idx)
+                if show_steps and (start // bs) % 20 == 0:  # .item() waits for the device
+                    steps.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+                steps.update(1)
+            steps.close()
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             train_seconds += time.perf_counter() - started  # steps only, not validation

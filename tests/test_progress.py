@@ -82,3 +82,22 @@ def test_quiet_train_prints_no_progress(small_db):
     result = _train(small_db, "--quiet")
     assert result.exit_code == 0, result.output
     assert "epoch" not in result.stderr and "train:" not in result.stderr
+
+
+def test_a_long_epoch_shows_its_steps(small_db, monkeypatch):
+    """An epoch of many steps (at 10M interactions about an hour) logs its steps with a
+    total and an ETA, not just one line when it ends; a short one does not."""
+    monkeypatch.setattr("polyrec.progress.LINE_INTERVAL", 0.0)  # every step, for the test
+    result = CliRunner().invoke(cli, ["--db", str(small_db), "--device", "cpu", "train",
+                                      "--ranker", "two_tower", "--epochs", "3", "--set",
+                                      "validation=false", "--set", "modalities=none", "--set",
+                                      "dim=8", "--set", "batch_size=2"])
+    assert result.exit_code == 0, result.output
+    steps = [ln for ln in result.stderr.splitlines() if ln.startswith("two_tower epoch 1/3:")]
+    assert len(steps) >= 100, result.stderr[-2000:]
+    total = int(steps[-1].split("/")[2].split(" ")[0].replace(",", ""))
+    assert total >= 100 and steps[-1].startswith(f"two_tower epoch 1/3: {total:,}/{total:,} steps")
+    assert "ETA" in steps[len(steps) // 2] and "loss=" in steps[-1]
+    assert any(ln.startswith("two_tower epoch 3/3:") for ln in result.stderr.splitlines())
+    short = _train(small_db)  # batch 2,048: one step an epoch, no step lines
+    assert not any(" steps" in ln for ln in short.stderr.splitlines())
