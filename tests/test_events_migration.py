@@ -1,6 +1,7 @@
 """Schema migrations on SQLite and PostgreSQL: a version-1 database (before the feedback
-tables) and a version-2 one (before the items.updated_at index and, on PostgreSQL, the
-full-text column) are upgraded in place, by opening them or by `polyrec migrate`."""
+tables), a version-2 one (before the items.updated_at index and, on PostgreSQL, the
+full-text column) and a version-3 one (before items.retired_at) are upgraded in place,
+by opening them or by `polyrec migrate`."""
 from __future__ import annotations
 
 import json
@@ -10,6 +11,7 @@ from sqlalchemy import create_engine, inspect, text
 
 from polyrec import Engine
 from polyrec.cli.main import cli
+from polyrec.store import postgres
 from polyrec.store.migrations import SCHEMA_VERSION
 from polyrec.store.models import V2_TABLES, Base
 
@@ -17,13 +19,18 @@ V2_NAMES = {m.__tablename__ for m in V2_TABLES}
 
 
 def _make_old(url: str, version: int) -> None:
-    """A database as polyrec schema version 1 or 2 wrote it, with some rows."""
+    """A database as polyrec schema version 1, 2 or 3 wrote it, with some rows."""
     sa = create_engine(url)
     skip = V2_NAMES if version == 1 else set()
     with sa.begin() as conn:
         Base.metadata.create_all(conn, tables=[t for t in Base.metadata.sorted_tables
                                                if t.name not in skip])
-        conn.execute(text("drop index ix_items_updated_at"))  # added by version 3
+        conn.execute(text("drop index ix_items_retired"))  # added by version 4
+        conn.execute(text("alter table items drop column retired_at"))
+        if version < 3:
+            conn.execute(text("drop index ix_items_updated_at"))  # added by version 3
+        elif postgres.is_postgres(conn):  # version 3's full-text column of items
+            postgres.ensure_fulltext(conn)
         conn.execute(text(f"insert into meta (key, value) values ('schema_version', '{version}')"))
         conn.execute(text("insert into items (id, external_id, title, attributes, created_at, updated_at) "
                           "values (1, 'm1', 'Heat', '{\"genre\": \"crime\"}', 1, 1), "
@@ -103,3 +110,26 @@ def test_migrate_refuses_what_is_not_a_polyrec_database(tmp_path, pg_url):
     empty = _cli(pg_url, "migrate")  # an empty PostgreSQL database: nothing is created
     assert empty.exit_code == 1 and "not a polyrec database" in empty.output
     assert inspect(create_engine(pg_url)).get_table_names() == []
+
+
+def test_version_3_database_gets_retired_items(store_url):
+    """Version 4 adds items.retired_at (every stored item stays live) and the partial
+    index of retired items; retiring then works on the upgraded database."""
+    _make_old(store_url, 3)
+    sa = create_engine(store_url)
+    assert "retired_at" not in {c["name"] for c in inspect(sa).get_columns("items")}
+    sa.dispose()
+    with _open(store_url) as eng:
+        assert eng.store.previous_version == 3
+        inspector = inspect(eng.store.engine)
+        assert "retired_at" in {c["name"] for c in inspector.get_columns("items")}
+        assert "ix_items_retired" in {i["name"] for i in inspector.get_indexes("items")}
+        assert eng.list_items(retired=True) == [] and eng.stats()["retired_items"] == 0
+        assert eng.search("heat", 5, weights={"dense": 0.0}).ids()[:1] == ["m1"]
+        assert eng.retire_items(["m1"]).changed == ["m1"]
+        assert eng.search("heat", 5, weights={"dense": 0.0}).ids() == []
+        assert [r["item"] for r in eng.list_items(retired=True)] == ["m1"]
+        assert eng.stats()["interactions"] == 2  # its history stays
+    with _open(store_url) as eng:  # idempotent reopen; the state is kept
+        assert eng.store.previous_version == SCHEMA_VERSION
+        assert eng.stats()["retired_items"] == 1

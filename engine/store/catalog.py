@@ -13,7 +13,7 @@ import json
 import time
 from typing import Any, Iterable, Mapping, Sequence
 
-from sqlalchemy import String, select, type_coerce
+from sqlalchemy import String, func, select, type_coerce
 from sqlalchemy.orm import Session
 
 from polyrec.contracts import ItemView
@@ -54,21 +54,36 @@ _insert = dialect_insert
 
 
 def upsert_items(session: Session, records: Sequence[Mapping[str, Any]]) -> int:
-    """Insert or update items by ``external_id``; fields absent from a record are kept."""
+    """Insert or update items by ``external_id``; fields absent from a record are kept.
+
+    ``active`` (optional, a bool) sets the item's lifecycle state (polyrec.store.lifecycle):
+    False retires it (an item retired before keeps its time), True restores it; a record
+    without it leaves the state as it is (a new item is live)."""
     if not records:
         return 0
     stamp = time.time()
-    by_keys: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    by_keys: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    states = False
     for rec in records:
         row = {"external_id": str(rec["external_id"]), "updated_at": stamp, "created_at": stamp}
         for f in ITEM_FIELDS:
             if f in rec:
                 row[f] = rec[f] if f != "attributes" else dict(rec[f] or {})
-        by_keys.setdefault(tuple(sorted(row)), []).append(row)
-    for keys, rows in by_keys.items():  # one statement per shape of record
-        stmt = dialect_insert(session, Item.__table__)
+        active = rec.get("active")
+        if active is not None:
+            row["retired_at"] = None if active else stamp
+            states = True
+        by_keys.setdefault((tuple(sorted(row)), active), []).append(row)
+    table = Item.__table__
+    for (keys, active), rows in by_keys.items():  # one statement per shape of record
+        stmt = dialect_insert(session, table)
         update = {k: stmt.excluded[k] for k in keys if k not in ("external_id", "created_at")}
+        if active is False:  # retired again: the first retirement's time stays
+            update["retired_at"] = func.coalesce(table.c.retired_at, stmt.excluded.retired_at)
         session.execute(stmt.on_conflict_do_update(index_elements=["external_id"], set_=update), rows)
+    if states:  # serving processes read the retired items again
+        from polyrec.store.lifecycle import mark_changed
+        mark_changed(session)
     return len(records)
 
 

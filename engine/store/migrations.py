@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from sqlalchemy import Connection, inspect, select
+from sqlalchemy import Connection, inspect, select, text
 
 from polyrec.errors import PolyrecError
 from polyrec.store import postgres
@@ -47,6 +47,21 @@ def _v2_to_v3(conn: Connection) -> None:
         if index.name == "ix_items_updated_at":
             index.create(conn, checkfirst=True)
     _dialect_extras(conn)
+
+
+@migration(3)
+def _v3_to_v4(conn: Connection) -> None:
+    """Version 4: ``items.retired_at`` (None: live; else when the item was retired: kept
+    with its history, never served; polyrec.store.lifecycle) and a partial index of the
+    retired items. Every existing item stays live."""
+    columns = {c["name"] for c in inspect(conn).get_columns("items")}
+    if "retired_at" not in columns:
+        column = Item.__table__.c.retired_at
+        kind = column.type.compile(dialect=conn.dialect)
+        conn.execute(text(f"ALTER TABLE items ADD COLUMN retired_at {kind}"))
+    for index in Item.__table__.indexes:
+        if index.name == "ix_items_retired":
+            index.create(conn, checkfirst=True)
 
 
 SCHEMA_VERSION = 1 + len(MIGRATIONS)

@@ -6,6 +6,7 @@ from typing import Any
 
 from sqlalchemy import (JSON, Boolean, Float, ForeignKey, Index, Integer, LargeBinary, String, Text,
                         UniqueConstraint)
+from sqlalchemy import text as sql_text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -36,9 +37,17 @@ class Item(Base):
     attributes: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[float] = mapped_column(Float, default=now)
     updated_at: Mapped[float] = mapped_column(Float, default=now, onupdate=now)
+    #: schema version 4: when the item was retired (sold out, discontinued): never served
+    #: again (recommend, search, similar items) until restored; its row, vectors and
+    #: interactions stay. None: live (polyrec.store.lifecycle)
+    retired_at: Mapped[float | None] = mapped_column(Float, nullable=True, default=None)
     #: schema version 3: the items table's signature (count, newest updated_at) and the
-    #: lexical index's incremental sync read updated_at through this index
-    __table_args__ = (Index("ix_items_updated_at", "updated_at"),)
+    #: lexical index's incremental sync read updated_at through this index; version 4:
+    #: the retired items, through a partial index holding only them
+    __table_args__ = (Index("ix_items_updated_at", "updated_at"),
+                      Index("ix_items_retired", "retired_at",
+                            sqlite_where=sql_text("retired_at IS NOT NULL"),
+                            postgresql_where=sql_text("retired_at IS NOT NULL")))
 
 
 class User(Base):
