@@ -3,6 +3,8 @@
 One local Ray cluster (2 CPUs) is started for the module and shut down at its end."""
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -105,7 +107,8 @@ def test_ray_training_refuses_a_ranker_that_is_not_data_parallel(ray_cluster, tm
 def test_ray_batch_recommendations_equal_the_local_batch(ray_cluster, tmp_path, ml100k_db,
                                                         monkeypatch):
     """recommend --all --ray --out on 2 actors (shards of 300 users) writes the local
-    batch's rows: the same users in the same order with the same item ids."""
+    batch's rows: the same users in the same order with the same item ids; items
+    retired before the run are in neither (each actor's Engine reads the store)."""
     import csv
 
     from click.testing import CliRunner
@@ -117,6 +120,10 @@ def test_ray_batch_recommendations_equal_the_local_batch(ray_cluster, tmp_path, 
         eng.train("ease", force=True)
     runner = CliRunner()
     base = ["--db", str(db), "--device", "cpu", "--quiet", "recommend", "--all", "-k", "10"]
+    with _engine(db) as eng:
+        counts = Counter(r.item for _, recs in eng.recommend_many(k=10) for r in recs)
+        retired = {item for item, _ in counts.most_common(3)}
+        eng.retire_items(sorted(retired))
     local = runner.invoke(cli, [*base, "--out", str(tmp_path / "local.csv")])
     assert local.exit_code == 0, local.output
     monkeypatch.setattr("polyrec.cluster.batch.SHARD_USERS", 300)  # 943 users: 4 shards
@@ -127,6 +134,7 @@ def test_ray_batch_recommendations_equal_the_local_batch(ray_cluster, tmp_path, 
                    csv.DictReader(open(tmp_path / f"{name}.csv", newline=""))]
             for name in ("local", "ray")}
     assert len(rows["local"]) == 9430 and rows["ray"] == rows["local"]
+    assert not retired & {item for _, _, item in rows["ray"]}
 
 
 def test_cli_ray_errors_are_one_line(ray_cluster, tmp_path, ml100k_db):

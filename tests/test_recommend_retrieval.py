@@ -110,6 +110,32 @@ def test_filters_and_seen_items_hold_and_a_rare_filter_widens_the_pool(engines):
     assert not rated & {r.item for r in indexed.recommend("1", 50)}
 
 
+def test_retired_items_are_filtered_from_the_index_and_the_pool_widens(engines):
+    """Retiring items keeps the index (no rebuild: the same retrieval object) and drops
+    them from each user's candidates; the pool widens so that k live items come back,
+    those of full scoring."""
+    full, indexed = engines
+    rec = indexed.services.recommender()
+    retrieval = rec._retrieval()
+    users = USERS[:30]
+    tops = {u: [r.item for r in full.recommend(u, 10)] for u in users}
+    mine = [r.item for r in indexed.recommend(users[0], 10)]
+    retired = sorted({i for top in tops.values() for i in top[:6]})  # most of every top 10
+    assert len(retired) >= 12
+    full.retire_items(retired)
+    try:
+        rec.refresh(wait=True)  # the other Engine's write, seen now instead of within 0.5 s
+        assert rec._retrieval() is retrieval  # the same index, filtered
+        for user in users:
+            got = [r.item for r in indexed.recommend(user, 10)]
+            assert len(got) == 10 and not set(retired) & set(got)
+        assert _compare(full, indexed, users) >= 0.98
+    finally:
+        full.restore_items(retired)
+    rec.refresh(wait=True)
+    assert [r.item for r in indexed.recommend(users[0], 10)] == mine
+
+
 def test_a_failing_retrieval_is_recorded_and_full_scoring_answers(two_tower_db):
     with _engine(two_tower_db, INDEX) as eng:
         rec = eng.services.recommender()

@@ -2,9 +2,9 @@
 --all | --users FILE``.
 
 The same answer as ``Engine.recommend`` for each user (the same cold-user and guest
-fallback, online blending, seen-item exclusion, attribute filters, MMR diversity,
-exploration and click probabilities), computed a block of users at a time: one
-``Ranker.score_users`` call, one query for the block's seen items, one
+fallback, online blending, seen-item exclusion, retired items left out, attribute
+filters, MMR diversity, exploration and click probabilities), computed a block of users
+at a time: one ``Ranker.score_users`` call, one query for the block's seen items, one
 ``Ranker.click_probability`` call per block. The whole run serves from one data
 snapshot. :func:`recommend_block` is the core a distributed runner calls per shard.
 """
@@ -128,12 +128,19 @@ def _click_probabilities(rec: "Recommender", dense: list[int | None], picked: li
 
 def keep_mask(engine: "Engine", snap: "DataSnapshot", filters: Mapping[str, Any] | None
               ) -> torch.Tensor | None:
-    """bool [n_items] of ``snap``: the items passing ``filters`` (check_filters); None
-    without filters."""
+    """bool [n_items] of ``snap``: the items that may be served, live (not retired,
+    polyrec.store.lifecycle) and passing ``filters`` (check_filters); None when every
+    item may (no filters, nothing retired)."""
+    live = snap.live_mask()
     passes = check_filters(engine, filters)
     if passes is None:
-        return None
-    return torch.tensor([passes(v) for v in snap.views], dtype=torch.bool)
+        return live
+    views = snap.views
+    if live is not None:  # a retired item's attributes need not be read
+        views.prefetch_indices(live.nonzero().flatten().tolist())
+        return torch.tensor([bool(ok) and passes(views[i]) for i, ok in enumerate(live.tolist())],
+                            dtype=torch.bool)
+    return torch.tensor([passes(v) for v in views], dtype=torch.bool)
 
 
 def recommend_block(rec: "Recommender", snap: "DataSnapshot", users: Sequence[tuple[str, int]],

@@ -15,7 +15,7 @@ import threading
 import time
 from contextlib import ExitStack, contextmanager
 from contextvars import ContextVar
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 import torch
@@ -34,6 +34,8 @@ from polyrec.store.artifacts import ArtifactHeader, artifact_header, from_bytes,
 from polyrec.store.catalog import external_ids, get_user_id
 from polyrec.store.vector_cache import index_directory, load_arrays, save_arrays
 from polyrec.store.item_lookup import ItemLookup, Titles
+from polyrec.store.lifecycle import lifecycle_key
+from polyrec.store.lifecycle import retired_ids as retired_ids_of
 from polyrec.store.models import Interaction, Item, ItemVector, User
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -65,7 +67,19 @@ class DataSnapshot:
     views: ItemLookup  # by dense index; read from the store when first used
     external: dict[int, str]
     titles: Mapping[int, "str | None"]
+    #: internal ids of the retired items (polyrec.store.lifecycle) and their dense
+    #: indices: scored like any item (their history counts), never served
+    retired_ids: frozenset[int] = frozenset()
+    retired: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     cache: dict[str, Any] = field(default_factory=dict)
+
+    def live_mask(self) -> torch.Tensor | None:
+        """bool [n_items]: the items that may be served (None: every item may)."""
+        if not len(self.retired):
+            return None
+        mask = torch.ones(self.data.n_items, dtype=torch.bool)
+        mask[self.retired] = False
+        return mask
 
 #: (recommender, user id, scores [n_items], online) -> blended scores.
 OnlineHook = Callable[["Recommender", int, torch.Tensor, "bool | None"], torch.Tensor]
@@ -377,8 +391,9 @@ class Recommender:
     # is one immutable DataSnapshot, read in one database snapshot and swapped in by one
     # reference assignment. A request pins the snapshot it started with (``pinned``), so
     # a refresh on another thread never shows it half-updated attributes.
-    def _current_keys(self, session: Any = None) -> tuple[tuple, tuple]:
-        """(interactions key, items-and-vectors key): they change when the store does."""
+    def _current_keys(self, session: Any = None) -> tuple[tuple, tuple, str | None]:
+        """(interactions key, items-and-vectors key, lifecycle key): they change when the
+        store does (the last one when items are retired or restored)."""
         generation = self._items_generation  # read first: a bump after the snapshot's
         with ExitStack() as stack:              # first SELECT must not hide older vectors
             s = session if session is not None else stack.enter_context(
@@ -389,8 +404,9 @@ class Recommender:
                                      func.max(Item.updated_at))).one()
             vecs = s.execute(select(func.count(), func.max(ItemVector.id))
                              .select_from(ItemVector)).one()
+            lifecycle = lifecycle_key(s)
         return (tuple(inter) + tuple(users),
-                tuple(items) + tuple(vecs) + (generation,))
+                tuple(items) + tuple(vecs) + (generation,), lifecycle)
 
     def snapshot(self) -> "DataSnapshot":
         """The data snapshot this thread's request pinned, else the latest one."""
@@ -463,6 +479,16 @@ class Recommender:
             if not force and previous is not None and key == previous.key:
                 return previous
             items_changed = force or previous is None or key[1] != previous.key[1]
+            retired_ids = (retired_ids_of(s) if key[2] is not None and (
+                items_changed or key[2] != previous.key[2]) else
+                previous.retired_ids if key[2] is not None else frozenset())
+            if not items_changed and key[:2] == previous.key[:2]:
+                # only items' retired states changed: the same data, another mask
+                snap = replace(previous, key=key, retired_ids=retired_ids,
+                               retired=_dense(retired_ids, previous.item_index),
+                               cache=dict(previous.cache))
+                self._snap = snap
+                return snap
             if items_changed:
                 data = build_training_data(self.engine, min_rating=self.min_rating, session=s)
                 # external ids now; titles, texts and attributes when a request needs them
@@ -484,11 +510,12 @@ class Recommender:
                 data.feature_encoders = previous.data.feature_encoders
                 data.feature_keys = previous.data.feature_keys
                 snap_views, external, titles = previous.views, previous.external, previous.titles
+        item_index = data.item_index() if items_changed else previous.item_index
         snap = DataSnapshot(key=key, data=data, user_index=data.user_index(),
-                            item_index=(data.item_index() if items_changed
-                                        else previous.item_index),
+                            item_index=item_index,
                             history=data.user_items(), popularity=data.item_counts().float(),
-                            views=snap_views, external=external, titles=titles)
+                            views=snap_views, external=external, titles=titles,
+                            retired_ids=retired_ids, retired=_dense(retired_ids, item_index))
         if not items_changed:  # both depend on the items only (Ranker.retrieval_keys)
             snap.cache["vectors"] = previous.cache.get("vectors")
             snap.cache["retrieval"] = previous.cache.get("retrieval")
@@ -715,9 +742,11 @@ class Recommender:
     def top_k(self, users: torch.Tensor, k: int, exclude_seen: bool = True
               ) -> tuple[torch.Tensor, torch.Tensor]:
         """(scores [b, k], item indices [b, k]) by exact top-k; training positives of each
-        user excluded when ``exclude_seen`` (the batch path, for benchmarks and serving)."""
+        user excluded when ``exclude_seen`` (the batch path, for benchmarks and serving);
+        retired items always (at -inf when fewer than k items are left)."""
         with self.pinned() as snap:
             scores = self.scores(users)
+        scores[:, snap.retired] = -math.inf
         if exclude_seen:
             rows = torch.cat([torch.full((len(snap.history[u]),), r, dtype=torch.long)
                               for r, u in enumerate(users.tolist())])
@@ -756,11 +785,15 @@ class Recommender:
         retrieval = self._retrieval() if u is not None and len(self.history[u]) else None
         pool = (max(10 * k, 100) + len(self.history[u]) + len(seen)
                 if retrieval is not None else None)
+        if pool is not None and len(self.snapshot().retired):  # as many live ones expected
+            live = 1.0 - len(self.snapshot().retired) / max(self.data.n_items, 1)
+            pool = int(math.ceil(pool / max(live, 1e-3)))
         while True:
             scores, candidates = self._base_scores(u, retrieval, pool)
             if self.online_hook is not None:  # the feedback learners' online user state
                 scores = self.online_hook(self, user_id, scores, online)
             scores[seen] = -math.inf
+            scores[self.snapshot().retired] = -math.inf  # retired items are never served
             if exclude_seen and u is not None:
                 scores[self.history[u]] = -math.inf
             if keep is not None:  # only items still in the running are checked
@@ -867,6 +900,11 @@ class Recommender:
 def recommend(engine: "Engine", user: str, k: int = 10, **options: Any) -> list[Recommendation]:
     """Recommendations for one user from the engine's live pipeline."""
     return engine.services.recommender().recommend(user, k, **options)
+
+
+def _dense(ids: frozenset[int], item_index: Mapping[int, int]) -> torch.Tensor:
+    """The dense indices of the items ``ids`` that ``item_index`` knows (sorted)."""
+    return torch.tensor(sorted(item_index[i] for i in ids if i in item_index), dtype=torch.long)
 
 
 def _appended_only(session: Any, old: tuple, new: tuple) -> bool:
