@@ -82,6 +82,21 @@ def test_attributes_and_allowed_ids(backend_shop):
         assert index.search(s, "jersey", 0) == []
 
 
+def test_excluded_ids_are_left_out_and_the_limit_still_filled(backend_shop):
+    """``exclude`` (search passes the retired items) drops ids from the answer and the
+    next ones fill their places, with and without ``allowed``."""
+    shop, backend = backend_shop
+    by_ext = {v.external_id: v.id for v in shop.items()}
+    with shop.store.session() as s:
+        index = make_index(s, backend)
+        both = ids(shop, index.search(s, "black jersey", 10))
+        assert both[0] == "a" and len(both) == 3  # a (both words), then b and d
+        assert ids(shop, index.search(s, "black jersey", 2, exclude={by_ext["a"]})) == both[1:]
+        assert ids(shop, index.search(s, "jersey", 5, allowed={by_ext["a"], by_ext["d"]},
+                                      exclude={by_ext["a"]})) == ["d"]
+        assert index.search(s, "jersey", 5, exclude={by_ext["a"], by_ext["d"]}) == []
+
+
 def test_fts5_is_chosen_on_sqlite_and_syncs_lazily(shop: Engine):
     with shop.store.session() as s:
         assert fts5_available(s)

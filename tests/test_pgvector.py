@@ -231,6 +231,37 @@ def test_similar_items_match_the_process(ml_copy, monkeypatch, basis):
     assert filtered.results and all("Drama" in h.attributes["class"] for h in filtered.results)
 
 
+def test_retired_items_are_left_out_in_sql_and_k_are_still_found(ml_copy):
+    """Search and similar items answered by pgvector never return a retired item and
+    still give k answers: a few retired items are dropped from an index scan asked for
+    as many more rows; when most of the catalogue is retired the answer is an exact scan
+    of the rest."""
+    with _open(ml_copy) as eng:
+        pgv = _ready(eng, "bert", 384)
+        vec = _query(eng, "space adventure")
+        with eng.store.snapshot() as s:
+            top = [i for i, _ in pgv.search(s, "bert", 384, vec, 20)]
+        ext = {v.id: v.external_id for v in eng.items()}
+        before = pgv.queries
+        hits = eng.search("space adventure", 10, weights={"lexical": 0.0}).ids()
+        assert pgv.queries > before and hits[:3] == [ext[i] for i in top[:3]]
+        eng.retire_items([ext[i] for i in top[:5]])
+        got = eng.search("space adventure", 10, weights={"lexical": 0.0}).ids()
+        assert len(got) == 10 and not {ext[i] for i in top[:5]} & set(got)
+        neighbours = eng.similar(ext[top[5]], 10, basis="bert").ids()
+        assert len(neighbours) == 10 and not {ext[i] for i in top[:5]} & set(neighbours)
+        # all but 12 items retired: an exact scan finds the live ones
+        live = set(top[5:17])
+        eng.retire_items([e for i, e in ext.items() if i not in live])
+        with eng.store.snapshot() as s:
+            retired = eng.services.searcher().retired(s)
+            found = pgv.search(s, "bert", 384, vec, 10, exclude=retired)
+        assert len(retired) == len(ext) - 12 and {i for i, _ in found} <= live
+        assert [i for i, _ in found] == top[5:15]
+        assert set(eng.search("space adventure", 10, weights={"lexical": 0.0}).ids()) <= \
+            {ext[i] for i in live}
+
+
 def test_writes_and_deletes_are_reflected_in_the_same_transaction(ml_copy):
     """The trigger keeps the pgvector table in step: a re-encoded vector is found at
     once, a deleted vector or item is gone, a rolled-back write leaves the table as it

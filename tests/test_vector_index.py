@@ -47,6 +47,30 @@ def test_hnsw_recall_against_exact_on_random_vectors() -> None:
     assert space.search(q, 10, allowed) == space.top(space.scores(q), 10, allowed)
 
 
+def test_many_excluded_items_are_answered_exactly_and_still_fill_n() -> None:
+    """Search leaves the retired items out by ``exclude``: when asking the index for n
+    plus that many rows would be a quarter of the space or more, the answer is exact
+    (the index would have to return nearly everything), always n when n others exist."""
+    items, queries = unit(4000, 16, 2), unit(5, 16, 3)
+    space = VectorSpace.of("m", ("s",), range(4000), items, normalised=True)
+    space = space.indexed(IndexSettings(backend="faiss", m=16, ef_search=64))
+    assert space.index.wait(60) and space.index.kind == "hnsw"
+    asked: list[int] = []
+    hnsw = space.index.current
+    search = hnsw.search
+    hnsw.search = lambda q, k: asked.append(k) or search(q, k)  # type: ignore[method-assign]
+    assert len(space.search(queries[0], 10, exclude=set(range(0, 200)))) == 10
+    assert asked == [210]  # a few excluded: the index, asked for as many more
+    retired = set(range(0, 4000, 2))  # half the catalogue
+    for q in queries:
+        found = space.search(q, 10, exclude=retired)
+        assert found == space.top(space.scores(q), 10, exclude=retired)
+        assert len(found) == 10 and not retired & {i for i, _ in found}
+    everything_but_three = set(range(3, 4000))
+    assert {i for i, _ in space.search(queries[0], 10, exclude=everything_but_three)} == {0, 1, 2}
+    assert asked == [210]  # never asked for thousands of rows
+
+
 def test_exact_below_threshold_or_when_asked() -> None:
     items = unit(300, 16, 2)
     assert isinstance(open_index(items, name="m"), ExactIndex)  # auto: 300 < threshold

@@ -24,7 +24,7 @@ import re
 import threading
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Iterable, Protocol
+from typing import AbstractSet, Any, Iterable, Protocol
 
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
@@ -116,12 +116,14 @@ class LexicalIndex(Protocol):
 
     def search(self, session: Session, query: str, limit: int,
                allowed: set[int] | None = None,
-               signature: Signature | None = None, *, sync: bool = True
-               ) -> list[tuple[int, float]]:
+               signature: Signature | None = None, *, sync: bool = True,
+               exclude: AbstractSet[int] = frozenset()) -> list[tuple[int, float]]:
         """(item id, score) best first; higher is better. ``allowed`` restricts the ids;
-        ``signature`` is the items table's current one when the caller already has it.
-        ``sync=False`` searches the index as it is, never writing: for a read-only snapshot
-        session (the caller synced in a write transaction of its own just before)."""
+        ``exclude`` leaves ids out (the retired items), still ``limit`` results when
+        there are that many others; ``signature`` is the items table's current one when
+        the caller already has it. ``sync=False`` searches the index as it is, never
+        writing: for a read-only snapshot session (the caller synced in a write
+        transaction of its own just before)."""
 
 
 class Fts5Index:
@@ -204,8 +206,8 @@ class Fts5Index:
 
     def search(self, session: Session, query: str, limit: int,
                allowed: set[int] | None = None,
-               signature: Signature | None = None, *, sync: bool = True
-               ) -> list[tuple[int, float]]:
+               signature: Signature | None = None, *, sync: bool = True,
+               exclude: AbstractSet[int] = frozenset()) -> list[tuple[int, float]]:
         if sync:
             self.sync(session, signature)
         expr = self.match_expression(query)
@@ -214,12 +216,13 @@ class Fts5Index:
         w = FIELD_WEIGHTS
         rank = f"bm25({self.TABLE}, {w['title']}, {w['text']}, {w['attributes']})"
         sql = f"SELECT rowid, -{rank} FROM {self.TABLE} WHERE {self.TABLE} MATCH :q ORDER BY {rank}"
-        if allowed is None:
-            rows = session.execute(text(sql + " LIMIT :n"), {"q": expr, "n": int(limit)}).all()
-            return [(int(i), float(s)) for i, s in rows]
+        if allowed is None:  # enough rows to drop the excluded ones that are among them
+            rows = session.execute(text(sql + " LIMIT :n"),
+                                   {"q": expr, "n": int(limit) + len(exclude)}).all()
+            return [(int(i), float(s)) for i, s in rows if i not in exclude][:limit]
         out: list[tuple[int, float]] = []
         for i, s in session.execute(text(sql), {"q": expr}):
-            if i in allowed:
+            if i in allowed and i not in exclude:
                 out.append((int(i), float(s)))
                 if len(out) >= limit:
                     break
@@ -245,7 +248,8 @@ class _Postings:
         self.n = len(lengths)
         self.avg = (sum(lengths.values()) / self.n) if self.n else 1.0
 
-    def search(self, query: str, limit: int, allowed: set[int] | None) -> list[tuple[int, float]]:
+    def search(self, query: str, limit: int, allowed: set[int] | None,
+               exclude: AbstractSet[int] = frozenset()) -> list[tuple[int, float]]:
         scores: dict[int, float] = {}
         for term in dict.fromkeys(terms(query)):
             plist = self.postings.get(term)
@@ -253,7 +257,7 @@ class _Postings:
                 continue
             idf = math.log(1.0 + (self.n - len(plist) + 0.5) / (len(plist) + 0.5))
             for item_id, tf in plist:
-                if allowed is not None and item_id not in allowed:
+                if allowed is not None and item_id not in allowed or item_id in exclude:
                     continue
                 norm = self.k1 * (1.0 - self.b + self.b * self.lengths[item_id] / self.avg)
                 scores[item_id] = scores.get(item_id, 0.0) + idf * tf * (self.k1 + 1.0) / (tf + norm)
@@ -294,11 +298,11 @@ class MemoryBM25Index:
 
     def search(self, session: Session, query: str, limit: int,
                allowed: set[int] | None = None,
-               signature: Signature | None = None, *, sync: bool = True
-               ) -> list[tuple[int, float]]:
+               signature: Signature | None = None, *, sync: bool = True,
+               exclude: AbstractSet[int] = frozenset()) -> list[tuple[int, float]]:
         if limit <= 0:  # in memory: building the postings writes nothing, so always in step
             return []
-        return self._postings(session, signature).search(query, limit, allowed)
+        return self._postings(session, signature).search(query, limit, allowed, exclude)
 
 
 class PostgresFtsIndex:
@@ -347,8 +351,8 @@ class PostgresFtsIndex:
 
     def search(self, session: Session, query: str, limit: int,
                allowed: set[int] | None = None,
-               signature: Signature | None = None, *, sync: bool = True
-               ) -> list[tuple[int, float]]:
+               signature: Signature | None = None, *, sync: bool = True,
+               exclude: AbstractSet[int] = frozenset()) -> list[tuple[int, float]]:
         from polyrec.store.postgres import FTS_COLUMN, FTS_CONFIG
         words = list(dict.fromkeys(tokens(query)))[:32]
         if not words or limit <= 0:
@@ -371,7 +375,8 @@ class PostgresFtsIndex:
         WITH cand AS (
             SELECT id, {FTS_COLUMN} AS doc FROM items
             WHERE {FTS_COLUMN} @@ CAST(:match AS tsquery)
-            {"AND id = ANY(:allowed)" if allowed is not None else ""}),
+            {"AND id = ANY(:allowed)" if allowed is not None else ""}
+            {"AND NOT (id = ANY(:exclude))" if exclude else ""}),
         tf AS (
             SELECT c.id, u.lexeme, sum({weight}) AS tf
             FROM cand c, unnest(c.doc) u, unnest(u.weights) w
@@ -390,6 +395,8 @@ class PostgresFtsIndex:
                   "avg": self._mean_length(session, signature)}
         if allowed is not None:
             params["allowed"] = sorted(int(i) for i in allowed)
+        if exclude:
+            params["exclude"] = sorted(int(i) for i in exclude)
         return [(int(i), float(sc)) for i, sc in session.execute(text(sql), params)]
 
 

@@ -42,6 +42,7 @@ from polyrec.retrieve.query_understanding import (SEMANTIC_SLOTS, STOPWORDS, Int
                                                   Match, SemanticMatcher, Understanding,
                                                   Vocabulary, intent_slot, slot_of)
 from polyrec.store import vector_cache
+from polyrec.store.lifecycle import lifecycle_key, retired_ids
 from polyrec.store.models import Interaction, Item, ItemVector
 from polyrec.store.settings import get_setting
 from polyrec.store.pgvector import PgVectors
@@ -262,11 +263,14 @@ def _attr_matches(value: Any, wanted: set[str]) -> bool:
 
 @dataclass(frozen=True)
 class StoreState:
-    """What a request learned about the store: items signature, vectors per encoder."""
+    """What a request learned about the store: items signature, vectors per encoder and
+    the items' lifecycle key (polyrec.store.lifecycle: changes when items are retired or
+    restored; None when none ever was)."""
 
     items: Signature
     vectors: dict[str, tuple[Any, ...]]
     checked: float
+    lifecycle: str | None = None
 
 
 @dataclass(frozen=True)
@@ -310,13 +314,16 @@ class VectorSpace:
                exclude: set[int] | None = None) -> list[tuple[int, float]]:
         """The ``n`` best (item id, cosine) for ``query``: through the approximate index
         when the space has one and nothing restricts the answer to ``allowed`` items
-        (it is asked for enough extra rows to drop ``exclude`` and invalid rows), else
-        exactly (:meth:`top` over :meth:`scores`)."""
+        (it is asked for enough extra rows to drop ``exclude`` and invalid rows, so that
+        n are found whenever there are n others), else exactly (:meth:`top` over
+        :meth:`scores`), as when the extra rows would be a quarter of the space or more
+        (many retired items)."""
         slot = self.index
-        if slot is None or slot.kind == "exact" or allowed is not None:
+        extra = len(exclude or ()) + (int(self.invalid.sum()) if self.invalid is not None else 0)
+        if slot is None or slot.kind == "exact" or allowed is not None \
+                or 4 * (n + extra) >= len(self.item_ids):
             return self.top(self.scores(query), n, allowed, exclude)
         q = torch.nn.functional.normalize(query.detach().float().cpu().flatten(), dim=0)
-        extra = len(exclude or ()) + (int(self.invalid.sum()) if self.invalid is not None else 0)
         vals, rows = slot.current.search(q, n + extra)
         out = []
         for v, j in zip(vals.tolist(), rows.tolist()):
@@ -411,6 +418,7 @@ class Searcher:
         self._lexical: dict[str, LexicalIndex] = {}
         self._query_cache = LRUCache(query_cache)
         self._state: StoreState | None = None
+        self._retired: tuple[str, frozenset[int]] | None = None
         self._memo: dict[Any, Any] = {}
         #: seconds a signature check stays valid (0: check the store on every request).
         self.check_interval = 0.0
@@ -441,9 +449,22 @@ class Searcher:
             fingerprint, dim = session.execute(select(ItemVector.fingerprint, ItemVector.dim)
                                                .where(ItemVector.id == newest)).one()
             vectors[encoder] = (count, newest, fingerprint, dim)
-        found = StoreState(Signature.of(session), vectors, now)
+        found = StoreState(Signature.of(session), vectors, now, lifecycle_key(session))
         self._state = found
         return found
+
+    def retired(self, session: Any, state: StoreState | None = None) -> frozenset[int]:
+        """Internal ids of the retired items (never served), read again only when the
+        lifecycle key changed (polyrec.store.lifecycle)."""
+        key = (state or self.state(session)).lifecycle
+        if key is None:
+            return frozenset()
+        found = self._retired
+        if found is not None and found[0] == key:
+            return found[1]
+        ids = retired_ids(session)
+        self._retired = (key, ids)  # one reference assignment
+        return ids
 
     def invalidate(self) -> None:
         """Forget the last signature check: the next request looks at the store again."""
@@ -547,6 +568,7 @@ class Searcher:
         with self._lock:
             self._catalog, self._spaces, self._intents = None, {}, {}
             self._encoders, self._state, self._memo = {}, None, {}
+            self._retired = None
             self._query_cache.clear()
 
     # -- query encoders ------------------------------------------------------------------
@@ -782,6 +804,7 @@ class Searcher:
             state = self.state(s)
             snap = self.catalog(s, state)
             allowed = snap.allowed(filters)
+            retired = self.retired(s, state)  # every retriever leaves them out
             # the shop's own synonyms first: every retriever reads the rewritten query
             rewritten, applied = (self.synonyms(s).rewrite(query) if opts.synonyms
                                   else (query, {}))
@@ -809,9 +832,10 @@ class Searcher:
                                  "offline); cross-modal retrieval skipped")
                     continue
                 top = (self.pgvector.search(s, encoder, state.vectors[encoder][3], vec, pool,
-                                            allowed) if self.pgvector is not None else None)
+                                            allowed, exclude=retired)
+                       if self.pgvector is not None else None)
                 if top is None:  # no pgvector table in this snapshot: search in the process
-                    top = space.search(vec, pool, allowed)
+                    top = space.search(vec, pool, allowed, retired)
                 rankings[ranking] = [i for i, _ in top]
                 if ranking == "dense":
                     dense = (space, vec)
@@ -825,13 +849,14 @@ class Searcher:
                 index = self.lexical(s, opts.lexical_backend)
                 # synced above in a write transaction of its own; this snapshot only reads
                 rankings["lexical"] = [i for i, _ in index.search(s, text, pool, allowed,
-                                                                  state.items, sync=False)]
+                                                                  state.items, sync=False,
+                                                                  exclude=retired)]
             if not rankings:
                 notes.append("no retriever available: no vectors and lexical search disabled")
             candidates: dict[int, None] = {}
             for r in rankings.values():
-                candidates.update(dict.fromkeys(r))
-            full = und.full_matches()
+                candidates.update(dict.fromkeys(i for i in r if i not in retired))
+            full = und.full_matches() - retired
             if allowed is not None:
                 full &= allowed
             if full and opts.understanding != "off":  # matches of every facet join the pool
@@ -874,11 +899,14 @@ class Searcher:
     # -- cold start ----------------------------------------------------------------------
     def popular(self, k: int, filters: Mapping[str, Any] | None = None,
                 exclude: set[str] | None = None) -> list[tuple[str, float]]:
-        """The ``k`` items with most distinct users (ties by id), passing ``filters``:
-        the answer for users nobody knows yet. (external id, share of users)."""
+        """The ``k`` live items (never a retired one) with most distinct users (ties by
+        id), passing ``filters``: the answer for users nobody knows yet. (external id,
+        share of users)."""
         k = validate_k(k)
         with self.engine.store.snapshot() as s:
-            snap = self.catalog(s)
+            state = self.state(s)
+            snap = self.catalog(s, state)
+            retired = self.retired(s, state)
             sig = s.execute(select(func.count(Interaction.id), func.max(Interaction.id))).one()
             key = ("popular", tuple(sig))
             counts = self._memo.get(key)
@@ -893,7 +921,8 @@ class Searcher:
         out: list[tuple[str, float]] = []
         for share, i in counts:
             ext = snap.external.get(i)
-            if ext is None or (allowed is not None and i not in allowed) or (exclude and ext in exclude):
+            if ext is None or i in retired or (allowed is not None and i not in allowed) \
+                    or (exclude and ext in exclude):
                 continue
             out.append((ext, share))
             if len(out) >= k:

@@ -99,7 +99,9 @@ def _basis_encoders(basis: str, stored: list[str], modalities: Mapping[str, str]
 
 def similar(engine: "Engine", item: str, k: int = 10, *,
             filters: Mapping[str, Any] | None = None, basis: str = "auto") -> SimilarResponse:
-    """The ``k`` items most similar to ``item`` (external id), passing ``filters``.
+    """The ``k`` items most similar to ``item`` (external id), passing ``filters``;
+    never a retired item (polyrec.store.lifecycle), though a retired ``item`` has
+    neighbours (alternatives to a discontinued product).
 
     ``basis``: "auto" (trained model, else encoders), "model", "encoders", a modality
     ("text", "image", "kg": its encoder in use) or one encoder name ("bert", "image_cnn")."""
@@ -114,6 +116,7 @@ def similar(engine: "Engine", item: str, k: int = 10, *,
     with engine.store.snapshot() as s:  # one snapshot: a write landing meanwhile is not half-seen
         state = srch.state(s)
         snap = srch.catalog(s, state)
+        retired = srch.retired(s, state)  # never a neighbour (the item itself may be one)
         target = snap.internal.get(str(item))
         if target is None:
             raise NotFoundError(f"unknown item {shown(item)}")
@@ -136,7 +139,8 @@ def similar(engine: "Engine", item: str, k: int = 10, *,
             names = _basis_encoders(basis, list(state.vectors), modalities, skip)
             used = "encoders" if basis in ("auto", "encoders") else basis
             found = (srch.pgvector.similar(s, {n: state.vectors[n][3] for n in names}, target,
-                                           k, allowed) if srch.pgvector is not None else None)
+                                           k, allowed, exclude=retired)
+                     if srch.pgvector is not None else None)
             if found is not None:  # answered in PostgreSQL (pgvector), nothing loaded here
                 if not found[1]:
                     raise NotFoundError(f"item '{item}' has no vectors to compare: run "
@@ -170,6 +174,10 @@ def similar(engine: "Engine", item: str, k: int = 10, *,
         count[known] += 1
     final = torch.where(count > 0, total / count.clamp_min(1), torch.full_like(total, float("-inf")))
     final[pos[target]] = float("-inf")
+    if retired:
+        final[srch.memo(("retired-rows", snap.signature, state.lifecycle),
+                        lambda: torch.tensor([pos[i] for i in retired if i in pos],
+                                             dtype=torch.long))] = float("-inf")
     if allowed is not None:
         mask = torch.zeros(len(ids), dtype=torch.bool)
         rows = [pos[i] for i in allowed if i in pos]

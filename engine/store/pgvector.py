@@ -295,8 +295,10 @@ class PgVectors:
             if len(found) < k:  # the iterative scan gave up before k: look at every row
                 return self._exact(session, name, q, k, ids)
             return found[:k]
-        found = self._index(session, name, q, want, None)
-        return [(i, s) for i, s in found if i not in drop][:k]
+        found = [(i, s) for i, s in self._index(session, name, q, want, None) if i not in drop]
+        if len(found) < k and drop:  # the index scan gave up before k others (many
+            return self._exact_without(session, name, q, k, drop)  # excluded): every row
+        return found[:k]
 
     def _index(self, session: "Session", name: str, q: str, k: int,
                ids: list[int] | None) -> list[tuple[int, float]]:
@@ -323,6 +325,14 @@ class PgVectors:
                     "ORDER BY d LIMIT :k").bindparams(bindparam("ids", type_=ARRAY(Integer)))
         return _scored(session.execute(stmt, {"q": q, "k": k, "ids": list(ids)}).all())
 
+    def _exact_without(self, session: "Session", name: str, q: str, k: int,
+                       drop: set[int]) -> list[tuple[int, float]]:
+        """Top-k over every row but ``drop``'s, every one compared (no index)."""
+        stmt = text(f"SELECT item_id, d FROM (SELECT item_id, embedding <=> CAST(:q AS halfvec) "
+                    f"AS d FROM {name} WHERE NOT (item_id = ANY(:drop)) OFFSET 0) AS scored "
+                    "ORDER BY d LIMIT :k").bindparams(bindparam("drop", type_=ARRAY(Integer)))
+        return _scored(session.execute(stmt, {"q": q, "k": k, "drop": sorted(drop)}).all())
+
     def vector(self, session: "Session", encoder: str, dim: int, item: int) -> str | None:
         """``item``'s vector in text form (None: no table, or no usable vector)."""
         name = self.table(session, encoder, dim)
@@ -338,7 +348,8 @@ class PgVectors:
         return dict(_scored(session.execute(stmt, {"q": q, "ids": list(ids)}).all()))
 
     def similar(self, session: "Session", encoders: Mapping[str, int], target: int, k: int,
-                allowed: set[int] | None = None, pool: int | None = None
+                allowed: set[int] | None = None, pool: int | None = None,
+                exclude: Iterable[int] = ()
                 ) -> tuple[list[tuple[int, float, dict[str, float]]], list[str]] | None:
         """Neighbours of item ``target``: for each candidate the mean of its cosines to
         the target over the encoders (name -> width) both have a vector for, as the
@@ -346,7 +357,7 @@ class PgVectors:
         k nearest when there is one encoder; 5k, at least 50, otherwise), scored in every
         encoder. Returns (neighbours as (item, mean, per-encoder cosines), the encoders
         used), or None when one of them has no table in this snapshot (the caller
-        searches in the process)."""
+        searches in the process). ``exclude``: items never returned (retired ones)."""
         names = {e: self.table(session, e, d) for e, d in encoders.items()}
         if not names or any(n is None for n in names.values()):
             return None
@@ -361,8 +372,9 @@ class PgVectors:
         n = pool or (k if len(queries) == 1 else max(5 * k, 50))
         candidates: dict[int, None] = {}
         per: dict[str, dict[int, float]] = {}
+        drop = {target, *exclude}
         for e, q in queries.items():
-            top = self.search(session, e, encoders[e], q, n, allowed, exclude=(target,)) or []
+            top = self.search(session, e, encoders[e], q, n, allowed, exclude=drop) or []
             per[e] = dict(top)
             candidates.update(dict.fromkeys(i for i, _ in top))
         if len(queries) > 1:
