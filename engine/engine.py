@@ -83,7 +83,9 @@ class Engine:
     # -- catalogue -----------------------------------------------------------------------
     def add_items(self, items: Sequence[Mapping[str, Any]]) -> int:
         """Insert or update items (dicts with ``external_id`` and any of title, text,
-        image, attributes). Returns how many records were written. A local ``image``
+        image, attributes, active). Returns how many records were written. ``active``
+        (a bool) sets the lifecycle state: False retires the item, True restores it;
+        without it the state stays (:meth:`retire_items`). A local ``image``
         must lie under the image root (``image_root``; engine/ingest/images.py) and is
         stored as an absolute path; URLs and ``data:`` URIs are kept as they are.
 
@@ -96,9 +98,42 @@ class Engine:
             written = catalog.upsert_items(s, items)
             ids = (catalog.item_ids(s, (str(r["external_id"]) for r in items))
                    if self.encode_on_arrival else {})
+        if any(r.get("active") is not None for r in items):
+            self.services.lifecycle_changed()
         if ids:
             self.services.items_stored(ids.values())
         return written
+
+    def retire_items(self, items: Iterable[str]) -> Any:
+        """Retire items (sold out, discontinued) by external id: kept with their vectors
+        and interactions (history still trains models and describes users), never served
+        again by recommend, recommend_many, search, similar or the popular fallback, in
+        this process from its next request and in others within their refresh delay
+        (polyrec.store.lifecycle). One NotFoundError names unknown ids; nothing changes
+        then. Returns a LifecycleReport (``changed``, ``unchanged``: already retired)."""
+        return self._set_retired(items, True, "retire_items")
+
+    def restore_items(self, items: Iterable[str]) -> Any:
+        """Serve retired items again (the reverse of :meth:`retire_items`); an item that
+        is live already is reported ``unchanged``. Returns a LifecycleReport."""
+        return self._set_retired(items, False, "restore_items")
+
+    def _set_retired(self, items: Iterable[str], retired: bool, source: str) -> Any:
+        from polyrec.store import lifecycle
+        with self.store.session() as s:
+            report = lifecycle.set_retired(s, items, retired, source=source)
+        if report.changed:
+            self.services.lifecycle_changed()
+        return report
+
+    def list_items(self, *, retired: bool | None = None, limit: int | None = None
+                   ) -> list[dict[str, Any]]:
+        """Items with their lifecycle state (``item``, ``title``, ``retired``,
+        ``retired_at``): only the retired ones (``retired=True``, newest retirement
+        first), only the live ones (False) or all (None); at most ``limit``."""
+        from polyrec.store import lifecycle
+        with self.store.session() as s:
+            return lifecycle.list_items(s, retired=retired, limit=limit)
 
     def wait_for_encoding(self, timeout: float | None = None) -> bool:
         """Wait until the items written so far were encoded in the background; False
@@ -307,7 +342,8 @@ class Engine:
 
     # -- reports -------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
-        """Row counts by table and interactions by kind."""
+        """Row counts by table (``items`` counts retired ones too; ``retired_items``:
+        how many of them are retired) and interactions by kind."""
         with self.store.session() as s:
             count = lambda model: s.execute(select(func.count()).select_from(model)).scalar_one()  # noqa: E731
             by_kind = dict(s.execute(select(Interaction.kind, func.count())
@@ -316,7 +352,10 @@ class Engine:
                                      .group_by(ItemVector.encoder)).all())
             linked = s.execute(select(func.count()).select_from(Entity)
                                .where(Entity.item_id.is_not(None))).scalar_one()
-            return {"items": count(Item), "users": count(User), "interactions": count(Interaction),
+            retired = s.execute(select(func.count()).select_from(Item)
+                                .where(Item.retired_at.is_not(None))).scalar_one()
+            return {"items": count(Item), "retired_items": retired,
+                    "users": count(User), "interactions": count(Interaction),
                     "interactions_by_kind": by_kind, "entities": count(Entity),
                     "relations": count(Relation), "triples": count(Triple),
                     "linked_items": linked, "vectors_by_encoder": vectors,

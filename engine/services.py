@@ -122,6 +122,14 @@ class Services:
         if srch is not None:
             srch.invalidate()
 
+    def lifecycle_changed(self) -> None:
+        """Items were retired or restored by this process: the searcher looks at the
+        store again at its next request, whatever its ``check_interval`` (the
+        recommender checks its keys after every write of this process anyway)."""
+        srch = self.started("searcher")
+        if srch is not None:
+            srch.invalidate()
+
     def close(self) -> None:
         """Stop the background encoder, then flush what the services hold (the
         learners' state)."""

@@ -34,7 +34,7 @@ def test_documented_example_runs(tmp_path, monkeypatch, ml100k_dir, capsys):
 def test_documented_signatures_match_the_engine():
     text = DOC.read_text(encoding="utf-8")
     for name in ("add_items", "add_users", "add_interactions", "items", "ingest", "stats",
-                 "doctor"):
+                 "doctor", "retire_items", "restore_items", "list_items"):
         assert callable(getattr(Engine, name))
         assert f"{name}(" in text, f"Engine.{name} is not documented"
 

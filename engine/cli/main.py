@@ -21,6 +21,7 @@ from polyrec.store import DEFAULT_LOCK_TIMEOUT, DEFAULT_URL, normalize_url
 #: Modules under engine/cli (the package polyrec.cli) whose COMMANDS join the group, in help order.
 COMMAND_MODULES: tuple[str, ...] = (
     "polyrec.cli.data",
+    "polyrec.cli.items",
     "polyrec.cli.migrate",
     "polyrec.cli.plugins",
     "polyrec.cli.encode",

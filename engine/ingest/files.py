@@ -50,6 +50,9 @@ FIELD_CANDIDATES: dict[str, dict[str, tuple[str, ...]]] = {
         "title": ("title", "movie_title", "prod_name", "name", "product_name"),
         "text": ("text", "detail_desc", "description", "desc", "overview", "plot", "summary"),
         "image": ("image", "image_path", "image_url", "img", "picture"),
+        #: optional lifecycle state (polyrec.store.lifecycle): false retires the item,
+        #: true restores it, an empty cell (or no column) leaves its state as it is
+        "active": ("active", "is_active"),
     },
     "users": {"external_id": ("user_id", "customer_id", "user", "id")},
     "interactions": {
@@ -199,6 +202,25 @@ def check_value(value: Any, error: Any) -> None:
     elif isinstance(value, (list, tuple)):
         for inner in value:
             check_value(inner, error)
+
+
+_TRUE = frozenset({"true", "t", "yes", "y", "1"})
+_FALSE = frozenset({"false", "f", "no", "n", "0"})
+
+
+def to_active(value: Any) -> bool:
+    """An ``active`` cell as a bool: true/false, yes/no, 1/0 (any case) or a boolean;
+    anything else is a BadValue."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise BadValue(f"active is true or false (yes/no, 1/0), not {str(value)[:40]!r}")
 
 
 def to_text(value: Any) -> str | None:
@@ -356,6 +378,9 @@ class _Parser:
                 image = resolved if images.is_url(resolved) or os.path.isfile(resolved) else None
         if "image" in self.mapping or self.template is not None:
             rec["image"] = image
+        active = self.convert(row, "active", to_active)
+        if active is not None:  # a blank cell: the state stays as it is
+            rec["active"] = active
         return rec
 
     def _users(self, row: Row) -> dict[str, Any]:

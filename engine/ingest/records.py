@@ -13,7 +13,7 @@ from polyrec.store.catalog import ITEM_FIELDS
 from polyrec.store.ids import BadId, check_id, is_missing_id
 
 #: the fields a record may have, by ``what``
-FIELDS = {"item": ("external_id", *ITEM_FIELDS), "user": ("external_id", "attributes")}
+FIELDS = {"item": ("external_id", *ITEM_FIELDS, "active"), "user": ("external_id", "attributes")}
 
 
 def check_records(records: Sequence[Mapping[str, Any]], source: str,
@@ -48,5 +48,10 @@ def check_records(records: Sequence[Mapping[str, Any]], source: str,
             except (TypeError, ValueError) as exc:
                 raise ValidationError(f"attributes are not JSON: {exc}", file=source, row=n,
                                       field="attributes") from None
+        active = rec.get("active")
+        if active is not None and not isinstance(active, bool):
+            raise ValidationError(f"active is true or false (false: retired, never served; "
+                                  f"true: live), not {active!r}"[:200], file=source, row=n,
+                                  field="active")
         out.append({**rec, "external_id": ident})
     return out

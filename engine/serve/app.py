@@ -10,8 +10,12 @@ the admin pages at ``/``: engine/serve/admin/):
     POST /similar                      {item, k, filters, basis}
     GET  /models                       versions of the trained pipeline, the live one
     GET  /models/{version}             one version: ranker, options, metrics, gate
-    GET  /items/{item}                 one item
-    PUT  /items            (write)     {items: [{external_id, title, text, image, attributes}]}
+    GET  /items/{item}                 one item (with its lifecycle state: retired, retired_at)
+    PUT  /items            (write)     {items: [{external_id, title, text, image, attributes,
+                                                 active}]}  (active: false retires, true restores)
+    POST /items/retire     (write)     {items: [id, ...]}: never served again (kept, history counts)
+    POST /items/restore    (write)     {items: [id, ...]}: served again
+    POST /items/{item}/retire, /items/{item}/restore  (write)  the same for one item
     PUT  /users            (write)     {users: [{external_id, attributes}]}
     DELETE /users/{user}   (write)     forget a user (engine/feedback/forget.py)
     POST /feedback         (write)     {user, item, kind, value, ts, context}
@@ -120,6 +124,9 @@ def _models() -> dict[str, Any]:
         text: str | None = None
         image: str | None = None
         attributes: dict[str, Any] | None = None
+        active: bool | None = Field(default=None, description=(
+            "false: retire the item (kept, never served), true: restore it; "
+            "left out: its state stays as it is"))
 
     class UserIn(Strict):
         external_id: Id
@@ -127,6 +134,10 @@ def _models() -> dict[str, Any]:
 
     class ItemsIn(Strict):
         items: Annotated[list[ItemIn], Field(min_length=1, max_length=MAX_BATCH)]
+
+    class ItemIdsIn(Strict):
+        items: Annotated[list[Id], Field(min_length=1, max_length=MAX_BATCH,
+                                         description="external ids of stored items")]
 
     class UsersIn(Strict):
         users: Annotated[list[UserIn], Field(min_length=1, max_length=MAX_BATCH)]
@@ -156,7 +167,7 @@ def _models() -> dict[str, Any]:
                                                        "errors of a 422), else null")
 
     return {m.__name__: m for m in (SearchRequest, RecommendRequest, SimilarRequest, ItemsIn,
-                                    UsersIn, EventIn, EventsIn, ErrorBody)}
+                                    ItemIdsIn, UsersIn, EventIn, EventsIn, ErrorBody)}
 
 
 class BodyLimit:
@@ -333,7 +344,7 @@ def create_app(engine: "Engine", *, token: str | None = None,
         if rec is not None:
             rec.check_live()
         return {"status": "ok", "version": pkg.__version__, "items": stats["items"],
-                "users": stats["users"], "interactions": stats["interactions"],
+                "retired_items": stats["retired_items"], "users": stats["users"], "interactions": stats["interactions"],
                 "vectors": stats["vectors_by_encoder"], "artifacts": stats["artifacts"],
                 "pid": os.getpid(),
                 "model": None if rec is None else {"live": rec.live, "serving": rec.version}}
@@ -378,22 +389,64 @@ def create_app(engine: "Engine", *, token: str | None = None,
     @app.get("/items/{item}", responses=_responses(M, 404, 422, 500))
     def get_item(item: Annotated[str, FPath(min_length=1, max_length=ID_CHARS,
                                             pattern=ID_PATTERN)]) -> dict[str, Any]:
-        """One item as stored."""
+        """One item as stored, with its lifecycle state (``retired``, ``retired_at``)."""
+        from sqlalchemy import select
+
         from polyrec.store import catalog
+        from polyrec.store.models import Item
         with engine.store.session() as s:
             iid = catalog.get_item_id(s, item)
             view = catalog.item_views(s, [iid])[0]
+            retired_at = s.execute(select(Item.retired_at).where(Item.id == iid)).scalar()
         return {"item": view.external_id, "title": view.title, "text": view.text,
-                "image": view.image, "attributes": view.attributes, "entity": view.entity}
+                "image": view.image, "attributes": view.attributes, "entity": view.entity,
+                "retired": retired_at is not None, "retired_at": retired_at}
 
     @app.put("/items", dependencies=[Depends(writer)], responses=_responses(M, *WRITE))
     def put_items(req: M["ItemsIn"]) -> dict[str, Any]:  # type: ignore[valid-type]
-        """Insert or update items (fields left out are kept); they are encoded in the
-        background when the engine's ``encode_on_arrival`` is on."""
+        """Insert or update items (fields left out are kept: an item without ``active``
+        keeps its lifecycle state, so re-sending the catalogue never restores a retired
+        item); they are encoded in the background when the engine's
+        ``encode_on_arrival`` is on."""
         rows = [i.model_dump(exclude_unset=True) for i in req.items]
         n = engine.add_items(rows)
         srch.invalidate()
         return {"written": n}
+
+    @app.post("/items/retire", dependencies=[Depends(writer)], responses=_responses(M, *WRITE))
+    def retire_items(req: M["ItemIdsIn"]) -> dict[str, Any]:  # type: ignore[valid-type]
+        """Retire items (sold out, discontinued): kept with their history, never served
+        again by /recommend, /search or /similar until restored. An unknown id is a 404
+        naming it, and nothing changes. ``changed``: the items retired now;
+        ``unchanged``: those retired already."""
+        report = engine.retire_items(req.items).as_dict()
+        srch.invalidate()
+        return report
+
+    @app.post("/items/restore", dependencies=[Depends(writer)], responses=_responses(M, *WRITE))
+    def restore_items(req: M["ItemIdsIn"]) -> dict[str, Any]:  # type: ignore[valid-type]
+        """Serve retired items again (404 naming unknown ids; nothing changes then)."""
+        report = engine.restore_items(req.items).as_dict()
+        srch.invalidate()
+        return report
+
+    @app.post("/items/{item}/retire", dependencies=[Depends(writer)],
+              responses=_responses(M, *WRITE))
+    def retire_item(item: Annotated[str, FPath(min_length=1, max_length=ID_CHARS,
+                                                pattern=ID_PATTERN)]) -> dict[str, Any]:
+        """Retire one item (see ``POST /items/retire``)."""
+        report = engine.retire_items([item]).as_dict()
+        srch.invalidate()
+        return report
+
+    @app.post("/items/{item}/restore", dependencies=[Depends(writer)],
+              responses=_responses(M, *WRITE))
+    def restore_item(item: Annotated[str, FPath(min_length=1, max_length=ID_CHARS,
+                                                 pattern=ID_PATTERN)]) -> dict[str, Any]:
+        """Serve one retired item again (see ``POST /items/restore``)."""
+        report = engine.restore_items([item]).as_dict()
+        srch.invalidate()
+        return report
 
     @app.put("/users", dependencies=[Depends(writer)], responses=_responses(M, *WRITE))
     def put_users(req: M["UsersIn"]) -> dict[str, Any]:  # type: ignore[valid-type]

@@ -97,7 +97,7 @@ def cards(engine: "Engine", items: Iterable[str]) -> dict[str, Card]:
 def history(engine: "Engine", user: str, *, limit: int = 20, offset: int = 0
             ) -> tuple[int, list[dict[str, Any]]]:
     """(total, one page of the user's interactions, newest first) with each item's card
-    fields; uses the (user, ts) index."""
+    fields and whether it is retired; uses the (user, ts) index."""
     with engine.store.session() as s:
         uid = catalog.user_ids(s, [user]).get(user)
         if uid is None:
@@ -105,14 +105,15 @@ def history(engine: "Engine", user: str, *, limit: int = 20, offset: int = 0
         total = s.execute(select(func.count()).select_from(Interaction)
                           .where(Interaction.user_id == uid)).scalar_one()
         rows = s.execute(select(Item.external_id, Item.title, Item.image, Interaction.kind,
-                                Interaction.value, Interaction.ts)
+                                Interaction.value, Interaction.ts, Item.retired_at)
                          .join(Item, Item.id == Interaction.item_id)
                          .where(Interaction.user_id == uid)
                          .order_by(Interaction.ts.desc(), Interaction.id.desc())
                          .limit(limit).offset(offset)).all()
     return int(total), [{"item": ext, "title": title, "image": image_url(ext, image),
-                         "kind": kind, "value": value, "day": day(ts)}
-                        for ext, title, image, kind, value, ts in rows]
+                         "kind": kind, "value": value, "day": day(ts),
+                         "retired": retired_at is not None}
+                        for ext, title, image, kind, value, ts, retired_at in rows]
 
 
 def recent_users(engine: "Engine", n: int = 12, window: int = 2000) -> list[str]:
