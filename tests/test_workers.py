@@ -1,7 +1,8 @@
 """`polyrec serve --workers 2` over one store (PostgreSQL, and a SQLite file in WAL mode):
 two real uvicorn worker processes, each with its own Engine. After `polyrec models
 activate` in another process both serve the new version without a restart, and both see
-an item and events written by another process, within a bounded delay."""
+an item and events written by another process, and items retired and restored by
+another process (`polyrec items retire|restore`), within a bounded delay."""
 from __future__ import annotations
 
 import os
@@ -112,7 +113,11 @@ def _per_worker(ask: Callable[[], httpx.Response], ok: Callable[[dict], bool], w
     return _until(check, seconds, lambda: f"both workers to {what} (latest answers: {latest})")
 
 
-def test_both_workers_follow_activate_and_see_new_items_and_events(served):
+def _items(body: dict) -> list[str]:
+    return [h["item"] for h in body["results"]]
+
+
+def test_both_workers_follow_activate_and_see_new_items_events_and_retirements(served):
     url, base = served
     health = [(_get(base, "/health") or pytest.fail("no /health")).json() for _ in range(3)]
     assert {h["items"] for h in health} == {30}
@@ -148,6 +153,22 @@ def test_both_workers_follow_activate_and_see_new_items_and_events(served):
         lambda: _post(base, "/recommend", {"user": "newcomer", "k": 3}),
         lambda b: b["basis"] == "model" and top not in [h["item"] for h in b["results"]],
         "see the newcomer's purchase")
+
+    # items retired by another process: neither worker recommends, finds or shows them
+    gone = _items(_post(base, "/recommend", {"user": "u1", "k": 5}).json())[0]
+    velvet = {"query": "velvet blazer", "k": 3, "weights": {"dense": 0.0}}
+    out = CliRunner().invoke(cli, ["--db", url, "items", "retire", gone, "velvet"])
+    assert out.exit_code == 0 and "2 item(s) retired" in out.output, out.output
+    took["retire"] = _per_worker(lambda: _post(base, "/recommend", {"user": "u1", "k": 5}),
+                                 lambda b: len(b["results"]) == 5 and gone not in _items(b),
+                                 "stop recommending the retired item")
+    took["retire (search)"] = _per_worker(lambda: _post(base, "/search", velvet),
+                                          lambda b: "velvet" not in _items(b),
+                                          "stop finding the retired item")
+    out = CliRunner().invoke(cli, ["--db", url, "items", "restore", gone, "velvet"])
+    assert out.exit_code == 0, out.output
+    took["restore"] = _per_worker(lambda: _post(base, "/search", velvet),
+                                  lambda b: _items(b)[:1] == ["velvet"], "find it again")
     print("seconds until both workers showed it:", {k: round(v, 2) for k, v in took.items()})
 
 
