@@ -120,7 +120,7 @@ class Services:
             rec.invalidate_items()
         srch = self.started("searcher")
         if srch is not None:
-            srch.invalidate()
+            srch.vectors_rewritten()
 
     def lifecycle_changed(self) -> None:
         """Items were retired or restored by this process: the searcher looks at the

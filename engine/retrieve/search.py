@@ -271,6 +271,8 @@ class StoreState:
     vectors: dict[str, tuple[Any, ...]]
     checked: float
     lifecycle: str | None = None
+    #: the searcher's vectors generation when this state was read (before any row)
+    generation: int = 0
 
 
 @dataclass(frozen=True)
@@ -418,6 +420,9 @@ class Searcher:
         self._lexical: dict[str, LexicalIndex] = {}
         self._query_cache = LRUCache(query_cache)
         self._state: StoreState | None = None
+        #: bumped when this process wrote vectors (vectors_rewritten): part of every
+        #: space's signature, since a vector rewritten in place keeps the counts
+        self._vectors_generation = 0
         self._retired: tuple[str, frozenset[int]] | None = None
         self._memo: dict[Any, Any] = {}
         #: seconds a signature check stays valid (0: check the store on every request).
@@ -440,6 +445,10 @@ class Searcher:
         found = self._state
         if found is not None and now < found.checked + self.check_interval:
             return found
+        # read before the first SELECT: a space loaded in this snapshot is labelled with a
+        # generation no newer than the vectors it sees (vectors_rewritten bumps it after
+        # the write committed)
+        generation = self._vectors_generation
         vectors: dict[str, tuple[Any, ...]] = {}
         # count and newest row per encoder come from the (encoder) index alone; then the
         # newest row's fingerprint: cheap even with millions of vectors
@@ -449,7 +458,8 @@ class Searcher:
             fingerprint, dim = session.execute(select(ItemVector.fingerprint, ItemVector.dim)
                                                .where(ItemVector.id == newest)).one()
             vectors[encoder] = (count, newest, fingerprint, dim)
-        found = StoreState(Signature.of(session), vectors, now, lifecycle_key(session))
+        found = StoreState(Signature.of(session), vectors, now, lifecycle_key(session),
+                            generation=generation)
         self._state = found
         return found
 
@@ -468,6 +478,13 @@ class Searcher:
 
     def invalidate(self) -> None:
         """Forget the last signature check: the next request looks at the store again."""
+        self._state = None
+
+    def vectors_rewritten(self) -> None:
+        """This process wrote vectors, maybe in place (an updated item re-encoded keeps
+        the counts and newest id the signatures compare): every encoder's space is read
+        again at its next use, and the next request looks at the store again."""
+        self._vectors_generation += 1
         self._state = None
 
     def catalog(self, session: Any, state: StoreState | None = None) -> CatalogSnapshot:
@@ -489,7 +506,7 @@ class Searcher:
         state = state or self.state(session)
         if encoder not in state.vectors:
             return None
-        sig = state.vectors[encoder] + (state.items,)
+        sig = state.vectors[encoder] + (state.items, state.generation)
         found = self._spaces.get(encoder)
         if found is not None and found.signature == sig:
             return found
@@ -507,7 +524,10 @@ class Searcher:
         directory = index_directory(self.engine.store.url)
         key = None
         if directory is not None:
-            key = vector_cache.cache_key(encoder, sig, vector_cache.newest_write(session, encoder))
+            # the persisted matrix is named by the stored vectors, not this process's
+            # generation (the newest write time moves when a vector is rewritten)
+            key = vector_cache.cache_key(encoder, sig[:-1],
+                                         vector_cache.newest_write(session, encoder))
             cached = vector_cache.load_matrix(directory, encoder, key)
             if cached is not None:
                 ids, matrix = cached
@@ -991,20 +1011,26 @@ def corrected_query(und: Understanding) -> str:
     return " ".join(und.corrected.get(t, t) for t in tokens(und.query))
 
 
-def trained_pipeline(engine: "Engine") -> Any | None:
+def trained_pipeline(engine: "Engine", *, current: bool = False) -> Any | None:
     """The Engine's loaded recommendation pipeline (polyrec.rank.recommend.Recommender), or None
-    when no model is trained."""
+    when no model is trained. ``current``: brought up to date first as a recommendation is
+    (the live version followed, the data snapshot refreshed when the store changed: new
+    items, events, vectors), so search and similar items see what recommend sees."""
     try:
-        return engine.services.recommender()
+        rec = engine.services.recommender()
     except ModelNotTrainedError:
         return None
+    if current:
+        rec.check_live()
+        rec.refresh()  # serves the previous snapshot while another thread refreshes
+    return rec
 
 
 def model_scores(engine: "Engine", user_id: int) -> tuple[str, list[int], torch.Tensor] | None:
     """(model name, item ids, the user's scores over them) from the trained pipeline,
     blended with the online learner as Engine.recommend does; None when no model is
     trained or it does not know the user."""
-    rec = trained_pipeline(engine)
+    rec = trained_pipeline(engine, current=True)
     if rec is None:
         return None
     with rec.pinned() as snap:  # index, scores and the online blend from one snapshot
@@ -1022,7 +1048,7 @@ def model_scores(engine: "Engine", user_id: int) -> tuple[str, list[int], torch.
 def model_space(engine: "Engine") -> VectorSpace | None:
     """The trained pipeline's fused item vectors (its two-tower item tower, else its
     encoder features) as a VectorSpace; None when no model is trained."""
-    rec = trained_pipeline(engine)
+    rec = trained_pipeline(engine, current=True)
     if rec is None:
         return None
     with rec.pinned() as snap:  # vectors and item ids from one data snapshot

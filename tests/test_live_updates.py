@@ -1,0 +1,55 @@
+"""A running shop changes under a long-lived Engine (a server): items added and updated
+through the API. What recommend sees, similar items and search see too, and an updated
+item is served by its new vectors."""
+from __future__ import annotations
+
+import pytest
+
+from polyrec import Engine
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+SEQUEL = {"external_id": "toy-story-4", "title": "Toy Story 4 (2019)",
+          "attributes": {"release_year": "2019", "class": ["Animation", "Children's", "Comedy"]}}
+
+
+def _open(path, **kw) -> Engine:
+    return Engine(path, device="cpu", entrypoints=False, progress=False, **kw)
+
+
+@pytest.mark.slow
+def test_similar_items_see_an_item_added_after_the_recommender_loaded(tmp_path, ml100k_default_db):
+    """similar(basis auto) reads the trained model's item space from the recommender's data
+    snapshot; it used to read the snapshot as the last recommendation left it, so a new
+    item had no model vector (basis 'encoders', 'new since training?') and was never a
+    neighbour of a catalogue item until some user asked for recommendations."""
+    from conftest import copy_db
+    db = copy_db(ml100k_default_db[0], tmp_path)
+    with _open(db) as eng:
+        eng.recommend("1", k=5)  # a serving process: the recommender is loaded
+        eng.add_items([SEQUEL])
+        assert eng.wait_for_encoding(120)
+        own = eng.similar("toy-story-4", k=5)
+        assert own.basis == "model" and not own.notes, own.as_dict()
+        assert "toy-story-4" in eng.similar("1", k=1000).ids()  # a neighbour of Toy Story
+
+
+@pytest.mark.slow
+def test_an_updated_item_is_served_by_its_new_vector(tmp_path, ml100k_encoded_db):
+    """An item re-encoded after an update keeps its row id (and the vector counts): a
+    search that ran between the update and the re-encode used to keep the old vector in
+    the searcher's space for good (similar by its old title, not found by its new one)."""
+    from conftest import copy_db
+    db = copy_db(ml100k_encoded_db, tmp_path)
+    with _open(db) as eng:
+        eng.add_items([SEQUEL])
+        assert eng.wait_for_encoding(120)
+        assert eng.similar("1", k=1, basis="bert").ids() == ["toy-story-4"]
+        eng.services.arrivals().coalesce = 0.5  # the next search surely runs before it
+        eng.add_items([{"external_id": "toy-story-4", "title": "Haunted Carnival Nightmare",
+                        "attributes": {"class": ["Horror"]}}])
+        eng.search("toy story", k=3)  # a request lands before the re-encode
+        assert eng.wait_for_encoding(120)
+        assert "toy-story-4" not in eng.similar("1", k=5, basis="bert").ids()
+        found = {h.item: h.ranks for h in eng.search("haunted carnival nightmare", k=5).results}
+        assert "dense" in found.get("toy-story-4", {}), found
