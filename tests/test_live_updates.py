@@ -1,11 +1,14 @@
 """A running shop changes under a long-lived Engine (a server): items added and updated
-through the API. What recommend sees, similar items and search see too, and an updated
-item is served by its new vectors."""
+through the API, settings changed by another process. What recommend sees, similar
+items and search see too, and an updated item is served by its new vectors."""
 from __future__ import annotations
 
-import pytest
+import time
 
-from polyrec import Engine
+import pytest
+from click.testing import CliRunner
+
+from polyrec import Engine, ValidationError
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -53,3 +56,24 @@ def test_an_updated_item_is_served_by_its_new_vector(tmp_path, ml100k_encoded_db
         assert "toy-story-4" not in eng.similar("1", k=5, basis="bert").ids()
         found = {h.item: h.ranks for h in eng.search("haunted carnival nightmare", k=5).results}
         assert "dense" in found.get("toy-story-4", {}), found
+
+
+def test_settings_changed_by_another_process_reach_a_running_engine(tmp_path, ml100k_dir):
+    """`polyrec feedback config --set` while a server runs: the server's Engine accepts
+    the new kind and weighs events by the new weights within ``settings_interval``
+    (they used to apply only after a restart: the new kind was refused with 422)."""
+    from conftest import ml100k_movies
+    from polyrec.cli.main import cli
+    db = tmp_path / "shop.db"
+    with _open(db) as eng:
+        eng.add_items(ml100k_movies(ml100k_dir, 20))
+        assert eng.feedback("alice", "1", "click").weight == 1.0  # the settings are loaded
+        with pytest.raises(ValidationError, match="unknown event kind 'wishlist'"):
+            eng.feedback("alice", "2", "wishlist")
+        out = CliRunner().invoke(cli, ["--db", str(db), "feedback", "config",
+                                       "--set", "kind_weights.wishlist=1.5",
+                                       "--set", "kind_weights.click=2.5"])
+        assert out.exit_code == 0, out.output
+        time.sleep(1.1)  # FeedbackHub.settings_interval: 1 s
+        assert eng.feedback("alice", "2", "wishlist").weight == 1.5
+        assert eng.feedback("alice", "3", "click").weight == 2.5

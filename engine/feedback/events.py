@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import math
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence
@@ -32,7 +33,7 @@ from polyrec.ingest import interactions
 from polyrec.errors import ConfigError, ModelNotTrainedError
 from polyrec.rank.train import PIPELINE_ARTIFACT
 from polyrec.contracts import LearnerContext
-from polyrec.store.models import (Interaction, Item, ItemVector, LearnerState, User,
+from polyrec.store.models import (Interaction, Item, ItemVector, LearnerState, Setting, User,
                                   UserState)
 from polyrec.store.settings import get_setting, put_setting
 from polyrec.store.vectors import load_vectors
@@ -111,6 +112,16 @@ def load_config(engine: "Engine") -> dict[str, Any]:
     """The feedback settings of this database: stored overrides merged over the defaults."""
     with engine.store.session() as s:
         return _merge(defaults(engine), _stored_overrides(s))
+
+
+def _stored_settings(engine: "Engine") -> tuple[float | None, dict[str, Any]]:
+    """(the stored row's ``updated_at``, None when there is none; the merged settings),
+    read in one snapshot."""
+    with engine.store.snapshot() as s:
+        row = s.execute(select(Setting.updated_at, Setting.value)
+                        .where(Setting.key == SETTINGS_KEY)).one_or_none()
+    overrides = dict(row[1] or {}) if row is not None else {}
+    return (None if row is None else row[0]), _merge(defaults(engine), overrides)
 
 
 def _parse_value(raw: str) -> Any:
@@ -360,9 +371,16 @@ def _chunks(seq: Sequence[Any], n: int) -> Iterator[Sequence[Any]]:
 class FeedbackHub:
     """One per Engine: settings, id caches, the instantiated learners, the item space."""
 
+    #: seconds between looks at the stored settings: another process may change them
+    #: (``polyrec feedback config --set`` while a server runs, another serve worker)
+    settings_interval = 1.0
+
     def __init__(self, engine: "Engine") -> None:
         self.engine = engine
-        self.config = load_config(engine)
+        self._settings_stamp, self._config = _stored_settings(engine)
+        self._settings_checked = time.monotonic()
+        self._settings_lock = threading.Lock()
+        self._stale_learners = False  # the settings changed: rebuild the learners
         self._learners: dict[str, "FeedbackLearner"] | None = None
         #: ids of users and items seen (engine/ingest/interactions.py keeps them fresh)
         self.ids = interactions.IdCache()
@@ -374,11 +392,45 @@ class FeedbackHub:
         self.experiment_cache: Any = None  # polyrec.feedback.experiments keeps its cache here
         self.errors: list[str] = []
 
+    # -- settings ------------------------------------------------------------------------
+    @property
+    def config(self) -> dict[str, Any]:
+        """The feedback settings (stored overrides merged over the defaults). The stored
+        row is looked at again at most every ``settings_interval`` seconds, so a change
+        another process made reaches this one without a restart: new kinds are accepted,
+        ``bandit.serving``, ``online.*`` and the roles apply, and the learners are built
+        again with their new options (as :func:`set_config` does in its own process)."""
+        if time.monotonic() - self._settings_checked >= self.settings_interval:
+            self._follow_settings()
+        return self._config
+
+    def _follow_settings(self) -> None:
+        """Read the stored settings' stamp; take them when another process changed them.
+        Only reads (a snapshot): the learners are rebuilt at their next use."""
+        if not self._settings_lock.acquire(blocking=False):
+            return  # another thread is looking right now
+        try:
+            self._settings_checked = time.monotonic()
+            stamp, merged = _stored_settings(self.engine)
+            if stamp == self._settings_stamp:
+                return
+            self._settings_stamp = stamp
+            if merged != self._config:
+                self._config = merged
+                self._stale_learners = True
+        except Exception as exc:  # noqa: BLE001 - keep serving with the settings we have
+            log.warning("could not read the feedback settings: %s", exc)
+        finally:
+            self._settings_lock.release()
+
     # -- learners ------------------------------------------------------------------------
     @property
     def learners(self) -> dict[str, "FeedbackLearner"]:
         """Every registered feedback learner, instantiated once as
-        ``cls(context, **options)`` with its settings."""
+        ``cls(context, **options)`` with its settings (again after the settings change)."""
+        if self._stale_learners:
+            self._stale_learners = False
+            self._rebuild()
         if self._learners is None:
             self._learners = {}
             for name, cls in self.engine.registry("feedback_learners").items():
@@ -496,8 +548,14 @@ class FeedbackHub:
     def reconfigure(self, config: dict[str, Any]) -> None:
         """Take new settings: learners are flushed and made again with their new options
         (they reload their state from the store and the log)."""
+        self._config = config
+        self._stale_learners = False
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        """Flush the learners, then drop them and the item space: they are made again
+        with the current settings at their next use."""
         self.flush()
-        self.config = config
         self._learners = None
         self.reset_space()
 
