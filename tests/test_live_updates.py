@@ -77,3 +77,27 @@ def test_settings_changed_by_another_process_reach_a_running_engine(tmp_path, ml
         time.sleep(1.1)  # FeedbackHub.settings_interval: 1 s
         assert eng.feedback("alice", "2", "wishlist").weight == 1.5
         assert eng.feedback("alice", "3", "click").weight == 2.5
+
+
+@pytest.mark.slow
+def test_items_the_encoder_on_arrival_could_not_encode_are_reported(tmp_path, hm_dir, caplog):
+    """A new product whose photo cannot be read gets its other vectors; the image encoder's
+    failure is recorded in the worker's status and logged, naming the item and the reason
+    (it used to vanish: ``errors`` stayed empty and nothing was logged)."""
+    with _open(tmp_path / "shop.db", image_root=hm_dir) as eng:
+        eng.add_items([{"external_id": "765948002", "title": "Gaia jumpsuit",
+                        "image": "images/0765948002.jpg"},
+                       {"external_id": "813519001", "title": "NOAH casual hood TP",
+                        "image": "images/0813519001.jpg"}])
+        assert eng.encode(["image_cnn"]).encoders[0].encoded == 2  # the encoder in use
+        with caplog.at_level("WARNING", logger="polyrec.encode"):
+            eng.add_items([{"external_id": "999000001", "title": "Gaia jumpsuit long",
+                            "image": "images/0999000001.jpg"}])  # no such photo
+            assert eng.wait_for_encoding(120)
+        status = eng.services.arrivals().status()
+        assert len(status["errors"]) == 1, status
+        error = status["errors"][0]
+        assert error["encoder"] == "image_cnn"
+        assert "'999000001': image file not found" in error["message"], error
+        assert "'999000001': image file not found" in caplog.text
+        assert status["failed"] == 1

@@ -7,12 +7,15 @@ started on the first submission, fed by a set of pending item ids. Bursts coales
 thread waits ``coalesce`` seconds after waking, then encodes everything pending (up to
 ``max_batch`` items) in one :func:`polyrec.encode.pipeline.encode_items` call, with the
 encoders that already have stored vectors, configured as they were last run. Errors are
-recorded (``status()``), never raised into the host; ``close()`` stops and joins the
+recorded (``status()``) and logged, never raised into the host: an encoder that fails as
+a whole, and items an encoder could not encode (an image that cannot be read or
+decoded), named with their reasons; ``close()`` stops and joins the
 thread (``Engine.close`` calls it). ``wait(timeout)`` blocks until nothing is pending,
 for tests and scripts.
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import traceback
@@ -25,6 +28,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
 #: errors kept for ``status()``
 MAX_ERRORS = 50
+#: failed items named in one error (the rest are counted)
+NAMED_FAILURES = 5
+
+log = logging.getLogger("polyrec.encode")
 
 
 class ArrivalEncoder:
@@ -44,6 +51,7 @@ class ArrivalEncoder:
         self.submitted = 0
         self.encoded = 0
         self.batches = 0
+        self.failed = 0  # items an encoder could not encode (each encoder counts)
         self.last_seconds = 0.0
         self.errors: deque[dict[str, Any]] = deque(maxlen=MAX_ERRORS)
 
@@ -97,7 +105,7 @@ class ArrivalEncoder:
             return {"running": self._thread is not None and self._thread.is_alive(),
                     "pending": len(self._pending), "busy": self._busy,
                     "submitted": self.submitted, "encoded": self.encoded,
-                    "batches": self.batches, "last_seconds": round(self.last_seconds, 3),
+                    "failed": self.failed, "batches": self.batches, "last_seconds": round(self.last_seconds, 3),
                     "errors": list(self.errors)}
 
     # -- the worker ----------------------------------------------------------------------
@@ -140,6 +148,9 @@ class ArrivalEncoder:
         for rep in report.encoders:
             if rep.error:
                 self._error(rep.encoder, rep.error, batch)
+            if rep.failed:
+                self.failed += len(rep.failed)
+                self._error(rep.encoder, _failures(rep.failed), batch)
         if report.encoded and self._on_encoded is not None:
             try:
                 self._on_encoded(report)
@@ -152,3 +163,12 @@ class ArrivalEncoder:
         if trace:
             entry["traceback"] = trace
         self.errors.append(entry)
+        log.warning("encode on arrival%s: %s", f" ({encoder})" if encoder else "", message)
+
+
+def _failures(failed: dict[str, str]) -> str:
+    """One line naming the first items an encoder could not encode, with their reasons."""
+    named = "; ".join(f"{item!r}: {why}" for item, why in list(failed.items())[:NAMED_FAILURES])
+    more = len(failed) - NAMED_FAILURES
+    return (f"{len(failed)} item(s) not encoded: {named}"
+            + (f"; and {more:,} more" if more > 0 else ""))
