@@ -361,7 +361,11 @@ class RerankRanker(Ranker):
         self.item_ids = list(data.item_ids)  # validation data keeps every item
         val = validation_split(data, seed=int(self.options["seed"]) + 7)
         if val.n_test == 0:
-            raise ConfigError("rerank: not enough interactions to carve validation data")
+            raise ConfigError(
+                f"{self.name}: not enough interactions to carve validation data for the click "
+                f"model: {len(data.users):,} interactions of {data.n_users:,} users leave no "
+                "user with a held-out item; train a ranker without a click model, e.g. "
+                "--ranker ease_side --set l2=500 --set side=100 --set dropout=0.5")
         show = bool(self.options.get("progress"))
         for ranker in [self.base, *self.scorers]:
             stage(f"{self.name}: fitting {ranker.name} on {len(val.train.users):,} interactions "

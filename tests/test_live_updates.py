@@ -101,3 +101,23 @@ def test_items_the_encoder_on_arrival_could_not_encode_are_reported(tmp_path, hm
         assert "'999000001': image file not found" in error["message"], error
         assert "'999000001': image file not found" in caplog.text
         assert status["failed"] == 1
+
+
+@pytest.mark.slow
+def test_training_the_default_on_a_sparse_shop_says_what_to_train_instead(tmp_path, hm_bert_db):
+    """The H&M sample (most customers bought once) leaves the default hybrid no
+    validation users for its click model: `polyrec train` says so with the counts and a
+    ranker that trains, and that command works (the message used to be only 'rerank: not
+    enough interactions to carve validation data')."""
+    from conftest import copy_db
+    from polyrec.cli.main import cli
+    db = str(copy_db(hm_bert_db, tmp_path))
+    runner = CliRunner()
+    out = runner.invoke(cli, ["--db", db, "--quiet", "train"])
+    assert out.exit_code == 1
+    assert "hybrid: not enough interactions to carve validation data for the click model" \
+        in out.output and "of 4,946 users leave no user with a held-out item" in out.output
+    hint = out.output.split("e.g. ", 1)[1].split()
+    ok = runner.invoke(cli, ["--db", db, "--quiet", "train", *hint])
+    assert ok.exit_code == 0, ok.output
+    assert "Trained ease_side" in ok.output
