@@ -121,3 +121,16 @@ def test_training_the_default_on_a_sparse_shop_says_what_to_train_instead(tmp_pa
     ok = runner.invoke(cli, ["--db", db, "--quiet", "train", *hint])
     assert ok.exit_code == 0, ok.output
     assert "Trained ease_side" in ok.output
+
+
+def test_events_without_an_event_id_are_told_apart_by_their_time(tmp_path, ml100k_dir):
+    """docs/feedback.md: without an event_id, a call without ts stores a new event each
+    time, and the same event sent again with the same explicit ts is stored once."""
+    from conftest import ml100k_movies
+    with _open(tmp_path / "shop.db") as eng:
+        eng.add_items(ml100k_movies(ml100k_dir, 5))
+        assert [eng.feedback("bob", "1", "click").new for _ in range(2)] == [True, True]
+        again = [eng.feedback("bob", "2", "click", ts=1_800_000_000).new for _ in range(2)]
+        assert again == [True, False]
+        assert eng.feedback("bob", "2", "click", ts=1_800_000_000.5).new
+        assert eng.stats()["interactions"] == 4
