@@ -540,6 +540,9 @@ class LearnerContext:
       dim, vector (bytes), weight, n_events, last_ts, last_event_id).
     - ``item_counts()``: events per item id (impressions and skips excluded).
     - ``user_vector(user_id)``: the vector of the learner in the ``user_state`` role.
+    - ``progress``: whether the host shows progress of long work (``Engine(progress=)``;
+      the CLI without ``--quiet``): a learner reading many stored events at once shows it
+      with ``polyrec.progress_bar(..., enabled=context.progress)``.
     """
 
     name: str
@@ -555,6 +558,7 @@ class LearnerContext:
     item_counts: Any = field(default=lambda: {})
     user_vector: Any = field(default=_nothing)
     attached: bool = False  # False: a detached context (no store behind it)
+    progress: bool = False
 
 
 class FeedbackLearner(ABC):

@@ -80,9 +80,10 @@ class Services:
         from polyrec.feedback.events import FeedbackHub
         return self._get("feedback", lambda: FeedbackHub(self._engine))
 
-    def interactions_stored(self, after_id: int) -> int:
-        """Hand interactions stored by another writer (ids > ``after_id``) to the learners."""
-        return self.feedback().handoff(after_id)
+    def interactions_stored(self, after_id: int, total: int | None = None) -> int:
+        """Hand interactions stored by another writer (ids > ``after_id``; ``total`` of
+        them, when known, for the progress display) to the learners."""
+        return self.feedback().handoff(after_id, total=total)
 
     # -- search --------------------------------------------------------------------------
     def searcher(self) -> "Searcher":

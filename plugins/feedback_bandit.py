@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from polyrec import FeedbackLearner, LearnerContext, hookimpl
+from polyrec import FeedbackLearner, LearnerContext, hookimpl, progress_bar
 
 if TYPE_CHECKING:  # pragma: no cover
     from polyrec import Event
@@ -50,6 +50,8 @@ class _LRU(OrderedDict):
 
 #: rows of x x^T summed per numpy call (bounds the memory of a large batch)
 _SUM_CHUNK = 4096
+#: Events read at a time when catching up from the log.
+CATCH_UP_BATCH = 10_000
 
 
 def _add_in_order(total: np.ndarray, xs: list[np.ndarray], *, outer: bool) -> np.ndarray:
@@ -136,12 +138,22 @@ class ThompsonBandit(FeedbackLearner):
             self.rewards = int(meta.get("rewards", 0))
             self.last_event_id = int(meta.get("last_event_id", 0))
         cursor = self.last_event_id
-        while True:  # events stored after the last checkpoint
-            events = self.context.events(cursor, kinds=LEARN_KINDS, limit=10_000)
+        # events stored after the last checkpoint (after a bulk ingestion of 10M events
+        # minutes of reading: shown when the host shows progress)
+        bar = None
+        while True:
+            events = self.context.events(cursor, kinds=LEARN_KINDS, limit=CATCH_UP_BATCH)
             if not events:
                 break
             self._learn(events)
             cursor = events[-1].id
+            if bar is None and len(events) == CATCH_UP_BATCH:  # more to come: a long read
+                bar = progress_bar(desc="bandit: learning from stored events", unit="events",
+                                   enabled=self.context.progress, leave=False)
+            if bar is not None:
+                bar.update(len(events))
+        if bar is not None:
+            bar.close()
 
     def warm_up(self) -> None:
         """Load the posterior and the popularity counts now rather than on first use."""

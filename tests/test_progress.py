@@ -101,3 +101,40 @@ def test_a_long_epoch_shows_its_steps(small_db, monkeypatch):
     assert any(ln.startswith("two_tower epoch 3/3:") for ln in result.stderr.splitlines())
     short = _train(small_db)  # batch 2,048: one step an epoch, no step lines
     assert not any(" steps" in ln for ln in short.stderr.splitlines())
+
+
+def test_a_large_ingest_shows_its_writing_and_the_learners_catch_up(tmp_path, monkeypatch):
+    """After the rows are read and checked, writing them and the bandit learning them
+    took minutes at 10M rows with no output: both show their progress."""
+    monkeypatch.setattr("polyrec.progress.LINE_INTERVAL", 0.0)
+    monkeypatch.setattr("polyrec.ingest.files.WRITE_PROGRESS_ROWS", 10)
+    items, events = tmp_path / "items.csv", tmp_path / "events.csv"
+    items.write_text("item_id,title\n" + "".join(f"i{n},item {n}\n" for n in range(50)))
+    rnd = random.Random(1)
+    events.write_text("user_id,item_id,kind,timestamp\n" + "".join(  # clicks: the learners'
+        f"u{rnd.randrange(300)},i{rnd.randrange(50)},click,{1_000 + n}\n" for n in range(12_000)))
+    db = str(tmp_path / "big.db")
+    runner = CliRunner()
+    assert runner.invoke(cli, ["--db", db, "init"]).exit_code == 0
+    assert runner.invoke(cli, ["--db", db, "ingest", "items", str(items)]).exit_code == 0
+    result = runner.invoke(cli, ["--db", db, "ingest", "interactions", str(events)])
+    assert result.exit_code == 0, result.output
+    err = result.stderr.splitlines()
+    writing = [ln for ln in err if ln.startswith("interactions events.csv: writing:")]
+    assert writing and writing[-1].startswith(
+        "interactions events.csv: writing: 12,000/12,000 rows (100%)"), result.stderr[-1500:]
+    # polyrec ingest is a fresh process: the bandit loads its posterior and learns the
+    # events stored since its checkpoint (these 3,000) in batches, shown as it goes
+    monkeypatch.setattr("polyrec.plugins.feedback_bandit.CATCH_UP_BATCH", 1_000)
+    more = tmp_path / "more.csv"
+    more.write_text("user_id,item_id,kind,timestamp\n" + "".join(
+        f"u{rnd.randrange(300)},i{rnd.randrange(50)},click,{20_000 + n}\n" for n in range(3_000)))
+    result = runner.invoke(cli, ["--db", db, "ingest", "interactions", str(more)])
+    assert result.exit_code == 0, result.output
+    learning = [ln for ln in result.stderr.splitlines()
+                if ln.startswith("bandit: learning from stored events:")]
+    assert learning and learning[-1].startswith(
+        "bandit: learning from stored events: 3,000 events"), result.stderr[-1500:]
+    small = runner.invoke(cli, ["--db", db, "feedback", "state", "u1"])  # nothing new: silent
+    assert small.exit_code == 0, small.output
+    assert "bandit: learning" not in small.stderr

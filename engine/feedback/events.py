@@ -27,6 +27,7 @@ from sqlalchemy import Connection, Text, cast, func, select, type_coerce
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from polyrec.progress import progress_bar
 from polyrec.store import catalog
 from polyrec.store.catalog import DEFAULT_KIND_WEIGHTS, dialect_insert  # noqa: F401 - re-exported
 from polyrec.ingest import interactions
@@ -509,7 +510,8 @@ class FeedbackHub:
                               load_state=load_state, save_state=save_state,
                               load_user_states=load_user_states,
                               save_user_states=save_user_states, item_counts=self.item_counts,
-                              user_vector=user_vector, attached=True)
+                              user_vector=user_vector, attached=True,
+                              progress=bool(getattr(self.engine, "progress", False)))
 
     def item_spaces(self) -> dict[str, ItemSpace]:
         """Every item space: ``model`` (the trained pipeline's item vectors, when there
@@ -652,10 +654,11 @@ class FeedbackHub:
         self.errors.append(message)
         del self.errors[:-100]  # keep the latest
 
-    def handoff(self, after_id: int, batch: int = 5000) -> int:
+    def handoff(self, after_id: int, batch: int = 5000, total: int | None = None) -> int:
         """Hand every stored event with id > ``after_id`` to the learners (used after
         bulk ingestion), reading only the kinds they want (a learner's optional
-        ``wanted_kinds()``: None for all). Returns how many were handed over."""
+        ``wanted_kinds()``: None for all). Returns how many were handed over. ``total``:
+        how many events were stored, for the progress display (10M events take minutes)."""
         wanted: set[str] | None = set()
         self._popularity = None  # re-read: the ingestion added events
         for name, learner in self.learners.items():
@@ -671,15 +674,20 @@ class FeedbackHub:
         if wanted is not None and not wanted:
             return 0
         # stored_events reads a kinds filter in windows of ids (not quadratic)
-        total, cursor = 0, int(after_id)
-        while True:
-            events = stored_events(self.engine, after_id=cursor, limit=batch, config=self.config,
-                                   kinds=None if wanted is None else sorted(wanted))
-            if not events:
-                return total
-            self.observe(events)
-            total += len(events)
-            cursor = events[-1].id
+        handed, cursor = 0, int(after_id)
+        with progress_bar(total=total, desc="feedback learners: catching up", unit="events",
+                          enabled=bool(getattr(self.engine, "progress", False)) and
+                          total is not None and total >= batch, leave=False) as bar:
+            while True:
+                events = stored_events(self.engine, after_id=cursor, limit=batch,
+                                       config=self.config,
+                                       kinds=None if wanted is None else sorted(wanted))
+                if not events:
+                    return handed
+                self.observe(events)
+                handed += len(events)
+                cursor = events[-1].id
+                bar.update(len(events))
 
     def flush(self) -> None:
         """Persist the learners' state (``flush`` of each learner)."""
@@ -789,9 +797,9 @@ def feedback_many(engine: "Engine", events: Sequence[Mapping[str, Any]]) -> list
     return hub(engine).record(events)
 
 
-def handoff(engine: "Engine", after_id: int) -> int:
+def handoff(engine: "Engine", after_id: int, total: int | None = None) -> int:
     """Hand events stored by bulk ingestion (ids > ``after_id``) to the learners."""
-    return hub(engine).handoff(after_id)
+    return hub(engine).handoff(after_id, total=total)
 
 
 def user_state(engine: "Engine", user: str) -> torch.Tensor | None:

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import date, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping
 
 from sqlalchemy import func, select
 
@@ -442,6 +442,7 @@ class _Writer:
         self.tag = tag  # experiments tag interactions (interactions.Tagger)
         self.stored: interactions.Stored | None = None
         self.ids = interactions.IdCache()  # the items looked up once for both steps
+        self.progress: Callable[[int], None] = lambda n: None  # told the rows written
 
     def unknown_items(self, records: list[Any]) -> tuple[dict[str, int], list[ValidationError]]:
         """Internal ids of the referenced items and one error per record naming an unknown one."""
@@ -461,18 +462,20 @@ class _Writer:
         before = _count(self.s, Item)
         for chunk in _batches(records, self.batch):
             catalog.upsert_items(self.s, chunk)
+            self.progress(len(chunk))
         return len(records), _count(self.s, Item) - before
 
     def _users(self, records: list[dict[str, Any]], _: Any) -> tuple[int, int]:
         before = _count(self.s, User)
         for chunk in _batches(records, self.batch):
             catalog.upsert_users(self.s, chunk)
+            self.progress(len(chunk))
         return len(records), _count(self.s, User) - before
 
     def _interactions(self, records: list[Any], _: Any) -> tuple[int, int]:
         self.stored = interactions.store_events(self.s.connection(), records, now=time.time(),
                                                 cache=self.ids, tag=self.tag, batch=self.batch,
-                                                keep=False)
+                                                keep=False, progress=self.progress)
         return len(records), self.stored.new_count
 
     def _kg(self, records: list[dict[str, Any]], _: Any) -> tuple[int, int]:
@@ -531,6 +534,8 @@ def _without_forgotten(session: Any, kind: str, records: list[Any], report: Inge
     return kept
 
 
+#: Files of at least this many rows show their writing too (after reading and checking).
+WRITE_PROGRESS_ROWS = 50_000
 #: Text files up to this size have their lines counted for the progress total.
 COUNT_LINES_BYTES = 1 << 30
 
@@ -618,13 +623,19 @@ def ingest_file(engine: "Engine", path: str | Path, kind: str, *, format: str | 
                 else " (nothing was written)"
             raise ValidationError(first.reason + more, file=first.file, row=first.row,
                                   field=first.field)
-        report.written, report.new = writer.write(kind, records, lookups) if records else (0, 0)
+        # the rows were read and checked; writing 10M of them takes minutes: show it
+        with progress_bar(total=len(records), desc=f"{kind} {path.name}: writing", unit="rows",
+                          enabled=bool(engine.progress) and len(records) >= WRITE_PROGRESS_ROWS,
+                          leave=False) as written:
+            writer.progress = written.update
+            report.written, report.new = writer.write(kind, records, lookups) if records \
+                else (0, 0)
         if kind == "items" and any(r.get("image") and not images.is_url(r["image"])
                                    for r in records):
             images.record_root(session, root)  # the admin serves images from under it
     first_new = writer.stored.first_new_id if writer.stored is not None else None
     if first_new is not None:  # committed: now the feedback learners see the new events
-        engine.services.interactions_stored(first_new - 1)
+        engine.services.interactions_stored(first_new - 1, total=report.new)
     report.skipped = len(errors)
     report.errors = [_error_dict(e) for e in errors[:max_errors]]
     report.seconds = time.perf_counter() - started

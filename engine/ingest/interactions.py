@@ -464,14 +464,16 @@ PART = 100_000
 
 def store_events(conn: Connection, events: Sequence[CheckedEvent], *, now: float,
                  cache: IdCache | None = None, tag: Tagger | None = None,
-                 old_ids: bool = False, batch: int = 5000, keep: bool = True) -> Stored:
+                 old_ids: bool = False, batch: int = 5000, keep: bool = True,
+                 progress: Callable[[int], None] | None = None) -> Stored:
     """Store checked events in the caller's transaction (``conn``): an event naming an
     unknown item raises :func:`unknown_items_error` (callers that report bad rows drop
     those first, see :func:`item_ids`), unknown users are created, ``tag`` adds the
     experiment variants to each context, and rows whose dedup key is already stored are
     left alone (``old_ids``: look up their ids). ``now``: the ts of events without one.
     The rows are made and inserted PART events at a time; ``keep=False`` (a file) keeps
-    only the counts in the result, not a row per event."""
+    only the counts in the result, not a row per event; ``progress`` is told how many
+    events each part stored."""
     cache = cache if cache is not None else IdCache()
     if not events:
         return Stored([], [], [], [])
@@ -514,6 +516,8 @@ def store_events(conn: Connection, events: Sequence[CheckedEvent], *, now: float
                     stored.first_new = new_ids[key]
             if keep:
                 stored.new.append(is_new)
+        if progress is not None:
+            progress(len(rows))
         if keep:
             inserted.update(new_ids)
             stored.rows += rows
