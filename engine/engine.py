@@ -20,6 +20,7 @@ from polyrec.ingest.records import check_records
 from polyrec.plugin_host import DEFAULT_PLUGINS, PluginHost, Registry
 from polyrec.services import Services
 from polyrec.store import Store
+from polyrec.store.lifecycle import LifecycleReport
 from polyrec.store.models import (Artifact, Entity, Interaction, Item, ItemVector, Relation,
                                  Triple, User)
 
@@ -104,7 +105,7 @@ class Engine:
             self.services.items_stored(ids.values())
         return written
 
-    def retire_items(self, items: Iterable[str]) -> Any:
+    def retire_items(self, items: Iterable[str]) -> LifecycleReport:
         """Retire items (sold out, discontinued) by external id: kept with their vectors
         and interactions (history still trains models and describes users), never served
         again by recommend, recommend_many, search, similar or the popular fallback, in
@@ -113,12 +114,13 @@ class Engine:
         then. Returns a LifecycleReport (``changed``, ``unchanged``: already retired)."""
         return self._set_retired(items, True, "retire_items")
 
-    def restore_items(self, items: Iterable[str]) -> Any:
+    def restore_items(self, items: Iterable[str]) -> LifecycleReport:
         """Serve retired items again (the reverse of :meth:`retire_items`); an item that
         is live already is reported ``unchanged``. Returns a LifecycleReport."""
         return self._set_retired(items, False, "restore_items")
 
-    def _set_retired(self, items: Iterable[str], retired: bool, source: str) -> Any:
+    def _set_retired(self, items: Iterable[str], retired: bool, source: str
+                     ) -> LifecycleReport:
         from polyrec.store import lifecycle
         with self.store.session() as s:
             report = lifecycle.set_retired(s, items, retired, source=source)
