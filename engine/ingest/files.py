@@ -308,6 +308,8 @@ class _Parser:
         self._parse_kind = getattr(self, f"_{kind}")
         self.ids: dict[str, str] = {}  # the user and item ids seen (interactions)
         self.mapped = set(mapping.values())
+        #: the columns that become attributes: a file sets these and keeps the others
+        self.attribute_columns = {str(c) for c in columns if c is not None} - self.mapped
         self.template = (_ImageTemplate(opts.image_template, columns, file)
                          if opts.image_template and kind == "items" else None)
         value_col = mapping.get("value", "")
@@ -458,17 +460,33 @@ class _Writer:
         """(written, new)"""
         return getattr(self, f"_{kind}")(records, lookups)
 
+    def _merged(self, model: Any, chunk: list[dict[str, Any]], empty: bool) -> list[dict[str, Any]]:
+        """``chunk`` with each stored record's attributes of columns the file does not
+        have kept: a file of prices alone must not wipe the genres (a column the file
+        has sets its attribute; a blank cell there removes it)."""
+        if empty:  # nothing stored before this file
+            return chunk
+        ids = [r["external_id"] for r in chunk]
+        stored = dict(self.s.execute(select(model.external_id, model.attributes)
+                                     .where(model.external_id.in_(ids))).all())
+        merged = []
+        for rec in chunk:
+            kept = {k: v for k, v in (stored.get(rec["external_id"]) or {}).items()
+                    if k not in self.parser.attribute_columns}
+            merged.append({**rec, "attributes": {**kept, **rec["attributes"]}} if kept else rec)
+        return merged
+
     def _items(self, records: list[dict[str, Any]], _: Any) -> tuple[int, int]:
         before = _count(self.s, Item)
         for chunk in _batches(records, self.batch):
-            catalog.upsert_items(self.s, chunk)
+            catalog.upsert_items(self.s, self._merged(Item, chunk, before == 0))
             self.progress(len(chunk))
         return len(records), _count(self.s, Item) - before
 
     def _users(self, records: list[dict[str, Any]], _: Any) -> tuple[int, int]:
         before = _count(self.s, User)
         for chunk in _batches(records, self.batch):
-            catalog.upsert_users(self.s, chunk)
+            catalog.upsert_users(self.s, self._merged(User, chunk, before == 0))
             self.progress(len(chunk))
         return len(records), _count(self.s, User) - before
 
