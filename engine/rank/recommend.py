@@ -442,17 +442,26 @@ class Recommender:
         place, which the counts in the keys do not show)."""
         self._items_generation += 1
 
-    def refresh(self, force: bool = False, *, wait: bool = False) -> "DataSnapshot":
+    def refresh(self, force: bool = False, *, wait: bool = False,
+                background: bool = False) -> "DataSnapshot":
         """Reload what changed in the store since the last request: the interactions
         (histories) and, when items or vectors changed, the item views and features.
 
         One refresh runs at a time. While one runs, other callers keep the previous
         snapshot (unless ``wait`` or ``force``: then they wait for it and check again).
-        Returns the snapshot to serve from."""
+        ``background``: never refresh on this thread; when this process wrote since the
+        last check (or ``refresh_interval`` passed), queue one on a background thread and
+        serve the current snapshot (search and similar items: no request waits for a
+        refresh, and none keeps a stale snapshot for good). Returns the snapshot to
+        serve from."""
         current = self._snap
         writes, now = self.engine.store.writes, time.monotonic()  # before any read
         if current is not None and not force:
             last_writes, last_at = self._keys_read
+            if background:
+                if writes != last_writes or now - last_at >= self.refresh_interval:
+                    self._refresh_in_background(keys_read=(writes, now))
+                return current
             if not wait and writes == last_writes and self.refresh_interval > 0:
                 if now - last_at >= self.refresh_interval:  # other processes' writes
                     self._keys_read = (writes, now)
@@ -546,10 +555,11 @@ class Recommender:
                 self._refresh_lock.release()
         return user_id, snap
 
-    def _refresh_in_background(self) -> None:
+    def _refresh_in_background(self, keys_read: tuple[int, float] | None = None) -> None:
         """Queue one refresh on a daemon thread: it waits for the refresh running now
         (which may have read the store before the new user existed), then refreshes
-        again. At most one is queued at a time."""
+        again. At most one is queued at a time. ``keys_read``: (store writes, time) read
+        before queueing; the store as of then is read, so they become the last check."""
         with self._model_lock:
             if self._refresh_queued:
                 return
@@ -561,6 +571,8 @@ class Recommender:
                     with self._model_lock:
                         self._refresh_queued = False
                     self._refresh_locked(force=False)
+                    if keys_read is not None:
+                        self._keys_read = keys_read
             except Exception as exc:  # noqa: BLE001 - the next request retries
                 with self._model_lock:
                     self._refresh_queued = False

@@ -1013,16 +1013,17 @@ def corrected_query(und: Understanding) -> str:
 
 def trained_pipeline(engine: "Engine", *, current: bool = False) -> Any | None:
     """The Engine's loaded recommendation pipeline (polyrec.rank.recommend.Recommender), or None
-    when no model is trained. ``current``: brought up to date first as a recommendation is
-    (the live version followed, the data snapshot refreshed when the store changed: new
-    items, events, vectors), so search and similar items see what recommend sees."""
+    when no model is trained. ``current``: kept up to date as for a recommendation (the
+    live version followed; the data snapshot refreshed when the store changed: new items,
+    events, vectors), on a background thread so that no search or similar-items request
+    waits for a refresh: they see what recommend sees within about one refresh."""
     try:
         rec = engine.services.recommender()
     except ModelNotTrainedError:
         return None
     if current:
         rec.check_live()
-        rec.refresh()  # serves the previous snapshot while another thread refreshes
+        rec.refresh(background=True)
     return rec
 
 
