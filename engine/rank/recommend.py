@@ -470,11 +470,8 @@ class Recommender:
             if self._current_keys() == current.key:
                 self._keys_read = (writes, now)
                 return current
-            # another thread is refreshing: serve the previous snapshot, unless this
-            # process wrote since the last check (a retire, an upsert: its own writes are
-            # served at once), then wait for that refresh and look again
-            if not self._refresh_lock.acquire(blocking=wait or writes != last_writes):
-                return current
+            if not self._refresh_lock.acquire(blocking=wait):
+                return current  # another thread is refreshing: serve the previous one
         else:
             self._refresh_lock.acquire()
         try:
