@@ -419,34 +419,26 @@ def create_app(engine: "Engine", *, token: str | None = None,
         again by /recommend, /search or /similar until restored. An unknown id is a 404
         naming it, and nothing changes. ``changed``: the items retired now;
         ``unchanged``: those retired already."""
-        report = engine.retire_items(req.items).as_dict()
-        srch.invalidate()
-        return report
+        return engine.retire_items(req.items).as_dict()  # the Engine tells the searcher
 
     @app.post("/items/restore", dependencies=[Depends(writer)], responses=_responses(M, *WRITE))
     def restore_items(req: M["ItemIdsIn"]) -> dict[str, Any]:  # type: ignore[valid-type]
         """Serve retired items again (404 naming unknown ids; nothing changes then)."""
-        report = engine.restore_items(req.items).as_dict()
-        srch.invalidate()
-        return report
+        return engine.restore_items(req.items).as_dict()  # the Engine tells the searcher
 
     @app.post("/items/{item}/retire", dependencies=[Depends(writer)],
               responses=_responses(M, *WRITE))
     def retire_item(item: Annotated[str, FPath(min_length=1, max_length=ID_CHARS,
                                                 pattern=ID_PATTERN)]) -> dict[str, Any]:
         """Retire one item (see ``POST /items/retire``)."""
-        report = engine.retire_items([item]).as_dict()
-        srch.invalidate()
-        return report
+        return engine.retire_items([item]).as_dict()  # the Engine tells the searcher
 
     @app.post("/items/{item}/restore", dependencies=[Depends(writer)],
               responses=_responses(M, *WRITE))
     def restore_item(item: Annotated[str, FPath(min_length=1, max_length=ID_CHARS,
                                                  pattern=ID_PATTERN)]) -> dict[str, Any]:
         """Serve one retired item again (see ``POST /items/restore``)."""
-        report = engine.restore_items([item]).as_dict()
-        srch.invalidate()
-        return report
+        return engine.restore_items([item]).as_dict()  # the Engine tells the searcher
 
     @app.put("/users", dependencies=[Depends(writer)], responses=_responses(M, *WRITE))
     def put_users(req: M["UsersIn"]) -> dict[str, Any]:  # type: ignore[valid-type]
