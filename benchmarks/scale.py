@@ -20,9 +20,10 @@ At 1M items and millions of interactions: the shop is generated once into ``--sh
 ``--phases`` runs some of ingest, encode, train, batch, recommend (the others read the
 databases already in ``--work``: e.g. ``--phases train`` after the lead's change to the
 two-tower), the Ray configuration works on the SQLite configuration's database
-(``--ray-store sqlite``, the default; Ray is not used for ingest), each phase prints its
-seconds, resident memory and a timestamp, and ``--merge`` updates the rows of an
-existing JSON rather than replacing it.
+(``--ray-store sqlite``, the default; ``postgresql``: the ``--pg-url`` database, which
+``python -m polyrec.store.pg_server`` can hold between runs; Ray is not used for ingest),
+each phase prints its seconds, resident memory and a timestamp, and ``--merge`` updates
+the rows of an existing JSON rather than replacing it.
 
 Prints a table and writes benchmarks/results/scale.json. Usage:
     .venv/bin/python benchmarks/scale.py --items 100000 --interactions 1000000
@@ -322,10 +323,17 @@ def run_config(name: str, args: argparse.Namespace, paths: dict[str, Path], work
         elif name == "ray" and args.ray_store == "sqlite":
             url = f"sqlite:///{work / 'sqlite.db'}"
             row["store"] = "the sqlite configuration's database"
+        elif name == "ray" and args.ray_store == "postgresql":
+            if not args.pg_url:
+                raise SystemExit("--ray-store postgresql works on the postgresql configuration's "
+                                 "database: give it with --pg-url (python -m "
+                                 "polyrec.store.pg_server holds a server between runs)")
+            url = args.pg_url
+            row["store"] = "the postgresql configuration's database"
         else:
             url = f"sqlite:///{work / f'{name}.db'}"
         ingest_here = "ingest" in phases and row.get("store") is None
-        if row.get("store") and not (work / "sqlite.db").exists():
+        if name == "ray" and args.ray_store == "sqlite" and not (work / "sqlite.db").exists():
             raise SystemExit(f"{work / 'sqlite.db'} is missing: run the sqlite configuration's "
                              "ingest phase first (or --ray-store own)")
         with Engine(url, device="cpu", entrypoints=False, progress=args.verbose) as eng:
@@ -397,9 +405,9 @@ def main() -> None:
                         help="keep --work's databases (to re-run phases); default: removed")
     parser.add_argument("--pg-url", default=None,
                         help="an existing PostgreSQL database instead of a throwaway server")
-    parser.add_argument("--ray-store", choices=("sqlite", "own"), default="sqlite",
-                        help="ray works on the sqlite configuration's database (default) or "
-                        "ingests into its own")
+    parser.add_argument("--ray-store", choices=("sqlite", "postgresql", "own"), default="sqlite",
+                        help="ray works on the sqlite configuration's database (default), on "
+                        "--pg-url's (postgresql) or ingests into its own")
     parser.add_argument("--verbose", action="store_true",
                         help="the engine's progress lines (ingest, training) on stderr")
     parser.add_argument("--merge", action="store_true",

@@ -56,10 +56,11 @@ def _worker_loop(config: dict[str, Any]) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     ranker.set_data_parallel(rank, world)
     ranker.fit(data)
-    if rank == 0:
-        folder = tempfile.mkdtemp(prefix="polyrec-ray-train-")
-        Path(folder, _STATE_FILE).write_bytes(to_bytes(ranker.state()))
-        ray.train.report({"rank": rank}, checkpoint=ray.train.Checkpoint.from_directory(folder))
+    if rank == 0:  # report() copies the checkpoint into the run's storage before returning
+        with tempfile.TemporaryDirectory(prefix="polyrec-ray-train-") as folder:
+            Path(folder, _STATE_FILE).write_bytes(to_bytes(ranker.state()))
+            ray.train.report({"rank": rank},
+                             checkpoint=ray.train.Checkpoint.from_directory(folder))
     else:
         ray.train.report({"rank": rank})
 

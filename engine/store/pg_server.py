@@ -15,16 +15,24 @@ When run as root (PostgreSQL refuses that), it runs as the unprivileged ``nobody
 (from a copy of the binaries in its directory when ``nobody`` cannot reach the installed
 ones, e.g. in a virtualenv under a private home directory).
 An ``atexit`` hook stops a server that was never stopped explicitly.
+
+``python -m polyrec.store.pg_server [--dir DIR] [--database NAME]`` holds one such server
+for work that spans several commands (a benchmark's phases): it prints the database's URL,
+then keeps the server until interrupted (Ctrl-C or SIGTERM), when it stops it and removes
+its files.
 """
 from __future__ import annotations
 
+import argparse
 import atexit
 import importlib.util
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -179,3 +187,26 @@ def _has_group(name: str) -> bool:
         return True
     except KeyError:
         return False
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Hold a local server until interrupted; print the URL of a fresh database on it."""
+    parser = argparse.ArgumentParser(prog="python -m polyrec.store.pg_server",
+                                     description="Hold a throwaway local PostgreSQL server "
+                                     "until Ctrl-C or SIGTERM (then stopped and removed).")
+    parser.add_argument("--dir", type=Path, default=None,
+                        help="folder for the server's temporary directory (default: the "
+                        "system's temporary folder)")
+    parser.add_argument("--database", default="polyrec", help="the database to create")
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # through finally: stop() runs
+    with LocalPostgres(base_dir=args.dir) as pg:
+        print(pg.create_database(args.database), flush=True)
+        try:
+            signal.pause()
+        except KeyboardInterrupt:
+            pass
+
+
+if __name__ == "__main__":
+    main()
