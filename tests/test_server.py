@@ -161,7 +161,24 @@ def test_writes_need_the_token(served):
     r = client.post("/feedback", json={**ev, "value": "high"}, headers=AUTH)
     assert r.status_code == 422
     r = client.post("/feedback/batch", json={"events": [ev, {**ev, "kind": "cart"}]}, headers=AUTH)
-    assert r.status_code == 200 and r.json()["stored"] == 2
+    assert r.status_code == 200 and r.json() == {"stored": 2, "duplicates": 0}
+
+
+def test_a_retried_event_is_answered_as_stored_not_counted_again(served):
+    _, client, _ = served
+    ev = {"user": "retry-user", "item": "http-1", "kind": "click", "ts": 1_700_000_000,
+          "context": {"event_id": "retry-1"}}
+    first = client.post("/feedback", json=ev, headers=AUTH).json()
+    assert first["stored"] == 1 and first["duplicate"] is False and first["event"]["new"]
+    # a retry that arrives later and says something else changes nothing
+    retry = client.post("/feedback", json={**ev, "kind": "purchase", "ts": 1_700_000_500},
+                        headers=AUTH).json()
+    assert retry["stored"] == 0 and retry["duplicate"] is True
+    assert retry["event"]["id"] == first["event"]["id"]
+    assert (retry["event"]["kind"], retry["event"]["ts"]) == ("click", 1_700_000_000)
+    r = client.post("/feedback/batch", headers=AUTH, json={"events": [
+        {**ev, "ts": 1_700_000_900}, {**ev, "context": {"event_id": "retry-2"}}]}).json()
+    assert r == {"stored": 1, "duplicates": 1}
 
 
 def test_concurrent_clients_get_consistent_answers(served):

@@ -19,7 +19,7 @@ import logging
 import math
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
@@ -624,6 +624,29 @@ class FeedbackHub:
                      new=new)
                for e, row, i, new in zip(stored.events, stored.rows, stored.ids, stored.new)]
         self.observe([e for e in out if e.new])
+        return self._as_stored(out)
+
+    def _as_stored(self, events: list[Event]) -> list[Event]:
+        """Duplicates (an ``event_id`` stored before) as the row that was stored, not as
+        the retry sent them: a retry with a later ``ts`` or another value changed nothing."""
+        old = {e.id for e in events if not e.new and e.id}
+        if not old:
+            return events
+        with self.engine.store.session() as s:
+            rows = {r.id: r for r in s.execute(
+                select(Interaction.id, Interaction.user_id, Interaction.item_id,
+                       User.external_id.label("user"), Item.external_id.label("item"),
+                       Interaction.kind, Interaction.value, Interaction.ts, Interaction.context)
+                .join(User, User.id == Interaction.user_id)
+                .join(Item, Item.id == Interaction.item_id)
+                .where(Interaction.id.in_(old)))}
+        out = []
+        for e in events:
+            r = rows.get(e.id) if not e.new else None
+            out.append(e if r is None else replace(
+                e, user_id=r.user_id, item_id=r.item_id, user=r.user, item=r.item,
+                kind=r.kind, value=r.value, ts=r.ts, context=r.context,
+                weight=event_weight(r.kind, r.value, self.config)))
         return out
 
     def tag_experiments(self, conn: Connection, users: Mapping[int, str]) -> dict[int, dict[str, str]]:

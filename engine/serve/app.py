@@ -459,16 +459,22 @@ def create_app(engine: "Engine", *, token: str | None = None,
 
     @app.post("/feedback", dependencies=[Depends(writer)], responses=_responses(M, *WRITE))
     def feedback(req: M["EventIn"]) -> dict[str, Any]:  # type: ignore[valid-type]
-        """Store one event and hand it to the feedback learners."""
+        """Store one event and hand it to the feedback learners. A retry of an event whose
+        ``context.event_id`` was stored before stores nothing (``stored: 0``,
+        ``duplicate: true``) and answers the event as it was stored."""
         event = engine.feedback(req.user, req.item, req.kind, value=req.value, ts=req.ts,
                                 context=req.context)
-        return {"stored": 1, "event": _event_dict(event)}
+        new = bool(getattr(event, "new", True))
+        return {"stored": int(new), "duplicate": not new, "event": _event_dict(event)}
 
     @app.post("/feedback/batch", dependencies=[Depends(writer)], responses=_responses(M, *WRITE))
     def feedback_batch(req: M["EventsIn"]) -> dict[str, Any]:  # type: ignore[valid-type]
-        """Store a batch of events in one transaction."""
+        """Store a batch of events in one transaction: ``stored`` counts the new ones,
+        ``duplicates`` those whose dedup key (``context.event_id``, or the same content)
+        was stored before."""
         events = engine.feedback_many([e.model_dump() for e in req.events])
-        return {"stored": len(events)}
+        stored = sum(1 for e in events if getattr(e, "new", True))
+        return {"stored": stored, "duplicates": len(events) - stored}
 
     return BodyLimit(app, max_body_bytes) if max_body_bytes else app  # type: ignore[return-value]
 
