@@ -107,6 +107,23 @@ def test_encode_on_arrival_can_be_turned_off(tmp_path, trained_db):
         assert all(not encs for encs in _vectors_of(eng, ["live-0", "live-1", "live-2"]).values())
 
 
+def test_a_re_encode_reaches_this_process_s_search_at_once(tmp_path, trained_db):
+    """Engine.encode tells the searcher it wrote vectors: an item updated, then encoded by
+    hand (encode on arrival off), is found by its new text in the dense space at once."""
+    from conftest import copy_db
+    db = copy_db(trained_db, tmp_path)
+    query = "zebras crossing a frozen planet"
+    with _open(db, encode_on_arrival=False) as eng:
+        target = eng.items()[0].external_id
+        eng.add_items([{"external_id": target, "title": "Zebra Planet",
+                        "text": "A documentary about zebras crossing a frozen planet."}])
+        before = eng.search(query, 5).results  # the searcher holds the item's old vector
+        assert all("dense" not in h.ranks or h.item != target for h in before)
+        assert eng.encode(["bert"])["bert"].encoded == 1  # rewritten in place
+        hits = {h.item: h.ranks for h in eng.search(query, 5).results}
+        assert hits.get(target, {}).get("dense") == 1
+
+
 @pytest.mark.slow
 def test_add_items_encodes_in_the_background_then_close_joins(tmp_path, trained_db):
     from conftest import copy_db

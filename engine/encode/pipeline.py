@@ -200,7 +200,9 @@ def encode(engine: "Engine", encoders: str | Iterable[str] | None = None, *, for
         # PostgreSQL with pgvector: the tables dense search reads, built now rather than
         # at the first search (kept in step by their trigger from then on)
         report.pgvector = build_tables(engine.store, names, progress=engine.progress)
-        return report
+    if report.encoded:  # this process's recommender and searcher read them at once
+        engine.services.vectors_changed(report)
+    return report
 
 
 def _encode_one(engine: "Engine", name: str, enc: Encoder, opts: dict[str, Any],
