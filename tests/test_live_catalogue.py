@@ -124,6 +124,25 @@ def test_a_re_encode_reaches_this_process_s_search_at_once(tmp_path, trained_db)
         assert hits.get(target, {}).get("dense") == 1
 
 
+def test_another_process_s_re_encode_reaches_search(tmp_path, trained_db):
+    """A vector rewritten in place by another process (same count, same newest row) is
+    seen through the encoder's written token: the serving Engine finds the item by its
+    new text in the dense space at its next search."""
+    from conftest import copy_db
+    db = copy_db(trained_db, tmp_path)
+    query = "zebras crossing a frozen planet"
+    with _open(db, encode_on_arrival=False) as serving, \
+            _open(db, encode_on_arrival=False) as writer:
+        target = serving.items()[0].external_id
+        writer.add_items([{"external_id": target, "title": "Zebra Planet",
+                           "text": "A documentary about zebras crossing a frozen planet."}])
+        before = serving.search(query, 5).results  # loads the item's old vector
+        assert all("dense" not in h.ranks or h.item != target for h in before)
+        assert writer.encode(["bert"])["bert"].encoded == 1
+        hits = {h.item: h.ranks for h in serving.search(query, 5).results}
+        assert hits.get(target, {}).get("dense") == 1
+
+
 @pytest.mark.slow
 def test_add_items_encodes_in_the_background_then_close_joins(tmp_path, trained_db):
     from conftest import copy_db

@@ -37,6 +37,7 @@ from polyrec.store.item_lookup import ItemLookup, Titles
 from polyrec.store.lifecycle import lifecycle_key
 from polyrec.store.lifecycle import retired_ids as retired_ids_of
 from polyrec.store.models import Interaction, Item, ItemVector, User
+from polyrec.store.vectors import written_tokens
 
 if TYPE_CHECKING:  # pragma: no cover
     from polyrec.engine import Engine
@@ -404,9 +405,10 @@ class Recommender:
                                      func.max(Item.updated_at))).one()
             vecs = s.execute(select(func.count(), func.max(ItemVector.id))
                              .select_from(ItemVector)).one()
+            written = tuple(sorted(written_tokens(s).items()))  # rewrites in place too
             lifecycle = lifecycle_key(s)
         return (tuple(inter) + tuple(users),
-                tuple(items) + tuple(vecs) + (generation,), lifecycle)
+                tuple(items) + tuple(vecs) + (written, generation), lifecycle)
 
     def snapshot(self) -> "DataSnapshot":
         """The data snapshot this thread's request pinned, else the latest one."""

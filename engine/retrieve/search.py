@@ -47,6 +47,7 @@ from polyrec.store.models import Interaction, Item, ItemVector
 from polyrec.store.settings import get_setting
 from polyrec.store.pgvector import PgVectors
 from polyrec.store.vector_cache import index_directory
+from polyrec.store.vectors import written_token, written_tokens
 
 if TYPE_CHECKING:  # pragma: no cover
     from polyrec.engine import Engine
@@ -450,6 +451,7 @@ class Searcher:
         # the write committed)
         generation = self._vectors_generation
         vectors: dict[str, tuple[Any, ...]] = {}
+        tokens = written_tokens(session)  # another process's rewrite in place shows here
         # count and newest row per encoder come from the (encoder) index alone; then the
         # newest row's fingerprint: cheap even with millions of vectors
         for encoder, count, newest in session.execute(
@@ -457,7 +459,7 @@ class Searcher:
                 .group_by(ItemVector.encoder)):
             fingerprint, dim = session.execute(select(ItemVector.fingerprint, ItemVector.dim)
                                                .where(ItemVector.id == newest)).one()
-            vectors[encoder] = (count, newest, fingerprint, dim)
+            vectors[encoder] = (count, newest, fingerprint, dim, written_token(tokens, encoder))
         found = StoreState(Signature.of(session), vectors, now, lifecycle_key(session),
                             generation=generation)
         self._state = found

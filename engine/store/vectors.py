@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 from pathlib import Path
 from typing import Sequence
 
@@ -13,9 +14,12 @@ from sqlalchemy.orm import Session
 from polyrec.store.catalog import _insert
 from polyrec.errors import ConfigError
 from polyrec.store import vector_cache
-from polyrec.store.models import ItemVector
+from polyrec.store.models import ItemVector, Meta
 
 DTYPES = {"float16": np.float16, "float32": np.float32}
+#: ``meta`` key prefix of an encoder's written token (:func:`mark_written`)
+WRITTEN_PREFIX = "vectors.written:"
+_NAME_CHARS = 64 - len(WRITTEN_PREFIX)  # meta.key is 64 characters
 
 
 def save_vectors(session: Session, encoder: str, fingerprint: str,
@@ -42,7 +46,32 @@ def save_vectors(session: Session, encoder: str, fingerprint: str,
         set_={c: stmt.excluded[c] for c in ("fingerprint", "content_hash", "dtype", "dim", "vector",
                                                "created_at")})
     session.execute(stmt, payload)
+    mark_written(session, encoder)
     return len(payload)
+
+
+def mark_written(session: Session, encoder: str) -> None:
+    """A new written token for ``encoder``'s vectors in ``session``'s transaction: other
+    processes learn that its vectors changed, also when one was rewritten in place (which
+    keeps the count and the newest id they compare)."""
+    from polyrec.store.catalog import dialect_insert
+    token = f"{time.time():.6f}-{uuid.uuid4().hex[:12]}"
+    stmt = dialect_insert(session, Meta.__table__)
+    session.execute(stmt.on_conflict_do_update(index_elements=["key"],
+                                               set_={"value": stmt.excluded.value}),
+                    [{"key": WRITTEN_PREFIX + encoder[:_NAME_CHARS], "value": token}])
+
+
+def written_token(tokens: dict[str, str], encoder: str) -> str | None:
+    """``encoder``'s token in what :func:`written_tokens` read (None: never marked)."""
+    return tokens.get(encoder[:_NAME_CHARS])
+
+
+def written_tokens(session: Session) -> dict[str, str]:
+    """Every encoder's written token (:func:`mark_written`), by encoder name."""
+    rows = session.execute(select(Meta.key, Meta.value)
+                           .where(Meta.key.startswith(WRITTEN_PREFIX, autoescape=True)))
+    return {key[len(WRITTEN_PREFIX):]: value for key, value in rows}
 
 
 def cached_keys(session: Session, encoder: str) -> dict[int, tuple[str, str]]:
@@ -57,6 +86,8 @@ def delete_vectors(session: Session, encoder: str, item_ids: Sequence[int]) -> N
     for start in range(0, len(item_ids), 900):
         session.execute(delete(ItemVector).where(ItemVector.encoder == encoder)
                         .where(ItemVector.item_id.in_(list(item_ids[start:start + 900]))))
+    if item_ids:
+        mark_written(session, encoder)
 
 
 def stored_signature(session: Session, encoder: str) -> tuple | None:
