@@ -2,6 +2,9 @@
 pipeline (two_tower + EASE ensemble), artifacts, filters, exclude-seen, MMR, explanations."""
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 
 from polyrec import Engine
@@ -183,6 +186,46 @@ def test_a_new_user_never_queues_behind_a_refresh(trained, tmp_path):
         rec.refresh(wait=True)
         served = e.recommend("walk-in", k=5, explain=True)
         assert len(served) == 5 and "guest" not in served[0].explanation
+
+
+def test_a_request_after_this_process_s_write_waits_a_bounded_time_for_a_running_refresh(
+        trained, tmp_path):
+    """A refresh another thread started before this process's write (a background one
+    queued by /similar) does not make the next request serve the snapshot from before the
+    write: it waits for that refresh (at most ``write_wait``) and looks again. One that
+    outlasts the bound is not waited for."""
+    from conftest import copy_db
+    with _open(copy_db(trained[0], tmp_path)) as e:
+        rec = e.services.recommender()
+        top = e.recommend(USER, k=1)[0].item
+        held, release = threading.Event(), threading.Event()
+
+        def a_running_refresh() -> None:
+            with rec._refresh_lock:
+                held.set()
+                release.wait(30)
+
+        runner = threading.Thread(target=a_running_refresh)
+        runner.start()
+        assert held.wait(10)
+        e.retire_items([top])
+        threading.Timer(0.3, release.set).start()
+        assert top not in {r.item for r in e.recommend(USER, k=10)}
+        runner.join()
+
+        rec.write_wait = 0.2
+        held.clear(), release.clear()
+        runner = threading.Thread(target=a_running_refresh)
+        runner.start()
+        assert held.wait(10)
+        e.restore_items([top])
+        start = time.monotonic()
+        served = e.recommend(USER, k=10)  # from the previous snapshot: top still retired
+        took = time.monotonic() - start
+        release.set()
+        runner.join()
+        assert took < 15 and len(served) == 10 and top not in {r.item for r in served}
+        assert top in {r.item for r in e.recommend(USER, k=10)}  # the next one has it
 
 
 def test_errors_are_clear(eng, engine):

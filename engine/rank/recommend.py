@@ -225,6 +225,12 @@ class Recommender:
     #: feedback learners already know of them) while the refresh finishes in the
     #: background: under a stream of writes a new user never queues behind refreshes.
     new_user_wait = 1.0
+    #: How long a request after a write through this Engine (a retire, an upsert, an
+    #: event) waits for a refresh that another thread is running, in seconds, so that a
+    #: process serves its own writes; past it the request is served from the previous
+    #: snapshot and the refresh lands a moment later. A new user's whole wait stays
+    #: within ``new_user_wait``.
+    write_wait = 1.0
     #: After any write through this Engine's store a request compares the store's change
     #: keys (counts and newest ids) with the snapshot's before it is served (a process
     #: reads its own writes). Otherwise at most once per ``refresh_interval`` seconds a
@@ -445,12 +451,14 @@ class Recommender:
         self._items_generation += 1
 
     def refresh(self, force: bool = False, *, wait: bool = False,
-                background: bool = False) -> "DataSnapshot":
+                background: bool = False, timeout: float | None = None) -> "DataSnapshot":
         """Reload what changed in the store since the last request: the interactions
         (histories) and, when items or vectors changed, the item views and features.
 
         One refresh runs at a time. While one runs, other callers keep the previous
-        snapshot (unless ``wait`` or ``force``: then they wait for it and check again).
+        snapshot (unless ``wait`` or ``force``: then they wait for it and check again),
+        except after a write through this Engine: then a caller waits for it at most
+        ``write_wait`` seconds (or ``timeout`` when shorter) and checks again.
         ``background``: never refresh on this thread; when this process wrote since the
         last check (or ``refresh_interval`` passed), queue one on a background thread and
         serve the current snapshot (search and similar items: no request waits for a
@@ -472,7 +480,13 @@ class Recommender:
             if self._current_keys() == current.key:
                 self._keys_read = (writes, now)
                 return current
-            if not self._refresh_lock.acquire(blocking=wait):
+            if wait:
+                self._refresh_lock.acquire()
+            elif writes != last_writes:  # this process wrote: wait a bounded time
+                bound = self.write_wait if timeout is None else min(self.write_wait, timeout)
+                if not self._refresh_lock.acquire(timeout=max(0.0, bound)):
+                    return current  # the running refresh lands a moment later
+            elif not self._refresh_lock.acquire(blocking=False):
                 return current  # another thread is refreshing: serve the previous one
         else:
             self._refresh_lock.acquire()
@@ -540,12 +554,12 @@ class Recommender:
         ``new_user_wait`` seconds, then the user is served from the snapshot as it is
         (as a guest, see ``_recommend``) and a background refresh catches up.
         NotFoundError for an unknown user."""
-        snap = self.refresh()
+        deadline = time.monotonic() + self.new_user_wait
+        snap = self.refresh(timeout=self.new_user_wait)
         with self.engine.store.snapshot() as s:
             user_id = get_user_id(s, str(user))
         if user_id in snap.user_index:
             return user_id, snap
-        deadline = time.monotonic() + self.new_user_wait
         while user_id not in snap.user_index:
             left = deadline - time.monotonic()
             if left <= 0 or not self._refresh_lock.acquire(timeout=left):
