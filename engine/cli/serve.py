@@ -138,10 +138,15 @@ def similar_command(state: CliState, item: str, k: int, filters: tuple[str, ...]
               help="Torch threads per serving process. Requests run on parallel threads, so "
                    "one each avoids oversubscribing the cores (several per request made a "
                    "1M-item recommend 5-10x slower on 2 busy cores; docs/serving.md).")
+@click.option("--warm/--no-warm", default=True, show_default=True,
+              help="Load the live model and the search models (query encoders, intent model, "
+                   "vector spaces) in the background as each process starts, so the first "
+                   "requests do not wait for them (a cold first search took ~7 s on "
+                   "ml-100k); GET /health shows the warm-up's state.")
 @click.pass_obj
 def serve_command(state: CliState, host: str, port: int, workers: int, token: str | None,
                   log_level: str, encode_on_arrival: bool, image_root: str | None,
-                  torch_threads: int) -> None:
+                  torch_threads: int, warm: bool) -> None:
     """Serve recommend, search, similar, feedback and upserts over HTTP (FastAPI + uvicorn),
     with the admin pages at / and the API docs at /docs and /redoc (all offline)."""
     try:
@@ -161,13 +166,13 @@ def serve_command(state: CliState, host: str, port: int, workers: int, token: st
                    f"processes (writes {'need a bearer token' if token else 'are open'})", err=True)
         serve_workers(url, host, port, workers=workers, device=state.device,
                       lock_timeout=state.lock_timeout, log_level=log_level, token=token,
-                      encode_on_arrival=encode_on_arrival, image_root=image_root)
+                      encode_on_arrival=encode_on_arrival, image_root=image_root, warm=warm)
         return
     click.echo(f"polyrec serving {state.engine().url} on http://{host}:{port} "
                f"(admin pages: /; API docs: /docs, /redoc; writes "
                f"{'need a bearer token' if token else 'are open'})", err=True)
     serve(state.engine(), host, port, token=token, log_level=log_level,
-          encode_on_arrival=encode_on_arrival, image_root=image_root)
+          encode_on_arrival=encode_on_arrival, image_root=image_root, warm=warm)
 
 
 COMMANDS = [search_command, similar_command, serve_command]

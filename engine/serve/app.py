@@ -260,7 +260,7 @@ def _responses(M: dict[str, Any], *statuses: int) -> dict[int | str, dict[str, A
 def create_app(engine: "Engine", *, token: str | None = None,
                max_body_bytes: int = MAX_BODY_BYTES, check_interval: float = 1.0,
                encode_on_arrival: bool | None = None, admin: bool = True,
-               image_root: str | None = None) -> "FastAPI":
+               image_root: str | None = None, warm: bool = False) -> "FastAPI":
     """A FastAPI app serving ``engine``. ``token``: bearer token for write endpoints.
 
     ``check_interval``: seconds between checks of the store for changes made by other
@@ -269,7 +269,9 @@ def create_app(engine: "Engine", *, token: str | None = None,
     None keeps the engine's own setting. ``admin``: the admin pages at ``/``
     (engine/serve/admin/). ``image_root``: the image root (engine/ingest/images.py) of
     ``PUT /items`` (it becomes the engine's) and the only folder the admin serves item
-    images from; None: the engine's own, else the roots the store recorded."""
+    images from; None: the engine's own, else the roots the store recorded. ``warm``:
+    load the live model and the search models on a background thread now, so the first
+    requests do not pay for them (engine/serve/warm.py; ``GET /health`` says its state)."""
     from fastapi import Depends, FastAPI, Header, HTTPException, Request
     from fastapi import Path as FPath
     from fastapi.exceptions import RequestValidationError
@@ -289,6 +291,8 @@ def create_app(engine: "Engine", *, token: str | None = None,
                   description="Multimodal recommendations, search and similar items.",
                   docs_url=None, redoc_url=None)  # served from local files below
     app.state.engine = engine
+    from polyrec.serve.warm import WarmUp
+    app.state.warm = WarmUp().start(engine) if warm else WarmUp()
     from polyrec.serve.offline_docs import add_offline_docs
     add_offline_docs(app)
     if admin:
@@ -338,7 +342,8 @@ def create_app(engine: "Engine", *, token: str | None = None,
     def health() -> dict[str, Any]:
         """Liveness plus catalogue counts; ``pid``: the process that answered (one of the
         workers of ``polyrec serve --workers N``), ``model``: the version it serves (None
-        before its first recommendation), having followed the live pointer."""
+        before its first recommendation), having followed the live pointer; ``warm``: the
+        start-up warm-up (off, running, done; seconds per part, parts skipped and why)."""
         stats = engine.stats()
         rec = engine.services.started("recommender")
         if rec is not None:
@@ -347,7 +352,8 @@ def create_app(engine: "Engine", *, token: str | None = None,
                 "retired_items": stats["retired_items"], "users": stats["users"], "interactions": stats["interactions"],
                 "vectors": stats["vectors_by_encoder"], "artifacts": stats["artifacts"],
                 "pid": os.getpid(),
-                "model": None if rec is None else {"live": rec.live, "serving": rec.version}}
+                "model": None if rec is None else {"live": rec.live, "serving": rec.version},
+                "warm": app.state.warm.as_dict()}
 
     @app.post("/search", responses=_responses(M, *READ))
     def search(req: M["SearchRequest"]) -> dict[str, Any]:  # type: ignore[valid-type]
