@@ -6,7 +6,11 @@ After each stored event the user's state moves at once:
 
 with ``w`` the event's weight (kind weights from the feedback settings; a skip weighs
 less than zero and pushes away), ``d`` the per-event decay (times an optional half-life
-by event time). A brand-new user has a state after their first event (cold start). The
+by event time). An event delivered late (its time before one already folded in: an app
+that synced offline clicks) counts as old as its time says: ``w`` times ``decay`` per later
+event of the session (at least one) and the half-life from the newest time, with no decay
+of the state; in the session it takes the place its time gives it. A brand-new user has a
+state after their first event (cold start). The
 item vectors are the trained model's fused item vectors (else the stored vectors of one
 encoder), so ``Engine.recommend`` can score with the state directly or blend it into the
 model's user vector (:func:`polyrec.feedback.events.user_vector`).
@@ -24,6 +28,8 @@ the next recommendations even where the model's space mixes that genre with othe
 The learner uses only its :class:`~polyrec.contracts.LearnerContext`.
 """
 from __future__ import annotations
+
+import bisect
 
 import threading
 from collections import OrderedDict
@@ -155,11 +161,16 @@ class OnlineUserLearner(FeedbackLearner):
         return state
 
     def _remember(self, state: _State, event: "Event") -> None:
-        """Keep the event's item among the user's recent ones (the session)."""
+        """Keep the event's item among the user's recent ones (the session), in the order
+        of their times: an event delivered late takes the place its time gives it (the
+        oldest fall out), and an item keeps its latest time."""
         if not self.session_size or not event.weight:
             return
+        ts = float(event.ts)
+        if any(r[0] == event.item_id and r[2] > ts for r in state.recent):
+            return  # the item was acted on later already
         state.recent = [r for r in state.recent if r[0] != event.item_id]
-        state.recent.append((event.item_id, float(event.weight), float(event.ts)))
+        bisect.insort(state.recent, (event.item_id, float(event.weight), ts), key=lambda r: r[2])
         del state.recent[:-self.session_size]
 
     def _apply(self, state: _State, event: "Event") -> None:
@@ -171,9 +182,21 @@ class OnlineUserLearner(FeedbackLearner):
         weight = float(event.weight)
         if weight == 0.0:
             return
+        later = sum(1 for r in state.recent if r[2] > event.ts)  # before it joins them
         self._remember(state, event)
         vector = self._vector(event.item_id)
         if vector is None:  # no vector for this item yet (not encoded)
+            return
+        if state.last_ts is not None and event.ts < state.last_ts:
+            # delivered late (older than an event already folded in): it counts as old as
+            # its time says -- one decay per later event the session knows of (at least
+            # one), and the half-life from the newest -- and the state does not decay
+            w = weight * self.decay ** max(1, later)
+            if self.half_life_s:
+                w *= 0.5 ** ((state.last_ts - event.ts) / self.half_life_s)
+            state.num = state.num + w * vector
+            state.den = state.den + abs(w)
+            state.n += 1
             return
         d = self.decay if state.n else 1.0
         if self.half_life_s and state.last_ts is not None:

@@ -79,6 +79,31 @@ def test_weights_decay_and_skips(engine):
     assert float(engine.user_state("d").double() @ c) < before
 
 
+def test_an_event_delivered_late_counts_as_old_as_its_time(engine):
+    """An event older than ones already folded in (offline clicks synced later) weighs as
+    an old event and takes its place by time in the session: it is not the newest."""
+    _toy_catalogue(engine)
+    set_config(engine, {"online.decay": 0.5})
+    space = hub(engine).item_space()
+    idx = {v.external_id: v.id for v in engine.items()}
+    a, c, d = (space.vector(idx[x]).double() for x in ("action1", "comedy1", "drama1"))
+    engine.feedback("late", "action1", "click", ts=1_000)
+    engine.feedback("late", "comedy1", "click", ts=2_000)
+    engine.feedback("late", "drama1", "click", ts=500)  # arrives last, happened first
+    # two later events in the session: 0.5 ** 2; the in-time ones keep their weights
+    expected = (0.5 * a + c + 0.25 * d) / (0.5 + 1.0 + 0.25)
+    assert torch.allclose(engine.user_state("late").double(), expected, atol=1e-5)
+    online = hub(engine).learners["online"].describe(_user_id(engine, "late"))
+    assert online["session"] == [idx["drama1"], idx["action1"], idx["comedy1"]]
+    assert online["last_ts"] == 2_000
+
+
+def _user_id(eng: Engine, user: str) -> int:
+    from polyrec.store import catalog
+    with eng.store.session() as s:
+        return catalog.get_user_id(s, user)
+
+
 def test_rating_weight_follows_the_value(engine):
     _toy_catalogue(engine)
     set_config(engine, {"rating.center": 3.0, "rating.scale": 2.0})
