@@ -110,3 +110,32 @@ def test_posterior_survives_restart_and_crash(tmp_path):
         bandit = hub(eng).learner("bandit")
         assert bandit.describe()["impressions"] == 6  # caught up from the event log
         np.testing.assert_allclose(bandit.A, after)
+
+
+def test_unknown_visitors_over_http_see_new_items_when_exploring(tmp_path, ml100k_default_db):
+    """A visitor with no user record gets popular items; with exploration on for serving
+    the explorer's slots reach them too, so items added today are shown to someone."""
+    from conftest import copy_db
+    from fastapi.testclient import TestClient
+
+    from polyrec.serve.app import create_app
+    with Engine(copy_db(ml100k_default_db[0], tmp_path), device="cpu", entrypoints=False,
+                progress=False, encode_on_arrival=False) as eng:
+        eng.add_items([{"external_id": f"fresh-{n}", "title": f"Fresh {n}"} for n in range(5)])
+        client = TestClient(create_app(eng))
+
+        def shown(n: int = 12) -> tuple[set[str], list[dict]]:
+            bodies = [client.post("/recommend", json={"user": f"visitor-{j}", "k": 10,
+                                                      "explain": True}).json()
+                      for j in range(n)]
+            return {h["item"] for b in bodies for h in b["results"]}, bodies
+
+        items, bodies = shown()
+        assert not any(i.startswith("fresh-") for i in items)  # popularity alone: never
+        assert all(b["basis"] == "popular" and len(b["results"]) == 10 for b in bodies)
+        set_config(eng, {"bandit.serving": True})
+        items, bodies = shown()
+        assert any(i.startswith("fresh-") for i in items)
+        assert all(b["basis"] == "popular" and len(b["results"]) == 10 for b in bodies)
+        assert "explorer" in bodies[0]["notes"][-1]
+        assert "anonymous" in bodies[0]["results"][0]["explanation"]

@@ -954,12 +954,19 @@ def prefetch_users(engine: "Engine", rec: Any, user_ids: Sequence[int], *,
     learner.prefetch(list(user_ids))
 
 
-def explore_indices(engine: "Engine", rec: Any, user_id: int, scores: torch.Tensor,
+def serving_explores(engine: "Engine") -> bool:
+    """Whether recommendations explore (``bandit.serving``) and an explorer is set."""
+    h = hub(engine)
+    return bool(h.config["bandit"].get("serving", False)) and h.role("explorer") is not None
+
+
+def explore_indices(engine: "Engine", rec: Any, user_id: int | None, scores: torch.Tensor,
                     picked: list[int], k: int, *, explore: bool | None = None) -> list[int]:
     """Let the bandit reorder a user's top ``k`` (dense item indices of ``rec.data``) when
     exploration is on for serving (setting ``bandit.serving``, or ``explore=True``): the
     candidate pool is the ``bandit.pool * k`` best scorable items plus up to
-    ``bandit.new_items`` little-seen ones."""
+    ``bandit.new_items`` little-seen ones (the best scored; for an anonymous visitor,
+    ``user_id`` None, the most recently added)."""
     h = hub(engine)
     bandit = h.role("explorer")
     on = h.config["bandit"].get("serving", False) if explore is None else explore
@@ -975,7 +982,10 @@ def explore_indices(engine: "Engine", rec: Any, user_id: int, scores: torch.Tens
     limit = int(cfg.get("new_item_max_events", 5))
     fresh = [i for i in torch.nonzero(ok).flatten().tolist()
              if i not in in_pool and popularity.get(rec.data.item_ids[i], 0) < limit]
-    fresh.sort(key=lambda i: -float(scores[i]))
+    if user_id is None:  # an anonymous visitor: popularity says nothing here, the newest first
+        fresh.sort(key=lambda i: -rec.data.item_ids[i])
+    else:
+        fresh.sort(key=lambda i: -float(scores[i]))
     pool += fresh[:int(cfg.get("new_items", 20))]
     ids = [rec.data.item_ids[i] for i in pool]
     dense = dict(zip(ids, pool))

@@ -799,13 +799,29 @@ class Recommender:
                                    exclude_seen=exclude_seen, diversity=diversity,
                                    explain=explain, online=online, explore=explore)
 
-    def _recommend(self, user_id: int, u: int | None, k: int, *,
+    def recommend_anonymous(self, k: int = 10, *, filters: Mapping[str, Any] | None = None,
+                            explain: bool = False, explore: bool | None = None
+                            ) -> list[Recommendation]:
+        """Top ``k`` items for a visitor with no user record: item popularity, with the
+        explorer's slots (new items among them) when exploration is on for serving (or
+        ``explore``), so that little-seen items reach anonymous visitors too."""
+        if k < 1:
+            raise ConfigError(f"k must be at least 1, not {k}")
+        keep = check_filters(self.engine, filters)
+        self.check_live()
+        snap = self.refresh()
+        with self.pinned(snap):
+            return self._recommend(None, None, k, keep=keep, exclude_seen=False, diversity=0.0,
+                                   explain=explain, online=False, explore=explore)
+
+    def _recommend(self, user_id: int | None, u: int | None, k: int, *,
                    keep: ItemFilter | None, exclude_seen: bool, diversity: float,
                    explain: bool, online: bool | None, explore: bool | None
                    ) -> list[Recommendation]:
         """``u`` is the user's dense index in the pinned snapshot; None for a guest (a user
         newer than the snapshot): scored like a user with no history (popularity), then
-        the online hook blends in what the feedback learners know of them already.
+        the online hook blends in what the feedback learners know of them already;
+        ``user_id`` None too: an anonymous visitor (recommend_anonymous).
         ``keep``: the filters' item test (check_filters)."""
         seen = self._seen(user_id) if exclude_seen else torch.zeros(0, dtype=torch.long)
         # a large catalogue and a dot-product ranker: score a candidate pool from the
@@ -860,6 +876,7 @@ class Recommender:
         served = self.ranker  # read once: a fallback on another thread may swap it
         if explain and (served is None or u is None):  # popularity: say why
             note = ({"fallback": self.fallback} if served is None
+                    else {"anonymous": "a visitor with no user record"} if user_id is None
                     else {"guest": "a new user, served before the data snapshot includes them"})
             return [Recommendation(item=self.external[self.data.item_ids[i]],
                                    score=float(scores[i]), title=self.titles.get(self.data.item_ids[i]),

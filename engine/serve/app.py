@@ -503,6 +503,10 @@ def recommend_or_popular(engine: "Engine", user: str, k: int, *, filters: Any = 
         known = bool(catalog.user_ids(s, [user]))
     if not known:
         notes.append(f"unknown user {shown(user)}: popular items")
+        explored = _explored_popular(engine, k, filters, explain)
+        if explored is not None:
+            notes.append("with the explorer's slots (bandit.serving)")
+            return {"user": user, "basis": "popular", "notes": notes, "results": explored}
     elif recommend is None:
         notes.append("no recommender is installed: popular items")
     else:
@@ -521,6 +525,22 @@ def recommend_or_popular(engine: "Engine", user: str, k: int, *, filters: Any = 
     return {"user": user, "basis": "popular", "notes": notes,
             "results": [{"item": i, "score": share, "explanation": {"popularity": share}}
                         for i, share in popular]}
+
+
+def _explored_popular(engine: "Engine", k: int, filters: dict[str, Any] | None,
+                      explain: bool) -> list[dict[str, Any]] | None:
+    """Popular items for an unknown user with the explorer's slots (new items among
+    them), when exploration is on for serving and a model is loaded; None otherwise."""
+    from polyrec.feedback.events import serving_explores
+    if getattr(engine, "services", None) is None or not serving_explores(engine):
+        return None
+    try:
+        recs = engine.services.recommender().recommend_anonymous(k, filters=filters,
+                                                                 explain=explain)
+    except ModelNotTrainedError:
+        return None
+    return [{"item": r.item, "score": float(r.score), "explanation": r.explanation}
+            for r in recs]
 
 
 # -- running -------------------------------------------------------------------------------
