@@ -8,8 +8,9 @@ words) occurs in items carrying each facet value, and keeps the associations tha
 both frequent and specific:
 
 - **support**: at least ``min_items`` items use the word and carry the value;
-- **confidence**: the smoothed probability of the value given the word,
-  ``(n(w, v) + prior * P(v)) / (n(w) + prior)``, at least ``min_confidence``;
+- **confidence**: the lower end of the 95% Wilson interval of ``n(w, v) / n(w)`` at
+  least ``min_confidence`` (a word on few items needs nearly all of them); the
+  probability reported is the smoothed ``(n(w, v) + prior * P(v)) / (n(w) + prior)``;
 - **lift**: that probability over the value's share of the catalogue, at least
   ``min_lift`` (a word used everywhere tells nothing about a common value).
 
@@ -94,7 +95,7 @@ class CatalogueLexicon:
                 continue
             p = (n + prior * base[k]) / (df[key] + prior)
             lift = p / base[k]
-            if p >= min_confidence and lift >= min_lift:
+            if wilson_lower(n, df[key]) >= min_confidence and lift >= min_lift:
                 found[key][facets[k].slot].append((facets[k], p, lift))
         #: stemmed word(s) -> slot -> Association
         self.table: dict[tuple[str, ...], dict[str, Association]] = {}
@@ -115,6 +116,17 @@ class CatalogueLexicon:
         if not found:
             return []
         return sorted(found.values(), key=lambda a: (-a.strength, a.slot))
+
+
+def wilson_lower(hits: int, n: int, z: float = 1.96) -> float:
+    """The lower end of the Wilson score interval (95% by default) of a proportion
+    ``hits / n``: how high it surely is, given how few items it was counted on."""
+    if n <= 0:
+        return 0.0
+    phat = hits / n
+    centre = phat + z * z / (2 * n)
+    spread = z * math.sqrt(phat * (1 - phat) / n + z * z / (4 * n * n))
+    return (centre - spread) / (1 + z * z / n)
 
 
 def _words(text: str | None) -> list[str]:

@@ -18,6 +18,7 @@ the query vector.
 """
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
@@ -474,6 +475,9 @@ def intent_slot(vocab: Vocabulary) -> str | None:
 #: name, then a derived form of a value's word, then a colour name, then a catalogue
 #: association (plus its strength), then a reading through the thesaurus (plus its confidence).
 _PARTIAL, _FORM, _COLOUR, _CATALOGUE, _THESAURUS = 1e9, 1e8, 1e6, 1e3, 1e2
+#: where a value name divides into units for partial matches: spaces and slashes (a
+#: hyphen keeps its compound whole)
+_UNIT_SPLIT = re.compile(r"[\s/]+")
 #: Words that qualify a colour without naming one.
 SHADE_WORDS = frozenset({"dark", "light", "medium", "bright", "dusty", "pale", "deep", "other",
                          "undefined", "mixed"})
@@ -616,16 +620,19 @@ class SemanticMatcher:
             cents = torch.nn.functional.normalize(
                 torch.zeros(len(facets), dim).index_add_(0, fidx, vectors[ridx].float()), dim=1)
             self.slots[slot] = (facets, names, cents, has)
-        #: per slot: sub-phrase (stemmed words) -> the values whose name contains it
+        #: per slot: sub-phrase (stemmed words) -> the values whose name contains it; a
+        #: hyphenated compound is one unit, never split ("film" is not `Film-Noir`, "fi"
+        #: not `Sci-Fi`: a piece of a compound alone means something else)
         self.parts: dict[str, dict[tuple[str, ...], list[Facet]]] = {}
         for slot, (facets, *_rest) in self.slots.items():
             parts: dict[tuple[str, ...], list[Facet]] = defaultdict(list)
             for f in facets:
-                words = terms(f.value)
-                for i in range(len(words)):
-                    for j in range(i + 1, len(words) + (i > 0)):
-                        sub = tuple(words[i:j])
-                        if sub and sub != tuple(words) and not set(sub) <= STOPWORDS:
+                units = [u for u in (tuple(terms(x)) for x in _UNIT_SPLIT.split(f.value)) if u]
+                whole = tuple(w for u in units for w in u)
+                for i in range(len(units)):
+                    for j in range(i + 1, len(units) + (i > 0)):
+                        sub = tuple(w for u in units[i:j] for w in u)
+                        if sub and sub != whole and not set(sub) <= STOPWORDS:
                             parts[sub].append(f)
             self.parts[slot] = dict(parts)
         #: per slot: a value's whole name (stemmed words) -> the values
