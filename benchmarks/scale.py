@@ -238,16 +238,22 @@ def recommend_http(url: str, users: list[str], workers: int = 2, clients: int = 
         return time.perf_counter() - start
 
     try:
-        deadline = time.time() + 300
-        while True:
+        started, deadline = time.time(), time.time() + 900
+        warmed: set[int] = set()  # worker pids whose start-up warm-up is done
+        while len(warmed) < workers:
             try:
-                with urllib.request.urlopen(f"{base}/health", timeout=5):
-                    break
+                with urllib.request.urlopen(f"{base}/health", timeout=30) as resp:
+                    health = json.loads(resp.read())
+                if health.get("warm", {}).get("state") in ("done", "off"):
+                    warmed.add(int(health["pid"]))
             except OSError:
-                if time.time() > deadline or proc.poll() is not None:
-                    raise RuntimeError("polyrec serve did not start")
-                time.sleep(1)
-        for u in users[:4 * workers]:  # every worker loads the model before timing
+                pass
+            if time.time() > deadline or proc.poll() is not None:
+                raise RuntimeError(f"polyrec serve did not start and warm up "
+                                   f"({len(warmed)} of {workers} workers ready)")
+            time.sleep(0.5)
+        ready_s = time.time() - started
+        for u in users[:4 * workers]:  # every worker has served before timing
             post(u)
         lat: list[float] = []
         lock = threading.Lock()
@@ -263,7 +269,8 @@ def recommend_http(url: str, users: list[str], workers: int = 2, clients: int = 
             t.start()
         for t in threads:
             t.join()
-        return {**p99(lat), "recommend_via": f"HTTP, {workers} workers, {clients} clients"}
+        return {**p99(lat), "recommend_via": f"HTTP, {workers} workers, {clients} clients",
+                "serve_ready_s": round(ready_s, 1)}
     finally:
         os.killpg(proc.pid, 15)
         proc.wait(timeout=60)
