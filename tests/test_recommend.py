@@ -228,6 +228,37 @@ def test_a_request_after_this_process_s_write_waits_a_bounded_time_for_a_running
         assert top in {r.item for r in e.recommend(USER, k=10)}  # the next one has it
 
 
+def test_checks_for_other_processes_writes_take_a_bounded_share_of_the_time(trained, tmp_path):
+    """When reading the change keys is slow (COUNTs over a large store), the periodic
+    checks are spaced so they take at most ``check_share`` of the time."""
+    from conftest import copy_db
+    with _open(copy_db(trained[0], tmp_path)) as e:
+        rec = e.services.recommender()
+        e.recommend(USER, k=1)
+        reads, read = [], rec._read_keys
+
+        def slow_read(session=None):
+            reads.append(time.monotonic())
+            time.sleep(0.05)
+            return read(session)
+
+        rec._read_keys = slow_read
+        rec.refresh_interval, rec.check_share = 0.01, 0.1
+        start = time.monotonic()
+        while time.monotonic() - start < 1.5:
+            rec.refresh()
+            time.sleep(0.005)
+        assert rec.check_every() >= 0.45  # 0.05 s a check, at most a tenth of the time
+        assert 1 <= len(reads) <= 5, len(reads)  # every 10 ms otherwise: ~100
+        rec.check_share = 0  # off: every refresh_interval
+        reads.clear()
+        start = time.monotonic()
+        while time.monotonic() - start < 1.0:
+            rec.refresh()
+            time.sleep(0.005)
+        assert len(reads) >= 8
+
+
 def test_errors_are_clear(eng, engine):
     with pytest.raises(NotFoundError, match="no-such-user"):
         eng.recommend("no-such-user")

@@ -239,6 +239,12 @@ class Recommender:
     #: COUNTs (tens to hundreds of milliseconds on a large store). 0: every request
     #: checks before it is served.
     refresh_interval = 0.5
+    #: The most of the time the periodic checks for other processes' writes may take:
+    #: the interval between them grows to ``(seconds of the last check) / check_share``
+    #: when that is longer than ``refresh_interval`` (the keys' COUNTs take ~0.6 s on
+    #: PostgreSQL at 10M interactions: checked every 0.5 s by each worker they kept the
+    #: cores busy; with 0.1, about every 6 s).
+    check_share = 0.1
     #: When a ranker's scores are inner products (``Ranker.retrieval_keys``), catalogues
     #: from ``index_settings.threshold`` items get each user's candidates from a vector
     #: index instead of scoring every item (polyrec.rank.retrieval); FAISS needed. An
@@ -277,6 +283,7 @@ class Recommender:
         self._graph_loaded = False
         self._retrieval_lock = threading.Lock()  # one index opening at a time
         self._keys_read = (-1, 0.0)  # (store writes, monotonic time) of the last key check
+        self._keys_cost = 0.0  # seconds the last read of the change keys took
         self.refresh()
 
     # -- loading, the live pointer and fallbacks -------------------------------------------
@@ -398,9 +405,24 @@ class Recommender:
     # is one immutable DataSnapshot, read in one database snapshot and swapped in by one
     # reference assignment. A request pins the snapshot it started with (``pinned``), so
     # a refresh on another thread never shows it half-updated attributes.
+    def check_every(self) -> float:
+        """Seconds between the periodic checks for other processes' writes:
+        ``refresh_interval``, or longer when a check costs more than ``check_share`` of
+        that (a large store on a busy server)."""
+        share = self.check_share
+        return max(self.refresh_interval, self._keys_cost / share if share > 0 else 0.0)
+
     def _current_keys(self, session: Any = None) -> tuple[tuple, tuple, str | None]:
         """(interactions key, items-and-vectors key, lifecycle key): they change when the
-        store does (the last one when items are retired or restored)."""
+        store does (the last one when items are retired or restored). Times itself
+        (``check_every``)."""
+        started = time.perf_counter()
+        try:
+            return self._read_keys(session)
+        finally:
+            self._keys_cost = time.perf_counter() - started
+
+    def _read_keys(self, session: Any = None) -> tuple[tuple, tuple, str | None]:
         generation = self._items_generation  # read first: a bump after the snapshot's
         with ExitStack() as stack:              # first SELECT must not hide older vectors
             s = session if session is not None else stack.enter_context(
@@ -469,11 +491,11 @@ class Recommender:
         if current is not None and not force:
             last_writes, last_at = self._keys_read
             if background:
-                if writes != last_writes or now - last_at >= self.refresh_interval:
+                if writes != last_writes or now - last_at >= self.check_every():
                     self._refresh_in_background(keys_read=(writes, now))
                 return current
             if not wait and writes == last_writes and self.refresh_interval > 0:
-                if now - last_at >= self.refresh_interval:  # other processes' writes
+                if now - last_at >= self.check_every():  # other processes' writes
                     self._keys_read = (writes, now)
                     self._refresh_in_background()
                 return current

@@ -428,6 +428,11 @@ class Searcher:
         self._memo: dict[Any, Any] = {}
         #: seconds a signature check stays valid (0: check the store on every request).
         self.check_interval = 0.0
+        #: with a ``check_interval``, the most of the time the checks may take: the
+        #: interval grows to (seconds of the last check) / check_share when longer
+        #: (the items' COUNT and max(updated_at) on a store of millions of items)
+        self.check_share = 0.1
+        self._check_cost = 0.0
         #: how vector spaces are indexed for top-k (exact below a size threshold or
         #: without FAISS; see polyrec.rank.vector_index)
         self.index_settings = IndexSettings()
@@ -444,7 +449,10 @@ class Searcher:
         its own writes)."""
         now = time.monotonic()
         found = self._state
-        if found is not None and now < found.checked + self.check_interval:
+        every = self.check_interval
+        if every > 0 and self.check_share > 0:
+            every = max(every, self._check_cost / self.check_share)
+        if found is not None and now < found.checked + every:
             return found
         # read before the first SELECT: a space loaded in this snapshot is labelled with a
         # generation no newer than the vectors it sees (vectors_rewritten bumps it after
@@ -462,6 +470,7 @@ class Searcher:
             vectors[encoder] = (count, newest, fingerprint, dim, written_token(tokens, encoder))
         found = StoreState(Signature.of(session), vectors, now, lifecycle_key(session),
                             generation=generation)
+        self._check_cost = time.monotonic() - now
         self._state = found
         return found
 
