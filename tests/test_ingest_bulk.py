@@ -108,7 +108,8 @@ def test_a_batch_in_parts_returns_what_one_part_returns(tmp_path, monkeypatch):
     def send(db: str) -> list[tuple]:
         with _open(tmp_path / db) as eng:
             eng.add_items([{"external_id": f"i{n}"} for n in range(5)])
-            eng.feedback_many([{"user": "a", "item": "i0", "context": {"event_id": "old"}}])
+            eng.feedback_many([{"user": "a", "item": "i0", "ts": 5,
+                                "context": {"event_id": "old"}}])
             batch = [{"user": f"u{n % 4}", "item": f"i{n % 5}", "kind": "click", "ts": n % 3,
                       "context": {"event_id": f"e{n % 7}"} if n % 2 else None}
                      for n in range(20)] + [{"user": "a", "item": "i0", "ts": 99,
@@ -120,6 +121,7 @@ def test_a_batch_in_parts_returns_what_one_part_returns(tmp_path, monkeypatch):
     monkeypatch.setattr(interactions, "PART", 10**9)
     assert parts == send("whole.db")
     assert sum(new for _, new, *_ in parts) == 10 + 7 and not parts[-1][1] and parts[-1][0] == 1
+    assert parts[-1][-1] == 5  # the retry is answered as stored (ts 5), not as sent (99)
 
 
 @pytest.mark.parametrize("store", ["sqlite", "postgresql"])
