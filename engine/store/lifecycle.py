@@ -22,7 +22,6 @@ no token and nothing more is read.
 from __future__ import annotations
 
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -32,6 +31,7 @@ from sqlalchemy.orm import Session
 from polyrec.errors import NotFoundError, ValidationError
 from polyrec.store.ids import BadId, check_id, is_missing_id, shown
 from polyrec.store.models import Item, Meta
+from polyrec.store.tokens import renew_token
 
 #: the ``meta`` key whose value changes with every change of an item's retired state
 STATE_KEY = "items.lifecycle"
@@ -74,13 +74,7 @@ def lifecycle_key(session: Session) -> str | None:
 def mark_changed(session: Session) -> str:
     """Write a new state token in ``session``'s transaction (items were retired or
     restored); serving processes read the retired items again when they see it."""
-    from polyrec.store.catalog import dialect_insert
-    token = f"{time.time():.6f}-{uuid.uuid4().hex[:12]}"
-    stmt = dialect_insert(session, Meta.__table__)
-    session.execute(stmt.on_conflict_do_update(index_elements=["key"],
-                                               set_={"value": stmt.excluded.value}),
-                    [{"key": STATE_KEY, "value": token}])
-    return token
+    return renew_token(session, STATE_KEY)
 
 
 def retired_ids(session: Session) -> frozenset[int]:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import time
-import uuid
 from pathlib import Path
 from typing import Sequence
 
@@ -15,6 +14,7 @@ from polyrec.store.catalog import _insert
 from polyrec.errors import ConfigError
 from polyrec.store import vector_cache
 from polyrec.store.models import ItemVector, Meta
+from polyrec.store.tokens import renew_token
 
 DTYPES = {"float16": np.float16, "float32": np.float32}
 #: ``meta`` key prefix of an encoder's written token (:func:`mark_written`)
@@ -54,12 +54,7 @@ def mark_written(session: Session, encoder: str) -> None:
     """A new written token for ``encoder``'s vectors in ``session``'s transaction: other
     processes learn that its vectors changed, also when one was rewritten in place (which
     keeps the count and the newest id they compare)."""
-    from polyrec.store.catalog import dialect_insert
-    token = f"{time.time():.6f}-{uuid.uuid4().hex[:12]}"
-    stmt = dialect_insert(session, Meta.__table__)
-    session.execute(stmt.on_conflict_do_update(index_elements=["key"],
-                                               set_={"value": stmt.excluded.value}),
-                    [{"key": WRITTEN_PREFIX + encoder[:_NAME_CHARS], "value": token}])
+    renew_token(session, WRITTEN_PREFIX + encoder[:_NAME_CHARS])
 
 
 def written_token(tokens: dict[str, str], encoder: str) -> str | None:
